@@ -1,0 +1,91 @@
+"""The ``skyscript-build`` command line: a thin layer over each stage's library function.
+
+Each subcommand lives in ``skyscript_build/commands/<name>.py`` and defines ``HELP`` (one
+line), ``add_arguments(parser)`` and ``main(args) -> int``; the flags map one to one onto the
+stage's frozen config. User errors (``SkyScriptError``) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import SkyScriptError
+
+__all__ = ["main", "COMMANDS"]
+
+# Order is the order of `--help`: the stages in data-flow order, then the tools.
+COMMANDS = (
+    "extract",
+    "plan",
+    "fetch",
+    "caption",
+    "filter",
+    "polish",
+    "run",
+    "report",
+    "emulator",
+    "orthophoto",
+)
+
+
+def _module_name(command: str) -> str:
+    return f"skyscript_build.commands.{command.replace('-', '_')}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="skyscript-build",
+        description="Build SkyScript-style remote-sensing image-text datasets from "
+        "OpenStreetMap and imagery: extract -> plan -> fetch -> caption -> filter.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        try:
+            module = importlib.import_module(_module_name(command))
+        except ModuleNotFoundError as e:
+            if e.name != _module_name(command):
+                raise
+            continue
+        p = sub.add_parser(command, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s"
+        if not args.verbose
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("distributed", "urllib3", "googleapiclient", "rasterio", "fiona", "PIL"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if not getattr(args, "_main", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._main(args) or 0)
+    except SkyScriptError as e:
+        print(f"skyscript-build {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"skyscript-build {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

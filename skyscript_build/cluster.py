@@ -1,0 +1,121 @@
+"""Run a stage's shards: in this process, on a local Dask cluster, or on an existing one.
+
+Tasks are shards (tens to thousands of items), never single items. A shard function must be
+importable (module-level), take one picklable shard description and return a picklable result;
+it writes its own outputs atomically, so a retried shard never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .progress import progress_bar
+
+__all__ = ["ClusterConfig", "map_shards", "dask_client"]
+
+log = logging.getLogger(__name__)
+S = TypeVar("S")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where shards run.
+
+    Attributes:
+        workers: local worker processes; 1 runs shards in this process (no Dask), 0 means one
+            per core.
+        scheduler: address of an existing Dask scheduler (``tcp://host:8786``); overrides
+            ``workers``.
+        retries: how often a shard lost with its worker (or failed) is tried again.
+    """
+
+    workers: int = 0
+    scheduler: str | None = None
+    retries: int = 2
+
+    def n_workers(self) -> int:
+        return self.workers if self.workers > 0 else max(1, os.cpu_count() or 1)
+
+    @property
+    def inline(self) -> bool:
+        return self.scheduler is None and self.n_workers() == 1
+
+
+@contextlib.contextmanager
+def dask_client(config: ClusterConfig) -> Iterator[Any]:
+    """Yield a ``distributed.Client``: to ``config.scheduler`` or to a new LocalCluster."""
+    from distributed import Client, LocalCluster
+
+    if config.scheduler:
+        client = Client(config.scheduler, timeout="30s")
+        log.info("Dask: connected to %s (dashboard %s)", config.scheduler, client.dashboard_link)
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    cluster = LocalCluster(
+        n_workers=config.n_workers(),
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+    client = Client(cluster)
+    log.info(
+        "Dask: local cluster of %d workers (dashboard %s)",
+        config.n_workers(),
+        client.dashboard_link,
+    )
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def map_shards(
+    func: Callable[[S], R],
+    shards: Sequence[S],
+    config: ClusterConfig,
+    *,
+    desc: str = "shards",
+    client: Any = None,
+) -> list[R]:
+    """Apply ``func`` to every shard and return the results in shard order.
+
+    With ``config.inline`` the shards run here, one after the other; otherwise each is a Dask
+    task (``retries`` on worker loss). ``client`` reuses an already open Dask client.
+    """
+    if not shards:
+        return []
+    if config.inline and client is None:
+        results = []
+        for shard in progress_bar(shards, desc=desc, unit="shard"):
+            results.append(func(shard))
+        return results
+    if client is not None:
+        return _map_on_client(client, func, shards, config, desc)
+    with dask_client(config) as own_client:
+        return _map_on_client(own_client, func, shards, config, desc)
+
+
+def _map_on_client(
+    client: Any, func: Callable[[S], R], shards: Sequence[S], config: ClusterConfig, desc: str
+) -> list[R]:
+    from distributed import as_completed
+
+    futures = client.map(func, list(shards), pure=False, retries=config.retries)
+    index = {f.key: i for i, f in enumerate(futures)}
+    results: list[Any] = [None] * len(futures)
+    with progress_bar(total=len(futures), desc=desc, unit="shard") as bar:
+        for future in as_completed(futures):
+            results[index[future.key]] = future.result()
+            bar.update(1)
+    return results

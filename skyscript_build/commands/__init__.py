@@ -1,0 +1,1 @@
+"""One module per subcommand of ``skyscript-build`` (see ``skyscript_build.cli``)."""
