@@ -20,7 +20,6 @@ setup: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PACKAGES)
 	$(PY) -m pip install -q -e '.[clip,test,bench]'
 	touch $@
