@@ -9,6 +9,7 @@ ones through ``load_meta``, which never executes anything a pickle asks for.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -20,11 +21,16 @@ __all__ = [
     "dumps_meta",
     "loads_meta",
     "load_meta",
+    "read_meta_bytes",
+    "MAX_META_BYTES",
 ]
 
 META_KEYS = ("box", "time", "center_tags", "surrounding_tags")
 # Protocol 4 reads on every Python 3 that SkyScript's users have.
 PICKLE_PROTOCOL = 4
+#: A meta file is a few hundred bytes to a few KiB; anything past this is refused unread.
+MAX_META_BYTES = 16 * 2**20
+_READ_SIZE = 1 << 16
 
 
 class MetaError(ValueError):
@@ -60,33 +66,79 @@ def dumps_meta(meta: Mapping[str, Any]) -> bytes:
 class _PlainDataUnpickler(pickle.Unpickler):
     """Accepts dicts, lists, tuples, str, bytes, numbers, bools and None; refuses any global.
 
-    Every class, function or callable a pickle names goes through ``find_class``; refusing them
-    all means no code a pickle asks for can run.
+    Every class, function or callable a pickle names goes through ``find_class`` (the opcodes
+    GLOBAL, STACK_GLOBAL, INST, and EXT via the copyreg registry); REDUCE, OBJ, NEWOBJ and BUILD
+    can only call what such a look-up returned. Refusing every look-up, and every persistent id,
+    means no code a pickle asks for can run. ``pickle.Unpickler`` is the C unpickler, and a
+    subclass that only overrides these hooks still loads plain data at C speed.
     """
 
     def find_class(self, module: str, name: str) -> Any:
         raise MetaError("unsafe", f"pickle asks for {module}.{name}; only plain data is read")
 
+    def persistent_load(self, pid: Any) -> Any:
+        raise MetaError("unsafe", "pickle asks for a persistent object; only plain data is read")
+
 
 def loads_meta(data: bytes) -> dict[str, Any]:
-    """Read a meta dict from pickle bytes safely; raise ``MetaError`` when refused."""
+    """Read a meta dict from pickle bytes safely; raise ``MetaError`` when refused.
+
+    Reasons: ``unsafe`` (the pickle names a class, function or other global: never called),
+    ``corrupt`` (truncated or not a pickle), ``not-a-dict``, ``missing-key`` (one of
+    ``META_KEYS``), ``bad-tags`` (``center_tags`` not a dict or ``surrounding_tags`` not a list
+    of dicts).
+    """
     try:
         obj = _PlainDataUnpickler(io.BytesIO(data)).load()
     except MetaError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError) as e:
-        raise MetaError("corrupt", f"not a readable pickle ({type(e).__name__}: {e})") from None
     except Exception as e:  # a hostile or broken stream can raise almost anything
         raise MetaError("corrupt", f"not a readable pickle ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
+    if type(obj) is not dict:
         raise MetaError("not-a-dict", f"holds a {type(obj).__name__}, not a dict")
-    missing = [k for k in META_KEYS if k not in obj]
-    if missing:
+    if len(obj) < 4 or not all(k in obj for k in META_KEYS):
+        missing = [k for k in META_KEYS if k not in obj]
         raise MetaError("missing-key", f"meta dict lacks {', '.join(missing)}")
+    if type(obj["center_tags"]) is not dict:
+        raise MetaError(
+            "bad-tags", f"center_tags is a {type(obj['center_tags']).__name__}, not a dict"
+        )
+    surrounding = obj["surrounding_tags"]
+    if type(surrounding) not in (list, tuple) or not all(type(t) is dict for t in surrounding):
+        raise MetaError("bad-tags", "surrounding_tags is not a list of dicts")
     return obj
 
 
-def load_meta(path: str) -> dict[str, Any]:
-    """Read one meta file safely (see ``loads_meta``)."""
-    with open(path, "rb") as f:
-        return loads_meta(f.read())
+def read_meta_bytes(path: str | os.PathLike[str], *, dir_fd: int | None = None) -> bytes:
+    """The bytes of one meta file (``path`` relative to ``dir_fd`` when given).
+
+    Raises ``MetaError``: ``unreadable`` (missing, permissions, I/O error) or ``too-large``
+    (over ``MAX_META_BYTES``; not read further).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY, dir_fd=dir_fd)
+    except OSError as e:
+        raise MetaError("unreadable", f"cannot open ({e.strerror})") from None
+    try:
+        data = os.read(fd, _READ_SIZE)
+        if len(data) < _READ_SIZE:
+            return data
+        chunks = [data]
+        size = len(data)
+        while True:
+            more = os.read(fd, _READ_SIZE * 16)
+            if not more:
+                return b"".join(chunks)
+            size += len(more)
+            if size > MAX_META_BYTES:
+                raise MetaError("too-large", f"over {MAX_META_BYTES} bytes; not a meta file")
+            chunks.append(more)
+    except OSError as e:
+        raise MetaError("unreadable", f"cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+
+
+def load_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read one meta file safely (see ``read_meta_bytes`` and ``loads_meta``)."""
+    return loads_meta(read_meta_bytes(path))

@@ -1,0 +1,213 @@
+"""The caption stage: a dataset's ``meta*/`` pickles -> ``SkyScript_captions.csv``.
+
+Works on our builds and on the released SkyScript meta files alike. Files are read with the
+safe reader (``skyscript_build.meta``), captioned in parallel worker processes, chunk by chunk,
+and the chunk CSVs are concatenated in order into the output, which appears atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError, InputError
+from ..files import atomic_path, write_json_atomic
+from ..progress import progress_bar
+from .rules import resolve_rules
+from .worker import (
+    CSV_HEADER,
+    ChunkStats,
+    MetaFolder,
+    caption_chunk,
+    find_meta_folders,
+    init_worker,
+    iter_chunks,
+)
+
+__all__ = ["CaptionConfig", "CaptionResult", "run_caption", "DEFAULT_CSV_NAME", "stats_path"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CSV_NAME = "SkyScript_captions.csv"
+#: Refused files listed (path, reason, detail) in the stats file, and logged.
+MAX_EXAMPLES = 1000
+LOGGED_EXAMPLES = 10
+
+
+@dataclass(frozen=True)
+class CaptionConfig:
+    """Settings of the caption stage, validated when built.
+
+    Attributes:
+        dataset: the dataset folder holding ``meta*/`` (and ``images*/``) folders.
+        out: the caption CSV; default ``<dataset>/SkyScript_captions.csv``.
+        rules: a rules ``.yaml`` file, a bundled rules name (``default``), or a Python caption
+            function as ``module:function`` / ``file.py:function``; ``None``: the default rules.
+        workers: worker processes; 0 means one per core, 1 runs in this process.
+        chunk_size: meta files per task (and per temporary chunk CSV). The output does not
+            depend on it nor on ``workers``.
+    """
+
+    dataset: Path
+    out: Path | None = None
+    rules: str | None = None
+    workers: int = 0
+    chunk_size: int = 4096
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dataset", Path(self.dataset))
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+        if not self.dataset.exists():
+            raise InputError(self.dataset, "dataset folder not found")
+        if not self.dataset.is_dir():
+            raise InputError(self.dataset, "not a folder; give the dataset folder holding meta*/")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ConfigError(f"workers must be a whole number >= 0, not {self.workers!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ConfigError(f"chunk_size must be a whole number >= 1, not {self.chunk_size!r}")
+        if self.out_path.is_dir():
+            raise ConfigError(f"{self.out_path}: is a folder; --out takes a .csv file name")
+        resolve_rules(self.rules)  # fails now, with the file and the problem, not in a worker
+
+    @property
+    def out_path(self) -> Path:
+        """Where the CSV goes."""
+        return self.out if self.out is not None else self.dataset / DEFAULT_CSV_NAME
+
+    def n_workers(self) -> int:
+        """Worker processes to use."""
+        return self.workers if self.workers > 0 else max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class CaptionResult:
+    """What the stage did."""
+
+    out: Path
+    folders: list[str]
+    files: int = 0
+    written: int = 0
+    empty: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
+    examples: list[tuple[str, str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def n_refused(self) -> int:
+        """Files refused, all reasons together."""
+        return sum(self.refused.values())
+
+    def summary(self) -> str:
+        """One line: captions written, empty, refused and why, speed."""
+        rate = self.files / self.seconds if self.seconds > 0 else 0.0
+        why = ", ".join(f"{reason} {n}" for reason, n in sorted(self.refused.items()))
+        return (
+            f"caption: {self.written} captions written to {self.out} from {self.files} meta "
+            f"files in {len(self.folders)} folder(s); {self.empty} empty captions; "
+            f"{self.n_refused} files refused{f' ({why})' if why else ''}; "
+            f"{self.seconds:.1f} s ({rate:,.0f} files/s)"
+        )
+
+
+def stats_path(csv_path: str | Path) -> Path:
+    """The stats file written beside a caption CSV (``X.csv`` -> ``X.stats.json``)."""
+    p = Path(csv_path)
+    return p.with_name(p.stem + ".stats.json")
+
+
+def _run_chunks(tasks: Iterable[Any], rules: Any, workers: int) -> Iterable[ChunkStats]:
+    """Chunk results in chunk order: in this process, or from a pool of workers."""
+    if workers == 1:
+        init_worker(rules)
+        for task in tasks:
+            yield caption_chunk(task)
+        return
+    # forkserver: workers start from a clean process, safe even if this one runs threads (Dask).
+    methods = multiprocessing.get_all_start_methods()
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    with ctx.Pool(workers, initializer=init_worker, initargs=(rules,)) as pool:
+        yield from pool.imap(caption_chunk, tasks, chunksize=1)
+
+
+def run_caption(config: CaptionConfig) -> CaptionResult:
+    """Caption every meta file of ``config.dataset`` into ``config.out_path``.
+
+    Raises ``InputError`` when the dataset has no ``meta*/`` folder with pickles. A refused
+    meta file (unsafe, corrupt, missing a key, ...) is counted and listed in the stats file
+    (``stats_path(out)``), never raised.
+    """
+    start = time.perf_counter()
+    folders: list[MetaFolder] = find_meta_folders(config.dataset)
+    if not folders:
+        raise InputError(
+            config.dataset,
+            "no meta*/ folder with .pickle files here; give a SkyScript dataset folder "
+            "(holding meta2/, meta3/, ...)",
+        )
+    rules = resolve_rules(config.rules)
+    out = config.out_path
+    workers = config.n_workers()
+    result = CaptionResult(out=out, folders=[f.meta_dir for f in folders])
+    refused: Counter[str] = Counter()
+    log.info(
+        "caption: %s meta folder(s) in %s, %d worker(s)",
+        ",".join(result.folders),
+        config.dataset,
+        workers,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".chunks", dir=out.parent)
+    try:
+        tasks = iter_chunks(config.dataset, folders, config.chunk_size, tmp_dir)
+        with atomic_path(out) as tmp_out, open(tmp_out, "wb") as f:
+            f.write((",".join(CSV_HEADER) + "\n").encode("utf-8"))
+            with progress_bar(desc="caption", unit="files") as bar:
+                for stats in _run_chunks(tasks, rules, workers):
+                    chunk = os.path.join(tmp_dir, f"chunk-{stats.index:07d}.csv")
+                    with open(chunk, "rb") as part:
+                        shutil.copyfileobj(part, f, 1 << 20)
+                    os.unlink(chunk)
+                    result.files += stats.files
+                    result.written += stats.written
+                    result.empty += stats.empty
+                    refused.update(stats.refused)
+                    for example in stats.examples:
+                        if len(result.examples) < MAX_EXAMPLES:
+                            if len(result.examples) < LOGGED_EXAMPLES:
+                                log.warning("%s: refused (%s): %s", *example)
+                            result.examples.append(example)
+                    bar.update(stats.files)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    result.refused = dict(sorted(refused.items()))
+    result.seconds = time.perf_counter() - start
+    write_json_atomic(
+        stats_path(out),
+        {
+            "dataset": str(config.dataset),
+            "out": str(out),
+            "rules": config.rules or "default",
+            "folders": result.folders,
+            "files": result.files,
+            "written": result.written,
+            "empty": result.empty,
+            "refused": result.refused,
+            "refused_examples": [
+                {"file": file, "reason": reason, "detail": detail}
+                for file, reason, detail in result.examples
+            ],
+            "seconds": round(result.seconds, 3),
+        },
+    )
+    log.debug("%s", result.summary())
+    return result

@@ -1,0 +1,191 @@
+"""Reading meta folders and captioning one chunk of meta files into a chunk CSV.
+
+The stage cuts each ``meta*/`` folder's sorted file list into chunks; a worker process reads
+a chunk's pickles with the safe reader, captions them and writes its rows, in order, to its own
+chunk CSV. The stage concatenates the chunk CSVs in chunk order, so the output does not depend
+on how many workers ran.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..meta import MetaError, loads_meta, read_meta_bytes
+from .rules import CaptionFunc, CaptionRules, RuleCaptioner, make_captioner
+
+__all__ = [
+    "CSV_HEADER",
+    "MetaFolder",
+    "ChunkTask",
+    "ChunkStats",
+    "find_meta_folders",
+    "list_meta_names",
+    "init_worker",
+    "caption_chunk",
+]
+
+log = logging.getLogger(__name__)
+
+CSV_HEADER = ("filepath", "title", "title_multi_objects")
+META_SUFFIX = ".pickle"
+IMAGE_SUFFIX = ".jpg"
+#: Refused files kept (with reason and detail) per chunk, for the stats file and the log.
+EXAMPLES_PER_CHUNK = 100
+
+
+@dataclass(frozen=True)
+class MetaFolder:
+    """A ``meta{k}/`` folder of a dataset and the ``images{k}/`` folder its rows point to."""
+
+    meta_dir: str  # e.g. "meta2"
+    image_dir: str  # e.g. "images2"
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One worker task: caption ``names`` (sorted) of ``folder`` into ``out``."""
+
+    index: int
+    root: str
+    folder: MetaFolder
+    names: tuple[str, ...]
+    out: str
+
+
+@dataclass
+class ChunkStats:
+    """What one chunk did: files read, rows written, empty captions, refusals by reason."""
+
+    index: int = 0
+    files: int = 0
+    written: int = 0
+    empty: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
+    examples: list[tuple[str, str, str]] = field(default_factory=list)  # (file, reason, detail)
+
+
+def _image_dir(meta_dir: str) -> str:
+    return "images" + meta_dir[len("meta") :]
+
+
+def _has_pickle(path: str) -> bool:
+    with os.scandir(path) as it:
+        return any(e.name.endswith(META_SUFFIX) and not e.name.startswith(".") for e in it)
+
+
+def find_meta_folders(dataset: str | Path) -> list[MetaFolder]:
+    """The dataset's ``meta*/`` folders that hold ``.pickle`` files, in output order.
+
+    Folder names are found, not assumed (SkyScript releases ``meta2`` ... ``meta7``; a build
+    with N parts has ``meta2`` ... ``meta{N+1}``). They are ordered as their rows sort: by
+    ``images{k}/`` as a string.
+    """
+    folders = []
+    with os.scandir(dataset) as it:
+        for entry in it:
+            if entry.name.startswith("meta") and entry.is_dir() and _has_pickle(entry.path):
+                folders.append(MetaFolder(entry.name, _image_dir(entry.name)))
+    return sorted(folders, key=lambda f: f.image_dir + "/")
+
+
+def _sort_key(name: str) -> str:
+    return name[: -len(META_SUFFIX)] + IMAGE_SUFFIX
+
+
+def list_meta_names(path: str | Path) -> list[str]:
+    """The ``.pickle`` file names of one meta folder, sorted as their rows' filepaths sort."""
+    with os.scandir(path) as it:
+        names = [
+            e.name
+            for e in it
+            if e.name.endswith(META_SUFFIX) and not e.name.startswith(".") and e.is_file()
+        ]
+    names.sort(key=_sort_key)
+    return names
+
+
+def iter_chunks(
+    root: str | Path, folders: list[MetaFolder], chunk_size: int, tmp_dir: str | Path
+) -> Iterator[ChunkTask]:
+    """The chunk tasks of all folders, in output order; lists one folder at a time."""
+    index = 0
+    for folder in folders:
+        names = list_meta_names(os.path.join(root, folder.meta_dir))
+        for start in range(0, len(names), chunk_size):
+            yield ChunkTask(
+                index=index,
+                root=str(root),
+                folder=folder,
+                names=tuple(names[start : start + chunk_size]),
+                out=os.path.join(tmp_dir, f"chunk-{index:07d}.csv"),
+            )
+            index += 1
+        del names
+
+
+_captioner: CaptionFunc | None = None
+_custom = False
+
+
+def init_worker(rules: CaptionRules | str) -> None:
+    """Build this process's caption function (once per worker, not per chunk)."""
+    global _captioner, _custom
+    _captioner = make_captioner(rules)
+    _custom = not isinstance(_captioner, RuleCaptioner)
+
+
+def _check_text(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a caption is a {type(value).__name__}, not a string")
+    # csv quotes fields holding "\n" but not a lone "\r" when lines end in "\n": normalise.
+    return value.replace("\r\n", "\n").replace("\r", "\n") if "\r" in value else value
+
+
+def caption_chunk(task: ChunkTask) -> ChunkStats:
+    """Caption one chunk of meta files into ``task.out``; a refused file is counted, not raised."""
+    if _captioner is None:
+        raise RuntimeError("caption_chunk called before init_worker")
+    captioner, custom = _captioner, _custom
+    stats = ChunkStats(index=task.index, files=len(task.names))
+    refused, examples = stats.refused, stats.examples
+    image_prefix = task.folder.image_dir + "/"
+    meta_prefix = task.folder.meta_dir + "/"
+    cut = len(META_SUFFIX)
+    written = empty = 0
+    dir_fd = os.open(os.path.join(task.root, task.folder.meta_dir), os.O_RDONLY)
+    try:
+        with open(task.out, "w", encoding="utf-8", newline="") as f:
+            writerow = csv.writer(f, lineterminator="\n").writerow
+            for name in task.names:
+                try:
+                    meta = loads_meta(read_meta_bytes(name, dir_fd=dir_fd))
+                    if custom:
+                        try:
+                            title, multi = captioner(meta["center_tags"], meta["surrounding_tags"])
+                            title, multi = _check_text(title), _check_text(multi)
+                        except MetaError:
+                            raise
+                        except Exception as e:  # a user's function can fail in any way
+                            raise MetaError("rule-error", f"{type(e).__name__}: {e}") from None
+                    else:
+                        title, multi = captioner(meta["center_tags"], meta["surrounding_tags"])
+                except MetaError as e:
+                    refused[e.reason] += 1
+                    if len(examples) < EXAMPLES_PER_CHUNK:
+                        examples.append((meta_prefix + name, e.reason, str(e)))
+                    continue
+                if not title:
+                    empty += 1
+                    continue
+                writerow((image_prefix + name[:-cut] + IMAGE_SUFFIX, title, multi))
+                written += 1
+    finally:
+        os.close(dir_fd)
+    stats.written, stats.empty = written, empty
+    return stats

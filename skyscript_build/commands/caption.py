@@ -1,0 +1,44 @@
+"""``skyscript-build caption``: rule-based captions from meta files into one CSV."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "caption a dataset's meta*/ pickles (ours or SkyScript's released ones) into a CSV"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags, one per field of ``CaptionConfig``."""
+    parser.add_argument(
+        "--dataset", type=Path, required=True, help="dataset folder holding meta2/, meta3/, ..."
+    )
+    parser.add_argument(
+        "--out", type=Path, help="caption CSV (default: DATASET/SkyScript_captions.csv)"
+    )
+    parser.add_argument(
+        "--rules",
+        help="caption rules: a .yaml file merged over the defaults, a bundled name "
+        "(default), or a Python function module:function / file.py:function taking "
+        "(center_tags, surrounding_tags) and returning (title, title_multi_objects)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="worker processes; 0 = one per core (0)"
+    )
+    parser.add_argument("--chunk-size", type=int, default=4096, help="meta files per task (4096)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Build the config from the flags, run the stage, print the summary."""
+    from ..caption import CaptionConfig, run_caption
+
+    config = CaptionConfig(
+        dataset=args.dataset,
+        out=args.out,
+        rules=args.rules,
+        workers=args.workers,
+        chunk_size=args.chunk_size,
+    )
+    result = run_caption(config)
+    print(result.summary())
+    return 0
