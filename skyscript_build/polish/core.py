@@ -1,0 +1,476 @@
+"""The polish stage: caption CSV -> language-polished caption CSV via a chat-completions API.
+
+Reads ``filepath,title,title_multi_objects`` (the caption stage's CSV), sends the chosen
+column's rule captions, with the tags from the meta files beside the images when they exist,
+to an OpenAI-compatible endpoint, and writes ``filepath,title_raw,title`` in the input's order
+(``title_raw`` the rule caption, ``title`` the rewrite), atomically. Answers go to a SQLite
+cache as they arrive, so a rerun or a resumed run pays only for what is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..errors import ConfigError, InputError
+from ..files import atomic_path
+from ..meta import MetaError, load_meta
+from ..progress import progress_bar
+from .cache import PolishCache, cache_key
+from .client import ChatAnswer, ChatClient, RequestFailed
+from .prompt import (
+    PolishItem,
+    build_messages,
+    check_rewrite,
+    focus_keywords,
+    load_prompt,
+    parse_answer,
+    system_message,
+)
+
+__all__ = ["PolishConfig", "PolishResult", "run_polish", "DEFAULT_API_KEY_ENV", "COLUMNS"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+COLUMNS = ("title", "title_multi_objects")
+OUT_COLUMNS = ("filepath", "title_raw", "title")
+POLISHED = "polished"
+
+
+@dataclass(frozen=True)
+class PolishConfig:
+    """Settings of one polish run (flags of ``skyscript-build polish``, one to one).
+
+    Attributes:
+        captions: the caption CSV (``filepath,title,title_multi_objects``).
+        out: the output CSV; default ``<captions stem>_polished.csv`` beside the input.
+        endpoint: base URL of an OpenAI-compatible API, e.g. ``http://127.0.0.1:8000/v1``.
+        model: the model name the endpoint serves.
+        api_key_env: environment variable holding the API key. None: ``OPENAI_API_KEY`` if
+            set, else no key (local servers); a named variable that is not set is an error.
+        prompt: a prompt file (instructions); None: the packaged default.
+        column: which caption column to polish.
+        batch: captions per request.
+        concurrency: requests in flight.
+        max_rpm: at most this many requests per minute (None: no cap).
+        limit: polish only the first N rows.
+        timeout: seconds to wait for one answer.
+        cache: the SQLite cache; default ``<out>.cache.sqlite``.
+        dry_run: count requests and estimate tokens; send nothing, write nothing.
+        temperature: sampling temperature sent with each request (None: the server's).
+        max_retries: retries per request (429, 5xx, timeouts, malformed answers).
+        backoff_base: first backoff in seconds (doubles per retry, with jitter).
+        backoff_max: longest backoff in seconds.
+    """
+
+    captions: Path
+    endpoint: str
+    model: str
+    out: Path | None = None
+    api_key_env: str | None = None
+    prompt: Path | None = None
+    column: str = "title"
+    batch: int = 8
+    concurrency: int = 8
+    max_rpm: float | None = None
+    limit: int | None = None
+    timeout: float = 60.0
+    cache: Path | None = None
+    dry_run: bool = False
+    temperature: float | None = 0.0
+    max_retries: int = 5
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("captions", "out", "prompt", "cache"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if not self.captions.is_file():
+            raise InputError(self.captions, "caption CSV not found")
+        if not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"--endpoint {self.endpoint!r}: give an http(s) URL such as "
+                "http://127.0.0.1:8000/v1"
+            )
+        if not self.model.strip():
+            raise ConfigError("--model: name the model the endpoint serves")
+        if self.column not in COLUMNS:
+            raise ConfigError(f"--column {self.column!r}: one of {', '.join(COLUMNS)}")
+        checks = (
+            ("--batch", self.batch, 1 <= self.batch <= 1000),
+            ("--concurrency", self.concurrency, 1 <= self.concurrency <= 1000),
+            ("--max-rpm", self.max_rpm, self.max_rpm is None or self.max_rpm > 0),
+            ("--limit", self.limit, self.limit is None or self.limit >= 0),
+            ("--timeout", self.timeout, self.timeout > 0),
+            ("max_retries", self.max_retries, self.max_retries >= 0),
+            ("backoff_base", self.backoff_base, self.backoff_base >= 0),
+            ("backoff_max", self.backoff_max, self.backoff_max >= 0),
+        )
+        for flag, value, ok in checks:
+            if not ok:
+                raise ConfigError(f"{flag} {value}: out of range")
+        if self.prompt is not None:
+            if not self.prompt.is_file():
+                raise InputError(self.prompt, "prompt file not found")
+            if not self.prompt.read_text(encoding="utf-8", errors="replace").strip():
+                raise InputError(self.prompt, "prompt file is empty")
+        if self.output_path.resolve() == self.captions.resolve():
+            raise ConfigError("--out: must not be the input caption CSV")
+        if self.api_key_env is not None and not self.dry_run:
+            if not self.api_key_env:
+                raise ConfigError("--api-key-env: name an environment variable")
+            if not os.environ.get(self.api_key_env):
+                raise ConfigError(
+                    f"--api-key-env {self.api_key_env}: the environment variable "
+                    f"{self.api_key_env} is not set (export it, or drop --api-key-env for an "
+                    "endpoint that needs no key)"
+                )
+
+    @property
+    def output_path(self) -> Path:
+        """The output CSV."""
+        if self.out is not None:
+            return self.out
+        return self.captions.with_name(f"{self.captions.stem}_polished.csv")
+
+    @property
+    def cache_path(self) -> Path:
+        """The SQLite cache file."""
+        if self.cache is not None:
+            return self.cache
+        out = self.output_path
+        return out.with_name(out.name + ".cache.sqlite")
+
+    def api_key(self) -> str | None:
+        """The API key from the environment (never stored in the config itself)."""
+        return os.environ.get(self.api_key_env or DEFAULT_API_KEY_ENV) or None
+
+
+@dataclass
+class PolishResult:
+    """Counts of one polish run."""
+
+    out: Path | None
+    rows: int = 0
+    polished: int = 0
+    cached: int = 0
+    fallback: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+    with_tags: int = 0
+    requests: int = 0
+    http_attempts: int = 0
+    retries: int = 0
+    failed_requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    dry_run: bool = False
+    estimated_input_tokens: int = 0
+    estimated_output_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens used (prompt + completion), as the endpoint reported them."""
+        return self.prompt_tokens + self.completion_tokens
+
+    def summary(self) -> str:
+        """One line: rows, outcomes, requests and tokens."""
+        if self.dry_run:
+            return (
+                f"polish dry run: {self.rows} rows, {self.cached} cached, "
+                f"{self.requests} requests to send, about {self.estimated_input_tokens} input "
+                f"+ {self.estimated_output_tokens} output tokens (estimated as characters / 4)"
+            )
+        fallback = sum(self.fallback.values())
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.fallback.items()))
+        return (
+            f"polish: {self.rows} rows: {self.polished} polished, {fallback} fallback"
+            + (f" ({reasons})" if reasons else "")
+            + f", {self.cached} from cache; {self.requests} requests ({self.retries} retries, "
+            f"{self.failed_requests} failed), {self.prompt_tokens}+{self.completion_tokens} "
+            f"tokens, {self.seconds:.1f} s -> {self.out}"
+        )
+
+
+def _read_rows(config: PolishConfig) -> list[tuple[str, str]]:
+    """``(filepath, caption)`` per row of the caption CSV, in order, up to ``limit``."""
+    path = config.captions
+    rows: list[tuple[str, str]] = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            for needed in ("filepath", config.column):
+                if needed not in header:
+                    raise InputError(
+                        path, f"has no column {needed!r} (columns: {', '.join(header) or 'none'})"
+                    )
+            for line, row in enumerate(reader, start=2):
+                if config.limit is not None and len(rows) >= config.limit:
+                    break
+                filepath = row.get("filepath")
+                caption = row.get(config.column)
+                if not filepath or caption is None:
+                    raise InputError(path, f"line {line}: empty filepath or missing fields")
+                rows.append((filepath, caption))
+    except UnicodeDecodeError as e:
+        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise InputError(path, f"not a readable CSV ({e})") from None
+    return rows
+
+
+def _meta_path(dataset: Path, filepath: str) -> Path | None:
+    """``images2/x.jpg`` -> ``<dataset>/meta2/x.pickle`` (None for other layouts)."""
+    parts = PurePosixPath(filepath.replace("\\", "/")).parts
+    if len(parts) < 2 or not parts[-2].startswith("images"):
+        return None
+    folder = "meta" + parts[-2][len("images") :]
+    return dataset.joinpath(*parts[:-2], folder, PurePosixPath(parts[-1]).stem + ".pickle")
+
+
+def _load_items(config: PolishConfig, rows: list[tuple[str, str]]) -> list[PolishItem]:
+    """One item per row, with tags from the meta file when there is a readable one."""
+    dataset = config.captions.parent
+    items: list[PolishItem] = []
+    unreadable = 0
+    for index, (filepath, caption) in enumerate(rows):
+        center: dict[str, str] | None = None
+        surrounding: tuple[dict[str, str], ...] = ()
+        meta_path = _meta_path(dataset, filepath)
+        if meta_path is not None and meta_path.is_file():
+            try:
+                meta = load_meta(str(meta_path))
+            except (MetaError, OSError) as e:
+                unreadable += 1
+                log.debug("%s: meta not used (%s)", meta_path, e)
+            else:
+                tags = meta.get("center_tags")
+                if isinstance(tags, dict):
+                    center = {str(k): str(v) for k, v in tags.items()}
+                around = meta.get("surrounding_tags")
+                if config.column == "title_multi_objects" and isinstance(around, list | tuple):
+                    surrounding = tuple(
+                        {str(k): str(v) for k, v in t.items()}
+                        for t in around
+                        if isinstance(t, dict)
+                    )
+        items.append(PolishItem(index, caption, center, surrounding))
+    if unreadable:
+        log.warning("%d meta files could not be read; their captions go without tags", unreadable)
+    return items
+
+
+def _batches(indices: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(indices), size):
+        yield indices[start : start + size]
+
+
+def _estimate(system: str, items: list[PolishItem], todo: list[int], batch: int) -> tuple[int, int]:
+    """Estimated (input, output) tokens of the requests for ``todo``: characters / 4."""
+    chars_in = chars_out = 0
+    for chunk in _batches(todo, batch):
+        messages = build_messages(system, [items[i] for i in chunk])
+        chars_in += sum(len(m["content"]) for m in messages)
+        # An answer line: {"id": n, "text": "An aerial image of ..."} ~ caption + 40 chars.
+        chars_out += sum(int(1.2 * len(items[i].raw)) + 40 for i in chunk)
+    return math.ceil(chars_in / 4), math.ceil(chars_out / 4)
+
+
+def _write_output(path: Path, rows: list[tuple[str, str]], titles: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(OUT_COLUMNS)
+        for (filepath, raw), title in zip(rows, titles, strict=True):
+            writer.writerow((filepath, raw, title))
+
+
+class _Run:
+    """The state of one run: items, outcomes, cache, client, counters."""
+
+    def __init__(self, config: PolishConfig, items: list[PolishItem], system: str) -> None:
+        self.config = config
+        self.items = items
+        self.system = system
+        self.titles: list[str | None] = [None] * len(items)
+        self.keys = [cache_key(config.model, system, item.cache_input()) for item in items]
+        self.keywords = [focus_keywords(item.raw, item.center_tags) for item in items]
+        self.fallback: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+        self.polished = 0
+        self.requests = 0
+        self.failed_requests = 0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+
+    def finish(self, index: int, title: str, status: str) -> None:
+        self.titles[index] = title
+        if status == POLISHED:
+            self.polished += 1
+        else:
+            self.fallback[status.removeprefix("fallback:")] += 1
+
+    def handle_answer(
+        self, chunk: list[int], attempt: int, answer: ChatAnswer
+    ) -> tuple[list[int], list[tuple[str, str, str, str]]]:
+        """Judge each caption's answer; return (indices to retry alone, rows for the cache)."""
+        self.prompt_tokens += answer.prompt_tokens
+        self.completion_tokens += answer.completion_tokens
+        answers, unusable = parse_answer(answer.content, len(chunk))
+        if unusable:
+            log.debug("%d unusable answer objects in one request", unusable)
+        retry: list[int] = []
+        cache_rows: list[tuple[str, str, str, str]] = []
+        for local_id, index in enumerate(chunk, start=1):
+            item = self.items[index]
+            text = answers.get(local_id)
+            reason = (
+                "unanswered"
+                if text is None
+                else check_rewrite(item.raw, text, self.keywords[index])
+            )
+            if reason is None:
+                status, title = POLISHED, str(text).strip()
+            else:
+                self.rejected[reason] += 1
+                if attempt == 1:
+                    retry.append(index)
+                    continue
+                status, title = f"fallback:{reason}", item.raw
+            self.finish(index, title, status)
+            cache_rows.append((self.keys[index], title, status, self.config.model))
+        return retry, cache_rows
+
+
+def run_polish(config: PolishConfig) -> PolishResult:
+    """Polish the captions of ``config.captions``; see the module docstring."""
+    started = time.monotonic()
+    system = system_message(load_prompt(config.prompt))
+    rows = _read_rows(config)
+    items = _load_items(config, rows)
+    run = _Run(config, items, system)
+    out = config.output_path
+    result = PolishResult(out=None if config.dry_run else out, rows=len(rows))
+    result.with_tags = sum(1 for item in items if item.center_tags)
+
+    cache_file_existed = config.cache_path.exists()
+    if config.dry_run and not cache_file_existed:
+        hits: dict[str, tuple[str, str]] = {}
+    else:
+        cache = PolishCache(config.cache_path)
+        hits = cache.get_many(run.keys)
+        if config.dry_run:
+            cache.close()
+    todo: list[int] = []
+    for index, item in enumerate(items):
+        if not item.raw.strip():
+            run.finish(index, item.raw, "fallback:empty-input")
+        elif run.keys[index] in hits:
+            title, status = hits[run.keys[index]]
+            run.finish(index, title, status)
+            result.cached += 1
+        else:
+            todo.append(index)
+
+    if config.dry_run:
+        result.dry_run = True
+        result.requests = math.ceil(len(todo) / config.batch)
+        result.estimated_input_tokens, result.estimated_output_tokens = _estimate(
+            system, items, todo, config.batch
+        )
+        result.seconds = time.monotonic() - started
+        return result
+
+    client = ChatClient(
+        config.endpoint,
+        config.model,
+        api_key=config.api_key(),
+        timeout=config.timeout,
+        max_retries=config.max_retries,
+        backoff_base=config.backoff_base,
+        backoff_max=config.backoff_max,
+        max_rpm=config.max_rpm,
+        temperature=config.temperature,
+    )
+    try:
+        _send_all(config, run, client, cache, todo)
+    finally:
+        client.stop.set()
+        cache.close()
+
+    titles = [t if t is not None else items[i].raw for i, t in enumerate(run.titles)]
+    _write_output(out, rows, titles)
+    result.polished = run.polished
+    result.fallback = dict(run.fallback)
+    result.rejected = dict(run.rejected)
+    result.requests = run.requests
+    result.http_attempts = client.attempts
+    result.retries = client.retries
+    result.failed_requests = run.failed_requests
+    result.prompt_tokens = run.prompt_tokens
+    result.completion_tokens = run.completion_tokens
+    result.seconds = time.monotonic() - started
+    log.debug("rejected answers (before retrying alone): %s", dict(run.rejected))
+    return result
+
+
+def _send_all(
+    config: PolishConfig, run: _Run, client: ChatClient, cache: PolishCache, todo: list[int]
+) -> None:
+    """Send ``todo`` in batches; retry unanswered or refused captions once, alone."""
+    first = _batches(todo, config.batch)
+    alone: deque[int] = deque()
+    in_flight: dict[Future[ChatAnswer], tuple[list[int], int]] = {}
+    bar = progress_bar(total=len(todo), desc="polish", unit="caption")
+    with ThreadPoolExecutor(config.concurrency, thread_name_prefix="polish") as pool:
+        try:
+            while True:
+                while len(in_flight) < 2 * config.concurrency:
+                    if alone:
+                        chunk, attempt = [alone.popleft()], 2
+                    else:
+                        chunk, attempt = next(first, []), 1
+                        if not chunk:
+                            break
+                    messages = build_messages(run.system, [run.items[i] for i in chunk])
+                    in_flight[pool.submit(client.complete, messages)] = (chunk, attempt)
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    chunk, attempt = in_flight.pop(future)
+                    run.requests += 1
+                    try:
+                        answer = future.result()
+                    except RequestFailed as e:
+                        run.failed_requests += 1
+                        log.warning("a request for %d captions failed: %s", len(chunk), e)
+                        for index in chunk:  # not cached: a rerun tries again
+                            run.finish(index, run.items[index].raw, "fallback:request-failed")
+                        bar.update(len(chunk))
+                        continue
+                    retry, cache_rows = run.handle_answer(chunk, attempt, answer)
+                    alone.extend(retry)
+                    cache.put_many(cache_rows)
+                    bar.update(len(cache_rows))
+                    bar.set_postfix_str(
+                        f"tokens={run.prompt_tokens + run.completion_tokens}", refresh=False
+                    )
+        except BaseException:
+            # A fatal endpoint error or an interrupt: stop the threads' retries at once.
+            client.stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            bar.close()
