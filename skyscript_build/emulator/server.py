@@ -1,0 +1,407 @@
+"""The emulator's HTTP side: the REST surface the ``ee`` client talks to, latency and faults.
+
+Served on 127.0.0.1 only:
+
+- ``GET /$discovery/rest``: the Earth Engine discovery document shipped with earthengine-api,
+  its root URL rewritten to this server;
+- ``GET /v1*/projects/P/algorithms``: the algorithm list shipped with earthengine-api;
+- ``POST /v1*/projects/P/value:compute``: ``{"result": <value>}`` of an expression graph;
+- ``POST /v1*/projects/P/image:computePixels``: the pixels of an image expression in a grid;
+- ``GET /v1*/projects/P/assets/ID``: what ``ee.data.getAsset`` answers for a collection or image.
+
+Errors have Earth Engine's JSON body ``{"error": {"code", "message", "status"}}``. Latency and
+faults apply to ``value:compute`` and ``image:computePixels`` only, so a client always
+initialises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .collections import Catalog, load_collections
+from .evaluate import EvalError, compute_pixels, compute_value
+from .faults import FaultPlan, parse_faults
+
+__all__ = ["Emulator", "EmulatorStats", "HTTP_STATUS"]
+
+log = logging.getLogger(__name__)
+
+HTTP_STATUS = {
+    400: "INVALID_ARGUMENT",
+    404: "NOT_FOUND",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    503: "UNAVAILABLE",
+}
+_FAULT_MESSAGES = {
+    429: "Too many concurrent aggregations.",
+    500: "An internal error has occurred (request ID: emulated).",
+    503: "The service is currently unavailable.",
+}
+_HTML = (
+    b"<!DOCTYPE html><html><head><title>Error 502 (Server Error)!!1</title></head>"
+    b"<body><p><b>502.</b> That's an error.</p><p>The server encountered a temporary error "
+    b"and could not complete your request.</p></body></html>"
+)
+
+
+def _ee_file(name: str) -> bytes:
+    return (resources.files("ee") / "tests" / name).read_bytes()
+
+
+@dataclass
+class EmulatorStats:
+    """What the emulator saw: requests by (endpoint, status), faults, concurrency peak."""
+
+    requests: Counter = field(default_factory=Counter)
+    faults: Counter = field(default_factory=Counter)
+    max_concurrency: int = 0
+    concurrency: int = 0
+
+    def count(self, endpoint: str | None = None, status: int | None = None) -> int:
+        """Requests seen, optionally only of one endpoint and/or one status."""
+        return sum(
+            n
+            for (e, s), n in self.requests.items()
+            if (endpoint is None or e == endpoint) and (status is None or s == status)
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-able summary."""
+        return {
+            "requests": {f"{e} {s}": n for (e, s), n in sorted(self.requests.items())},
+            "faults": dict(sorted(self.faults.items())),
+            "max_concurrency": self.max_concurrency,
+        }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = False
+    block_on_close = True
+    request_queue_size = 256
+    allow_reuse_address = True
+    emulator: Emulator
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+    server_version = "ee-emulator"
+    sys_version = ""
+
+    # -- plumbing ---------------------------------------------------------------------
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.emulator._connection_opened(self.connection)
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):
+            super().finish()
+        self.server.emulator._connection_closed(self.connection)
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        endpoint: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.server.emulator._record(endpoint, status)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            self.close_connection = True
+
+    def _error(self, status: int, message: str, endpoint: str, **headers: str) -> None:
+        body = json.dumps(
+            {"error": {"code": status, "message": message, "status": HTTP_STATUS[status]}}
+        ).encode()
+        self._send(status, body, "application/json; charset=UTF-8", endpoint, headers)
+
+    def _route(self) -> tuple[str, str]:
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/$discovery/rest"):
+            return "discovery", ""
+        parts = path.strip("/").split("/", 3)
+        if len(parts) >= 3 and parts[0].startswith("v1") and parts[1] == "projects":
+            rest = parts[2] if len(parts) == 3 else parts[2] + "/" + parts[3]
+            _, _, action = rest.partition("/")
+            if action == "algorithms":
+                return "algorithms", ""
+            if action in ("value:compute", "image:computePixels"):
+                return action, ""
+            if action.startswith("assets/"):
+                return "assets", action[len("assets/") :]
+        return "unknown", path
+
+    # -- methods ----------------------------------------------------------------------
+    def do_GET(self) -> None:
+        endpoint, arg = self._route()
+        emu = self.server.emulator
+        if endpoint == "discovery":
+            self._send(200, emu._discovery, "application/json; charset=UTF-8", endpoint)
+        elif endpoint == "algorithms":
+            self._send(200, emu._algorithms, "application/json; charset=UTF-8", endpoint)
+        elif endpoint == "assets":
+            info = emu._asset_info(arg)
+            if info is None:
+                self._error(404, f"Asset '{arg}' not found.", endpoint)
+            else:
+                self._send(200, json.dumps(info).encode(), "application/json", endpoint)
+        else:
+            self._error(404, f"Unknown path {self.path}", endpoint)
+
+    def do_POST(self) -> None:
+        endpoint, _ = self._route()
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if endpoint not in ("value:compute", "image:computePixels"):
+            self._error(404, f"Unknown path {self.path}", endpoint)
+            return
+        emu = self.server.emulator
+        emu._enter()
+        try:
+            self._api_call(endpoint, raw)
+        finally:
+            emu._leave()
+
+    def _api_call(self, endpoint: str, raw: bytes) -> None:
+        emu = self.server.emulator
+        if emu.latency_ms:
+            emu._stopping.wait(emu.latency_ms / 1000)
+        fault = emu._next_fault()
+        if fault in ("429", "500", "503"):
+            status = int(fault)
+            headers = {"Retry-After": str(emu.faults.retry_after_s)} if status == 429 else {}
+            self._error(status, _FAULT_MESSAGES[status], endpoint, **headers)
+            return
+        if fault == "timeout":
+            emu._stopping.wait(emu.faults.stall_s)
+            self.close_connection = True
+            if emu._stopping.is_set():
+                return
+        if fault == "html":
+            self._send(200, _HTML, "text/html; charset=UTF-8", endpoint)
+            return
+        try:
+            body = json.loads(raw or b"{}")
+            if not isinstance(body, dict):
+                raise EvalError("Invalid JSON payload received.")
+            if endpoint == "value:compute":
+                result = compute_value(emu.catalog, body)
+                payload = json.dumps({"result": result}).encode()
+                content_type = "application/json; charset=UTF-8"
+            else:
+                payload, content_type = compute_pixels(emu.catalog, body)
+        except json.JSONDecodeError:
+            self._error(400, "Invalid JSON payload received.", endpoint)
+            return
+        except EvalError as e:
+            self._error(e.code, str(e), endpoint)
+            return
+        except Exception as e:  # a bug in the emulator: answer like EE's internal error
+            log.exception("emulator: error evaluating a request")
+            self._error(500, f"An internal error has occurred: {type(e).__name__}: {e}", endpoint)
+            return
+        if fault == "truncate":
+            self.server.emulator._record(endpoint, 200)
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(payload[: len(payload) // 2])
+                self.wfile.flush()
+            return
+        self._send(200, payload, content_type, endpoint)
+
+
+class Emulator:
+    """A local Earth Engine REST server over the GeoTIFFs of a collections file.
+
+    Use as a context manager (``with Emulator(path) as emu: emu.url``) or call ``start()`` and
+    ``stop()``. ``stats`` counts the requests; ``reset()`` clears it.
+
+    Args:
+        collections_file: the collections YAML (see ``load_collections``).
+        port: TCP port on 127.0.0.1; 0 picks a free one.
+        latency_ms: fixed delay added to every API request.
+        faults: a FaultPlan, or a spec string like ``"429:0.1,500:0.05"``.
+        seed: seed of the fault sequence (when ``faults`` is a string).
+        stall_s: how long a ``timeout`` fault stalls (when ``faults`` is a string).
+        retry_after_s: the Retry-After of a 429 fault (when ``faults`` is a string).
+    """
+
+    def __init__(
+        self,
+        collections_file: str | Path | Catalog,
+        port: int = 0,
+        latency_ms: float = 0,
+        faults: FaultPlan | str | None = None,
+        seed: int = 0,
+        stall_s: float = 30.0,
+        retry_after_s: int = 1,
+    ) -> None:
+        if latency_ms < 0:
+            raise ConfigError("latency must not be negative")
+        if not 0 <= port < 65536:
+            raise ConfigError(f"bad port {port}")
+        self.catalog = (
+            collections_file
+            if isinstance(collections_file, Catalog)
+            else load_collections(collections_file)
+        )
+        self.port = port
+        self.latency_ms = latency_ms
+        self.faults = (
+            faults
+            if isinstance(faults, FaultPlan)
+            else parse_faults(faults, seed=seed, stall_s=stall_s, retry_after_s=retry_after_s)
+        )
+        self.stats = EmulatorStats()
+        self._lock = threading.Lock()
+        self._fault_n = 0
+        self._stopping = threading.Event()
+        self._connections: set[socket.socket] = set()
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+        self._algorithms = _ee_file("algorithms.json")
+        self._discovery = b""
+
+    # -- lifecycle ----------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        """The base URL to pass to ``ee.Initialize(opt_url=...)``."""
+        if self._server is None:
+            raise RuntimeError("the emulator is not running")
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def start(self) -> Emulator:
+        """Bind 127.0.0.1:port and serve in a background thread."""
+        if self._server is not None:
+            return self
+        self._stopping.clear()
+        try:
+            server = _Server(("127.0.0.1", self.port), _Handler)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on 127.0.0.1:{self.port}: {e.strerror}") from None
+        server.emulator = self
+        self._server = server
+        doc = json.loads(_ee_file("cloud_api_discovery_document.json"))
+        doc["rootUrl"] = doc["baseUrl"] = self.url + "/"
+        self._discovery = json.dumps(doc).encode()
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        log.debug("Earth Engine emulator serving on %s", self.url)
+        return self
+
+    def stop(self) -> None:
+        """Stop serving: wake stalled requests, close open connections, join the threads."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._stopping.set()
+        server.shutdown()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        server.server_close()  # joins the request threads
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def __enter__(self) -> Emulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Start (if needed) and block until interrupted (Ctrl-C), then stop."""
+        self.start()
+        try:
+            while not self._stopping.wait(3600):
+                pass
+        finally:
+            self.stop()
+
+    def reset(self) -> None:
+        """Clear the request log and restart the fault sequence."""
+        with self._lock:
+            self.stats = EmulatorStats()
+            self._fault_n = 0
+
+    # -- bookkeeping (called by the handler threads) -------------------------------------
+    def _record(self, endpoint: str, status: int) -> None:
+        with self._lock:
+            self.stats.requests[(endpoint, status)] += 1
+
+    def _enter(self) -> None:
+        with self._lock:
+            self.stats.concurrency += 1
+            self.stats.max_concurrency = max(self.stats.max_concurrency, self.stats.concurrency)
+
+    def _leave(self) -> None:
+        with self._lock:
+            self.stats.concurrency -= 1
+
+    def _next_fault(self) -> str | None:
+        with self._lock:
+            n = self._fault_n
+            self._fault_n += 1
+            fault = self.faults.fault_for(n)
+            if fault:
+                self.stats.faults[fault] += 1
+        return fault
+
+    def _connection_opened(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.add(conn)
+
+    def _connection_closed(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+
+    def _asset_info(self, asset_id: str) -> dict[str, Any] | None:
+        name = f"projects/earthengine-public/assets/{asset_id}"
+        asset_id = asset_id.removeprefix("projects/earthengine-public/assets/")
+        if self.catalog.get(asset_id) is not None:
+            return {"type": "IMAGE_COLLECTION", "name": name, "id": asset_id}
+        record = self.catalog.image(asset_id)
+        if record is None:
+            return None
+        return {
+            "type": "IMAGE",
+            "name": name,
+            "id": asset_id,
+            "startTime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.time_start / 1000)),
+            "properties": record.properties,
+        }
