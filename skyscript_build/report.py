@@ -1,0 +1,584 @@
+"""The build report: one static HTML page (plus PNG charts) describing a build folder.
+
+``run_report(ReportConfig(build_dir))`` reads only the stages' files (docs/architecture.md):
+``objects/``, ``requests/``, the dataset's ``manifest/``, caption CSV, filtered CSVs and
+``scores.parquet``, and the ``pipeline.json`` that ``run`` writes. It writes
+``report/index.html`` with counts per stage, per image source and per tag key, the caption
+length histogram, a map of the tiles, sample images with their captions, failures by reason
+and the CLIP score distribution. A section whose stage has not run yet says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import math
+import re
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .files import atomic_write_text
+
+__all__ = ["ReportConfig", "ReportResult", "run_report", "find_dataset_files"]
+
+log = logging.getLogger(__name__)
+_KEY_ALIAS = re.compile(r"_([A-Z][A-Z0-9_]*?)_\d{2}$")
+_MAX_MAP_POINTS = 200_000
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """What to report on.
+
+    Attributes:
+        build_dir: the build folder (``objects/``, ``requests/``, ``dataset/``).
+        out: where the report goes (default ``BUILD_DIR/report``).
+        dataset_dir: the dataset folder (default ``BUILD_DIR/dataset``).
+        samples: how many sample images to show.
+        top_tags: how many tag keys the per-key table lists.
+    """
+
+    build_dir: Path
+    out: Path | None = None
+    dataset_dir: Path | None = None
+    samples: int = 12
+    top_tags: int = 50
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "build_dir", Path(self.build_dir))
+        if not self.build_dir.is_dir():
+            raise InputError(self.build_dir, "build folder not found")
+        if self.samples < 0 or self.top_tags < 1:
+            raise InputError(self.build_dir, "samples must be >= 0 and top_tags >= 1")
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out else self.build_dir / "report"
+
+    @property
+    def dataset(self) -> Path:
+        return Path(self.dataset_dir) if self.dataset_dir else self.build_dir / "dataset"
+
+
+@dataclass
+class ReportResult:
+    """Where the report is and what it found."""
+
+    path: Path
+    counts: dict[str, int] = field(default_factory=dict)
+    charts: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        shown = ", ".join(f"{v} {k}" for k, v in self.counts.items())
+        return f"report: {self.path} ({shown or 'no stage outputs yet'})"
+
+
+def find_dataset_files(dataset: Path) -> dict[str, Any]:
+    """The caption CSV, the filtered CSVs and scores.parquet of a dataset folder."""
+    csvs = sorted(dataset.glob("*.csv")) if dataset.is_dir() else []
+    filtered = [p for p in csvs if "_filtered_by_" in p.name]
+    captions = [p for p in csvs if p not in filtered]
+    preferred = [p for p in captions if p.name == "SkyScript_captions.csv"]
+    scores = dataset / "scores.parquet"
+    return {
+        "captions": (preferred or captions)[0] if captions else None,
+        "filtered": filtered,
+        "scores": scores if scores.is_file() else None,
+    }
+
+
+# --- reading the stages' files -----------------------------------------------------------
+
+
+def _parts(folder: Path) -> list[Path]:
+    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def _read_objects(folder: Path) -> dict[str, Any] | None:
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    import shapely
+
+    files = _parts(folder)
+    if not files:
+        return None
+    n, keys, types = 0, Counter[str](), Counter[str]()
+    bounds = [np.inf, np.inf, -np.inf, -np.inf]
+    for path in files:
+        table = pq.read_table(path, columns=["osm_type", "tags", "geometry"])
+        n += table.num_rows
+        for chunk in table.column("tags").chunks:
+            for item in pc.value_counts(chunk.keys).to_pylist():
+                keys[item["values"]] += item["counts"]
+        for item in pc.value_counts(table.column("osm_type")).to_pylist():
+            types[item["values"]] += item["counts"]
+        geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+        b = shapely.total_bounds(geoms)
+        if np.isfinite(b).all():
+            bounds = [
+                min(bounds[0], b[0]),
+                min(bounds[1], b[1]),
+                max(bounds[2], b[2]),
+                max(bounds[3], b[3]),
+            ]
+    extent = tuple(float(v) for v in bounds) if np.isfinite(bounds).all() else None
+    return {"n": n, "keys": keys, "types": types, "extent": extent}
+
+
+def _read_requests(folder: Path) -> dict[str, Any] | None:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    files = _parts(folder)
+    if not files:
+        return None
+    n, aliases = 0, Counter[str]()
+    lons: list[float] = []
+    lats: list[float] = []
+    labels: list[str] = []
+    for path in files:
+        table = pq.read_table(path, columns=["alias", "west", "south", "east", "north"])
+        n += table.num_rows
+        for item in pc.value_counts(table.column("alias")).to_pylist():
+            aliases[item["values"]] += item["counts"]
+        if len(lons) < _MAX_MAP_POINTS:
+            take = table.slice(0, _MAX_MAP_POINTS - len(lons))
+            west, east = take.column("west").to_pylist(), take.column("east").to_pylist()
+            south, north = take.column("south").to_pylist(), take.column("north").to_pylist()
+            lons += [(w + e) / 2 for w, e in zip(west, east, strict=True)]
+            lats += [(s + n_) / 2 for s, n_ in zip(south, north, strict=True)]
+            labels += take.column("alias").to_pylist()
+    return {"n": n, "aliases": aliases, "lons": lons, "lats": lats, "labels": labels}
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    import pyarrow.parquet as pq
+
+    files = _parts(folder)
+    if not files:
+        return None
+    status, reasons = Counter[str](), Counter[str]()
+    per_alias: dict[str, Counter[str]] = {}
+    nbytes = 0
+    synthetic = False
+    for path in files:
+        columns = [
+            c
+            for c in ("key", "status", "reason", "bytes", "image_id", "collection")
+            if c in pq.read_schema(path).names
+        ]
+        table = pq.read_table(path, columns=columns).to_pydict()
+        for i, st in enumerate(table.get("status", [])):
+            status[st] += 1
+            if st != "ok":
+                reasons[
+                    f"{st}: {table['reason'][i] or 'unknown'}" if "reason" in table else st
+                ] += 1
+            m = _KEY_ALIAS.search(table["key"][i] or "") if "key" in table else None
+            per_alias.setdefault(m.group(1) if m else "?", Counter())[st] += 1
+        nbytes += sum(b or 0 for b in table.get("bytes", []))
+        ids = [str(x).lower() for x in table.get("image_id", []) if x]
+        synthetic = synthetic or any("synthetic" in x for x in ids)
+    return {
+        "status": status,
+        "reasons": reasons,
+        "per_alias": per_alias,
+        "bytes": nbytes,
+        "synthetic": synthetic,
+    }
+
+
+def _read_captions(path: Path | None) -> list[dict[str, str]] | None:
+    if path is None:
+        return None
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _count_rows(path: Path) -> int:
+    with open(path, newline="", encoding="utf-8") as f:
+        return max(0, sum(1 for _ in csv.reader(f)) - 1)
+
+
+def _read_scores(path: Path | None) -> dict[str, Any] | None:
+    import pyarrow.parquet as pq
+
+    if path is None:
+        return None
+    table = pq.read_table(path).to_pydict()
+    return {
+        "similarity": [float(s) for s in table.get("similarity", []) if s is not None],
+        "model": sorted({str(m) for m in table.get("model", [])}),
+        "pretrained": sorted({str(p) for p in table.get("pretrained", [])}),
+    }
+
+
+# --- charts -------------------------------------------------------------------------------
+
+
+def _figure(width: float = 7.0, height: float = 3.6) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(width, height), dpi=100)
+    return fig, ax
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, format="png", metadata={"Software": None})
+    plt.close(fig)
+    return path.name
+
+
+def _bar_chart(counts: list[tuple[str, int]], title: str, path: Path, *, horizontal: bool) -> str:
+    fig, ax = _figure(7.0, max(2.4, 0.22 * len(counts) + 1.0) if horizontal else 3.6)
+    labels = [c[0] for c in counts]
+    values = [c[1] for c in counts]
+    if horizontal:
+        ax.barh(range(len(values)), values, color="#3b6ea8")
+        ax.set_yticks(range(len(values)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("count")
+    else:
+        ax.bar(range(len(values)), values, color="#3b6ea8")
+        ax.set_xticks(range(len(values)), labels)
+        ax.set_ylabel("count")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def _histogram(values: Sequence[float], title: str, xlabel: str, path: Path, bins: Any = 30) -> str:
+    fig, ax = _figure()
+    ax.hist(values, bins=bins, color="#3b6ea8", edgecolor="white")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    return _save(fig, path)
+
+
+def _map_chart(requests: dict[str, Any], extent: tuple[float, ...] | None, path: Path) -> str:
+    fig, ax = _figure(6.5, 5.5)
+    labels = requests["labels"]
+    for alias in sorted(set(labels)):
+        xs = [x for x, a in zip(requests["lons"], labels, strict=True) if a == alias]
+        ys = [y for y, a in zip(requests["lats"], labels, strict=True) if a == alias]
+        ax.scatter(xs, ys, s=6, alpha=0.7, label=f"{alias} ({len(xs)})")
+    if extent is not None:
+        import matplotlib.patches as patches
+
+        w, s, e, n = extent
+        ax.add_patch(
+            patches.Rectangle(
+                (w, s), e - w, n - s, fill=False, ls="--", ec="grey", label="objects' extent"
+            )
+        )
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.set_title("tile centres")
+    ax.legend(fontsize=8, loc="best")
+    lats = requests["lats"]
+    mid = math.radians((min(lats) + max(lats)) / 2)
+    ax.set_aspect(1 / max(0.05, math.cos(mid)), adjustable="datalim")
+    return _save(fig, path)
+
+
+# --- the page ----------------------------------------------------------------------------
+
+
+def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _img(name: str, alt: str) -> str:
+    return f'<img src="{html.escape(name)}" alt="{html.escape(alt)}">'
+
+
+def _none(what: str) -> str:
+    return f'<p class="none">No data yet: {html.escape(what)}</p>'
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
+table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:3px 9px}
+td:not(:first-child){text-align:right} th{background:#f3f3f3}
+.note{background:#fff4d6;border-left:4px solid #e0a800;padding:.5em 1em;margin:.6em 0}
+.none{color:#777;font-style:italic} img{max-width:100%}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px}
+.grid figure{margin:0;border:1px solid #ddd;padding:6px;font-size:.85em}
+.grid img{width:100%;height:auto;display:block} footer{margin-top:2em;color:#555;font-size:.9em}
+"""
+
+
+def _load_pipeline_snapshot(build_dir: Path) -> dict[str, Any]:
+    path = build_dir / "pipeline.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        log.warning("%s: unreadable, ignored", path)
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _samples(captions: list[dict[str, str]], dataset: Path, out: Path, n: int) -> list[str]:
+    from PIL import Image
+
+    rows = [r for r in captions if (dataset / r.get("filepath", "")).is_file()]
+    if not rows or n == 0:
+        return []
+    step = max(1, len(rows) // n)
+    chosen = rows[::step][:n]
+    folder = out / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for i, row in enumerate(chosen):
+        name = f"samples/{i:03d}.jpg"
+        with Image.open(dataset / row["filepath"]) as source:
+            thumb = source.convert("RGB")
+        thumb.thumbnail((256, 256))
+        thumb.save(out / name, quality=85)
+        figures.append(
+            f"<figure>{_img(name, row['filepath'])}<figcaption><b>{html.escape(row['filepath'])}"
+            f"</b><br>{html.escape(row.get('title', ''))}<br><i>"
+            f"{html.escape(row.get('title_multi_objects', ''))}</i></figcaption></figure>"
+        )
+    return figures
+
+
+def run_report(config: ReportConfig) -> ReportResult:
+    """Write ``index.html`` and its charts for ``config.build_dir``; return where and counts."""
+    out = config.out_dir
+    if out.exists():
+        for old in list(out.glob("*.png")) + [out / "samples"]:
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    snapshot = _load_pipeline_snapshot(config.build_dir)
+    files = find_dataset_files(config.dataset)
+    objects = _read_objects(config.build_dir / "objects")
+    requests = _read_requests(config.build_dir / "requests")
+    manifest = _read_manifest(config.dataset / "manifest")
+    captions = _read_captions(files["captions"])
+    scores = _read_scores(files["scores"])
+    filtered = {p.name: _count_rows(p) for p in files["filtered"]}
+
+    result = ReportResult(path=out / "index.html")
+    counts = result.counts
+    if objects is not None:
+        counts["objects"] = objects["n"]
+    if requests is not None:
+        counts["requests"] = requests["n"]
+    if manifest is not None:
+        for st in ("ok", "skipped", "failed"):
+            counts[f"fetched {st}"] = manifest["status"].get(st, 0)
+    if captions is not None:
+        counts["captions"] = len(captions)
+    for name, rows in filtered.items():
+        counts[name] = rows
+
+    backend = (snapshot.get("backend") or {}).get("type")
+    synthetic = backend == "emulator" or bool(manifest and manifest["synthetic"])
+    none_like = {None, "", "none", "None"}
+    pretrained = (snapshot.get("filter") or {}).get("pretrained")
+    random_weights = bool(scores and none_like & set(scores["pretrained"])) or (
+        "filter" in snapshot and pretrained in none_like and (scores is not None or bool(filtered))
+    )
+
+    s: list[str] = []  # the page's sections
+    name = snapshot.get("name") or config.build_dir.name
+    s.append(f"<h1>Build report: {html.escape(str(name))}</h1>")
+    s.append(f"<p>Build folder: <code>{html.escape(str(config.build_dir))}</code></p>")
+    if synthetic:
+        s.append(
+            '<p class="note"><b>Synthetic imagery.</b> The images come from the Earth '
+            "Engine emulator: a synthetic orthophoto rendered from the OpenStreetMap data "
+            "itself, not real aerial or satellite imagery.</p>"
+        )
+    if random_weights:
+        s.append(
+            '<p class="note"><b>CLIP ranking is meaningless.</b> The filter used a CLIP '
+            "model with random weights (no pretrained checkpoint), so its similarity "
+            "scores and the top-k% selections carry no information.</p>"
+        )
+
+    stage_rows = [
+        ("extract: objects", objects["n"] if objects else "not run"),
+        ("plan: requests", requests["n"] if requests else "not run"),
+    ]
+    if manifest is not None:
+        stage_rows += [
+            (f"fetch: {st}", manifest["status"].get(st, 0)) for st in ("ok", "skipped", "failed")
+        ]
+        stage_rows.append(("fetch: MB written", round(manifest["bytes"] / 1e6, 2)))
+    else:
+        stage_rows.append(("fetch", "not run"))
+    stage_rows.append(("caption: rows", len(captions) if captions is not None else "not run"))
+    if filtered:
+        stage_rows += [(f"filter: {n}", rows) for n, rows in sorted(filtered.items())]
+    else:
+        stage_rows.append(("filter", "not run"))
+    s.append("<h2>Counts per stage</h2>" + _table(stage_rows, ("stage", "count")))
+
+    s.append("<h2>Per image source</h2>")
+    if requests is None and manifest is None:
+        s.append(_none("no requests or manifest (plan and fetch have not run)"))
+    else:
+        aliases = sorted(
+            set(requests["aliases"] if requests else {})
+            | set(manifest["per_alias"] if manifest else {})
+        )
+        source_rows = []
+        for a in aliases:
+            per = manifest["per_alias"].get(a, Counter()) if manifest else Counter()
+            source_rows.append(
+                (
+                    a,
+                    requests["aliases"].get(a, 0) if requests else 0,
+                    per.get("ok", 0),
+                    per.get("skipped", 0),
+                    per.get("failed", 0),
+                )
+            )
+        s.append(_table(source_rows, ("source", "requests", "ok", "skipped", "failed")))
+        if requests:
+            result.charts.append(
+                _bar_chart(
+                    sorted(requests["aliases"].items()),
+                    "requests per source",
+                    out / "sources.png",
+                    horizontal=False,
+                )
+            )
+            s.append(_img("sources.png", "requests per source"))
+
+    s.append(f"<h2>Tag keys (top {config.top_tags})</h2>")
+    if objects is None:
+        s.append(_none("no objects (extract has not run)"))
+    else:
+        top = objects["keys"].most_common(config.top_tags)
+        kinds = ", ".join(f"{k}: {v:,}" for k, v in sorted(objects["types"].items()))
+        s.append(
+            f"<p>Objects by OSM type ({html.escape(kinds)}); a tag key counts once per "
+            "object that has it.</p>"
+        )
+        if top:
+            result.charts.append(
+                _bar_chart(top, "objects per tag key", out / "tag_keys.png", horizontal=True)
+            )
+            s.append(_img("tag_keys.png", "objects per tag key"))
+        s.append(_table(top, ("tag key", "objects")))
+
+    s.append("<h2>Caption lengths</h2>")
+    if not captions:
+        s.append(_none("no caption CSV (caption has not run)"))
+    else:
+        lengths = [len(r.get("title_multi_objects", "").split()) for r in captions]
+        titles = [len(r.get("title", "").split()) for r in captions]
+        result.charts.append(
+            _histogram(
+                lengths,
+                "words per title_multi_objects",
+                "words",
+                out / "caption_lengths.png",
+                bins=range(0, max(lengths) + 2),
+            )
+        )
+        s.append(_img("caption_lengths.png", "caption length histogram"))
+        s.append(
+            f"<p>{len(captions):,} captions in <code>{html.escape(files['captions'].name)}"
+            f"</code>; mean words: title {sum(titles) / len(titles):.1f}, "
+            f"title_multi_objects {sum(lengths) / len(lengths):.1f}.</p>"
+        )
+
+    s.append("<h2>Map of tiles</h2>")
+    if not requests or not requests["lons"]:
+        s.append(_none("no tile requests (plan has not run)"))
+    else:
+        result.charts.append(
+            _map_chart(requests, objects["extent"] if objects else None, out / "map.png")
+        )
+        s.append(_img("map.png", "map of tile centres"))
+
+    s.append("<h2>Sample images</h2>")
+    figures = _samples(captions, config.dataset, out, config.samples) if captions else []
+    s.append(
+        f'<div class="grid">{"".join(figures)}</div>'
+        if figures
+        else _none("no captioned images (fetch and caption have not run)")
+    )
+
+    s.append("<h2>Failures by reason</h2>")
+    if manifest is None:
+        s.append(_none("no fetch manifest (fetch has not run)"))
+    elif not manifest["reasons"]:
+        s.append("<p>No tile was skipped or failed.</p>")
+    else:
+        reasons = manifest["reasons"].most_common()
+        result.charts.append(
+            _bar_chart(
+                reasons, "tiles not written, by reason", out / "failures.png", horizontal=True
+            )
+        )
+        s.append(_img("failures.png", "failures by reason"))
+        s.append(_table(reasons, ("status: reason", "tiles")))
+
+    s.append("<h2>CLIP scores</h2>")
+    if not scores or not scores["similarity"]:
+        s.append(_none("no scores.parquet (filter has not run)"))
+    else:
+        sims = scores["similarity"]
+        result.charts.append(
+            _histogram(sims, "image-caption similarity", "cosine similarity", out / "scores.png")
+        )
+        s.append(_img("scores.png", "CLIP score distribution"))
+        s.append(
+            f"<p>Model {html.escape(', '.join(scores['model']))}, pretrained "
+            f"{html.escape(', '.join(scores['pretrained']))}; {len(sims):,} scores, "
+            f"min {min(sims):.4f}, max {max(sims):.4f}.</p>"
+        )
+
+    s.append(
+        '<footer>Map data and tags (c) <a href="https://www.openstreetmap.org/copyright">'
+        "OpenStreetMap contributors, ODbL</a>. "
+        + ("Imagery: synthetic (rendered from OpenStreetMap data). " if synthetic else "")
+        + "Made by skyscript-build.</footer>"
+    )
+    page = (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        '<link rel="icon" href="data:,">'
+        f"<title>skyscript-build report: {html.escape(str(name))}</title>"
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(s) + "\n</body></html>\n"
+    )
+    atomic_write_text(result.path, page)
+    log.info("report written to %s", result.path)
+    return result
