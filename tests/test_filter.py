@@ -1,0 +1,350 @@
+"""The filter stage with a real open_clip model: the tiny random config, nothing downloaded."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+torch = pytest.importorskip("torch")
+open_clip = pytest.importorskip("open_clip")
+
+from skyscript_build.errors import ConfigError, InputError  # noqa: E402
+from skyscript_build.filter import (  # noqa: E402
+    CLIP_CONFIG_DIR,
+    FilterConfig,
+    output_names,
+    run_filter,
+)
+from skyscript_build.filter.models import load_model  # noqa: E402
+from skyscript_build.filter.scoring import read_scores, score_rows  # noqa: E402
+from skyscript_build.filter.selection import (  # noqa: E402
+    size_label,
+    top_count,
+    top_label,
+)
+from skyscript_build.meta import load_meta  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location(
+    "filter_fixture", Path(__file__).parent / "data" / "filter" / "data.py"
+)
+assert _spec and _spec.loader
+fixture = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fixture)
+
+N = 40
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "ds"
+    return root, fixture.make(root, n=N)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-random checkpoint file with seeded random weights."""
+    open_clip.add_model_config(CLIP_CONFIG_DIR)
+    torch.manual_seed(123)
+    model = open_clip.create_model("tiny-random", pretrained=None)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def config(root: Path, csv: Path, pretrained: str | Path, **kw) -> FilterConfig:
+    kw.setdefault("val_size", 4)
+    kw.setdefault("test_size", 6)
+    kw.setdefault("workers", 0)
+    kw.setdefault("batch_size", 8)
+    return FilterConfig(
+        dataset=root,
+        captions=csv,
+        name="tiny",
+        model="tiny-random",
+        pretrained=str(pretrained),
+        **kw,
+    )
+
+
+def read_outputs(cfg: FilterConfig) -> dict[str, pd.DataFrame]:
+    return {
+        label: pd.read_csv(cfg.out_dir / name, dtype={"filepath": str})
+        for label, name in output_names(cfg).items()
+    }
+
+
+def test_scores_equal_an_independent_open_clip_computation(dataset, checkpoint):
+    root, csv = dataset
+    result = run_filter(config(root, csv, checkpoint))
+    assert result.scored_new == N and result.reused == 0
+    scores = pd.read_parquet(root / "scores.parquet")
+    assert list(scores.columns)[:4] == ["filepath", "similarity", "model", "pretrained"]
+    assert len(scores) == N and set(scores["model"]) == {"tiny-random"}
+
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        "tiny-random", pretrained=str(checkpoint)
+    )
+    model.eval()
+    tokenizer = open_clip.get_tokenizer("tiny-random")
+    captions = pd.read_csv(csv).head(5)
+    from PIL import Image
+
+    with torch.no_grad():
+        images = torch.stack(
+            [preprocess(Image.open(root / p).convert("RGB")) for p in captions["filepath"]]
+        )
+        img = model.encode_image(images)
+        txt = model.encode_text(tokenizer(captions["title"].tolist()))
+        expected = img / img.norm(dim=-1, keepdim=True) * (txt / txt.norm(dim=-1, keepdim=True))
+        expected = expected.sum(-1).numpy()
+    got = scores.set_index("filepath").loc[captions["filepath"], "similarity"].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+    # the CSV column carries the same scores, 6 decimals
+    train = read_outputs(config(root, csv, checkpoint))["top50pct"]
+    merged = train.merge(scores, on="filepath")
+    np.testing.assert_allclose(merged["similarity_tiny"], merged["similarity"], atol=1e-6)
+
+
+def test_decode_workers_give_the_same_scores(dataset, checkpoint, tmp_path):
+    root, csv = dataset
+    inline = run_filter(config(root, csv, checkpoint, out=tmp_path / "a"))
+    parallel = run_filter(config(root, csv, checkpoint, out=tmp_path / "b", workers=2))
+    assert inline.scored_new == parallel.scored_new == N
+    a = pd.read_parquet(tmp_path / "a" / "scores.parquet")
+    b = pd.read_parquet(tmp_path / "b" / "scores.parquet")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_exact_counts_disjoint_splits_and_byte_identical_outputs(dataset, checkpoint, tmp_path):
+    root, csv = dataset
+    cfg_a = config(root, csv, checkpoint, top=(0.3, 0.5, 0.25), out=tmp_path / "a")
+    cfg_b = config(root, csv, checkpoint, top=(0.3, 0.5, 0.25), out=tmp_path / "b")
+    result = run_filter(cfg_a)
+    run_filter(cfg_b)
+    names = output_names(cfg_a)
+    assert names["top30pct"] == "SkyScript_train_top30pct_filtered_by_tiny.csv"
+    assert names["val"] == "SkyScript_val_4_filtered_by_tiny.csv"
+    for name in names.values():
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+    out = read_outputs(cfg_a)
+    assert list(out["val"].columns) == [
+        "filepath",
+        "title",
+        "title_multi_objects",
+        "similarity_tiny",
+    ]
+    pool = N - 4 - 6
+    assert (result.val, result.test, result.pool) == (4, 6, pool)
+    assert len(out["val"]) == 4 and len(out["test"]) == 6
+    assert len(out["top30pct"]) == 9  # 0.3 * 30
+    assert len(out["top50pct"]) == 15
+    assert len(out["top25pct"]) == 8  # 7.5 rounds half up
+    val, test = set(out["val"]["filepath"]), set(out["test"]["filepath"])
+    train = set(out["top50pct"]["filepath"])
+    assert not val & test and not val & train and not test & train
+    assert set(out["top30pct"]["filepath"]) < train
+    # the top fraction is the highest-scoring part of the pool (val and test excluded)
+    all_rows = set(pd.read_csv(csv)["filepath"])
+    pool_rows = all_rows - val - test
+    scores = pd.read_parquet(tmp_path / "a" / "scores.parquet").set_index("filepath")["similarity"]
+    top = out["top30pct"]["filepath"]
+    rest = pool_rows - set(top)
+    assert scores[list(top)].min() >= scores[list(rest)].max()
+    assert list(top) == sorted(top)
+
+
+def test_rerun_scores_nothing_new_and_keeps_other_models(dataset, checkpoint):
+    root, csv = dataset
+    first = run_filter(config(root, csv, checkpoint))
+    before = {p.name: p.read_bytes() for p in root.glob("SkyScript_*_by_tiny.csv")}
+    again = run_filter(config(root, csv, checkpoint))
+    assert (first.scored_new, again.scored_new, again.reused) == (N, 0, N)
+    after = {p.name: p.read_bytes() for p in root.glob("SkyScript_*_by_tiny.csv")}
+    assert before == after
+
+    # another checkpoint (random weights): scored anew, the first model's rows are kept
+    other = run_filter(config(root, csv, "none"))
+    assert other.scored_new == N
+    scores = read_scores(root)
+    assert len(scores) == 2 * N
+    assert set(scores["pretrained"]) == {first.identity, "none:seed0"}
+    assert first.identity.startswith("file:tiny.pt:")
+
+    # a changed caption is scored again, only that one
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    df.loc[3, "title"] = "something else entirely"
+    df.to_csv(csv, index=False)
+    changed = run_filter(config(root, csv, checkpoint))
+    assert (changed.scored_new, changed.reused) == (1, N - 1)
+
+
+def test_missing_and_corrupt_images_are_reported_and_left_out(dataset, checkpoint):
+    root, csv = dataset
+    rows = pd.read_csv(csv)["filepath"].tolist()
+    missing, corrupt, truncated = rows[1], rows[7], rows[12]
+    (root / missing).unlink()
+    (root / corrupt).write_bytes(b"not a jpeg at all")
+    data = (root / truncated).read_bytes()
+    (root / truncated).write_bytes(data[: len(data) // 3])
+    cfg = config(root, csv, checkpoint)
+    result = run_filter(cfg)
+    assert result.failed == {"corrupt": 2, "missing": 1}
+    assert result.failed_examples == sorted([missing, corrupt, truncated])
+    assert result.kept == N - 3 and result.scored_new == N - 3
+    assert "3 images left out" in result.summary()
+    out = read_outputs(cfg)
+    written = set().union(*(set(df["filepath"]) for df in out.values()))
+    assert not written & {missing, corrupt, truncated}
+    assert len(read_scores(root)) == N - 3
+    stats = json.loads((root / "SkyScript_filter_stats_tiny.json").read_text())
+    assert stats["failed"] == {"corrupt": 2, "missing": 1}
+
+
+def test_a_crash_mid_run_keeps_the_scored_batches(dataset, checkpoint):
+    root, csv = dataset
+    df = pd.read_csv(csv)
+    loaded = load_model("tiny-random", str(checkpoint), device="cpu")
+    seen = []
+
+    def crash(n: int) -> None:
+        seen.append(n)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        score_rows(
+            loaded,
+            df["filepath"].tolist(),
+            df["title"].tolist(),
+            root=root,
+            out=root,
+            batch_size=8,
+            checkpoint_every=1,
+            on_batch=crash,
+        )
+    assert len(read_scores(root)) == 16  # two checkpointed batches
+    result = run_filter(config(root, csv, checkpoint))
+    assert (result.scored_new, result.reused) == (N - 16, 16)
+    assert not (root / "scores.parts").exists()
+    assert len(pd.read_parquet(root / "scores.parquet")) == N
+
+
+def test_geo_split_keeps_grid_cells_whole(dataset, checkpoint):
+    root, csv = dataset
+    cfg = config(root, csv, checkpoint, split_by="geo", val_size=5, test_size=5)
+    result = run_filter(cfg)
+    out = read_outputs(cfg)
+
+    def cell(fp: str) -> tuple[int, int]:
+        folder, name = fp.split("/")
+        box = load_meta(
+            str(root / folder.replace("images", "meta") / name.replace(".jpg", ".pickle"))
+        )["box"]
+        return int(np.floor((box[0] + box[2]) / 2 / 0.1)), int(
+            np.floor((box[1] + box[3]) / 2 / 0.1)
+        )
+
+    pool = (
+        set(pd.read_csv(csv)["filepath"])
+        - set(out["val"]["filepath"])
+        - set(out["test"]["filepath"])
+    )
+    cells = {
+        split: {cell(fp) for fp in rows}
+        for split, rows in (
+            ("val", out["val"]["filepath"]),
+            ("test", out["test"]["filepath"]),
+            ("pool", pool),
+        )
+    }
+    assert not cells["val"] & cells["test"]
+    assert not cells["val"] & cells["pool"] and not cells["test"] & cells["pool"]
+    # five cells of eight rows: one whole cell each for val and test
+    assert (result.val, result.test, result.pool) == (8, 8, 24)
+
+
+def test_labels_and_exact_counts():
+    assert top_count(0.3, 10) == 3
+    assert top_count(0.29, 100) == 29
+    assert top_count(0.7, 10) == 7
+    assert top_count(0.5, 7) == 4
+    assert top_count(1.0, 7) == 7
+    assert top_label(0.3) == "top30pct" and top_label(0.125) == "top12.5pct"
+    assert top_label(1.0) == "top100pct"
+    assert size_label(5000) == "5K" and size_label(30000) == "30K" and size_label(200) == "200"
+    assert size_label(2_000_000) == "2M" and size_label(1500) == "1500"
+
+
+def test_bad_settings_are_clear_errors(dataset, tmp_path):
+    root, csv = dataset
+    with pytest.raises(ConfigError, match="--top"):
+        config(root, csv, "none", top=(0.3, 1.5))
+    with pytest.raises(ConfigError, match="--name"):
+        FilterConfig(dataset=root, captions=csv, name="a b", model="m", pretrained="none")
+    with pytest.raises(ConfigError, match=r"leave no training rows out of 40.*--val-size 4"):
+        run_filter(config(root, csv, "none", val_size=30, test_size=10))
+    with pytest.raises(ConfigError, match="unknown CLIP model 'no-such-model'"):
+        run_filter(
+            FilterConfig(
+                dataset=root,
+                captions=csv,
+                name="x",
+                model="no-such-model",
+                pretrained="none",
+                val_size=1,
+                test_size=1,
+            )
+        )
+    with pytest.raises(ConfigError, match="neither an existing checkpoint file nor a known tag"):
+        run_filter(config(root, csv, "no-such-tag"))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("filepath,title\nimages2/x.jpg,building\n")
+    with pytest.raises(InputError, match="lacks column"):
+        run_filter(config(root, bad, "none"))
+    assert not list(root.glob("SkyScript_*_filtered_by_*.csv"))
+
+
+def test_cli_errors_exit_2_with_one_line(dataset, tmp_path, cli):
+    root, csv = dataset
+    args = ["filter", "--dataset", root, "--name", "tiny", "--model", "tiny-random",
+            "--val-size", "4", "--test-size", "6", "--workers", "0"]  # fmt: skip
+    proc = cli(*args, "--captions", tmp_path / "nope.csv", "--pretrained", "none")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"skyscript-build filter: error: {tmp_path / 'nope.csv'}: caption CSV not found "
+        "(run `skyscript-build caption` first)"
+    ]
+
+    # a checkpoint of another architecture (wider embedding) does not fit tiny-random
+    other_cfg = json.loads((CLIP_CONFIG_DIR / "tiny-random.json").read_text())
+    other_cfg["embed_dim"] = 16
+    (tmp_path / "tiny-other.json").write_text(json.dumps(other_cfg))
+    open_clip.add_model_config(tmp_path / "tiny-other.json")
+    ckpt = tmp_path / "other.pt"
+    torch.save(open_clip.create_model("tiny-other").state_dict(), ckpt)
+    proc = cli(*args, "--captions", csv, "--pretrained", ckpt)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(
+        f"skyscript-build filter: error: {ckpt}: checkpoint does not fit model 'tiny-random'"
+    )
+    assert "Traceback" not in proc.stderr
+    assert not list(root.glob("SkyScript_*_filtered_by_*.csv"))
+
+    # and the same checkpoint with its own config registered through --model-config works
+    proc = cli(*args[:6], "tiny-other", *args[7:], "--captions", csv, "--pretrained", ckpt,
+               "--model-config", tmp_path / "tiny-other.json", "--out", tmp_path / "o")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("filter: 40 rows, 40 scored")
+    assert (tmp_path / "o" / "SkyScript_train_top30pct_filtered_by_tiny.csv").exists()
