@@ -1,0 +1,443 @@
+"""Earth Engine backend: the real ``earthengine-api`` client, against Google or the emulator.
+
+Per worker process the client is initialised once (``open``): credentials from a
+service-account key (``--key-file``, or ``EE_SERVICE_ACCOUNT_KEY`` holding the key's JSON or a
+path to it), else Google's default credentials; with ``--ee-url`` and no key, anonymous
+credentials (the emulator). A Cloud project is required (``--project``, or the key's own
+project). Requests go to the high-volume endpoint unless ``--ee-url`` says otherwise.
+
+For a request, the image used is the first of the source's collection filtered to the tile's
+box and year (plus, with a cloud rule, scene cloud cover below the maximum), sorted by scene
+cloud cover (cloud-ruled sources) or latest first. For a shard, ``prepare`` asks for the id and
+``system:time_start`` of that image for every request in one ``value:compute`` call, so a tile
+costs one more request: ``computePixels`` of that image's RGB visualisation (select, per-pixel
+cloud mask, visualize min/max/gamma) in the tile's projected grid, as JPEG.
+
+The ``ee`` client's own retries are off (``setMaxRetries(0)``); every HTTP request goes through
+the run's caps (``limits``) and is retried here by kind: 429, 5xx, timeouts, cut or garbled
+bodies with exponential backoff and jitter, honouring Retry-After; a "memory limit"/"too large"
+answer splits the tile into 2 x 2 pieces, fetched and stitched; an empty year is a ``no-image``
+skip (or the next candidate year with ``allow_next_year``). The HTTP transport records each
+answer's status per thread, since ``ee`` turns HTTP errors into bare messages. Credentials and
+tokens never reach logs, errors or the manifest: errors carry only the status and server text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+from requests.adapters import HTTPAdapter
+
+from ..errors import BackendError, MissingDependencyError
+from ..quality import QualityError, decode_jpeg
+from . import BackendConfig, SourceInfo, source_info
+from .base import (
+    Backend,
+    FetchError,
+    TileRequest,
+    TileResult,
+    call_with_retries,
+    ms_to_datetime,
+)
+from .limits import Limits
+
+__all__ = ["EarthEngineBackend", "load_credentials", "HIGH_VOLUME_URL"]
+
+log = logging.getLogger(__name__)
+
+HIGH_VOLUME_URL = "https://earthengine-highvolume.googleapis.com"
+SCOPES = (
+    "https://www.googleapis.com/auth/earthengine",
+    "https://www.googleapis.com/auth/cloud-platform",
+)
+KEY_ENV = "EE_SERVICE_ACCOUNT_KEY"
+KEY_FIELDS = ("type", "client_email", "private_key", "token_uri")
+TOO_LARGE = ("memory limit", "too large", "request payload size", "total request size")
+MAX_SPLIT_DEPTH = 2
+_INIT_LOCK = threading.Lock()
+_initialised: tuple[Any, ...] | None = None
+
+
+class _Transport:
+    """An httplib2-like transport over one pooled ``requests.Session``.
+
+    Records the status and Retry-After of the last answer of each thread, so that an error
+    ``ee`` reports as a bare message can be classified by its HTTP status.
+    """
+
+    def __init__(self, timeout_s: float, pool: int) -> None:
+        self.timeout_s = timeout_s
+        self.session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.last = threading.local()
+
+    def request(
+        self,
+        uri: str,
+        method: str = "GET",
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+        redirections: Any = None,
+        connection_type: Any = None,
+    ) -> tuple[Any, bytes]:
+        import httplib2
+
+        self.last.status = None
+        self.last.retry_after = None
+        try:
+            response = self.session.request(
+                method, uri, data=body, headers=headers, timeout=self.timeout_s
+            )
+            content = response.content
+        except requests.Timeout as e:
+            raise TimeoutError("request timed out") from e
+        except requests.RequestException as e:
+            raise ConnectionError(type(e).__name__) from e
+        self.last.status = response.status_code
+        self.last.retry_after = response.headers.get("Retry-After")
+        out_headers: dict[str, Any] = dict(response.headers)
+        out_headers["status"] = response.status_code
+        return httplib2.Response(out_headers), content
+
+
+def _key_info(text: str, where: str) -> dict[str, Any]:
+    try:
+        info = json.loads(text)
+    except ValueError:
+        raise BackendError(f"{where}: not a service-account key (not valid JSON)") from None
+    if not isinstance(info, dict):
+        raise BackendError(f"{where}: not a service-account key (not a JSON object)")
+    missing = [f for f in KEY_FIELDS if not info.get(f)]
+    if missing or info.get("type") != "service_account":
+        what = f"missing {', '.join(missing)}" if missing else "type is not service_account"
+        raise BackendError(f"{where}: not a service-account key ({what})")
+    return info
+
+
+def load_credentials(key_file: str | None) -> tuple[Any, str | None]:
+    """Service-account credentials and the key's project from ``key_file`` or the environment.
+
+    Returns (None, None) when neither names a key. Raises ``BackendError`` naming the file (or
+    the variable) for a missing or malformed key, never quoting its content.
+    """
+    env = os.environ.get(KEY_ENV, "").strip()
+    if key_file:
+        path = Path(key_file)
+        if not path.is_file():
+            raise BackendError(f"{path}: service-account key file does not exist")
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise BackendError(
+                f"{path}: cannot read the service-account key ({type(e).__name__})"
+            ) from None
+        info, where = _key_info(text, str(path)), str(path)
+    elif env:
+        if env.startswith("{"):
+            info, where = _key_info(env, KEY_ENV), KEY_ENV
+        else:
+            return load_credentials(env) if Path(env).is_file() else _bad_env(env)
+    else:
+        return None, None
+    from google.oauth2 import service_account
+
+    try:
+        credentials = service_account.Credentials.from_service_account_info(info, scopes=SCOPES)
+    except (ValueError, TypeError, IndexError):
+        raise BackendError(f"{where}: not a usable service-account key (bad private key)") from None
+    return credentials, info.get("project_id")
+
+
+def _bad_env(value: str) -> tuple[Any, str | None]:
+    raise BackendError(f"{KEY_ENV} holds neither a key's JSON nor the path of an existing file")
+
+
+def _collection_query(source: SourceInfo, request: TileRequest, year: int) -> Any:
+    import ee
+
+    region = ee.Geometry.BBox(request.west, request.south, request.east, request.north)
+    coll = (
+        ee.ImageCollection(source.collection)
+        .filterBounds(region)
+        .filterDate(f"{year}-01-01", f"{year + 1}-01-01")
+    )
+    if source.cloud_property and source.cloud_max is not None:
+        coll = coll.filter(ee.Filter.lt(source.cloud_property, source.cloud_max))
+        return coll.sort(source.cloud_property).limit(1)
+    return coll.sort("system:time_start", False).limit(1)
+
+
+class EarthEngineBackend(Backend):
+    """Tiles from Earth Engine's ``computePixels``."""
+
+    name = "earthengine"
+
+    def __init__(self, config: BackendConfig, limits: Limits) -> None:
+        self.config = config
+        self.limits = limits
+        self._transport: _Transport | None = None
+        # (request key, year) -> (image index, time_start ms), or None for no image.
+        self._images: dict[tuple[str, int], tuple[str, int] | None] = {}
+        self._lock = threading.Lock()
+
+    # -- initialisation ----------------------------------------------------------------------
+    def open(self) -> None:
+        global _initialised
+        try:
+            import ee
+        except ImportError:
+            raise MissingDependencyError("earthengine-api", "earthengine") from None
+        credentials, key_project = load_credentials(self.config.key_file)
+        project = self.config.project or key_project
+        if not project:
+            raise BackendError(
+                "Earth Engine needs a Google Cloud project: pass --project PROJECT "
+                "(a project with the Earth Engine API enabled)"
+            )
+        url = (self.config.ee_url or HIGH_VOLUME_URL).rstrip("/")
+        if credentials is None:
+            if self.config.ee_url:
+                from google.auth.credentials import AnonymousCredentials
+
+                credentials = AnonymousCredentials()
+            else:
+                credentials = self._default_credentials()
+        pool = max(10, min(self.config.limits.concurrency, 256))
+        self._transport = _Transport(self.config.timeout_s, pool)
+        signature = (url, project, id(self._transport))
+        with _INIT_LOCK:
+            try:
+                ee.Reset()
+                ee.Initialize(
+                    credentials=credentials,
+                    project=project,
+                    opt_url=url,
+                    http_transport=self._transport,
+                )
+                ee.data.setMaxRetries(0)
+            except ee.EEException as e:
+                raise BackendError(
+                    f"Earth Engine at {url} refused project {project}: {e}"
+                ) from None
+            except (TimeoutError, ConnectionError, OSError) as e:
+                raise BackendError(
+                    f"cannot reach Earth Engine at {url} ({type(e).__name__})"
+                ) from None
+            _initialised = signature
+        log.info("Earth Engine client ready: %s, project %s", url, project)
+
+    @staticmethod
+    def _default_credentials() -> Any:
+        import google.auth
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            credentials, _ = google.auth.default(scopes=list(SCOPES))
+        except DefaultCredentialsError:
+            raise BackendError(
+                "no Earth Engine credentials: pass --key-file KEY.json, set "
+                f"{KEY_ENV}, or run `gcloud auth application-default login`"
+            ) from None
+        return credentials
+
+    # -- one HTTP call, classified ------------------------------------------------------------
+    def _call(self, func: Any, *args: Any) -> Any:
+        import ee
+
+        assert self._transport is not None
+        with self.limits.slot():
+            try:
+                return func(*args)
+            except ee.EEException as e:
+                raise self._classify(str(e)) from None
+            except TimeoutError:
+                raise FetchError("timeout", retryable=True) from None
+            except ConnectionError as e:
+                raise FetchError("connection", str(e), retryable=True) from None
+            except (ValueError, KeyError, TypeError) as e:  # a garbled JSON answer
+                raise FetchError("corrupt", type(e).__name__, retryable=True) from None
+
+    def _classify(self, message: str) -> FetchError:
+        assert self._transport is not None
+        status = getattr(self._transport.last, "status", None)
+        retry_after: float | None = None
+        try:
+            retry_after = float(getattr(self._transport.last, "retry_after", None) or "")
+        except ValueError:
+            retry_after = None
+        text = message[:300]
+        if any(s in message.lower() for s in TOO_LARGE):
+            return FetchError("too-large", text, retryable=False)
+        if status == 429:
+            return FetchError("http-429", text, retryable=True, retry_after=retry_after)
+        if status is not None and status >= 500:
+            return FetchError(
+                "http-5xx", f"{status} {text}", retryable=True, retry_after=retry_after
+            )
+        if status == 404 or "not found" in message.lower():
+            return FetchError("not-found", text)
+        if status == 200:
+            return FetchError("corrupt", text, retryable=True)
+        return FetchError(f"http-{status}" if status else "error", text)
+
+    # -- which image ----------------------------------------------------------------------------
+    def _years(self, request: TileRequest) -> Sequence[int]:
+        return request.years if self.config.allow_next_year else request.years[:1]
+
+    def _lookup(self, pairs: list[tuple[TileRequest, int]]) -> list[tuple[str, int] | None]:
+        import ee
+
+        exprs = []
+        for request, year in pairs:
+            coll = _collection_query(source_info(request.alias, request.collection), request, year)
+            exprs.append(
+                [coll.aggregate_array("system:index"), coll.aggregate_array("system:time_start")]
+            )
+        answer = self._call(ee.data.computeValue, ee.List(exprs))
+        if not isinstance(answer, list) or len(answer) != len(pairs):
+            raise FetchError("corrupt", "unexpected image lookup answer", retryable=True)
+        out: list[tuple[str, int] | None] = []
+        for ids, times in answer:
+            out.append((str(ids[0]), int(times[0])) if ids and times else None)
+        return out
+
+    def prepare(self, requests: Sequence[TileRequest]) -> None:
+        """Look up the image of every request (its first candidate year) in one call."""
+        pairs = [(r, self._years(r)[0]) for r in requests if r.years]
+        if not pairs:
+            return
+        try:
+            found, _ = call_with_retries(lambda: self._lookup(pairs), self.config.retry)
+        except FetchError as e:
+            log.warning(
+                "image lookup for %d tiles failed (%s); looking up one by one", len(pairs), e.reason
+            )
+            return
+        with self._lock:
+            for (request, year), value in zip(pairs, found, strict=True):
+                self._images[(request.key, year)] = value
+
+    def _image_for(self, request: TileRequest, year: int) -> tuple[tuple[str, int] | None, int]:
+        with self._lock:
+            if (request.key, year) in self._images:
+                return self._images.pop((request.key, year)), 0
+        found, attempts = call_with_retries(
+            lambda: self._lookup([(request, year)]), self.config.retry
+        )
+        return found[0], attempts
+
+    # -- pixels ----------------------------------------------------------------------------------
+    def _visual(self, source: SourceInfo, image_id: str) -> Any:
+        import ee
+
+        image = ee.Image(image_id)
+        selected = image.select(list(source.bands))
+        if source.cloud_mask_band and source.cloud_mask_bits:
+            bits = sum(1 << b for b in source.cloud_mask_bits)
+            clear = image.select(source.cloud_mask_band).bitwiseAnd(bits).eq(0)
+            selected = selected.updateMask(clear)
+        return selected.visualize(
+            min=list(source.vmin), max=list(source.vmax), gamma=[source.gamma] * len(source.bands)
+        )
+
+    def _pixels(self, visual: Any, request: TileRequest) -> tuple[bytes, np.ndarray]:
+        import ee
+
+        a, _, c, _, e, f = request.transform
+        params = {
+            "expression": visual,
+            "fileFormat": "JPEG",
+            "grid": {
+                "dimensions": {"width": request.width, "height": request.height},
+                "affineTransform": {
+                    "scaleX": a,
+                    "shearX": 0.0,
+                    "translateX": c,
+                    "shearY": 0.0,
+                    "scaleY": e,
+                    "translateY": f,
+                },  # fmt: skip
+                "crsCode": request.crs,
+            },
+        }
+        data = self._call(ee.data.computePixels, params)
+        if not isinstance(data, bytes | bytearray):
+            raise FetchError("corrupt", "computePixels answered no bytes", retryable=True)
+        try:
+            rgb = decode_jpeg(bytes(data))
+        except QualityError as err:
+            raise FetchError("corrupt", str(err), retryable=True) from None
+        if rgb.shape[:2] != (request.height, request.width):
+            raise FetchError("corrupt", f"tile of shape {rgb.shape[:2]}", retryable=True)
+        return bytes(data), rgb
+
+    def _fetch_pixels(
+        self, visual: Any, request: TileRequest, depth: int = 0
+    ) -> tuple[bytes | None, np.ndarray, int]:
+        """JPEG bytes (None when stitched), RGB pixels and attempts; splits when too large."""
+        try:
+            (jpeg, rgb), attempts = call_with_retries(
+                lambda: self._pixels(visual, request), self.config.retry
+            )
+            return jpeg, rgb, attempts
+        except FetchError as e:
+            if (
+                e.reason != "too-large"
+                or depth >= MAX_SPLIT_DEPTH
+                or min(request.width, request.height) < 2
+            ):
+                raise
+            attempts = getattr(e, "attempts", 1)
+        log.debug("%s too large for one request: splitting 2 x 2", request.key)
+        out = np.zeros((request.height, request.width, 3), np.uint8)
+        xs = np.linspace(0, request.width, 3).round().astype(int)
+        ys = np.linspace(0, request.height, 3).round().astype(int)
+        for row in range(2):
+            for col in range(2):
+                piece = request.sub_request(col, row, 2, 2)
+                _, part, n = self._fetch_pixels(visual, piece, depth + 1)
+                attempts += n
+                out[ys[row] : ys[row + 1], xs[col] : xs[col + 1]] = part
+        return None, out, attempts
+
+    def fetch(self, request: TileRequest) -> TileResult:
+        source = source_info(request.alias, request.collection)
+        attempts = 0
+        try:
+            for year in self._years(request):
+                found, n = self._image_for(request, year)
+                attempts += n
+                if found is None:
+                    continue
+                index, time_ms = found
+                image_id = f"{source.collection}/{index}"
+                jpeg, rgb, n = self._fetch_pixels(self._visual(source, image_id), request)
+                attempts += n
+                taken: datetime = ms_to_datetime(time_ms)
+                return TileResult(
+                    "ok",
+                    rgb=rgb,
+                    jpeg=jpeg,
+                    image_id=image_id,
+                    acquisition_time=taken,
+                    year=year,
+                    attempts=attempts,
+                )
+        except FetchError as e:
+            attempts += getattr(e, "attempts", 1)
+            make = (
+                TileResult.failed if e.retryable or e.reason == "too-large" else TileResult.skipped
+            )
+            return make(e.reason, attempts=attempts, detail=e.detail)
+        return TileResult.skipped("no-image", attempts=max(attempts, 1))

@@ -1,0 +1,73 @@
+"""``skyscript-build fetch``: requests -> images, meta pickles and the manifest."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..backends import BACKENDS
+from ..fetch import FORMATS, FetchConfig, run_fetch
+from ..quality import QualityConfig
+
+HELP = "fetch the planned image tiles: images{k}/*.jpg, meta{k}/*.pickle, manifest/"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fetch flags (one per ``FetchConfig`` field)."""
+    parser.add_argument("--requests", required=True, help="the plan's requests/ folder")
+    parser.add_argument("--out", required=True, help="the dataset folder to write")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default=None, help="imagery backend (default: each source's)"
+    )
+    parser.add_argument("--ee-url", default=None, help="Earth Engine endpoint (an emulator's URL)")
+    parser.add_argument("--project", default=None, help="Google Cloud project for Earth Engine")
+    parser.add_argument(
+        "--key-file",
+        default=None,
+        help="service-account key JSON (default: $EE_SERVICE_ACCOUNT_KEY, else default credentials)",
+    )
+    parser.add_argument("--location", default=None, help="raster folder or XYZ URL template")
+    parser.add_argument("--parts", type=int, default=6, help="images{k}/meta{k} folders (k=2..N+1)")
+    parser.add_argument("--format", choices=FORMATS, default="files", help="output layout")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (0: one per core)")
+    parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    parser.add_argument("--concurrency", type=int, default=40, help="requests in flight, run-wide")
+    parser.add_argument("--rate", type=float, default=100.0, help="requests per second, run-wide")
+    parser.add_argument("--shard-size", type=int, default=200, help="requests per shard")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    parser.add_argument("--max-attempts", type=int, default=6, help="tries per request")
+    parser.add_argument(
+        "--allow-next-year",
+        action="store_true",
+        help="when a year has no imagery, try the request's next candidate year",
+    )
+    parser.add_argument("--max-nodata", type=float, default=0.2, help="largest no-data fraction")
+    parser.add_argument("--max-cloud", type=float, default=0.3, help="largest cloud fraction")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the fetch stage and print its summary."""
+    config = FetchConfig(
+        requests=args.requests,
+        out=args.out,
+        backend=args.backend,
+        ee_url=args.ee_url,
+        project=args.project,
+        key_file=args.key_file,
+        location=args.location,
+        parts=args.parts,
+        format=args.format,
+        workers=args.workers,
+        scheduler=args.scheduler,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        shard_size=args.shard_size,
+        timeout_s=args.timeout,
+        max_attempts=args.max_attempts,
+        allow_next_year=args.allow_next_year,
+        quality=QualityConfig(max_nodata=args.max_nodata, max_cloud=args.max_cloud),
+    )
+    result = run_fetch(config)
+    print(result.summary())
+    logging.getLogger(__name__).debug("fetch result: %s", result)
+    return 0 if result.failed == 0 else 1

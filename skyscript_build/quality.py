@@ -1,0 +1,93 @@
+"""Quality checks on a fetched tile before it is written, and its JPEG encoding.
+
+A tile is refused (a permanent ``skipped`` with the reason) when too much of it has no data
+(``nodata``), when it is blank or nearly uniform (``blank``), or, for sources with a cloud rule
+(Sentinel-2, Landsat), when too much of it is cloud-white (``cloudy``). JPEG bytes are always
+decoded once (``corrupt`` when they do not decode: a retryable failure).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .errors import ConfigError
+
+__all__ = ["QualityConfig", "QualityError", "decode_jpeg", "encode_jpeg", "check_tile"]
+
+# Below this on every channel a pixel is taken as no data (JPEG blurs exact zeros).
+NODATA_LEVEL = 8
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Thresholds of the quality checks.
+
+    Attributes:
+        max_nodata: largest fraction of no-data pixels a kept tile may have.
+        min_std: smallest standard deviation of the grey levels (0..255) of a kept tile.
+        max_cloud: largest fraction of cloud-white pixels (sources with a cloud rule only).
+        jpeg_quality: quality of the JPEGs this tool encodes.
+    """
+
+    max_nodata: float = 0.2
+    min_std: float = 2.0
+    max_cloud: float = 0.3
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        for name in ("max_nodata", "max_cloud"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"jpeg quality must be 1..100, got {self.jpeg_quality}")
+
+
+class QualityError(ValueError):
+    """Bytes that should be a JPEG are not one."""
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    """Decode JPEG bytes to an (h, w, 3) uint8 array; ``QualityError`` when they do not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.format != "JPEG":
+                raise QualityError(f"not a JPEG ({im.format})")
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except QualityError:
+        raise
+    except Exception as e:  # PIL raises many kinds for a broken stream
+        raise QualityError(f"undecodable JPEG ({type(e).__name__}: {e})") from None
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """Encode an (h, w, 3) uint8 array as a baseline JPEG (deterministic for equal input)."""
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=quality, optimize=False)
+    return buf.getvalue()
+
+
+def check_tile(
+    rgb: np.ndarray, valid: np.ndarray | None, config: QualityConfig, cloud_rule: bool
+) -> str | None:
+    """The reason to refuse the tile, or None when it passes."""
+    if valid is None:
+        valid = rgb.max(axis=-1) > NODATA_LEVEL
+    nodata = 1.0 - float(valid.mean()) if valid.size else 1.0
+    if nodata > config.max_nodata:
+        return "nodata"
+    grey = rgb[valid].astype(np.float32).mean(axis=-1) if nodata > 0 else rgb.mean(axis=-1)
+    if grey.size == 0 or float(grey.std()) < config.min_std:
+        return "blank"
+    if cloud_rule:
+        lo = rgb.min(axis=-1)
+        hi = rgb.max(axis=-1)
+        white = (lo > 200) & ((hi - lo) < 30) & valid
+        if float(white.mean()) > config.max_cloud:
+            return "cloudy"
+    return None
