@@ -164,6 +164,24 @@ def test_exact_counts_disjoint_splits_and_byte_identical_outputs(dataset, checkp
     assert list(top) == sorted(top)
 
 
+def test_splits_depend_on_seed_and_stay_put_as_the_dataset_grows(dataset, checkpoint, tmp_path):
+    root, csv = dataset
+    full = config(root, csv, checkpoint, out=tmp_path / "full")
+    run_filter(full)
+    out = read_outputs(full)
+    held = set(out["val"]["filepath"]) | set(out["test"]["filepath"])
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    smaller_csv = tmp_path / "smaller.csv"
+    df[df["filepath"].isin(held) | (df.index % 2 == 0)].to_csv(smaller_csv, index=False)
+    smaller = config(root, smaller_csv, checkpoint, out=tmp_path / "smaller")
+    run_filter(smaller)
+    for split in ("val", "test"):
+        assert read_outputs(smaller)[split].equals(out[split])
+    reseeded = config(root, csv, checkpoint, out=tmp_path / "reseeded", seed=1)
+    run_filter(reseeded)
+    assert set(read_outputs(reseeded)["val"]["filepath"]) != set(out["val"]["filepath"])
+
+
 def test_rerun_scores_nothing_new_and_keeps_other_models(dataset, checkpoint):
     root, csv = dataset
     first = run_filter(config(root, csv, checkpoint))

@@ -235,8 +235,10 @@ def score_rows(
                 run.failed.setdefault(name, []).append(batch_paths[i])
             if bool(keep.any()):
                 idx = torch.nonzero(keep).flatten()
-                img = model.encode_image(images[idx].to(device, non_blocking=True))
-                txt = model.encode_text(tokens[idx].to(device, non_blocking=True))
+                if len(idx) < n:
+                    images, tokens = images[idx], tokens[idx]
+                img = model.encode_image(images.to(device, non_blocking=True))
+                txt = model.encode_text(tokens.to(device, non_blocking=True))
                 img = torch.nn.functional.normalize(img.float(), dim=-1)
                 txt = torch.nn.functional.normalize(txt.float(), dim=-1)
                 sims = (img * txt).sum(dim=-1).cpu().numpy()

@@ -4,10 +4,13 @@ Rules (documented in the CLI help and docs/architecture.md):
 
 - Rows are put in filepath order before anything random happens, so the input CSV's order
   never matters.
-- ``random``: a seeded permutation; the first ``val_size`` rows are val, the next
-  ``test_size`` are test, the rest is the train pool.
+- ``random``: rows are ordered by a seeded hash of their filepath (``seeded_order``); the first
+  ``val_size`` are val, the next ``test_size`` test, the rest is the train pool. A row's place
+  depends only on its own filepath and the seed, so when the dataset grows the old rows mostly
+  keep their split.
 - ``geo``: rows are grouped by grid cell (the centre of the meta ``box`` floored to
-  ``cell_size`` degrees); the cells, shuffled with the seed, fill val until it has at least
+  ``cell_size`` degrees); the cells, ordered by a seeded hash of their name, fill val until it
+  has at least
   ``val_size`` rows, then test likewise, and the rest is the pool. Whole cells stay in one split,
   so val and test can exceed their sizes by less than one cell. Rows without a readable meta file
   go to the pool only (never to val or test).
@@ -18,6 +21,7 @@ Rules (documented in the CLI help and docs/architecture.md):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Sequence
@@ -37,6 +41,7 @@ __all__ = [
     "split_geo",
     "grid_cells",
     "select_top",
+    "seeded_order",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,12 +69,20 @@ def size_label(size: int) -> str:
     return str(size)
 
 
+def seeded_order(names: Sequence[str], seed: int) -> np.ndarray:
+    """Indices of ``names`` ordered by a seeded 64-bit BLAKE2b hash of each name (then name)."""
+    salt = str(seed).encode("utf-8")
+    keys = [
+        hashlib.blake2b(n.encode("utf-8"), digest_size=8, key=salt[:64]).hexdigest() for n in names
+    ]
+    return np.array(sorted(range(len(names)), key=lambda i: (keys[i], names[i])), dtype=np.int64)
+
+
 def split_random(
     filepaths: Sequence[str], val_size: int, test_size: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index arrays (val, test, pool) into ``filepaths`` (which must be sorted)."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(filepaths))
+    """Index arrays (val, test, pool) into ``filepaths``, each sorted."""
+    order = seeded_order(filepaths, seed)
     return (
         np.sort(order[:val_size]),
         np.sort(order[val_size : val_size + test_size]),
@@ -117,7 +130,7 @@ def split_geo(
     if no_cell:
         log.warning("%d rows have no readable meta box: they go to train only", len(no_cell))
     names = sorted(by_cell)
-    order = np.random.default_rng(seed).permutation(len(names))
+    order = seeded_order(names, seed)
     val: list[int] = []
     test: list[int] = []
     pool: list[int] = list(no_cell)
