@@ -359,7 +359,7 @@ class RuleCaptioner:
 
     def object_phrases(self, tags: Mapping[Any, Any]) -> tuple[str, str]:
         """One object's ``(title, multi)`` readings: ``A, B, C`` and ``A with B and C``."""
-        if not isinstance(tags, Mapping):
+        if type(tags) is not dict and not isinstance(tags, Mapping):
             raise MetaError("bad-tags", f"an object's tags are a {type(tags).__name__}, not a dict")
         try:
             cache_key = tuple(tags.items())

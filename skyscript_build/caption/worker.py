@@ -9,6 +9,7 @@ on how many workers ran.
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 from collections import Counter
@@ -147,6 +148,21 @@ def _check_text(value: object) -> str:
     return value.replace("\r\n", "\n").replace("\r", "\n") if "\r" in value else value
 
 
+def csv_row(filepath: str, title: str, multi: str) -> str:
+    """One CSV line, exactly as ``csv.writer(lineterminator="\\n")`` writes it (QUOTE_MINIMAL).
+
+    The common case (no quote, no line break) is formatted here, three times faster than the
+    csv module; anything else goes through the csv module itself.
+    """
+    fields = (filepath, title, multi)
+    for field_ in fields:
+        if '"' in field_ or "\n" in field_ or "\r" in field_:
+            buf = io.StringIO()
+            csv.writer(buf, lineterminator="\n").writerow(fields)
+            return buf.getvalue()
+    return ",".join([f'"{v}"' if "," in v else v for v in fields]) + "\n"
+
+
 def caption_chunk(task: ChunkTask) -> ChunkStats:
     """Caption one chunk of meta files into ``task.out``; a refused file is counted, not raised."""
     if _captioner is None:
@@ -159,33 +175,41 @@ def caption_chunk(task: ChunkTask) -> ChunkStats:
     cut = len(META_SUFFIX)
     written = empty = 0
     dir_fd = os.open(os.path.join(task.root, task.folder.meta_dir), os.O_RDONLY)
+    lines: list[str] = []
+    add = lines.append
     try:
-        with open(task.out, "w", encoding="utf-8", newline="") as f:
-            writerow = csv.writer(f, lineterminator="\n").writerow
-            for name in task.names:
-                try:
-                    meta = loads_meta(read_meta_bytes(name, dir_fd=dir_fd))
-                    if custom:
-                        try:
-                            title, multi = captioner(meta["center_tags"], meta["surrounding_tags"])
-                            title, multi = _check_text(title), _check_text(multi)
-                        except MetaError:
-                            raise
-                        except Exception as e:  # a user's function can fail in any way
-                            raise MetaError("rule-error", f"{type(e).__name__}: {e}") from None
-                    else:
+        for name in task.names:
+            try:
+                meta = loads_meta(read_meta_bytes(name, dir_fd=dir_fd))
+                if custom:
+                    try:
                         title, multi = captioner(meta["center_tags"], meta["surrounding_tags"])
-                except MetaError as e:
-                    refused[e.reason] += 1
-                    if len(examples) < EXAMPLES_PER_CHUNK:
-                        examples.append((meta_prefix + name, e.reason, str(e)))
-                    continue
-                if not title:
-                    empty += 1
-                    continue
-                writerow((image_prefix + name[:-cut] + IMAGE_SUFFIX, title, multi))
-                written += 1
+                        title, multi = _check_text(title), _check_text(multi)
+                    except MetaError:
+                        raise
+                    except Exception as e:  # a user's function can fail in any way
+                        raise MetaError("rule-error", f"{type(e).__name__}: {e}") from None
+                else:
+                    title, multi = captioner(meta["center_tags"], meta["surrounding_tags"])
+            except MetaError as e:
+                refused[e.reason] += 1
+                if len(examples) < EXAMPLES_PER_CHUNK:
+                    examples.append((meta_prefix + name, e.reason, str(e)))
+                continue
+            if not title:
+                empty += 1
+                continue
+            add(csv_row(image_prefix + name[:-cut] + IMAGE_SUFFIX, title, multi))
+            written += 1
     finally:
         os.close(dir_fd)
+    text = "".join(lines)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (pickles may hold them): not valid UTF-8
+        log.warning("%s: a caption holds invalid unicode; written with '?'", task.folder.meta_dir)
+        data = text.encode("utf-8", "replace")
+    with open(task.out, "wb") as f:
+        f.write(data)
     stats.written, stats.empty = written, empty
     return stats

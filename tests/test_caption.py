@@ -1,0 +1,373 @@
+"""The caption stage: the paper's rules, the CSV, the safe meta reader, the CLI."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import os
+import pickle
+import random
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from skyscript_build.caption import (
+    CaptionConfig,
+    list_rules,
+    load_rules,
+    make_captioner,
+    resolve_rules,
+    run_caption,
+    stats_path,
+)
+from skyscript_build.caption.worker import csv_row, find_meta_folders
+from skyscript_build.errors import ConfigError, InputError
+from skyscript_build.meta import MetaError, dumps_meta, load_meta, loads_meta, make_meta
+
+_spec = importlib.util.spec_from_file_location(
+    "caption_data", Path(__file__).parent / "data" / "caption" / "data.py"
+)
+assert _spec and _spec.loader
+data = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(data)
+
+
+@pytest.fixture(scope="module")
+def caption():
+    return make_captioner(resolve_rules(None))
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    return data.make_dataset(tmp_path / "ds")
+
+
+def _meta(center, around=()):
+    return dumps_meta(make_meta((0, 0, 1, 1), (2020, 1, 2, 3, 4), center, list(around)))
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+
+
+# --- rules -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stem,center,around,title,multi", data.PAPER_EXAMPLES)
+def test_paper_examples_exactly(caption, stem, center, around, title, multi):
+    assert caption(center, around) == (title, multi)
+
+
+def test_object_tags_order_and_separators(caption):
+    # primary keys first (in the rules' order), then the others sorted by key, whatever the
+    # dict's order; 3 tags read "A with B and C", 4 tags "A with B and C and D".
+    tags = {"voltage": "400000", "cables": "6", "power": "line"}
+    assert caption(tags, []) == (
+        "power line, cables of 6, voltage of 400000",
+        "power line with cables of 6 and voltage of 400000",
+    )
+    four = {"surface": "asphalt", "lanes": "2", "highway": "primary", "amenity": "parking"}
+    title, multi = caption(four, [])
+    assert title == "amenity of parking, road of primary, lanes of 2, surface of asphalt"
+    assert multi == "amenity of parking with road of primary and lanes of 2 and surface of asphalt"
+    assert caption(dict(reversed(list(four.items()))), []) == (title, multi)
+
+
+def test_surroundings_order_separators_and_duplicates(caption):
+    around = [
+        {"highway": "footway"},
+        {"natural": "tree"},
+        {"natural": "tree"},  # the same reading twice: named once
+        {"name": "only a name"},  # reads as nothing: skipped
+        {},
+        {"building": "yes", "building:levels": "3"},
+    ]
+    assert caption({"amenity": "fountain"}, around)[1] == (
+        "amenity of fountain, surrounded by road of footway; natural tree; "
+        "building with building levels of 3"
+    )
+
+
+def test_empty_surroundings(caption):
+    assert caption({"landuse": "grass"}, []) == ("landuse of grass", "landuse of grass")
+    assert caption({"landuse": "grass"}, [{"name": "x"}, {}]) == (
+        "landuse of grass",
+        "landuse of grass",
+    )
+
+
+def test_value_rules(caption):
+    assert caption({"building": "yes"}, [])[0] == "building"
+    assert caption({"building": "Yes", "bridge": "no"}, [])[0] == "building"
+    assert caption({"sport": "soccer;tennis; soccer;"}, [])[0] == "sport of soccer and tennis"
+    assert caption({"cuisine": "a;b;c"}, [])[0] == "cuisine of a, b and c"
+    assert caption({"roof:shape": "gable"}, [])[0] == "roof shape of gable"
+    assert caption({"man_made": "water_tower"}, [])[0] == "man made water tower"
+    assert caption({"height": "35 m", "power": "tower"}, [])[0] == "power tower, height of 35 m"
+    assert caption({"scale": "1:1000"}, [])[0] == "scale of 1:1000"
+    assert caption({"natural": "water\n\tlake  "}, [])[0] == "natural water lake"
+    # keys that never describe what is seen are left out; nothing left is an empty caption
+    assert caption({"name": "Kauppatori", "addr:street": "x", "amenity": "marketplace"}, [])[0] == (
+        "amenity of marketplace"
+    )
+    assert caption({"name": "Kauppatori"}, [{"natural": "tree"}]) == ("", "")
+
+
+def test_bad_tag_types_are_refused(caption):
+    with pytest.raises(MetaError) as e:
+        caption({"building": ["yes"]}, [])
+    assert e.value.reason == "bad-tags"
+    assert caption({"lanes": 2}, [])[0] == "lanes of 2"
+
+
+def test_rules_file_changes_the_output(tmp_path: Path):
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "key_aliases: {amenity: facility}\n"
+        "category_keys: [power, natural, man_made, amenity]\n"
+        "joiners: {surroundings: ' | ', surrounded_by: ' near '}\n"
+    )
+    cap = make_captioner(resolve_rules(str(rules)))
+    assert cap({"amenity": "fountain"}, [{"natural": "tree"}, {"highway": "footway"}]) == (
+        "facility fountain",
+        "facility fountain near natural tree | road of footway",
+    )
+    assert "default" in list_rules()
+    assert load_rules("default").key_aliases["highway"] == "road"
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("colour: red\n", "unknown caption rules setting 'colour'"),
+        ("templates: {key_value: '{key} of {valeu}'}\n", "template 'key_value'"),
+        ("category_keys: power\n", "'category_keys' must be a list"),
+        ("joiners: [1, 2]\n", "'joiners' must be a mapping"),
+        ("key_aliases: {a: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_rules_file_is_one_clear_error(tmp_path: Path, text, message):
+    rules = tmp_path / "bad.yaml"
+    rules.write_text(text)
+    with pytest.raises(ConfigError, match="bad.yaml") as e:
+        resolve_rules(str(rules))
+    assert message in str(e.value)
+
+
+# --- the CSV ---------------------------------------------------------------------------------
+
+
+def test_csv_row_is_the_csv_module(tmp_path: Path):
+    rng = random.Random(0)
+    alphabet = ["a", "b", " ", ",", '"', "\n", "é", "面", ";", "'"]
+    for _ in range(2000):
+        fields = tuple("".join(rng.choices(alphabet, k=rng.randrange(0, 8))) for _ in range(3))
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerow(fields)
+        assert csv_row(*fields) == buf.getvalue(), fields
+
+
+def test_run_writes_sorted_csv_that_round_trips(dataset: Path, caption):
+    result = run_caption(CaptionConfig(dataset=dataset, workers=1))
+    out = dataset / "SkyScript_captions.csv"
+    assert result.out == out
+    raw = out.read_bytes()
+    assert raw.startswith(b"filepath,title,title_multi_objects\n") and b"\r" not in raw
+    df = _read_csv(out)
+    assert list(df["filepath"]) == sorted(df["filepath"])
+    # images10/ sorts between images1... and images2/, as strings do
+    folders = [p.split("/")[0] for p in df["filepath"]]
+    assert folders == sorted(folders, key=lambda f: f + "/") and "images10" in folders
+    # every row equals the caption of its meta file, through the CSV and pandas
+    expected = {}
+    for meta_dir in ("meta2", "meta3", "meta10"):
+        for p in sorted((dataset / meta_dir).glob("*.pickle")):
+            meta = load_meta(p)
+            title, multi = caption(meta["center_tags"], meta["surrounding_tags"])
+            if title:
+                expected[f"images{meta_dir[4:]}/{p.stem}.jpg"] = (title, multi)
+    got = {r.filepath: (r.title, r.title_multi_objects) for r in df.itertuples()}
+    assert got == expected
+    for _stem, _, _, title, multi in data.PAPER_EXAMPLES:
+        assert title in {t for t, _ in got.values()} and multi in {m for _, m in got.values()}
+    odd = [v for k, v in got.items() if "a11_CH_19" in k][0]
+    assert odd[0] == 'amenity of café, "Zum Löwen"'
+    assert odd[1] == 'amenity of café, "Zum Löwen", surrounded by shop of bäckerei and 面包'
+    assert result.written == len(expected) and result.empty == 1 and result.n_refused == 0
+    assert result.files == result.written + result.empty
+    assert not [p for p in dataset.iterdir() if p.name.startswith(".")]  # no temp files
+    stats = json.loads(stats_path(out).read_text())
+    assert stats["written"] == result.written and stats["folders"] == ["meta10", "meta2", "meta3"]
+
+
+def test_function_rules_with_odd_text_round_trip(dataset: Path, tmp_path: Path):
+    rules = tmp_path / "my_rules.py"
+    rules.write_text(
+        "def caption(center, around):\n"
+        "    k = sorted(center)[0]\n"
+        "    return f'{k}=\"{center[k]}\",\\nline\\r\\nend', f'{len(around)} around;\\rx'\n"
+    )
+    out = tmp_path / "custom.csv"
+    result = run_caption(
+        CaptionConfig(dataset=dataset, out=out, rules=f"{rules}:caption", workers=2)
+    )
+    assert result.n_refused == 0 and result.empty == 0
+    df = _read_csv(out)
+    assert len(df) == result.written == result.files
+    row = df[df.filepath.str.contains("a198234555_CH_19")].iloc[0]
+    assert row.title == 'landuse="quarry",\nline\nend'  # "\r\n" and "\r" become "\n"
+    assert row.title_multi_objects == "0 around;\nx"
+
+
+def test_function_rules_errors_are_counted(dataset: Path, tmp_path: Path):
+    rules = tmp_path / "broken_rules.py"
+    rules.write_text(
+        "def caption(center, around):\n"
+        "    if 'landuse' in center:\n"
+        "        raise KeyError('boom')\n"
+        "    return 'ok', 42\n"
+    )
+    result = run_caption(
+        CaptionConfig(dataset=dataset, out=tmp_path / "x.csv", rules=f"{rules}:caption", workers=1)
+    )
+    assert result.written == 0 and result.refused == {"rule-error": result.files}
+    assert any("KeyError" in d for _, _, d in result.examples)
+    assert any("not a string" in d for _, _, d in result.examples)
+
+
+def test_same_bytes_whatever_the_workers_and_chunks(dataset: Path, tmp_path: Path):
+    outputs = []
+    for workers, chunk in ((1, 4096), (2, 7), (3, 1)):
+        out = tmp_path / f"w{workers}.csv"
+        run_caption(CaptionConfig(dataset=dataset, out=out, workers=workers, chunk_size=chunk))
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+# --- the safe meta reader ----------------------------------------------------------------------
+
+
+class _Evil:
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _crafted() -> dict[str, bytes]:
+    """Hand-made hostile streams: every way a pickle can name or call something."""
+    return {
+        "global": b"cos\nsystem\n(S'true'\ntR.",
+        "stack_global": b"\x80\x04\x95\x00\x00\x00\x00\x00\x00\x00\x00\x8c\x08builtins"
+        b"\x94\x8c\x04eval\x94\x93\x94\x8c\x041+1\x94\x85\x94R\x94.",
+        "inst": b"(S'true'\nios\nsystem\n.",
+        "ext": b"\x80\x02\x82\x01.",
+        "persid": b"Pfoo\n.",
+    }
+
+
+@pytest.mark.parametrize("name", list(_crafted()))
+def test_crafted_streams_are_refused(name):
+    with pytest.raises(MetaError) as e:
+        loads_meta(_crafted()[name])
+    assert e.value.reason in ("unsafe", "corrupt")
+    if name != "ext":  # EXT asks copyreg's registry, which is empty: refused as corrupt
+        assert e.value.reason == "unsafe"
+
+
+def test_malicious_pickle_is_refused_and_never_runs(dataset: Path, tmp_path: Path):
+    marker = Path(f"/tmp/PWNED-{uuid.uuid4().hex}")
+    evil = {**make_meta((0, 0, 1, 1), (2020, 1, 1, 0, 0), {"amenity": "x"}, [])}
+    evil["center_tags"] = _Evil(f"touch {marker}")
+    (dataset / "meta2" / "zz_evil_CH_19.pickle").write_bytes(pickle.dumps(evil))
+    (dataset / "meta3" / "zz_evil2_CH_19.pickle").write_bytes(
+        pickle.dumps(_Evil(f"touch {marker}"))
+    )
+    with pytest.raises(MetaError, match="posix.system"):
+        load_meta(dataset / "meta2" / "zz_evil_CH_19.pickle")
+    for workers in (1, 2):
+        result = run_caption(
+            CaptionConfig(dataset=dataset, out=tmp_path / "o.csv", workers=workers)
+        )
+        assert result.refused == {"unsafe": 2}
+        assert not marker.exists()
+    assert "evil" not in (tmp_path / "o.csv").read_text()
+    files = {e[0] for e in result.examples}
+    assert files == {"meta2/zz_evil_CH_19.pickle", "meta3/zz_evil2_CH_19.pickle"}
+
+
+def test_broken_meta_files_are_skipped_and_counted(dataset: Path, tmp_path: Path):
+    good = _meta({"landuse": "grass"})
+    broken = {
+        "truncated": good[: len(good) // 2],
+        "empty": b"",
+        "garbage": b"\x00\xffnot a pickle at all",
+        "missing": dumps_meta({"box": (0, 0, 1, 1), "time": (2020, 1, 1, 0, 0), "center_tags": {}}),
+        "list": pickle.dumps([1, 2, 3]),
+        "bad_around": dumps_meta(
+            {"box": (0,), "time": (0,), "center_tags": {"a": "b"}, "surrounding_tags": "x"}
+        ),
+    }
+    for name, payload in broken.items():
+        (dataset / "meta3" / f"zz_{name}_FI_19.pickle").write_bytes(payload)
+    result = run_caption(CaptionConfig(dataset=dataset, out=tmp_path / "o.csv", workers=1))
+    assert result.refused == {"bad-tags": 1, "corrupt": 3, "missing-key": 1, "not-a-dict": 1}
+    details = {f.split("/")[1]: d for f, _, d in result.examples}
+    assert "lacks surrounding_tags" in details["zz_missing_FI_19.pickle"]
+    assert "truncated" in details["zz_truncated_FI_19.pickle"]
+    df = _read_csv(tmp_path / "o.csv")
+    assert not df.filepath.str.contains("zz_").any()
+    assert "6 files refused (bad-tags 1, corrupt 3, missing-key 1, not-a-dict 1)" in (
+        result.summary()
+    )
+
+
+# --- the stage's errors and the CLI ------------------------------------------------------------
+
+
+def test_config_errors(tmp_path: Path):
+    with pytest.raises(InputError, match="dataset folder not found"):
+        CaptionConfig(dataset=tmp_path / "missing")
+    with pytest.raises(ConfigError, match="workers"):
+        CaptionConfig(dataset=tmp_path, workers=-1)
+    with pytest.raises(ConfigError, match="no bundled caption rules named 'fancy'"):
+        CaptionConfig(dataset=tmp_path, rules="fancy")
+    with pytest.raises(ConfigError, match="cannot import"):
+        CaptionConfig(dataset=tmp_path, rules="no_such_module_xyz:caption")
+    (tmp_path / "meta2").mkdir()  # a meta folder without pickles does not count
+    with pytest.raises(InputError, match="no meta"):
+        run_caption(CaptionConfig(dataset=tmp_path))
+    assert find_meta_folders(tmp_path) == []
+
+
+def test_cli_runs_and_prints_counts(cli, dataset: Path, tmp_path: Path):
+    (dataset / "meta2" / "zz_bad_CH_19.pickle").write_bytes(b"junk")
+    out = tmp_path / "sub" / "captions.csv"
+    r = cli("caption", "--dataset", dataset, "--out", out, "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.strip()
+    assert "captions written to" in line and "1 empty captions" in line
+    assert "1 files refused (corrupt 1)" in line
+    assert out.exists() and stats_path(out).exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "no-meta", "bad-rules"])
+def test_cli_bad_input_is_one_line_exit_2(cli, tmp_path: Path, case):
+    args = ["caption", "--dataset", tmp_path / "nope"]
+    if case == "no-meta":
+        (tmp_path / "images2").mkdir()
+        args = ["caption", "--dataset", tmp_path]
+    elif case == "bad-rules":
+        data.make_dataset(tmp_path / "ds", n_random=0)
+        (tmp_path / "r.yaml").write_text("colour: red\n")
+        args = ["caption", "--dataset", tmp_path / "ds", "--rules", tmp_path / "r.yaml"]
+    r = cli(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("skyscript-build caption: error: ")
+    assert not list(tmp_path.rglob("*.csv"))
