@@ -1,0 +1,389 @@
+"""The plan stage: ``objects/`` -> ``requests/part-*.parquet``, one row per image to fetch.
+
+For every object: the image source (the finest that covers it, is fine enough for its
+``max_gsd`` and gives a tile of ``min_px``..``max_px`` pixels), the year (the latest the source
+has within ``years``), a square tile in a projected CRS (the source's own or the local UTM
+zone) shifted off-centre by a seeded random amount, and the surrounding objects inside the tile
+that are groundable at its GSD. Per-tag quotas (``per_tag_cap``) balance the tags. Everything is
+vectorised with numpy and shapely 2 array functions; the output is byte-identical for the same
+objects, settings and seed. ``dry_run`` estimates the fetch's cost and writes nothing.
+
+    >>> result = run_plan(PlanConfig(objects=Path("build/x/objects"), out=Path("build/x/requests")))
+    >>> print(result.summary())
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+
+import image_sources
+from image_sources import ImageSource
+
+from ..errors import ConfigError
+from ..files import remove_temp_files, write_json_atomic
+from ._choose import DUPLICATE, OVER_LIMIT, SAMPLED_OUT, choose_sources, frame, limit
+from ._choose import sample_by_tag as _sample_by_tag
+from ._geo import ProjectedBounds, object_hash
+from ._objects import Objects, object_parts, read_objects
+from ._output import SCHEMA, build_table, write_parts
+from ._surround import surroundings
+
+__all__ = ["PlanConfig", "PlanResult", "run_plan", "SCHEMA", "JPEG_BYTES_PER_PIXEL", "MARKER"]
+
+log = logging.getLogger(__name__)
+
+#: Typical size of an aerial RGB JPEG (quality ~90) per pixel, for the disk estimate.
+JPEG_BYTES_PER_PIXEL = 0.35
+#: Written last into the requests folder: the settings hash and the counts.
+MARKER = "plan.stats.json"
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Settings of the plan stage (validated on creation).
+
+    Attributes:
+        objects: the extract stage's objects folder (``part-*.parquet``).
+        out: the requests folder to write (``part-*.parquet`` + stats).
+        sources: image source aliases to choose from; empty: every registered source.
+        years: acquisition years allowed, as a range ``(first, last)`` or ``(year,)``;
+            empty: any year a source has.
+        seed: seed of the random shift, the sampling and the surroundings order.
+        min_px, max_px: tile side in pixels allowed.
+        point_px: tile side of points and short lines (clamped into min_px..max_px).
+        margin: space around an area's (or long line's) bounding box, as a fraction of its
+            extent on each side.
+        shift: fraction of the free space around the object the random shift may use
+            (0: centred, 1: the object may touch the edge).
+        per_tag_cap: per ``key=value`` quota of objects (None: keep every object).
+        max_surrounding: most surrounding objects per tile.
+        max_requests: most requests (a seeded random subset); None: no limit.
+        tag_filter: groundability table (name or CSV path) deciding which tags are visible
+            at a tile's GSD.
+        dry_run: estimate requests, pixels, disk and time per source; write nothing.
+        rows_per_part: requests per output part file.
+    """
+
+    objects: Path
+    out: Path
+    sources: tuple[str, ...] = ()
+    years: tuple[int, ...] = ()
+    seed: int = 0
+    min_px: int = 256
+    max_px: int = 1024
+    point_px: int = 512
+    margin: float = 0.1
+    shift: float = 0.8
+    per_tag_cap: int | None = None
+    max_surrounding: int = 50
+    max_requests: int | None = None
+    tag_filter: str = "default"
+    dry_run: bool = False
+    rows_per_part: int = 100_000
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objects", Path(self.objects))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "sources", tuple(self.sources))
+        object.__setattr__(self, "years", tuple(int(y) for y in self.years))
+        if self.min_px < 1:
+            raise ConfigError(f"min_px must be at least 1, got {self.min_px}")
+        if self.min_px > self.max_px:
+            raise ConfigError(
+                f"min_px ({self.min_px}) is larger than max_px ({self.max_px}): "
+                "the tile size range is empty"
+            )
+        if self.point_px < 1:
+            raise ConfigError(f"point_px must be at least 1, got {self.point_px}")
+        if not 0 <= self.margin <= 10:
+            raise ConfigError(f"margin must be between 0 and 10 (a fraction), got {self.margin}")
+        if not 0 <= self.shift <= 1:
+            raise ConfigError(f"shift must be between 0 and 1, got {self.shift}")
+        if self.per_tag_cap is not None and self.per_tag_cap < 1:
+            raise ConfigError(f"per_tag_cap must be at least 1, got {self.per_tag_cap}")
+        if self.max_surrounding < 0:
+            raise ConfigError(f"max_surrounding must be 0 or more, got {self.max_surrounding}")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ConfigError(f"max_requests must be at least 1, got {self.max_requests}")
+        if self.rows_per_part < 1:
+            raise ConfigError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
+        if len(self.years) > 2 or any(not 1900 <= y <= 2100 for y in self.years):
+            raise ConfigError(f"years must be (first, last) or (year,), got {self.years}")
+        if len(self.years) == 2 and self.years[0] > self.years[1]:
+            raise ConfigError(f"years {self.years[0]}-{self.years[1]} runs backwards")
+        self.image_sources()  # unknown aliases and empty year ranges fail here
+
+    @property
+    def year_range(self) -> tuple[int | None, int | None]:
+        """(first, last) allowed year; None where open."""
+        if not self.years:
+            return None, None
+        return self.years[0], self.years[-1]
+
+    def image_sources(self) -> list[ImageSource]:
+        """The sources to choose from, finest first, each with a year in range."""
+        explicit = bool(self.sources)
+        aliases = self.sources or tuple(image_sources.list_sources())
+        first, last = self.year_range
+        out = []
+        for alias in aliases:
+            source = image_sources.get_source(alias)
+            if not source.years_within(first, last):
+                if explicit:
+                    raise ConfigError(
+                        f"image source {alias} has no imagery in {_years_text(first, last)} "
+                        f"(it has {source.years[0]}-{source.years[-1]})"
+                    )
+                continue
+            out.append(source)
+        if not out:
+            raise ConfigError(f"no image source has imagery in {_years_text(first, last)}")
+        return sorted(out, key=lambda s: (s.gsd, s.alias))
+
+    def settings_hash(self, objects_fingerprint: str = "") -> str:
+        """Hash of everything that decides the output (not ``dry_run``, ``out``)."""
+        from tag_filters import get_tag_filter_path
+
+        settings: dict[str, Any] = {
+            f.name: str(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in ("dry_run", "out", "objects")
+        }
+        settings["sources"] = [s.fingerprint() for s in self.image_sources()]
+        settings["tag_filter_file"] = hashlib.sha256(
+            get_tag_filter_path(self.tag_filter).read_bytes()
+        ).hexdigest()
+        settings["objects"] = objects_fingerprint
+        text = json.dumps(settings, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _years_text(first: int | None, last: int | None) -> str:
+    if first is None:
+        return "any year"
+    return f"{first}" if first == last else f"{first}-{last}"
+
+
+@dataclass
+class PlanResult:
+    """What a plan run did (or, with ``dry_run``, would cost)."""
+
+    objects: int = 0
+    requests: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    by_source: dict[str, dict[str, float]] = field(default_factory=dict)
+    surrounding: int = 0
+    duration_s: float = 0.0
+    out: str = ""
+    dry_run: bool = False
+    reused: bool = False
+    settings_hash: str = ""
+
+    def summary(self) -> str:
+        """One line: requests per source, skips by reason, time."""
+        per = ", ".join(f"{a} {int(v['requests']):,}" for a, v in self.by_source.items())
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items()))
+        verb = "would request" if self.dry_run else "planned"
+        text = f"plan: {verb} {self.requests:,} images from {self.objects:,} objects"
+        if per:
+            text += f" ({per})"
+        if skipped:
+            text += f"; skipped {skipped:,} ({reasons})"
+        if self.reused:
+            text += f"; already planned with these settings, nothing to do -> {self.out}"
+        elif not self.dry_run:
+            text += f" in {self.duration_s:.1f} s -> {self.out}"
+        return text
+
+    def estimate_lines(self) -> list[str]:
+        """The dry-run table: requests, megapixels, disk and time per source."""
+        lines = [f"{'source':<8}{'requests':>12}{'megapixels':>14}{'disk':>12}{'time':>12}"]
+        for alias, v in self.by_source.items():
+            lines.append(
+                f"{alias:<8}{int(v['requests']):>12,}{v['megapixels']:>14,.1f}"
+                f"{_bytes(v['bytes']):>12}{_duration(v['seconds']):>12}"
+            )
+        return lines
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def _objects_fingerprint(folder: Path) -> str:
+    parts = object_parts(folder)
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts)
+
+
+def _entry_gsd(objs: Objects, tag_filter: str) -> np.ndarray:
+    """The coarsest GSD each tag entry is visible at (the object's max_gsd when unknown)."""
+    from tag_filters import load_tag_filter
+
+    tf = load_tag_filter(tag_filter)
+    owner = objs.entry_owner
+    codes, first = np.unique(objs.tag_code, return_index=True)
+    per_code = np.full(len(objs.tag_names), np.nan)
+    keys = objs.tag_keys.take(first).to_pylist()
+    values = objs.tag_values.take(first).to_pylist()
+    for code, k, v in zip(codes, keys, values, strict=True):
+        g = tf.tag_max_gsd(k, v)
+        per_code[code] = np.nan if g is None else g
+    gsd = per_code[objs.tag_code]
+    unknown = np.isnan(gsd)
+    gsd[unknown] = objs.max_gsd[owner[unknown]]
+    return gsd
+
+
+def run_plan(config: PlanConfig) -> PlanResult:
+    """Plan the requests for ``config.objects`` into ``config.out`` (see the module doc).
+
+    Raises:
+        InputError: the objects folder is missing, empty or not the extract's format.
+        ConfigError: bad settings (unknown source, empty pixel range, ...).
+    """
+    t0 = time.perf_counter()
+    sources = config.image_sources()
+    fingerprint = _objects_fingerprint(config.objects)
+    settings_hash = config.settings_hash(fingerprint)
+    marker = config.out / MARKER
+    if not config.dry_run and marker.exists():
+        try:
+            stored = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            stored = {}
+        if stored.get("settings_hash") == settings_hash:
+            result = PlanResult(**{k: v for k, v in stored.items() if k in _RESULT_FIELDS})
+            result.reused, result.dry_run = True, False
+            result.duration_s = time.perf_counter() - t0
+            log.info("plan: %s is up to date (settings %s)", config.out, settings_hash)
+            return result
+
+    objs = read_objects(config.objects)
+    log.info("plan: %d objects from %s", len(objs), config.objects)
+    result = PlanResult(objects=len(objs) + sum(objs.dropped.values()), out=str(config.out))
+    result.dry_run, result.settings_hash = config.dry_run, settings_hash
+    skipped = dict(objs.dropped)
+
+    entry_gsd = _entry_gsd(objs, config.tag_filter)
+    visible = np.maximum.reduceat(entry_gsd, objs.tag_offsets[:-1]) if len(objs) else entry_gsd
+    objs.max_gsd = np.where(np.isfinite(objs.max_gsd), objs.max_gsd, visible)
+    h = object_hash(config.seed, objs.kind, objs.element, objs.osm_id)
+    proj = ProjectedBounds(objs.geometry)
+    point_px = min(max(config.point_px, config.min_px), config.max_px)
+    px = (config.min_px, point_px, config.margin)
+
+    choice = choose_sources(objs, sources, proj, px, config.max_px)
+    reasons, counts = np.unique(choice.reason[choice.source < 0].astype(str), return_counts=True)
+    skipped.update({str(r): int(c) for r, c in zip(reasons, counts, strict=True)})
+    idx = np.flatnonzero(choice.source >= 0)
+    if config.per_tag_cap is not None and len(idx):
+        keep = _sample_by_tag(objs, idx, h, config.per_tag_cap)
+        _count(skipped, SAMPLED_OUT, int((~keep).sum()))
+        idx = idx[keep]
+    src = choice.source[idx]
+    if len(idx) > 1:
+        dup = np.r_[
+            False,
+            (objs.kind[idx[1:]] == objs.kind[idx[:-1]])
+            & (objs.osm_id[idx[1:]] == objs.osm_id[idx[:-1]])
+            & (src[1:] == src[:-1]),
+        ]
+        _count(skipped, DUPLICATE, int(dup.sum()))
+        idx, src = idx[~dup], src[~dup]
+    if config.max_requests is not None:
+        keep = limit(idx, h, config.max_requests)
+        _count(skipped, OVER_LIMIT, int((~keep).sum()))
+        idx, src = idx[keep], src[keep]
+    result.skipped = skipped
+    result.requests = len(idx)
+    pixels = choice.pixels[idx]
+    gsd = np.array([s.gsd for s in sources], dtype=np.float64)[src] if len(idx) else np.zeros(0)
+    for k, source in enumerate(sources):
+        mine = src == k
+        n = int(mine.sum())
+        if n == 0:
+            continue
+        mpx = float((pixels[mine].astype(np.float64) ** 2).sum()) / 1e6
+        result.by_source[source.alias] = {
+            "requests": n,
+            "megapixels": mpx,
+            "bytes": mpx * 1e6 * JPEG_BYTES_PER_PIXEL,
+            "seconds": n / source.quota.rate(),
+        }
+    if config.dry_run:
+        result.duration_s = time.perf_counter() - t0
+        return result
+
+    epsg = choice.epsg[idx]
+    frames = frame(objs, idx, epsg, gsd, pixels, proj, h, config.shift)
+    if config.max_surrounding > 0 and len(idx):
+        tree = shapely.STRtree(objs.geometry)
+        pair_req, pair_obj = surroundings(
+            objs, tree, visible, idx, epsg, gsd, frames.xy, frames.lonlat, proj, h,
+            config.max_surrounding,
+        )  # fmt: skip
+    else:
+        pair_req = pair_obj = np.zeros(0, dtype=np.int64)
+    result.surrounding = len(pair_req)
+    source_years = [
+        tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
+    ]
+    table = build_table(
+        objs, sources, source_years, idx, src, epsg, frames.xy, frames.lonlat, pixels,
+        entry_gsd, pair_req, pair_obj,
+    )  # fmt: skip
+    _clear(config.out)
+    write_parts(table, config.out, config.rows_per_part)
+    result.duration_s = time.perf_counter() - t0
+    record = asdict(result)
+    record.pop("reused")
+    record.pop("dry_run")
+    write_json_atomic(marker, record)
+    log.info("plan: wrote %d requests to %s", len(idx), config.out)
+    return result
+
+
+_RESULT_FIELDS = {f.name for f in fields(PlanResult)}
+
+
+def _count(skipped: dict[str, int], reason: str, n: int) -> None:
+    if n:
+        skipped[reason] = skipped.get(reason, 0) + n
+
+
+def _clear(out: Path) -> None:
+    """Remove a previous plan's files (marker first, so a crash never looks finished)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)
+    for path in sorted(out.glob("part-*")):
+        path.unlink()
+    remove_temp_files(out)
+
+
+def describe(config: PlanConfig) -> dict[str, Any]:
+    """The settings as plain values (for logs and the report)."""
+    return {f.name: getattr(config, f.name) for f in fields(config)}

@@ -1,0 +1,143 @@
+"""Geometry helpers of the plan stage: seeded per-object hashes, projections, tile framing."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import shapely
+from pyproj import Transformer
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+# Streams: independent random numbers drawn from the same object hash.
+STREAM_SHIFT_X = 1
+STREAM_SHIFT_Y = 2
+STREAM_SAMPLE = 3
+STREAM_SURROUND = 4
+STREAM_LIMIT = 5
+
+
+def mix64(x: Any) -> Any:
+    """SplitMix64's finaliser on a uint64 array: a fast, well-spread, stable hash."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(x, dtype=np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+        return x ^ (x >> np.uint64(31))
+
+
+def object_hash(seed: int, kind: np.ndarray, element: np.ndarray, osm_id: np.ndarray) -> np.ndarray:
+    """A uint64 per object from (seed, osm_type, osm_element, osm_id); never Python's hash()."""
+    with np.errstate(over="ignore"):
+        code = (kind.astype(np.uint64) << np.uint64(4)) | element.astype(np.uint64)
+        ids = osm_id.astype(np.int64).view(np.uint64)
+        base = mix64(np.uint64(seed & 0xFFFFFFFFFFFFFFFF) * _GOLDEN + np.uint64(1))
+        return mix64(mix64(ids ^ base) ^ (code * _GOLDEN))
+
+
+def uniform(h: np.ndarray, stream: int) -> np.ndarray:
+    """A float in [0, 1) per hash, independent across ``stream`` values."""
+    with np.errstate(over="ignore"):
+        x = mix64(h ^ (np.uint64(stream) * _GOLDEN))
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def utm_epsg(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    """The EPSG code of the WGS 84 / UTM zone of each point (326xx north, 327xx south)."""
+    zone = np.clip(np.floor((lon + 180.0) / 6.0).astype(np.int64) + 1, 1, 60)
+    return np.where(lat >= 0, 32600, 32700) + zone
+
+
+@functools.lru_cache(maxsize=128)
+def transformer(epsg: int, inverse: bool = False) -> Transformer:
+    """lon/lat -> EPSG:epsg (or back with ``inverse``), x/y order."""
+    if inverse:
+        return Transformer.from_crs(epsg, 4326, always_xy=True)
+    return Transformer.from_crs(4326, epsg, always_xy=True)
+
+
+def project_bounds(geoms: np.ndarray, epsg: int) -> np.ndarray:
+    """Exact bounds (N, 4) of ``geoms`` projected to EPSG:epsg (every vertex projected)."""
+    out = np.empty((len(geoms), 4), dtype=np.float64)
+    if len(geoms) == 0:
+        return out
+    coords, index = shapely.get_coordinates(geoms, return_index=True)
+    x, y = transformer(epsg).transform(coords[:, 0], coords[:, 1])
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
+    owners = index[starts]
+    out[owners, 0] = np.minimum.reduceat(x, starts)
+    out[owners, 1] = np.minimum.reduceat(y, starts)
+    out[owners, 2] = np.maximum.reduceat(x, starts)
+    out[owners, 3] = np.maximum.reduceat(y, starts)
+    return out
+
+
+class ProjectedBounds:
+    """Per-CRS projected bounds of the objects, computed on demand and kept."""
+
+    def __init__(self, geoms: np.ndarray) -> None:
+        self.geoms = geoms
+        self._bounds: dict[int, np.ndarray] = {}
+        self._done: dict[int, np.ndarray] = {}
+
+    def get(self, epsg: np.ndarray, index: np.ndarray) -> np.ndarray:
+        """Bounds (len(index), 4) of objects ``index``, each in its ``epsg`` (same length)."""
+        out = np.empty((len(index), 4), dtype=np.float64)
+        if len(index) == 0:
+            return out
+        for code in np.unique(epsg):
+            sel = np.flatnonzero(epsg == code)
+            out[sel] = self._get_one(int(code), index[sel])
+        return out
+
+    def _get_one(self, code: int, index: np.ndarray) -> np.ndarray:
+        if code not in self._bounds:
+            self._bounds[code] = np.full((len(self.geoms), 4), np.nan)
+            self._done[code] = np.zeros(len(self.geoms), dtype=bool)
+        bounds, done = self._bounds[code], self._done[code]
+        todo = np.unique(index[~done[index]])
+        if len(todo):
+            bounds[todo] = project_bounds(self.geoms[todo], code)
+            done[todo] = True
+        return bounds[index]
+
+
+def tile_pixels(
+    extent_m: np.ndarray, fixed: np.ndarray, gsd: float | np.ndarray, cfg_px: tuple
+) -> np.ndarray:
+    """The side in pixels of each object's tile at ``gsd`` (may exceed ``max_px``).
+
+    The extent plus the margin on both sides, at least ``min_px`` for areas and at least
+    ``point_px`` where ``fixed`` (points and lines). ``cfg_px`` = (min_px, point_px, margin).
+    """
+    min_px, point_px, margin = cfg_px
+    need = np.ceil(extent_m * (1.0 + 2.0 * margin) / gsd - 1e-9)
+    floor = np.where(fixed, point_px, min_px).astype(np.float64)
+    return np.maximum(need, floor)
+
+
+def lonlat_box(epsg: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """lon/lat bounds (N, 4) of projected boxes ``xy`` (N, 4), each in its ``epsg``.
+
+    Corners and edge midpoints are projected back, so slightly curved edges are covered.
+    """
+    out = np.empty_like(xy)
+    fx = np.array([0, 0.5, 1, 1, 1, 0.5, 0, 0])
+    fy = np.array([0, 0, 0, 0.5, 1, 1, 1, 0.5])
+    for code in np.unique(epsg):
+        sel = np.flatnonzero(epsg == code)
+        b = xy[sel]
+        px = b[:, [0]] + (b[:, [2]] - b[:, [0]]) * fx
+        py = b[:, [1]] + (b[:, [3]] - b[:, [1]]) * fy
+        lon, lat = transformer(int(code), inverse=True).transform(px.ravel(), py.ravel())
+        lon = np.asarray(lon).reshape(px.shape)
+        lat = np.asarray(lat).reshape(py.shape)
+        out[sel, 0], out[sel, 1] = lon.min(axis=1), lat.min(axis=1)
+        out[sel, 2], out[sel, 3] = lon.max(axis=1), lat.max(axis=1)
+    return out
