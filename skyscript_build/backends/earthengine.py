@@ -190,6 +190,14 @@ class EarthEngineBackend(Backend):
         # (request key, year) -> (image index, time_start ms), or None for no image.
         self._images: dict[tuple[str, int], tuple[str, int] | None] = {}
         self._lock = threading.Lock()
+        self._signature: tuple[Any, ...] | None = None
+
+    def _ensure_current(self) -> None:
+        """Re-initialise when the process-global ``ee`` client was pointed elsewhere since."""
+        if _initialised != self._signature:
+            with self._lock:
+                if _initialised != self._signature:
+                    self.open()
 
     # -- initialisation ----------------------------------------------------------------------
     def open(self) -> None:
@@ -234,7 +242,7 @@ class EarthEngineBackend(Backend):
                 raise BackendError(
                     f"cannot reach Earth Engine at {url} ({type(e).__name__})"
                 ) from None
-            _initialised = signature
+            _initialised = self._signature = signature
         log.info("Earth Engine client ready: %s, project %s", url, project)
 
     @staticmethod
@@ -317,6 +325,7 @@ class EarthEngineBackend(Backend):
         pairs = [(r, self._years(r)[0]) for r in requests if r.years]
         if not pairs:
             return
+        self._ensure_current()
         try:
             found, _ = call_with_retries(lambda: self._lookup(pairs), self.config.retry)
         except FetchError as e:
@@ -413,6 +422,7 @@ class EarthEngineBackend(Backend):
 
     def fetch(self, request: TileRequest) -> TileResult:
         source = source_info(request.alias, request.collection)
+        self._ensure_current()
         attempts = 0
         try:
             for year in self._years(request):

@@ -189,10 +189,11 @@ class RasterBackend(Backend):
                     width=width,
                     height=height,
                     resampling=Resampling.bilinear,
+                    add_alpha=True,
                 ) as vrt,
             ):
                 data = vrt.read(list(image.band_indexes))
-                mask = vrt.dataset_mask() > 0
+                mask = vrt.read(vrt.count) > 0
             if out is None:
                 out = np.zeros_like(data)
             new = mask & ~valid
