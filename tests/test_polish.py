@@ -6,11 +6,14 @@ import csv
 import json
 import socket
 import sqlite3
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from skyscript_build.caption import CaptionConfig, run_caption
 from skyscript_build.errors import ConfigError
 from skyscript_build.meta import dumps_meta, make_meta
 from skyscript_build.polish import (
@@ -208,6 +211,58 @@ def test_dry_run_sends_nothing_and_writes_nothing(captions: Path) -> None:
     assert not any(p.name.startswith("polished") for p in captions.parent.iterdir())
 
 
+def test_a_killed_run_resumes_paying_only_for_what_is_missing(captions: Path) -> None:
+    out, cache = captions.parent / "p.csv", captions.parent / "answers.sqlite"
+    with StubServer(latency=0.05) as server:
+        args = ["--captions", captions, "--out", out, "--cache", cache, "--endpoint", server.url,
+                "--model", "stub-model", "--batch", "1", "--concurrency", "1"]  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "skyscript_build.cli", "polish", *map(str, args)]
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while server.requests < 8 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.01)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert server.requests >= 8
+    assert not out.exists()  # no partial output
+    done = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    assert 7 <= done < len(_input(captions))
+    with StubServer() as server:
+        result = run_polish(_config(captions, server.url, out=out, cache=cache, batch=1))
+        assert len(server.captions_sent()) == len(_input(captions)) - done
+    assert result.cached == done and result.polished == result.rows
+    assert [r["title"] for r in _read(out)] == [polite(r["title"]) for r in _input(captions)]
+
+
+def test_captions_of_the_caption_stage_keep_their_key_words(tmp_path: Path) -> None:
+    tags = [
+        {"highway": "footway"}, {"building": "yes"}, {"natural": "water", "water": "pond"},
+        {"leisure": "pitch", "sport": "tennis"}, {"power": "line", "cables": "3"},
+        {"man_made": "water_tower"}, {"amenity": "parking", "parking": "surface"},
+        {"landuse": "farmland", "crop": "cotton"}, {"waterway": "river"}, {"railway": "rail"},
+    ]  # fmt: skip
+    dataset = tmp_path / "ds"
+    (dataset / "meta2").mkdir(parents=True)
+    for i, t in enumerate(tags):
+        meta = make_meta((0, 0, 1, 1), (2020, 1, 1, 0, 0), t, [{"natural": "tree"}])
+        (dataset / "meta2" / f"n{i}_FI_20.pickle").write_bytes(dumps_meta(meta))
+    csv_path = dataset / "SkyScript_captions.csv"
+    run_caption(CaptionConfig(dataset=dataset, out=csv_path, workers=1))
+    for row in _read(csv_path):
+        center = tags[int(Path(row["filepath"]).stem.split("_")[0][1:])]
+        for column in ("title", "title_multi_objects"):
+            words = focus_keywords(row[column], center)
+            assert words, row[column]
+            assert check_rewrite(row[column], polite(row[column]), words) is None
+            assert check_rewrite(row[column], "An aerial image of a place.", words)
+    with StubServer() as server:
+        result = run_polish(_config(csv_path, server.url, batch=3))
+    assert result.polished == len(tags) and result.with_tags == len(tags)
+
+
 # --- the command line: errors, exit codes, the key ----------------------------------------
 
 
@@ -247,13 +302,16 @@ def test_unreachable_endpoint_is_a_clear_error(captions: Path, cli) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = captions.parent / "p.csv"
+    before = [p.name for p in captions.parent.iterdir()]
     done = cli("polish", "--captions", captions, "--out", out, "--endpoint",
                f"http://127.0.0.1:{port}/v1", "--model", "m", "--max-retries", "2",
                "--backoff-base", "0.01")  # fmt: skip
     assert done.returncode == 2
-    assert "cannot reach" in done.stderr and str(port) in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
-    assert not out.exists()
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("skyscript-build polish: error: cannot reach")
+    assert f"127.0.0.1:{port}" in error and "Connection refused" in error
+    assert "Traceback" not in done.stderr
+    assert sorted(p.name for p in captions.parent.iterdir()) == sorted(before)
 
 
 def test_bad_caption_csv_is_a_clear_error(tmp_path: Path, cli) -> None:

@@ -13,21 +13,33 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from ..errors import InputError
 
-__all__ = ["CACHE_VERSION", "PolishCache", "cache_key"]
+__all__ = ["CACHE_VERSION", "PolishCache", "cache_key", "key_maker"]
 
 CACHE_VERSION = 1
 _CHUNK = 500
 
 
+def key_maker(model: str, prompt: str) -> Callable[[str], str]:
+    """A function mapping an item's input to its key for this (model, prompt): hex SHA-256."""
+    head = json.dumps([CACHE_VERSION, model, prompt], ensure_ascii=False).encode("utf-8")
+    base = hashlib.sha256(head + b"\0")
+
+    def make(item_input: str) -> str:
+        digest = base.copy()
+        digest.update(item_input.encode("utf-8"))
+        return digest.hexdigest()
+
+    return make
+
+
 def cache_key(model: str, prompt: str, item_input: str) -> str:
     """The hex SHA-256 naming one (model, prompt, input) answer."""
-    blob = json.dumps([CACHE_VERSION, model, prompt, item_input], ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return key_maker(model, prompt)(item_input)
 
 
 class PolishCache:
@@ -86,5 +98,5 @@ class PolishCache:
         return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (again is fine)."""
         self._db.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -100,6 +101,12 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _connection_problem(error: Exception) -> str:
+    """ "Connection refused" out of urllib3's nested message, else the message, shortened."""
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(error))
+    return found.group(1).strip() if found else _short(str(error), 120)
+
+
 class ChatClient:
     """Posts chat completions with retries; one ``requests.Session`` per thread."""
 
@@ -177,7 +184,7 @@ class ChatClient:
             except requests.Timeout:
                 reason, detail = "timeout", f"no answer within {self.timeout:g} s"
             except requests.ConnectionError as e:
-                reason, detail = "connection", _short(str(e.args[0] if e.args else e))
+                reason, detail = "connection", _connection_problem(e)
             except requests.RequestException as e:  # a cut body, a bad encoding, ...
                 reason, detail = "transport", _short(f"{type(e).__name__}: {e}")
             else:

@@ -18,13 +18,13 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..errors import ConfigError, InputError
 from ..files import atomic_path
 from ..meta import MetaError, load_meta
 from ..progress import progress_bar
-from .cache import PolishCache, cache_key
+from .cache import PolishCache, key_maker
 from .client import ChatAnswer, ChatClient, RequestFailed
 from .prompt import (
     PolishItem,
@@ -208,7 +208,7 @@ def _read_rows(config: PolishConfig) -> list[tuple[str, str]]:
     path = config.captions
     rows: list[tuple[str, str]] = []
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             for needed in ("filepath", config.column):
@@ -231,27 +231,42 @@ def _read_rows(config: PolishConfig) -> list[tuple[str, str]]:
     return rows
 
 
-def _meta_path(dataset: Path, filepath: str) -> Path | None:
-    """``images2/x.jpg`` -> ``<dataset>/meta2/x.pickle`` (None for other layouts)."""
-    parts = PurePosixPath(filepath.replace("\\", "/")).parts
-    if len(parts) < 2 or not parts[-2].startswith("images"):
-        return None
-    folder = "meta" + parts[-2][len("images") :]
-    return dataset.joinpath(*parts[:-2], folder, PurePosixPath(parts[-1]).stem + ".pickle")
+class _MetaFinder:
+    """``images2/x.jpg`` -> ``<dataset>/meta2/x.pickle`` when it exists (each folder listed once)."""
+
+    def __init__(self, dataset: Path) -> None:
+        self.dataset = str(dataset)
+        self._listed: dict[str, frozenset[str]] = {}
+
+    def find(self, filepath: str) -> str | None:
+        folder, _, name = filepath.replace("\\", "/").rpartition("/")
+        parent, _, images = folder.rpartition("/")
+        if not images.startswith("images"):
+            return None
+        meta_folder = os.path.join(self.dataset, parent, "meta" + images[len("images") :])
+        names = self._listed.get(meta_folder)
+        if names is None:
+            try:
+                names = frozenset(os.listdir(meta_folder))
+            except OSError:
+                names = frozenset()
+            self._listed[meta_folder] = names
+        pickle_name = name.rsplit(".", 1)[0] + ".pickle"
+        return os.path.join(meta_folder, pickle_name) if pickle_name in names else None
 
 
 def _load_items(config: PolishConfig, rows: list[tuple[str, str]]) -> list[PolishItem]:
     """One item per row, with tags from the meta file when there is a readable one."""
-    dataset = config.captions.parent
+    finder = _MetaFinder(config.captions.parent)
     items: list[PolishItem] = []
     unreadable = 0
     for index, (filepath, caption) in enumerate(rows):
         center: dict[str, str] | None = None
         surrounding: tuple[dict[str, str], ...] = ()
-        meta_path = _meta_path(dataset, filepath)
-        if meta_path is not None and meta_path.is_file():
+        meta_path = finder.find(filepath)
+        if meta_path is not None:
             try:
-                meta = load_meta(str(meta_path))
+                meta = load_meta(meta_path)
             except (MetaError, OSError) as e:
                 unreadable += 1
                 log.debug("%s: meta not used (%s)", meta_path, e)
@@ -304,8 +319,8 @@ class _Run:
         self.items = items
         self.system = system
         self.titles: list[str | None] = [None] * len(items)
-        self.keys = [cache_key(config.model, system, item.cache_input()) for item in items]
-        self.keywords = [focus_keywords(item.raw, item.center_tags) for item in items]
+        make_key = key_maker(config.model, system)
+        self.keys = [make_key(item.cache_input()) for item in items]
         self.fallback: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         self.polished = 0
@@ -338,10 +353,10 @@ class _Run:
             reason = (
                 "unanswered"
                 if text is None
-                else check_rewrite(item.raw, text, self.keywords[index])
+                else check_rewrite(item.raw, text, focus_keywords(item.raw, item.center_tags))
             )
             if reason is None:
-                status, title = POLISHED, str(text).strip()
+                status, title = POLISHED, " ".join(str(text).split())
             else:
                 self.rejected[reason] += 1
                 if attempt == 1:
@@ -392,6 +407,15 @@ def run_polish(config: PolishConfig) -> PolishResult:
         result.seconds = time.monotonic() - started
         return result
 
+    log.info(
+        "polish: %d rows, %d from cache, %d to send in about %d requests to %s (model %s)",
+        len(rows),
+        result.cached,
+        len(todo),
+        math.ceil(len(todo) / config.batch),
+        config.endpoint,
+        config.model,
+    )
     client = ChatClient(
         config.endpoint,
         config.model,
@@ -405,6 +429,12 @@ def run_polish(config: PolishConfig) -> PolishResult:
     )
     try:
         _send_all(config, run, client, cache, todo)
+    except BaseException:
+        if not cache_file_existed and len(cache) == 0:
+            cache.close()
+            for suffix in ("", "-wal", "-shm"):  # leave nothing behind a run that did nothing
+                Path(f"{config.cache_path}{suffix}").unlink(missing_ok=True)
+        raise
     finally:
         client.stop.set()
         cache.close()
