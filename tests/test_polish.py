@@ -221,12 +221,12 @@ def test_a_killed_run_resumes_paying_only_for_what_is_missing(captions: Path) ->
         )
         try:
             deadline = time.monotonic() + 60
-            while server.requests < 8 and time.monotonic() < deadline and proc.poll() is None:
+            while server.requests < 9 and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.01)
         finally:
             proc.kill()
             proc.wait()
-    assert server.requests >= 8
+    assert server.requests >= 9  # so at least 7 answers had come back (50 ms each) and were saved
     assert not out.exists()  # no partial output
     done = sqlite3.connect(cache).execute("SELECT COUNT(*) FROM answers").fetchone()[0]
     assert 7 <= done < len(_input(captions))
@@ -354,6 +354,8 @@ def test_parse_answer_matches_by_id_and_drops_ambiguity() -> None:
     wrapped = '{"captions": [{"id": 1, "text": "a"}]}'
     assert parse_answer(wrapped, 1) == ({1: "a"}, 0)
     assert parse_answer('"An aerial image of a pier."', 1) == ({1: "An aerial image of a pier."}, 0)
+    thinking = '<think>{"id": 1, "text": "draft"}</think>\n{"id": 1, "text": "final"}'
+    assert parse_answer(thinking, 1) == ({1: "final"}, 0)
     assert parse_answer("not json at all", 2) == ({}, 0)
     assert parse_answer('{"id": 1, "text": "a"', 1) == ({}, 0)
 

@@ -93,6 +93,7 @@ def build_messages(system: str, items: Sequence[PolishItem]) -> list[dict[str, s
     ]
 
 
+_THINK = re.compile(r"<think>.*?</think>", re.S)
 _FENCE = re.compile(r"```[a-zA-Z]*\s*\n?(.*?)```", re.S)
 
 
@@ -155,7 +156,7 @@ def parse_answer(content: str, n_items: int) -> tuple[dict[int, str], int]:
         with the same text) to its text; ``unusable`` counts objects with an unknown id, no
         text, or an id named again with a different text (such ids are left out).
     """
-    content = content or ""
+    content = _THINK.sub("", content or "")  # reasoning models' scratchpad
     fenced = _FENCE.findall(content)
     body = "\n".join(fenced) if fenced else content
     texts: dict[int, set[str]] = {}
