@@ -17,10 +17,11 @@ import json
 import logging
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -414,32 +415,25 @@ def _backends_needed(config: FetchConfig) -> set[str]:
 def run_fetch(config: FetchConfig) -> FetchResult:
     """Fetch every request not yet done; return counts over the whole dataset."""
     t0 = time.monotonic()
+    local = LimitsConfig(config.concurrency, config.rate)
+    # Open every backend here first: bad credentials or settings fail before any output.
+    for name in sorted(_backends_needed(config)):
+        get_backend(config.backend_config(name, local))
     config.out.mkdir(parents=True, exist_ok=True)
     removed = remove_temp_files(config.out)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     cluster = config.cluster
-    needed = _backends_needed(config)
     results: list[dict[str, Any]]
     if cluster.inline:
-        limits = LimitsConfig(config.concurrency, config.rate)
-        # Open (and so validate credentials) here, before any output is written.
-        for name in sorted(needed):
-            get_backend(config.backend_config(name, limits))
-        shards = list_shards(config, limits)
+        shards = list_shards(config, local)
         pending = [s for s in shards if not _shard_finished(s)]
         results = _run_local(pending)
     else:
         with dask_client(cluster) as client:
             processes = max(1, len(client.scheduler_info().get("workers", {})))
-            name = f"skyscript-fetch-{abs(hash(str(config.out.resolve()))):x}"
+            name = f"skyscript-fetch-{zlib.crc32(str(config.out.resolve()).encode()):08x}"
             limits = LimitsConfig(config.concurrency, config.rate, processes, name)
-            for backend_name in sorted(needed):
-                get_backend(
-                    config.backend_config(
-                        backend_name, replace(limits, processes=1, cluster_semaphore=None)
-                    )
-                )
             shards = list_shards(config, limits)
             pending = [s for s in shards if not _shard_finished(s)]
             results = map_shards(fetch_shard, pending, cluster, desc="fetch", client=client)
