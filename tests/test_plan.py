@@ -1,0 +1,299 @@
+"""The plan stage: source choice, framing, seeded shift, surroundings, sampling, CLI errors."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import shapely
+from pyproj import Transformer
+
+import image_sources
+from skyscript_build.plan import MARKER, PlanConfig, run_plan
+
+sys.path.insert(0, str(Path(__file__).parent / "data" / "plan"))
+import data as fx  # noqa: E402  (the fixture script beside the test data)
+
+TOLERANCE_M = 1e-6
+
+
+def objects(tmp_path: Path, rows, name: str = "objects") -> Path:
+    folder = tmp_path / name
+    fx.write_objects(folder, rows)
+    return folder
+
+
+def read_requests(out: Path) -> list[dict]:
+    rows = []
+    for part in sorted(out.glob("part-*.parquet")):
+        rows.extend(pq.read_table(part).to_pylist())
+    return rows
+
+
+def geometries(rows) -> dict[str, shapely.Geometry]:
+    return {f"{r[0]}{r[1]}": r[5] for r in rows}
+
+
+@functools.lru_cache(maxsize=8)
+def to_crs(crs: str) -> Transformer:
+    return Transformer.from_crs(4326, crs, always_xy=True)
+
+
+def assert_box_holds(req: dict, geom: shapely.Geometry) -> None:
+    """The object, projected into the tile's CRS, lies inside the tile's box."""
+    tr = to_crs(req["crs"])
+    projected = shapely.transform(geom, lambda c: np.column_stack(tr.transform(c[:, 0], c[:, 1])))
+    x0, y0, x1, y1 = projected.bounds
+    t = TOLERANCE_M
+    assert req["x_min"] - t <= x0 and x1 <= req["x_max"] + t, req["key"]
+    assert req["y_min"] - t <= y0 and y1 <= req["y_max"] + t, req["key"]
+
+
+def test_boxes_hold_objects_pixels_in_range_and_keys(tmp_path):
+    swiss = [(t, i + 100_000, e, tags, g, geom) for t, i, e, tags, g, geom in fx.switzerland()]
+    rows = fx.city(300, seed=1) + swiss
+    out = tmp_path / "requests"
+    result = run_plan(PlanConfig(objects=objects(tmp_path, rows), out=out, seed=3))
+    reqs = read_requests(out)
+    assert result.requests == len(reqs) == len(rows)
+    geoms = geometries(rows)
+    for r in reqs:
+        assert_box_holds(r, geoms[f"{r['osm_type']}{r['osm_id']}"])
+        assert 256 <= r["width"] == r["height"] <= 1024
+        assert r["x_max"] - r["x_min"] == pytest.approx(r["width"] * r["gsd"])
+        assert r["y_max"] - r["y_min"] == pytest.approx(r["height"] * r["gsd"])
+        assert r["key"] == f"{r['osm_type']}{r['osm_id']}_{r['alias']}_{r['years'][0] % 100:02d}"
+        assert r["west"] < r["east"] and r["south"] < r["north"]
+        assert r["collection"] == image_sources.get_source(r["alias"]).collection
+    by_alias = Counter(r["alias"] for r in reqs)
+    assert by_alias["FI"] == 300, "Helsinki objects go to the 0.5 m Finnish orthophoto"
+    fi = [r for r in reqs if r["alias"] == "FI"]
+    assert {r["crs"] for r in fi} == {"EPSG:3067"} and fi[0]["years"][0] == 2022
+    points = [r for r in fi if r["osm_type"] == "n"]
+    assert {r["width"] for r in points} == {512}, "points get the fixed pixel size"
+    assert len({r["key"] for r in reqs}) == len(reqs)
+
+
+def test_point_in_switzerland_gets_ch_and_a_3km_farmland_a_coarser_source(tmp_path):
+    out = tmp_path / "requests"
+    run_plan(PlanConfig(objects=objects(tmp_path, fx.switzerland()), out=out))
+    by_id = {r["osm_id"]: r for r in read_requests(out)}
+    tree, farmland = by_id[1], by_id[2]
+    assert (tree["alias"], tree["gsd"], tree["width"]) == ("CH", 0.1, 512)
+    assert tree["crs"] == "EPSG:2056"
+    assert farmland["gsd"] > 0.1 and farmland["alias"] == "S2"
+    assert 256 <= farmland["width"] <= 1024
+    assert farmland["crs"] == "EPSG:32632", "global sources use the local UTM zone"
+    # With only CH allowed the farmland does not fit: skipped as too large, and counted.
+    result = run_plan(
+        PlanConfig(objects=tmp_path / "objects", out=tmp_path / "ch", sources=("CH",))
+    )
+    assert result.skipped == {"too-large": 1} and result.requests == 4
+
+
+def test_outside_every_coverage_is_skipped_and_counted(tmp_path, cli):
+    rows = fx.switzerland() + [
+        ("n", 99, "node", {"natural": "tree"}, 0.6, shapely.Point(fx.ATLANTIC))
+    ]
+    folder = objects(tmp_path, rows)
+    out = tmp_path / "requests"
+    proc = cli("plan", "--objects", folder, "--out", out, "--sources", "CH,FI")
+    assert proc.returncode == 0, proc.stderr
+    assert "outside-coverage 1" in proc.stdout and "too-large 1" in proc.stdout
+    stats = json.loads((out / MARKER).read_text())
+    assert stats["skipped"] == {"outside-coverage": 1, "too-large": 1}
+    assert {r["osm_id"] for r in read_requests(out)} == {1, 3, 4, 5}
+    # A building in the sea is covered only by 10-30 m sources: none is fine enough.
+    result = run_plan(
+        PlanConfig(objects=objects(tmp_path, fx.outside(), "sea"), out=tmp_path / "sea-req")
+    )
+    assert result.requests == 0 and result.skipped == {"no-source-fine-enough": 1}
+
+
+def test_shift_is_seeded_and_output_byte_identical(tmp_path):
+    rows = fx.city(200, seed=2)
+    folder = objects(tmp_path, rows)
+    runs = {}
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        run_plan(PlanConfig(objects=folder, out=tmp_path / name, seed=seed))
+        runs[name] = (tmp_path / name / "part-00000.parquet").read_bytes()
+    assert runs["a"] == runs["b"], "same objects + seed -> byte-identical parquet"
+    assert runs["a"] != runs["c"]
+    a, c = read_requests(tmp_path / "a"), read_requests(tmp_path / "c")
+    moved = sum(ra["x_min"] != rc["x_min"] for ra, rc in zip(a, c, strict=True))
+    assert moved > 0.9 * len(a), "a different seed shifts (nearly) every tile differently"
+    geoms = geometries(rows)
+    for r in c:
+        assert_box_holds(r, geoms[f"{r['osm_type']}{r['osm_id']}"])
+    # Off-centre: the point is not at the tile's centre, and not always on the same side.
+    pts = [r for r in a if r["osm_type"] == "n"]
+    tr = Transformer.from_crs(4326, "EPSG:3067", always_xy=True)
+    rel = []
+    for r in pts:
+        x, _ = tr.transform(*geoms[f"n{r['osm_id']}"].coords[0])
+        rel.append((x - r["x_min"]) / (r["x_max"] - r["x_min"]))
+    rel_a = np.array(rel)
+    assert rel_a.min() < 0.35 and rel_a.max() > 0.65 and rel_a.min() >= 0.1
+
+
+def test_surroundings_inside_and_groundable_at_the_tiles_gsd(tmp_path):
+    origin = fx.BERN
+    rows = [
+        ("n", 1, "node", {"natural": "tree"}, 0.6, fx.point(origin)),  # focus
+        ("a", 2, "way", {"building": "yes"}, 1.0, fx.square(origin, 20, 20, 10)),  # inside
+        ("n", 3, "node", {"natural": "tree"}, 0.6, fx.point(origin, -30, 15)),  # inside, 0.6
+        ("a", 4, "way", {"building": "yes"}, 1.0, fx.square(origin, 2000, 0, 10)),  # far
+        ("w", 5, "way", {"highway": "primary"}, 1.0, fx.line(origin, -500, 0, 1000)),  # crosses
+        (
+            "a",
+            6,
+            "way",
+            {"building": "yes", "natural": "tree"},
+            1.0,
+            fx.square(origin, -40, -40, 10),
+        ),  # fmt: skip
+    ]
+    folder = objects(tmp_path, rows)
+    # A custom 0.8 m source over Bern: trees (0.6 m) are not visible at it, buildings are.
+    coarse = image_sources.source_from_dict(
+        {
+            "alias": "TESTC",
+            "gsd": 0.8,
+            "years": [2020],
+            "coverage": [7.0, 46.5, 8.0, 47.5],
+            "backend": "xyz",
+            "location": "http://127.0.0.1:1/{z}/{x}/{y}.png",
+        }  # fmt: skip
+    )
+    image_sources.add_source(coarse, replace=True)
+    try:
+        out = tmp_path / "fine"
+        run_plan(PlanConfig(objects=folder, out=out, sources=("CH",), point_px=1024, shift=0))
+        tile = {r["osm_id"]: r for r in read_requests(out)}[1]
+        assert sorted(map(dict, [dict(s) for s in tile["surrounding_tags"]]), key=str) == sorted(
+            [{"building": "yes"}, {"natural": "tree"}, {"building": "yes", "natural": "tree"}],
+            key=str,
+        )
+        out = tmp_path / "coarse"
+        run_plan(PlanConfig(objects=folder, out=out, sources=("TESTC",), point_px=256, shift=0))
+        reqs = {r["osm_id"]: r for r in read_requests(out)}
+        assert 1 not in reqs and 3 not in reqs, "trees are not recognisable at 0.8 m"
+        building = reqs[2]
+        around = [dict(s) for s in building["surrounding_tags"]]
+        assert {"natural": "tree"} not in around
+        assert {"building": "yes"} in around, "object 6 shows only its building tag at 0.8 m"
+        assert dict(reqs[6]["center_tags"]) == {"building": "yes"}
+        for req in reqs.values():
+            assert {"highway": "primary"} not in [dict(s) for s in req["surrounding_tags"]]
+        # The cap.
+        out = tmp_path / "capped"
+        run_plan(PlanConfig(objects=folder, out=out, sources=("CH",), max_surrounding=1))
+        assert all(len(r["surrounding_tags"]) <= 1 for r in read_requests(out))
+    finally:
+        image_sources.remove_source("TESTC")
+
+
+def test_sampling_caps_common_tags_and_keeps_rare_ones(tmp_path):
+    rows = fx.city(600, seed=4)
+    folder = objects(tmp_path, rows)
+    tags_of = {f"{r[0]}{r[1]}": next(iter(r[3].items())) for r in rows}
+    totals = Counter(tags_of.values())
+    cap = 25
+    result = run_plan(PlanConfig(objects=folder, out=tmp_path / "a", per_tag_cap=cap, seed=1))
+    kept = Counter(tags_of[f"{r['osm_type']}{r['osm_id']}"] for r in read_requests(tmp_path / "a"))
+    for tag, total in totals.items():
+        assert kept[tag] == min(total, cap), tag
+    assert any(t > cap for t in totals.values()) and any(t <= cap for t in totals.values())
+    assert result.skipped["sampled-out"] == sum(totals.values()) - sum(kept.values())
+    # Deterministic with the seed, different with another seed.
+    run_plan(PlanConfig(objects=folder, out=tmp_path / "b", per_tag_cap=cap, seed=1))
+    run_plan(PlanConfig(objects=folder, out=tmp_path / "c", per_tag_cap=cap, seed=2))
+    ids = {k: {r["key"] for r in read_requests(tmp_path / k)} for k in "abc"}
+    assert ids["a"] == ids["b"] != ids["c"]
+
+
+def test_rerun_reuses_and_changed_settings_replan(tmp_path):
+    folder = objects(tmp_path, fx.city(100, seed=3))
+    out = tmp_path / "requests"
+    first = run_plan(PlanConfig(objects=folder, out=out))
+    again = run_plan(PlanConfig(objects=folder, out=out))
+    assert again.reused and again.requests == first.requests
+    other = run_plan(PlanConfig(objects=folder, out=out, max_px=600, rows_per_part=30))
+    assert not other.reused
+    assert len(list(out.glob("part-*.parquet"))) == -(-other.requests // 30)
+    assert all(r["width"] <= 600 for r in read_requests(out))
+
+
+def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, cli):
+    swiss = [(t, i + 100_000, e, tags, g, geom) for t, i, e, tags, g, geom in fx.switzerland()]
+    folder = objects(tmp_path, fx.city(50, seed=5) + swiss)
+    out = tmp_path / "requests"
+    proc = cli("plan", "--objects", folder, "--out", out, "--dry-run", "--years", "2019-2020")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["source", "requests", "megapixels", "disk", "time"]
+    table = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert set(table) == {"CH", "FI", "S2"} and table["FI"][1] == "50"
+    assert "would request 55 images" in lines[-1]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sources", "CH,XX"], "unknown image source 'XX'"),
+        (["--min-px", "2000", "--max-px", "1024"], "min_px (2000) is larger than max_px"),
+        (["--years", "20x9"], "--years '20x9'"),
+        (["--sources", "ES", "--years", "2022"], "ES has no imagery in 2022"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(tmp_path, cli, args, message):
+    folder = objects(tmp_path, fx.switzerland())
+    out = tmp_path / "requests"
+    proc = cli("plan", "--objects", folder, "--out", out, *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_empty_or_missing_objects_folder(tmp_path, cli):
+    (tmp_path / "empty").mkdir()
+    for folder, message in (
+        (tmp_path / "empty", "no part-*.parquet files"),
+        (tmp_path / "nowhere", "objects folder not found"),
+    ):
+        proc = cli("plan", "--objects", folder, "--out", tmp_path / "requests")
+        assert proc.returncode == 2 and message in proc.stderr and str(folder) in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "part-00000.parquet").write_text("not parquet")
+    proc = cli("plan", "--objects", bad, "--out", tmp_path / "requests")
+    assert proc.returncode == 2 and "part-00000.parquet" in proc.stderr
+    assert not (tmp_path / "requests").exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("skyscript_build.commands.extract") is None,
+    reason="the extract stage is not there yet",
+)
+def test_real_helsinki_objects(tmp_path, cli, helsinki_pbf):
+    proc = cli("extract", helsinki_pbf, "--out", tmp_path / "objects")
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "requests"
+    proc = cli(
+        "plan", "--objects", tmp_path / "objects", "--out", out, "--sources", "FI",
+        "--years", "2019",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    reqs = read_requests(out)
+    assert len(reqs) > 100
+    assert all(r["key"].endswith("_FI_19") and r["crs"] == "EPSG:3067" for r in reqs)
+    assert sum(len(r["surrounding_tags"]) > 0 for r in reqs) > len(reqs) / 2
