@@ -106,6 +106,8 @@ def test_batches_come_back_once_in_input_order_despite_shuffled_answers(captions
     assert result.requests == 6 + 2
     assert result.prompt_tokens > 0 and result.completion_tokens > 0
     assert list(rows[0]) == ["filepath", "title_raw", "title"]
+    stats = json.loads((captions.parent / "polished.stats.json").read_text())
+    assert stats["polished"] == len(source) and stats["requests"] == 8
 
 
 def test_tags_from_meta_files_are_sent(captions: Path) -> None:

@@ -9,7 +9,7 @@ cache as they arrive, so a rerun or a resumed run pays only for what is missing.
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import logging
 import math
 import os
@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, InputError
-from ..files import atomic_path
-from ..meta import MetaError, load_meta
+from ..files import write_json_atomic
 from ..progress import progress_bar
 from .cache import PolishCache, key_maker
 from .client import ChatAnswer, ChatClient, RequestFailed
+from .inputs import load_items, read_rows, write_output
 from .prompt import (
     PolishItem,
     build_messages,
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
 COLUMNS = ("title", "title_multi_objects")
-OUT_COLUMNS = ("filepath", "title_raw", "title")
 POLISHED = "polished"
 
 
@@ -145,6 +144,11 @@ class PolishConfig:
         return self.captions.with_name(f"{self.captions.stem}_polished.csv")
 
     @property
+    def stats_path(self) -> Path:
+        """The run's stats JSON (written after the output)."""
+        return self.output_path.with_suffix(".stats.json")
+
+    @property
     def cache_path(self) -> Path:
         """The SQLite cache file."""
         if self.cache is not None:
@@ -184,6 +188,12 @@ class PolishResult:
         """Tokens used (prompt + completion), as the endpoint reported them."""
         return self.prompt_tokens + self.completion_tokens
 
+    def stats(self) -> dict[str, object]:
+        """The counts as a JSON-ready dict (the stats file)."""
+        stats = dataclasses.asdict(self)
+        stats["out"] = str(self.out) if self.out else None
+        return stats
+
     def summary(self) -> str:
         """One line: rows, outcomes, requests and tokens."""
         if self.dry_run:
@@ -203,90 +213,6 @@ class PolishResult:
         )
 
 
-def _read_rows(config: PolishConfig) -> list[tuple[str, str]]:
-    """``(filepath, caption)`` per row of the caption CSV, in order, up to ``limit``."""
-    path = config.captions
-    rows: list[tuple[str, str]] = []
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            for needed in ("filepath", config.column):
-                if needed not in header:
-                    raise InputError(
-                        path, f"has no column {needed!r} (columns: {', '.join(header) or 'none'})"
-                    )
-            for line, row in enumerate(reader, start=2):
-                if config.limit is not None and len(rows) >= config.limit:
-                    break
-                filepath = row.get("filepath")
-                caption = row.get(config.column)
-                if not filepath or caption is None:
-                    raise InputError(path, f"line {line}: empty filepath or missing fields")
-                rows.append((filepath, caption))
-    except UnicodeDecodeError as e:
-        raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except csv.Error as e:
-        raise InputError(path, f"not a readable CSV ({e})") from None
-    return rows
-
-
-class _MetaFinder:
-    """``images2/x.jpg`` -> ``<dataset>/meta2/x.pickle`` when it exists (each folder listed once)."""
-
-    def __init__(self, dataset: Path) -> None:
-        self.dataset = str(dataset)
-        self._listed: dict[str, frozenset[str]] = {}
-
-    def find(self, filepath: str) -> str | None:
-        folder, _, name = filepath.replace("\\", "/").rpartition("/")
-        parent, _, images = folder.rpartition("/")
-        if not images.startswith("images"):
-            return None
-        meta_folder = os.path.join(self.dataset, parent, "meta" + images[len("images") :])
-        names = self._listed.get(meta_folder)
-        if names is None:
-            try:
-                names = frozenset(os.listdir(meta_folder))
-            except OSError:
-                names = frozenset()
-            self._listed[meta_folder] = names
-        pickle_name = name.rsplit(".", 1)[0] + ".pickle"
-        return os.path.join(meta_folder, pickle_name) if pickle_name in names else None
-
-
-def _load_items(config: PolishConfig, rows: list[tuple[str, str]]) -> list[PolishItem]:
-    """One item per row, with tags from the meta file when there is a readable one."""
-    finder = _MetaFinder(config.captions.parent)
-    items: list[PolishItem] = []
-    unreadable = 0
-    for index, (filepath, caption) in enumerate(rows):
-        center: dict[str, str] | None = None
-        surrounding: tuple[dict[str, str], ...] = ()
-        meta_path = finder.find(filepath)
-        if meta_path is not None:
-            try:
-                meta = load_meta(meta_path)
-            except (MetaError, OSError) as e:
-                unreadable += 1
-                log.debug("%s: meta not used (%s)", meta_path, e)
-            else:
-                tags = meta.get("center_tags")
-                if isinstance(tags, dict):
-                    center = {str(k): str(v) for k, v in tags.items()}
-                around = meta.get("surrounding_tags")
-                if config.column == "title_multi_objects" and isinstance(around, list | tuple):
-                    surrounding = tuple(
-                        {str(k): str(v) for k, v in t.items()}
-                        for t in around
-                        if isinstance(t, dict)
-                    )
-        items.append(PolishItem(index, caption, center, surrounding))
-    if unreadable:
-        log.warning("%d meta files could not be read; their captions go without tags", unreadable)
-    return items
-
-
 def _batches(indices: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(indices), size):
         yield indices[start : start + size]
@@ -301,14 +227,6 @@ def _estimate(system: str, items: list[PolishItem], todo: list[int], batch: int)
         # An answer line: {"id": n, "text": "An aerial image of ..."} ~ caption + 40 chars.
         chars_out += sum(int(1.2 * len(items[i].raw)) + 40 for i in chunk)
     return math.ceil(chars_in / 4), math.ceil(chars_out / 4)
-
-
-def _write_output(path: Path, rows: list[tuple[str, str]], titles: list[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(OUT_COLUMNS)
-        for (filepath, raw), title in zip(rows, titles, strict=True):
-            writer.writerow((filepath, raw, title))
 
 
 class _Run:
@@ -372,8 +290,8 @@ def run_polish(config: PolishConfig) -> PolishResult:
     """Polish the captions of ``config.captions``; see the module docstring."""
     started = time.monotonic()
     system = system_message(load_prompt(config.prompt))
-    rows = _read_rows(config)
-    items = _load_items(config, rows)
+    rows = read_rows(config.captions, config.column, config.limit)
+    items = load_items(config.captions.parent, rows, config.column)
     run = _Run(config, items, system)
     out = config.output_path
     result = PolishResult(out=None if config.dry_run else out, rows=len(rows))
@@ -440,7 +358,7 @@ def run_polish(config: PolishConfig) -> PolishResult:
         cache.close()
 
     titles = [t if t is not None else items[i].raw for i, t in enumerate(run.titles)]
-    _write_output(out, rows, titles)
+    write_output(out, rows, titles)
     result.polished = run.polished
     result.fallback = dict(run.fallback)
     result.rejected = dict(run.rejected)
@@ -451,6 +369,7 @@ def run_polish(config: PolishConfig) -> PolishResult:
     result.prompt_tokens = run.prompt_tokens
     result.completion_tokens = run.completion_tokens
     result.seconds = time.monotonic() - started
+    write_json_atomic(config.stats_path, result.stats())
     log.debug("rejected answers (before retrying alone): %s", dict(run.rejected))
     return result
 
