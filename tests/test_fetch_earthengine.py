@@ -314,3 +314,17 @@ def test_sigkill_and_resume_give_the_same_files(fx, tmp_path):
         assert rerun.returncode == 0, rerun.stderr
     assert "40 ok, 0 skipped, 0 failed" in rerun.stdout
     assert _check_dataset(out) == _check_dataset(tmp_path / "ref")
+
+
+@pytest.mark.slow
+def test_cap_holds_across_dask_worker_processes(fx, tmp_path):
+    rows = fixture_data.request_rows(24, seed=11)
+    requests = fixture_data.write_requests(tmp_path / "req", [rows])
+    with Emulator(fx["collections"], latency_ms=40) as emu:
+        config = _ee(
+            fx, tmp_path / "ds", emu, requests=requests, concurrency=3, shard_size=4, rate=1000.0
+        )
+        config = FetchConfig(**{**config.__dict__, "workers": 2})
+        result = run_fetch(config)
+        assert result.ok == 24 and result.shards_run == 6
+        assert 2 <= emu.stats.max_concurrency <= 3  # two processes, one cluster-wide cap
