@@ -112,7 +112,9 @@ def test_batches_come_back_once_in_input_order_despite_shuffled_answers(captions
 
 def test_tags_from_meta_files_are_sent(captions: Path) -> None:
     with StubServer() as server:
-        run_polish(_config(captions, server.url, batch=32, column="title_multi_objects"))
+        run_polish(
+            _config(captions, server.url, batch=32, column="title_multi_objects", max_tokens=500)
+        )
         body = json.loads(server.bodies[0])
     items = [json.loads(line) for line in body["messages"][-1]["content"].splitlines()]
     assert items[0]["tags"] == {"amenity": "fountain"}
@@ -121,6 +123,7 @@ def test_tags_from_meta_files_are_sent(captions: Path) -> None:
     assert "tags" not in items[-1]  # no meta file for it
     assert [i["id"] for i in items] == list(range(1, len(items) + 1))
     assert body["model"] == "stub-model" and body["temperature"] == 0.0
+    assert body["max_tokens"] == 500
 
 
 def test_transient_faults_are_retried_with_backoff_and_retry_after(captions: Path) -> None:

@@ -43,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=0.0, help="sampling temperature (default 0)"
     )
     parser.add_argument(
+        "--max-tokens", type=int, help="cap on the tokens of one answer (default: the server's)"
+    )
+    parser.add_argument(
         "--max-retries", type=int, default=5, help="retries per request (default 5)"
     )
     parser.add_argument(
@@ -76,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
         cache=args.cache,
         dry_run=args.dry_run,
         temperature=args.temperature,
+        max_tokens=args.max_tokens,
         max_retries=args.max_retries,
         backoff_base=args.backoff_base,
     )

@@ -66,6 +66,8 @@ class PolishConfig:
         cache: the SQLite cache; default ``<out>.cache.sqlite``.
         dry_run: count requests and estimate tokens; send nothing, write nothing.
         temperature: sampling temperature sent with each request (None: the server's).
+        max_tokens: cap on the tokens of one answer (None: the server's); an answer cut short
+            loses its last captions, which are then asked again alone.
         max_retries: retries per request (429, 5xx, timeouts, malformed answers).
         backoff_base: first backoff in seconds (doubles per retry, with jitter).
         backoff_max: longest backoff in seconds.
@@ -86,6 +88,7 @@ class PolishConfig:
     cache: Path | None = None
     dry_run: bool = False
     temperature: float | None = 0.0
+    max_tokens: int | None = None
     max_retries: int = 5
     backoff_base: float = 1.0
     backoff_max: float = 60.0
@@ -112,6 +115,7 @@ class PolishConfig:
             ("--max-rpm", self.max_rpm, self.max_rpm is None or self.max_rpm > 0),
             ("--limit", self.limit, self.limit is None or self.limit >= 0),
             ("--timeout", self.timeout, self.timeout > 0),
+            ("--max-tokens", self.max_tokens, self.max_tokens is None or self.max_tokens > 0),
             ("max_retries", self.max_retries, self.max_retries >= 0),
             ("backoff_base", self.backoff_base, self.backoff_base >= 0),
             ("backoff_max", self.backoff_max, self.backoff_max >= 0),
@@ -344,6 +348,7 @@ def run_polish(config: PolishConfig) -> PolishResult:
         backoff_max=config.backoff_max,
         max_rpm=config.max_rpm,
         temperature=config.temperature,
+        max_tokens=config.max_tokens,
     )
     try:
         _send_all(config, run, client, cache, todo)
@@ -414,7 +419,9 @@ def _send_all(
                     cache.put_many(cache_rows)
                     bar.update(len(cache_rows))
                     bar.set_postfix_str(
-                        f"tokens={run.prompt_tokens + run.completion_tokens}", refresh=False
+                        f"tokens={run.prompt_tokens + run.completion_tokens} "
+                        f"retries={client.retries}",
+                        refresh=False,
                     )
         except BaseException:
             # A fatal endpoint error or an interrupt: stop the threads' retries at once.
