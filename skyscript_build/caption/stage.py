@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -132,9 +133,14 @@ def _run_chunks(tasks: Iterable[Any], rules: Any, workers: int) -> Iterable[Chun
         for task in tasks:
             yield caption_chunk(task)
         return
-    # forkserver: workers start from a clean process, safe even if this one runs threads (Dask).
+    # fork starts workers in milliseconds but is unsafe in a process that runs threads (a Dask
+    # client, a progress monitor): then forkserver, which forks from a clean server process.
     methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "fork" in methods and threading.active_count() == 1:
+        method = "fork"
+    else:
+        method = "forkserver" if "forkserver" in methods else "spawn"
+    ctx = multiprocessing.get_context(method)
     with ctx.Pool(workers, initializer=init_worker, initargs=(rules,)) as pool:
         yield from pool.imap(caption_chunk, tasks, chunksize=1)
 
