@@ -37,3 +37,33 @@ def run_cli(
 def cli():
     """The ``run_cli`` function, as a fixture."""
     return run_cli
+
+
+# --- Earth Engine emulator fixtures (skyscript_build.emulator) -----------------------------
+
+
+@pytest.fixture(scope="session")
+def emulator_collections(tmp_path_factory) -> Path:
+    """collections.yaml of small seeded GeoTIFFs (tests/data/emulator/data.py)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "emulator_test_data", REPO / "tests" / "data" / "emulator" / "data.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_collections(tmp_path_factory.mktemp("emulator_data"))
+
+
+@pytest.fixture
+def ee_emulator(emulator_collections):
+    """A running emulator on the test collections, with the ``ee`` client initialised on it.
+
+    The client is set to not retry by itself (``max_retries=0``). Yields the ``Emulator``;
+    stops it afterwards. For latency or faults, start your own ``Emulator(...)``.
+    """
+    from skyscript_build.emulator import Emulator, init_ee_client
+
+    with Emulator(emulator_collections) as emu:
+        init_ee_client(emu.url, max_retries=0)
+        yield emu

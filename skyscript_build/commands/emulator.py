@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 HELP = "run the local Earth Engine emulator (the real ee client talks to it) until Ctrl-C"
 
@@ -44,20 +45,20 @@ def main(args: argparse.Namespace) -> int:
         retry_after_s=args.retry_after,
     )
     emulator.start()
-    collections = ", ".join(
-        f"{cid} ({len(images)} images)" for cid, images in emulator.catalog.collections.items()
-    )
-    print(f"Earth Engine emulator on {emulator.url} serving {collections}", flush=True)
-    print(
-        f"use: ee.Initialize(credentials=AnonymousCredentials(), project='demo', "
-        f"opt_url='{emulator.url}')  (Ctrl-C stops)",
-        flush=True,
-    )
     try:
+        collections = ", ".join(
+            f"{cid} ({len(images)} images)" for cid, images in emulator.catalog.collections.items()
+        )
+        print(f"Earth Engine emulator on {emulator.url} serving {collections}", flush=True)
+        print(
+            f"use: ee.Initialize(credentials=AnonymousCredentials(), project='demo', "
+            f"opt_url='{emulator.url}')  (Ctrl-C stops)",
+            flush=True,
+        )
         emulator.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         emulator.stop()
-        print(f"emulator stopped: {emulator.stats.as_dict()}", flush=True)
+        print(f"emulator stopped: {json.dumps(emulator.stats.as_dict())}", flush=True)
     return 0

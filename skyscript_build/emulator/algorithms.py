@@ -15,10 +15,10 @@ from importlib import resources
 from typing import Any
 
 import numpy as np
+import shapely
 from pyproj import Transformer
 from rasterio.features import geometry_mask
 from shapely import geometry as sg
-from shapely.ops import transform as shp_transform
 from shapely.ops import unary_union
 
 from .collections import ImageRecord, parse_time_ms
@@ -118,6 +118,14 @@ def as_millis(value: Any, name: str) -> int:
         raise EvalError(f"{name}: Unable to parse date '{value}'.") from None
 
 
+def _reproject(shape: Any, transformer: Transformer) -> Any:
+    def fn(coords: np.ndarray) -> np.ndarray:
+        x, y = transformer.transform(coords[:, 0], coords[:, 1])
+        return np.column_stack([x, y])
+
+    return shapely.transform(shape, fn)
+
+
 @lru_cache(maxsize=64)
 def _to_wgs84(crs: str) -> Transformer:
     return Transformer.from_crs(crs_of(crs), "EPSG:4326", always_xy=True)
@@ -142,7 +150,7 @@ def _in_wgs84(shape: Any, crs: Any) -> Geom:
     text = _crs_text(crs)
     if text and text.upper() not in ("EPSG:4326", "WGS84"):
         try:
-            shape = shp_transform(_to_wgs84(text).transform, shape)
+            shape = _reproject(shape, _to_wgs84(text))
         except Exception:  # noqa: BLE001 - pyproj/rasterio CRS errors
             raise EvalError(f"Projection: Unknown projection '{text}'.") from None
     return Geom(shape)
@@ -438,7 +446,7 @@ def _clip(ev: Any, name: str, a: dict[str, Any]) -> Img:
 
     def render(grid: Grid, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
         data, mask = parent(grid, bands)
-        shape = shp_transform(_from_wgs84(grid.crs).transform, geom)
+        shape = _reproject(geom, _from_wgs84(grid.crs))
         inside = ~geometry_mask(
             [shape], out_shape=(grid.height, grid.width), transform=grid.transform
         )

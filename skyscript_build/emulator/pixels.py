@@ -25,11 +25,12 @@ from rasterio.windows import Window
 from .collections import ImageRecord
 from .values import EvalError
 
-__all__ = ["Grid", "read_record", "encode", "MAX_REQUEST_BYTES"]
+__all__ = ["Grid", "read_record", "encode", "MAX_REQUEST_BYTES", "JPEG_QUALITY"]
 
 # Earth Engine refuses computePixels answers above 48 MiB and 32768 px on a side.
 MAX_REQUEST_BYTES = 50331648
 MAX_SIDE = 32768
+JPEG_QUALITY = 85
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def encode(
             arr = arr[:, :, 0]
         buf = io.BytesIO()
         if fmt == "JPEG" or (fmt == "AUTO_JPEG_PNG" and not any_masked):
-            PILImage.fromarray(arr).save(buf, format="JPEG", quality=85)
+            PILImage.fromarray(arr).save(buf, format="JPEG", quality=JPEG_QUALITY)
             return buf.getvalue(), "image/jpeg"
         alpha = (mask.all(axis=0) * 255).astype(np.uint8)
         if arr.ndim == 2:

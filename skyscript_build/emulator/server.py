@@ -88,8 +88,8 @@ class EmulatorStats:
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = False
-    block_on_close = True
+    daemon_threads = True  # never keep the process alive; stop() waits for them itself
+    block_on_close = False
     request_queue_size = 256
     allow_reuse_address = True
     emulator: Emulator
@@ -97,6 +97,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out at once, no 40 ms delayed ACK
     server: _Server
     server_version = "ee-emulator"
     sys_version = ""
@@ -284,6 +285,7 @@ class Emulator:
         )
         self.stats = EmulatorStats()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._fault_n = 0
         self._stopping = threading.Event()
         self._connections: set[socket.socket] = set()
@@ -333,7 +335,11 @@ class Emulator:
         for conn in connections:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-        server.server_close()  # joins the request threads
+        server.server_close()
+        deadline = time.monotonic() + 5.0
+        with self._idle:  # wait for the request threads to finish their connections
+            while self._connections and time.monotonic() < deadline:
+                self._idle.wait(0.05)
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -389,6 +395,7 @@ class Emulator:
     def _connection_closed(self, conn: socket.socket) -> None:
         with self._lock:
             self._connections.discard(conn)
+            self._idle.notify_all()
 
     def _asset_info(self, asset_id: str) -> dict[str, Any] | None:
         name = f"projects/earthengine-public/assets/{asset_id}"
