@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import threading
 import uuid
 from pathlib import Path
 
@@ -248,6 +249,41 @@ def test_same_bytes_whatever_the_workers_and_chunks(dataset: Path, tmp_path: Pat
     assert outputs[0] == outputs[1] == outputs[2]
 
 
+def test_workers_start_safely_beside_threads(dataset: Path, tmp_path: Path):
+    # a process running threads (a Dask client, say) must not fork: forkserver workers then
+    run_caption(CaptionConfig(dataset=dataset, out=tmp_path / "a.csv", workers=1))
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    try:
+        run_caption(CaptionConfig(dataset=dataset, out=tmp_path / "b.csv", workers=2))
+    finally:
+        stop.set()
+        thread.join()
+    assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
+
+
+def test_rerun_is_skipped_until_inputs_or_rules_change(dataset: Path, tmp_path: Path):
+    out = tmp_path / "c.csv"
+    first = run_caption(CaptionConfig(dataset=dataset, out=out, workers=1))
+    before = out.read_bytes()
+    again = run_caption(CaptionConfig(dataset=dataset, out=out, workers=1))
+    assert again.up_to_date and not first.up_to_date
+    assert again.written == first.written and "up to date" in again.summary()
+    assert out.read_bytes() == before
+    assert not run_caption(CaptionConfig(dataset=dataset, out=out, force=True)).up_to_date
+    # a new meta file (written atomically, as fetch does) is captioned by the next run
+    tmp = dataset / "meta3" / ".new.tmp"
+    tmp.write_bytes(_meta({"landuse": "grass"}))
+    tmp.rename(dataset / "meta3" / "zz_new_FI_19.pickle")
+    third = run_caption(CaptionConfig(dataset=dataset, out=out, workers=1))
+    assert not third.up_to_date and third.written == first.written + 1
+    rules = tmp_path / "r.yaml"
+    rules.write_text("key_aliases: {landuse: land use}\n")
+    fourth = run_caption(CaptionConfig(dataset=dataset, out=out, rules=str(rules), workers=1))
+    assert not fourth.up_to_date and "land use of grass" in out.read_text()
+
+
 # --- the safe meta reader ----------------------------------------------------------------------
 
 
@@ -292,7 +328,7 @@ def test_malicious_pickle_is_refused_and_never_runs(dataset: Path, tmp_path: Pat
         load_meta(dataset / "meta2" / "zz_evil_CH_19.pickle")
     for workers in (1, 2):
         result = run_caption(
-            CaptionConfig(dataset=dataset, out=tmp_path / "o.csv", workers=workers)
+            CaptionConfig(dataset=dataset, out=tmp_path / "o.csv", workers=workers, force=True)
         )
         assert result.refused == {"unsafe": 2}
         assert not marker.exists()

@@ -7,23 +7,26 @@ and the chunk CSVs are concatenated in order into the output, which appears atom
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, InputError
 from ..files import atomic_path, write_json_atomic
 from ..progress import progress_bar
-from .rules import resolve_rules
+from .rules import CaptionRules, resolve_rules
 from .worker import (
     CSV_HEADER,
     ChunkStats,
@@ -56,6 +59,8 @@ class CaptionConfig:
         workers: worker processes; 0 means one per core, 1 runs in this process.
         chunk_size: meta files per task (and per temporary chunk CSV). The output does not
             depend on it nor on ``workers``.
+        force: caption again even when the CSV is up to date (same meta folders, unchanged
+            since, same rules and caption code).
     """
 
     dataset: Path
@@ -63,6 +68,7 @@ class CaptionConfig:
     rules: str | None = None
     workers: int = 0
     chunk_size: int = 4096
+    force: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset", Path(self.dataset))
@@ -102,6 +108,7 @@ class CaptionResult:
     refused: dict[str, int] = field(default_factory=dict)
     examples: list[tuple[str, str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    up_to_date: bool = False
 
     @property
     def n_refused(self) -> int:
@@ -110,6 +117,11 @@ class CaptionResult:
 
     def summary(self) -> str:
         """One line: captions written, empty, refused and why, speed."""
+        if self.up_to_date:
+            return (
+                f"caption: up to date, {self.out} ({self.written} captions from {self.files} "
+                "meta files; --force to caption again)"
+            )
         rate = self.files / self.seconds if self.seconds > 0 else 0.0
         why = ", ".join(f"{reason} {n}" for reason, n in sorted(self.refused.items()))
         return (
@@ -124,6 +136,43 @@ def stats_path(csv_path: str | Path) -> Path:
     """The stats file written beside a caption CSV (``X.csv`` -> ``X.stats.json``)."""
     p = Path(csv_path)
     return p.with_name(p.stem + ".stats.json")
+
+
+_CODE_FILES = ("rules.py", "worker.py")
+
+
+def fingerprint(root: Path, folders: list[MetaFolder], rules: CaptionRules | str) -> str:
+    """What the CSV depends on: the meta folders (names and modification times: a file added,
+    removed or atomically replaced changes its folder's), the rules and the caption code."""
+    h = hashlib.sha256()
+    for folder in folders:
+        st = os.stat(root / folder.meta_dir)
+        h.update(f"{folder.meta_dir}:{st.st_mtime_ns}:{st.st_ino}\n".encode())
+    if isinstance(rules, CaptionRules):
+        settings = {k: v for k, v in asdict(rules).items() if k not in ("name", "source")}
+        h.update(json.dumps(settings, sort_keys=True, default=sorted).encode())
+    else:
+        h.update(rules.encode())
+        module = rules.rpartition(":")[0]
+        file = (
+            module if module.endswith(".py") else getattr(sys.modules.get(module), "__file__", "")
+        )
+        if file and os.path.isfile(file):
+            h.update(Path(file).read_bytes())
+    here = Path(__file__).parent
+    for name in _CODE_FILES:
+        h.update((here / name).read_bytes())
+    return h.hexdigest()
+
+
+def _up_to_date(out: Path, print_: str) -> dict[str, Any] | None:
+    try:
+        stats = json.loads(stats_path(out).read_text())
+    except (OSError, ValueError):
+        return None
+    if not out.is_file() or not isinstance(stats, dict) or stats.get("fingerprint") != print_:
+        return None
+    return stats
 
 
 def _run_chunks(tasks: Iterable[Any], rules: Any, workers: int) -> Iterable[ChunkStats]:
@@ -164,6 +213,15 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
     out = config.out_path
     workers = config.n_workers()
     result = CaptionResult(out=out, folders=[f.meta_dir for f in folders])
+    print_ = fingerprint(config.dataset, folders, rules)
+    done = None if config.force else _up_to_date(out, print_)
+    if done is not None:
+        result.files, result.written, result.empty = done["files"], done["written"], done["empty"]
+        result.refused = dict(done["refused"])
+        result.up_to_date = True
+        result.seconds = time.perf_counter() - start
+        log.debug("caption: %s is up to date", out)
+        return result
     refused: Counter[str] = Counter()
     log.info(
         "caption: %s meta folder(s) in %s, %d worker(s)",
@@ -213,6 +271,7 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
                 for file, reason, detail in result.examples
             ],
             "seconds": round(result.seconds, 3),
+            "fingerprint": print_,
         },
     )
     log.debug("%s", result.summary())

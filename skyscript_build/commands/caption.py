@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=0, help="worker processes; 0 = one per core (0)"
     )
     parser.add_argument("--chunk-size", type=int, default=4096, help="meta files per task (4096)")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="caption again even if the CSV is up to date (same meta folders, rules and code)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -38,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
         rules=args.rules,
         workers=args.workers,
         chunk_size=args.chunk_size,
+        force=args.force,
     )
     result = run_caption(config)
     print(result.summary())
