@@ -67,3 +67,12 @@ def ee_emulator(emulator_collections):
     with Emulator(emulator_collections) as emu:
         init_ee_client(emu.url, max_retries=0)
         yield emu
+
+
+@pytest.fixture(scope="session")
+def demo_orthophoto(tmp_path_factory, helsinki_pbf) -> Path:
+    """collections.yaml of the demo's synthetic orthophoto (Finland/SMK/V/50cm), rendered once."""
+    from skyscript_build.orthophoto import OrthophotoConfig, render_orthophoto
+
+    out = tmp_path_factory.mktemp("demo_data")
+    return render_orthophoto(OrthophotoConfig(pbf=helsinki_pbf, out=out)).collections
