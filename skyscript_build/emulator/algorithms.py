@@ -411,7 +411,9 @@ def visualize_image(
                 out[k] = np.rint(v * 255)
         if opacity is not None and float(opacity) <= 0:
             valid = np.zeros_like(valid)
-        return out[wanted], np.asarray(valid, dtype=bool)
+        if wanted != list(range(out.shape[0])):
+            out = out[wanted]
+        return out, np.asarray(valid, dtype=bool)
 
     return Img(
         bands=out_bands,

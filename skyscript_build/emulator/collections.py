@@ -43,6 +43,7 @@ class ImageRecord:
     width: int
     height: int
     dtype: str
+    nodata: float | None
     footprint: BaseGeometry  # EPSG:4326
     footprint_geojson: dict[str, Any] = field(repr=False)
 
@@ -125,6 +126,7 @@ def _record(collection: str, entry: Any, base: Path, n: int, file: Path) -> Imag
             crs = ds.crs.to_string()
             transform = tuple(ds.transform)[:6]
             width, height, count, dtype = ds.width, ds.height, ds.count, ds.dtypes[0]
+            nodata = ds.nodata
             bounds = ds.bounds
     except rasterio.errors.RasterioIOError as e:
         raise InputError(file, f"{where}: cannot open {path}: {e}") from None
@@ -149,6 +151,7 @@ def _record(collection: str, entry: Any, base: Path, n: int, file: Path) -> Imag
         width=width,
         height=height,
         dtype=dtype,
+        nodata=nodata,
         footprint=footprint,
         footprint_geojson=footprint_geojson,
     )

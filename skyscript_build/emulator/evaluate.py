@@ -177,5 +177,4 @@ def compute_pixels(catalog: Catalog, body: dict[str, Any]) -> tuple[bytes, str]:
             f"{MAX_REQUEST_BYTES} bytes."
         )
     data, mask = image.render(grid, list(range(len(image.bands))))
-    mask = np.broadcast_to(mask, data.shape)
     return encode(data, mask, list(image.bands), str(body.get("fileFormat") or "PNG"), grid)

@@ -9,17 +9,18 @@ outside the raster are masked.
 from __future__ import annotations
 
 import io
-import math
+import os
 import threading
 from collections import defaultdict
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import rasterio
 from affine import Affine
 from PIL import Image as PILImage
+from pyproj import Transformer
 from rasterio.crs import CRS
-from rasterio.warp import Resampling, reproject, transform_bounds
 from rasterio.windows import Window
 
 from .collections import ImageRecord
@@ -90,114 +91,188 @@ class _DatasetPool:
 _pool = _DatasetPool()
 
 
-def _aligned_offset(record: ImageRecord, grid: Grid) -> tuple[int, int] | None:
-    """(col, row) offset of the grid in the raster when it is the raster's own grid."""
-    if grid.crs != record.crs and crs_of(grid.crs) != crs_of(record.crs):
-        return None
-    a, b, c, d, e, f = record.transform
+class _RasterCache:
+    """Whole rasters decoded in memory, pixel-interleaved (rows, cols, bands), up to a budget.
+
+    The emulator reads many small windows of a few rasters: decoding each once makes a window
+    read a numpy slice. Rasters that do not fit the budget are read window by window.
+    The budget is ``SKYSCRIPT_EMULATOR_CACHE_MB`` (default 1024).
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray | None] = {}
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._used = 0
+
+    def get(self, record: ImageRecord) -> np.ndarray | None:
+        key = str(record.path)
+        if key in self._arrays:
+            return self._arrays[key]
+        budget = int(os.environ.get("SKYSCRIPT_EMULATOR_CACHE_MB", "1024")) * 2**20
+        size = record.width * record.height * len(record.bands) * np.dtype(record.dtype).itemsize
+        with self._loading[key]:
+            if key in self._arrays:
+                return self._arrays[key]
+            with self._lock:
+                fits = self._used + size <= budget
+                if fits:
+                    self._used += size
+            array = None
+            if fits:
+                ds = _pool.borrow(key)
+                try:
+                    array = np.ascontiguousarray(ds.read().transpose(1, 2, 0))
+                finally:
+                    _pool.give_back(key, ds)
+            self._arrays[key] = array
+            return array
+
+
+_cache = _RasterCache()
+
+
+@lru_cache(maxsize=256)
+def _same_crs(a: str, b: str) -> bool:
+    return a == b or crs_of(a) == crs_of(b)
+
+
+@lru_cache(maxsize=256)
+def _transformer(src: str, dst: str) -> Transformer:
+    return Transformer.from_crs(crs_of(src), crs_of(dst), always_xy=True)
+
+
+def _interp_index(n: int, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For positions 0.5 .. n-0.5: the node below each (k) and the weight of the next (t)."""
+    pos = np.arange(n) + 0.5
+    k = np.clip(np.searchsorted(nodes, pos, side="right") - 1, 0, len(nodes) - 2)
+    return k, (pos - nodes[k]) / (nodes[k + 1] - nodes[k])
+
+
+def _interp(values: np.ndarray, ki: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Linear interpolation of ``values`` along its last axis (no BLAS: cheap and exact)."""
+    k, t = ki
+    return values[..., k] * (1 - t) + values[..., k + 1] * t
+
+
+def _pixel_map(record: ImageRecord, grid: Grid) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """Source pixel coordinates (rows, cols) of the grid's pixel centres.
+
+    Returns 1-D rows (h) and cols (w) when the mapping is separable (no rotation), else 2-D
+    (h, w) arrays; None when the grid does not project onto the raster. Between different
+    CRSs the exact transform is computed every 32 pixels and interpolated linearly in between
+    (as GDAL's approximate transformer does; the error is far below a pixel).
+    """
+    h, w = grid.height, grid.width
+    inv_src = ~Affine(*record.transform)
+    same = _same_crs(grid.crs, record.crs)
+    if same:
+        m = inv_src * grid.transform
+        if m.b == 0 and m.d == 0:
+            cols = m.a * (np.arange(w) + 0.5) + m.c
+            rows = m.e * (np.arange(h) + 0.5) + m.f
+            return rows, cols, True
+        jj, ii = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing="ij")
+        return m.d * ii + m.e * jj + m.f, m.a * ii + m.b * jj + m.c, False
+    step = 32
+    col_nodes = np.unique(np.append(np.arange(0, w, step) + 0.5, w - 0.5))
+    row_nodes = np.unique(np.append(np.arange(0, h, step) + 0.5, h - 0.5))
+    jj, ii = np.meshgrid(row_nodes, col_nodes, indexing="ij")
     g = grid.transform
-    if g.b != 0 or g.d != 0 or b != 0 or d != 0:
+    x, y = g.a * ii + g.b * jj + g.c, g.d * ii + g.e * jj + g.f
+    try:
+        sx, sy = _transformer(grid.crs, record.crs).transform(x, y)
+    except Exception:  # noqa: BLE001 - pyproj raises for points it cannot project
         return None
-    if not (math.isclose(g.a, a, rel_tol=1e-9) and math.isclose(g.e, e, rel_tol=1e-9)):
+    sx, sy = np.asarray(sx, dtype=np.float64), np.asarray(sy, dtype=np.float64)
+    if not (np.isfinite(sx).all() and np.isfinite(sy).all()):
         return None
-    col = (g.c - c) / a
-    row = (g.f - f) / e
-    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
-        return None
-    return int(round(col)), int(round(row))
+    a = inv_src
+    cols_c = a.a * sx + a.b * sy + a.c
+    rows_c = a.d * sx + a.e * sy + a.f
+    if len(col_nodes) == 1 or len(row_nodes) == 1:
+        col_nodes = np.append(col_nodes, col_nodes[-1] + 1) if len(col_nodes) == 1 else col_nodes
+        row_nodes = np.append(row_nodes, row_nodes[-1] + 1) if len(row_nodes) == 1 else row_nodes
+        cols_c = cols_c if cols_c.shape[1] > 1 else np.repeat(cols_c, 2, axis=1)
+        cols_c = cols_c if cols_c.shape[0] > 1 else np.repeat(cols_c, 2, axis=0)
+        rows_c = rows_c if rows_c.shape[1] > 1 else np.repeat(rows_c, 2, axis=1)
+        rows_c = rows_c if rows_c.shape[0] > 1 else np.repeat(rows_c, 2, axis=0)
+    ri, ci = _interp_index(h, row_nodes), _interp_index(w, col_nodes)
+    if np.abs(cols_c - cols_c[:1]).max() < 1e-6 and np.abs(rows_c - rows_c[:, :1]).max() < 1e-6:
+        return _interp(rows_c[:, 0], ri), _interp(cols_c[0], ci), True
+    # 2-D: along columns first (nr x w), then along rows (h x w).
+    rows = _interp(_interp(rows_c, ci).T, ri).T
+    cols = _interp(_interp(cols_c, ci).T, ri).T
+    return rows, cols, False
 
 
 def read_record(record: ImageRecord, grid: Grid, bands: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The ``bands`` (0-based) of ``record`` in ``grid``: data (n, h, w) and mask (h, w)."""
-    n, h, w = len(bands), grid.height, grid.width
-    data = np.zeros((n, h, w), dtype=record.dtype)
-    mask = np.zeros((h, w), dtype=bool)
-    offset = _aligned_offset(record, grid)
-    indexes = [b + 1 for b in bands]
-    if offset is not None:
-        col, row = offset
-        c0, r0 = max(col, 0), max(row, 0)
-        c1, r1 = min(col + w, record.width), min(row + h, record.height)
-        if c1 <= c0 or r1 <= r0:
-            return data, mask
+    """The ``bands`` (0-based) of ``record`` in ``grid``: data (n, h, w) and mask (h, w).
+
+    Nearest-neighbour sampling at pixel centres, as Earth Engine (and GDAL) do by default;
+    pixels outside the raster (or equal to its nodata value) are masked.
+    """
+    h, w = grid.height, grid.width
+    empty = (
+        np.zeros((len(bands), h, w), dtype=record.dtype),
+        np.zeros((h, w), dtype=bool),
+    )
+    mapping = _pixel_map(record, grid)
+    if mapping is None:
+        return empty
+    rows_f, cols_f, separable = mapping
+    r_idx = np.floor(rows_f + 1e-9).astype(np.int64)
+    c_idx = np.floor(cols_f + 1e-9).astype(np.int64)
+    valid_r = (r_idx >= 0) & (r_idx < record.height)
+    valid_c = (c_idx >= 0) & (c_idx < record.width)
+    valid = valid_r[:, None] & valid_c[None, :] if separable else valid_r & valid_c
+    if not valid.any():
+        return empty
+    r0, r1 = int(r_idx[valid_r].min()), int(r_idx[valid_r].max()) + 1
+    c0, c1 = int(c_idx[valid_c].min()), int(c_idx[valid_c].max()) + 1
+    cached = _cache.get(record)
+    if cached is not None:
+        src = cached[r0:r1, c0:c1]
+    else:
         ds = _pool.borrow(str(record.path))
         try:
-            window = Window(c0, r0, c1 - c0, r1 - r0)
-            block = ds.read(indexes, window=window)
-            nodata = ds.nodata
+            src = ds.read(window=Window(c0, r0, c1 - c0, r1 - r0)).transpose(1, 2, 0)
         finally:
             _pool.give_back(str(record.path), ds)
-        ys, xs = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
-        data[:, ys, xs] = block
-        mask[ys, xs] = True if nodata is None else np.any(block != nodata, axis=0)
-        return data, mask
-    # General case: read the source window covering the grid, then warp it.
-    src_crs, dst_crs = crs_of(record.crs), crs_of(grid.crs)
-    try:
-        left, bottom, right, top = transform_bounds(dst_crs, src_crs, *grid.bounds, densify_pts=8)
-    except Exception:  # noqa: BLE001 - a grid that does not project here covers nothing
-        return data, mask
-    inv = ~Affine(*record.transform)
-    cols, rows = zip(
-        *(inv * (x, y) for x, y in ((left, top), (right, top), (left, bottom), (right, bottom))),
-        strict=True,
+    rr = np.clip(r_idx - r0, 0, r1 - r0 - 1)
+    cc = np.clip(c_idx - c0, 0, c1 - c0 - 1)
+    if separable:
+        if _is_run(rr) and _is_run(cc):
+            data = src[rr[0] : rr[-1] + 1, cc[0] : cc[-1] + 1]
+        else:
+            data = src[rr][:, cc]
+    else:
+        data = src[rr, cc]
+    if bands != list(range(len(record.bands))):
+        data = data[..., bands]
+    nodata = record.nodata
+    if nodata is not None:
+        valid = valid & np.any(data != nodata, axis=-1)
+    return data.transpose(2, 0, 1), valid
+
+
+def _is_run(idx: np.ndarray) -> bool:
+    """True when idx is a run of consecutive integers (a plain slice)."""
+    return (
+        len(idx) > 0
+        and int(idx[-1]) - int(idx[0]) == len(idx) - 1
+        and bool((np.diff(idx) == 1).all())
     )
-    c0 = max(int(math.floor(min(cols))) - 2, 0)
-    r0 = max(int(math.floor(min(rows))) - 2, 0)
-    c1 = min(int(math.ceil(max(cols))) + 2, record.width)
-    r1 = min(int(math.ceil(max(rows))) + 2, record.height)
-    if c1 <= c0 or r1 <= r0:
-        return data, mask
-    ds = _pool.borrow(str(record.path))
-    try:
-        window = Window(c0, r0, c1 - c0, r1 - r0)
-        block = ds.read(indexes, window=window)
-        src_transform = ds.window_transform(window)
-        nodata = ds.nodata
-    finally:
-        _pool.give_back(str(record.path), ds)
-    valid = (
-        np.full(block.shape[1:], 255, np.uint8)
-        if nodata is None
-        else np.any(block != nodata, axis=0).astype(np.uint8) * 255
-    )
-    if block.dtype == np.uint8:
-        src = np.concatenate([block, valid[None]], axis=0)
-        dst = np.zeros((n + 1, h, w), dtype=np.uint8)
-        reproject(
-            src,
-            dst,
-            src_transform=src_transform,
-            src_crs=src_crs,
-            dst_transform=grid.transform,
-            dst_crs=dst_crs,
-            resampling=Resampling.nearest,
-            src_nodata=None,
-            dst_nodata=None,
-        )
-        return dst[:n], dst[n] > 0
-    for arr, out in ((block, data), (valid[None], mask_buf := np.zeros((1, h, w), np.uint8))):
-        reproject(
-            arr,
-            out,
-            src_transform=src_transform,
-            src_crs=src_crs,
-            dst_transform=grid.transform,
-            dst_crs=dst_crs,
-            resampling=Resampling.nearest,
-            src_nodata=None,
-            dst_nodata=None,
-        )
-    return data, mask_buf[0] > 0
 
 
 def encode(
     data: np.ndarray, mask: np.ndarray, band_names: list[str], file_format: str, grid: Grid
 ) -> tuple[bytes, str]:
-    """Encode (n, h, w) pixels and their (n, h, w) mask as ``file_format``: bytes, MIME type.
+    """Encode (n, h, w) pixels and their mask ((h, w) or (n, h, w)) as ``file_format``.
 
-    Masked pixels are 0 (JPEG, NPY, GEO_TIFF) or transparent (PNG). JPEG and PNG need 1 or 3
-    bands of 8-bit values (visualise first), as Earth Engine requires.
+    Returns the bytes and their MIME type. Masked pixels are 0 (JPEG, NPY, GEO_TIFF) or
+    transparent (PNG). JPEG and PNG need 1 or 3 bands of 8-bit values (visualise first), as
+    Earth Engine requires.
     """
     fmt = file_format.upper()
     if fmt in ("JPEG", "PNG", "AUTO_JPEG_PNG"):
@@ -207,7 +282,7 @@ def encode(
                 f"got {data.shape[0]} band(s) of type {data.dtype}."
             )
         any_masked = not mask.all()
-        pixels = np.where(mask, data, 0) if any_masked else data
+        pixels = np.where(mask, data, 0).astype(np.uint8) if any_masked else data
         arr = np.ascontiguousarray(pixels.transpose(1, 2, 0))
         if data.shape[0] == 1:
             arr = arr[:, :, 0]
@@ -215,7 +290,7 @@ def encode(
         if fmt == "JPEG" or (fmt == "AUTO_JPEG_PNG" and not any_masked):
             PILImage.fromarray(arr).save(buf, format="JPEG", quality=JPEG_QUALITY)
             return buf.getvalue(), "image/jpeg"
-        alpha = (mask.all(axis=0) * 255).astype(np.uint8)
+        alpha = ((mask if mask.ndim == 2 else mask.all(axis=0)) * 255).astype(np.uint8)
         if arr.ndim == 2:
             rgba = np.dstack([arr, alpha])
             PILImage.fromarray(rgba, mode="LA").save(buf, format="PNG")
@@ -227,7 +302,7 @@ def encode(
             (grid.height, grid.width), dtype=[(name, data.dtype) for name in band_names]
         )
         for i, name in enumerate(band_names):
-            structured[name] = np.where(mask[i], data[i], 0)
+            structured[name] = np.where(mask if mask.ndim == 2 else mask[i], data[i], 0)
         buf = io.BytesIO()
         np.save(buf, structured, allow_pickle=False)
         return buf.getvalue(), "application/octet-stream"
@@ -244,7 +319,7 @@ def encode(
                 crs=grid.crs,
                 transform=grid.transform,
             ) as ds:
-                ds.write(np.where(mask, data, 0).astype(data.dtype))
+                ds.write(np.where(mask, data, 0).astype(data.dtype))  # mask broadcasts
                 ds.descriptions = tuple(band_names)
             return mem.read(), "image/tiff"
     raise EvalError(f"Invalid value at 'file_format': {file_format!r} is not supported.")

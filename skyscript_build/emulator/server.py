@@ -285,10 +285,9 @@ class Emulator:
         )
         self.stats = EmulatorStats()
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
         self._fault_n = 0
         self._stopping = threading.Event()
-        self._connections: set[socket.socket] = set()
+        self._connections: dict[socket.socket, threading.Thread] = {}
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._algorithms = _ee_file("algorithms.json")
@@ -337,9 +336,10 @@ class Emulator:
                 conn.shutdown(socket.SHUT_RDWR)
         server.server_close()
         deadline = time.monotonic() + 5.0
-        with self._idle:  # wait for the request threads to finish their connections
-            while self._connections and time.monotonic() < deadline:
-                self._idle.wait(0.05)
+        with self._lock:
+            threads = list(self._connections.values())
+        for thread in threads:  # the request threads end once their connection is closed
+            thread.join(max(deadline - time.monotonic(), 0.01))
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -390,12 +390,11 @@ class Emulator:
 
     def _connection_opened(self, conn: socket.socket) -> None:
         with self._lock:
-            self._connections.add(conn)
+            self._connections[conn] = threading.current_thread()
 
     def _connection_closed(self, conn: socket.socket) -> None:
         with self._lock:
-            self._connections.discard(conn)
-            self._idle.notify_all()
+            self._connections.pop(conn, None)
 
     def _asset_info(self, asset_id: str) -> dict[str, Any] | None:
         name = f"projects/earthengine-public/assets/{asset_id}"
