@@ -175,6 +175,17 @@ def _up_to_date(out: Path, print_: str) -> dict[str, Any] | None:
     return stats
 
 
+def _fork_is_safe() -> bool:
+    """True when no thread but the main one runs (tqdm's monitor aside: it takes no lock a
+    worker would need)."""
+    try:
+        from tqdm._monitor import TMonitor
+    except ImportError:  # pragma: no cover - tqdm moved it
+        TMonitor = ()  # type: ignore[assignment,misc]  # noqa: N806
+    main = threading.main_thread()
+    return all(t is main or isinstance(t, TMonitor) for t in threading.enumerate())
+
+
 def _run_chunks(tasks: Iterable[Any], rules: Any, workers: int) -> Iterable[ChunkStats]:
     """Chunk results in chunk order: in this process, or from a pool of workers."""
     if workers == 1:
@@ -183,15 +194,20 @@ def _run_chunks(tasks: Iterable[Any], rules: Any, workers: int) -> Iterable[Chun
             yield caption_chunk(task)
         return
     # fork starts workers in milliseconds but is unsafe in a process that runs threads (a Dask
-    # client, a progress monitor): then forkserver, which forks from a clean server process.
+    # client, say): then forkserver, which forks from a clean server process (about 1 s more).
     methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
+    if "fork" in methods and _fork_is_safe():
         method = "fork"
     else:
         method = "forkserver" if "forkserver" in methods else "spawn"
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers, initializer=init_worker, initargs=(rules,)) as pool:
+    pool = ctx.Pool(workers, initializer=init_worker, initargs=(rules,))
+    try:
         yield from pool.imap(caption_chunk, tasks, chunksize=1)
+        pool.close()  # let the workers exit on their own (and be waited for)
+        pool.join()
+    finally:
+        pool.terminate()
 
 
 def run_caption(config: CaptionConfig) -> CaptionResult:
