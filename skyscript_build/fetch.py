@@ -189,13 +189,15 @@ class FetchResult:
     shards_done_before: int = 0
     fetched: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0
 
     def summary(self) -> str:
         """One line for the end of the run."""
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items())) or "none"
         return (
             f"fetch: {self.ok} ok, {self.skipped} skipped, {self.failed} failed "
-            f"(reasons: {reasons}); {self.fetched} tiles fetched in {self.seconds:.1f}s, "
+            f"(reasons: {reasons}); {self.fetched} tiles fetched in {self.seconds:.1f}s "
+            f"(client start {self.startup_seconds:.1f}s), "
             f"{self.shards_run} shards run, {self.shards_done_before} already done"
         )
 
@@ -350,7 +352,8 @@ def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None)
         )
     for name, group in by_backend.items():
         get_backend(config.backend_config(name, shard.limits)).prepare(group)
-    pool = _executor(max(1, min(config.concurrency, 64)))
+    # More threads than request slots: a thread encoding, decoding or writing holds no slot.
+    pool = _executor(min(256, 2 * config.concurrency + 2))
     for row in pool.map(lambda r: _process_tile(r, shard, writer), todo):
         rows[row["request_key"]] = row
         if on_tile is not None:
@@ -419,6 +422,7 @@ def run_fetch(config: FetchConfig) -> FetchResult:
     # Open every backend here first: bad credentials or settings fail before any output.
     for name in sorted(_backends_needed(config)):
         get_backend(config.backend_config(name, local))
+    startup = time.monotonic() - t0
     config.out.mkdir(parents=True, exist_ok=True)
     removed = remove_temp_files(config.out)
     if removed:
@@ -437,7 +441,9 @@ def run_fetch(config: FetchConfig) -> FetchResult:
             shards = list_shards(config, limits)
             pending = [s for s in shards if not _shard_finished(s)]
             results = map_shards(fetch_shard, pending, cluster, desc="fetch", client=client)
-    return _summarise(config, len(shards) - len(pending), results, time.monotonic() - t0)
+    result = _summarise(config, len(shards) - len(pending), results, time.monotonic() - t0)
+    result.startup_seconds = startup
+    return result
 
 
 def _summarise(

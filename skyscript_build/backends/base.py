@@ -226,7 +226,6 @@ def call_with_retries(
         The value and the number of attempts. The last ``FetchError`` is re-raised with
         ``attempts`` set on it when every attempt failed.
     """
-    rng = rng or random.Random()
     attempt = 0
     while True:
         attempt += 1
@@ -236,6 +235,7 @@ def call_with_retries(
             e.attempts = attempt  # type: ignore[attr-defined]
             if not e.retryable or attempt >= policy.max_attempts:
                 raise
+            rng = rng or random.Random()
             wait = policy.delay(attempt, e.retry_after, rng)
             log.debug("retrying after %s in %.2fs (attempt %d)", e.reason, wait, attempt)
             sleep(wait)

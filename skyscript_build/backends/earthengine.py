@@ -67,6 +67,10 @@ _INIT_LOCK = threading.Lock()
 _initialised: tuple[Any, ...] | None = None
 
 
+def _no_auth(request: Any) -> Any:
+    return request
+
+
 class _Transport:
     """An httplib2-like transport over one pooled ``requests.Session``.
 
@@ -74,12 +78,16 @@ class _Transport:
     ``ee`` reports as a bare message can be classified by its HTTP status.
     """
 
-    def __init__(self, timeout_s: float, pool: int) -> None:
+    def __init__(self, timeout_s: float, pool: int, limits: Limits) -> None:
         self.timeout_s = timeout_s
+        self.limits = limits
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        # google-auth sets the Authorization header; an auth of our own stops requests from
+        # reading ~/.netrc on every call (proxies from the environment still apply).
+        self.session.auth = _no_auth
         self.last = threading.local()
 
     def request(
@@ -96,10 +104,11 @@ class _Transport:
         self.last.status = None
         self.last.retry_after = None
         try:
-            response = self.session.request(
-                method, uri, data=body, headers=headers, timeout=self.timeout_s
-            )
-            content = response.content
+            with self.limits.slot():  # the caps hold exactly the HTTP exchange
+                response = self.session.request(
+                    method, uri, data=body, headers=headers, timeout=self.timeout_s
+                )
+                content = response.content
         except requests.Timeout as e:
             raise TimeoutError("request timed out") from e
         except requests.RequestException as e:
@@ -222,7 +231,7 @@ class EarthEngineBackend(Backend):
             else:
                 credentials = self._default_credentials()
         pool = max(10, min(self.config.limits.concurrency, 256))
-        self._transport = _Transport(self.config.timeout_s, pool)
+        self._transport = _Transport(self.config.timeout_s, pool, self.limits)
         signature = (url, project, id(self._transport))
         with _INIT_LOCK:
             try:
@@ -264,17 +273,16 @@ class EarthEngineBackend(Backend):
         import ee
 
         assert self._transport is not None
-        with self.limits.slot():
-            try:
-                return func(*args)
-            except ee.EEException as e:
-                raise self._classify(str(e)) from None
-            except TimeoutError:
-                raise FetchError("timeout", retryable=True) from None
-            except ConnectionError as e:
-                raise FetchError("connection", str(e), retryable=True) from None
-            except (ValueError, KeyError, TypeError) as e:  # a garbled JSON answer
-                raise FetchError("corrupt", type(e).__name__, retryable=True) from None
+        try:
+            return func(*args)
+        except ee.EEException as e:
+            raise self._classify(str(e)) from None
+        except TimeoutError:
+            raise FetchError("timeout", retryable=True) from None
+        except ConnectionError as e:
+            raise FetchError("connection", str(e), retryable=True) from None
+        except (ValueError, KeyError, TypeError) as e:  # a garbled JSON answer
+            raise FetchError("corrupt", type(e).__name__, retryable=True) from None
 
     def _classify(self, message: str) -> FetchError:
         assert self._transport is not None

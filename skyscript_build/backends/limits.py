@@ -62,26 +62,28 @@ class LimitsConfig:
 
 
 class TokenBucket:
-    """A thread-safe token bucket: ``take()`` blocks until a request may start."""
+    """A thread-safe rate limiter: ``take()`` blocks until a request may start.
+
+    Each caller reserves the next free start time under a lock (virtual scheduling), then
+    sleeps outside it: no thundering herd of threads polling for tokens. Up to ``burst``
+    requests may start at once after an idle period.
+    """
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
         self.rate = float(rate)
         self.capacity = float(burst if burst is not None else max(1.0, min(rate, 10.0)))
-        self._tokens = self.capacity
-        self._last = time.monotonic()
+        self._interval = 1.0 / self.rate
+        self._tat = 0.0  # theoretical arrival time of the next request
         self._lock = threading.Lock()
 
     def take(self) -> None:
-        """Take one token, sleeping while the bucket is empty."""
-        while True:
-            with self._lock:
-                now = time.monotonic()
-                self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
-                self._last = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
-                    return
-                wait = (1.0 - self._tokens) / self.rate
+        """Reserve the next start time and sleep until it."""
+        with self._lock:
+            now = time.monotonic()
+            tat = max(self._tat, now)
+            self._tat = tat + self._interval
+        wait = tat - (self.capacity - 1) * self._interval - now
+        if wait > 0:
             time.sleep(wait)
 
 
