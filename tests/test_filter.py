@@ -263,6 +263,8 @@ def test_geo_split_keeps_grid_cells_whole(dataset, checkpoint):
     cfg = config(root, csv, checkpoint, split_by="geo", val_size=5, test_size=5)
     result = run_filter(cfg)
     out = read_outputs(cfg)
+    # five cells of eight rows: one whole cell each for val and test
+    assert (result.val, result.test, result.pool) == (8, 8, 24)
 
     def cell(fp: str) -> tuple[int, int]:
         folder, name = fp.split("/")
@@ -288,8 +290,18 @@ def test_geo_split_keeps_grid_cells_whole(dataset, checkpoint):
     }
     assert not cells["val"] & cells["test"]
     assert not cells["val"] & cells["pool"] and not cells["test"] & cells["pool"]
-    # five cells of eight rows: one whole cell each for val and test
-    assert (result.val, result.test, result.pool) == (8, 8, 24)
+
+    # rows without a readable meta file never go to val or test
+    no_meta = sorted(out["val"]["filepath"])[:2]
+    for fp in no_meta:
+        folder, name = fp.split("/")
+        (root / folder.replace("images", "meta") / name.replace(".jpg", ".pickle")).unlink()
+    again = run_filter(cfg)
+    assert again.scored_new == 0
+    out = read_outputs(cfg)
+    held = set(out["val"]["filepath"]) | set(out["test"]["filepath"])
+    assert not held & set(no_meta)
+    assert again.val >= 5 and again.test >= 5 and again.val + again.test + again.pool == N
 
 
 def test_labels_and_exact_counts():
@@ -358,11 +370,27 @@ def test_cli_errors_exit_2_with_one_line(dataset, tmp_path, cli):
         f"skyscript-build filter: error: {ckpt}: checkpoint does not fit model 'tiny-random'"
     )
     assert "Traceback" not in proc.stderr
+
+    # not a checkpoint at all: one line too
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"definitely not a torch file")
+    with pytest.raises(InputError, match="not a readable checkpoint for model 'tiny-random'"):
+        run_filter(config(root, csv, junk))
     assert not list(root.glob("SkyScript_*_filtered_by_*.csv"))
 
     # and the same checkpoint with its own config registered through --model-config works
-    proc = cli(*args[:6], "tiny-other", *args[7:], "--captions", csv, "--pretrained", ckpt,
-               "--model-config", tmp_path / "tiny-other.json", "--out", tmp_path / "o")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("filter: 40 rows, 40 scored")
+    other = FilterConfig(
+        dataset=root,
+        captions=csv,
+        name="tiny",
+        model="tiny-other",
+        pretrained=str(ckpt),
+        model_config=tmp_path / "tiny-other.json",
+        val_size=4,
+        test_size=6,
+        workers=0,
+        out=tmp_path / "o",
+    )
+    result = run_filter(other)
+    assert result.scored_new == N
     assert (tmp_path / "o" / "SkyScript_train_top30pct_filtered_by_tiny.csv").exists()

@@ -274,9 +274,11 @@ def run_filter(config: FilterConfig) -> FilterResult:
         result.failed_examples = sorted(p for v in run.failed.values() for p in v)[:5]
         if run.n_failed:
             log.warning(
-                "%d images missing or corrupt, left out: %s",
+                "%d images missing or corrupt, left out (%s): %s%s",
                 run.n_failed,
                 ", ".join(f"{k} {v}" for k, v in result.failed.items()),
+                ", ".join(result.failed_examples),
+                ", ..." if run.n_failed > len(result.failed_examples) else "",
             )
     merge_parts(out)
 

@@ -9,6 +9,7 @@ extra.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -74,12 +75,19 @@ def pretrained_identity(pretrained: str, seed: int) -> str:
         return f"{NO_WEIGHTS}:seed{seed}"
     path = Path(pretrained)
     if path.is_file():
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                digest.update(block)
-        return f"file:{path.name}:{digest.hexdigest()[:16]}"
+        stat = path.stat()
+        return _file_identity(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     return pretrained
+
+
+@functools.lru_cache(maxsize=16)
+def _file_identity(path: str, size: int, mtime_ns: int) -> str:
+    """Hash a checkpoint once per (path, size, mtime): a ViT-L-14 file is 1.7 GB."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return f"file:{Path(path).name}:{digest.hexdigest()[:16]}"
 
 
 def resolve_device(device: str) -> str:
@@ -195,9 +203,13 @@ def load_model(
                 model, pretrained=weights, device="cpu"
             )
     except Exception as e:  # open_clip raises RuntimeError/KeyError/UnpicklingError/...
-        if is_file:
+        if is_file and "loading state_dict" in str(e):
             raise InputError(
                 pretrained, f"checkpoint does not fit model '{model}': {_one_line(e)}"
+            ) from None
+        if is_file:
+            raise InputError(
+                pretrained, f"not a readable checkpoint for model '{model}': {_one_line(e)}"
             ) from None
         raise ConfigError(
             f"cannot load {model} weights '{pretrained}': {_one_line(e)} "
