@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 torch = pytest.importorskip("torch")
 open_clip = pytest.importorskip("open_clip")
 
-from skyscript_build.errors import ConfigError, InputError  # noqa: E402
+from skyscript_build.errors import (  # noqa: E402
+    ConfigError,
+    InputError,
+    MissingDependencyError,
+)
 from skyscript_build.filter import (  # noqa: E402
     CLIP_CONFIG_DIR,
     FilterConfig,
@@ -302,6 +307,13 @@ def test_geo_split_keeps_grid_cells_whole(dataset, checkpoint):
     held = set(out["val"]["filepath"]) | set(out["test"]["filepath"])
     assert not held & set(no_meta)
     assert again.val >= 5 and again.test >= 5 and again.val + again.test + again.pool == N
+
+
+def test_missing_open_clip_names_the_extra(dataset, monkeypatch):
+    root, csv = dataset
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    with pytest.raises(MissingDependencyError, match=r"skyscript-build\[clip\]"):
+        run_filter(config(root, csv, "none"))
 
 
 def test_labels_and_exact_counts():
