@@ -159,12 +159,15 @@ def main() -> None:
         )
         body.append("")
         body += bench_model("ViT-B-32", root, paths[: args.vit_images], texts, (16, 48), (cores,))
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         body += [
             "",
             f"Peak RSS: main process {self_rss:.0f} MiB, largest decode worker "
             f"{child_rss:.0f} MiB.",
+            f"Load average at the end (1, 5, 15 min): {load} on {cores} cores: the machine is "
+            "shared, so absolute numbers are noisy; the ratios are measured in the same run.",
             "",
             "GPU: `bench/gpu_filter_vitl14.sh` (ViT-L-14, batch 256, --device cuda; goal >= 312 "
             "images/s per A100, clip-retrieval's published figure) has not been run on a GPU yet.",
