@@ -127,6 +127,47 @@ def bench_model(model: str, root: Path, paths, texts, batches, workers_list) -> 
     return lines
 
 
+RSS_SNIPPET = """
+import json, resource, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from data import make
+from skyscript_build.filter import FilterConfig, run_filter
+root = Path(sys.argv[1])
+csv = make(root, n=int(sys.argv[2]), size=64)
+r = run_filter(FilterConfig(dataset=root, captions=csv, name="rss", model="tiny-random",
+    pretrained="none", val_size=10, test_size=10, workers=2, batch_size=128))
+print(json.dumps({"scored": r.scored_new,
+    "self": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def rss_scaling(sizes: tuple[int, ...] = (500, 5000)) -> list[str]:
+    """Peak RSS of a whole ``run_filter`` (tiny model, 2 workers) at 1x and 10x rows."""
+    import json
+    import subprocess
+
+    fixture = Path(__file__).resolve().parent.parent / "tests" / "data" / "filter"
+    lines = ["| rows | main peak RSS MiB | largest worker MiB |", "|---:|---:|---:|"]
+    for n in sizes:
+        root = Path(tempfile.mkdtemp(prefix="bench_filter_rss_"))
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", RSS_SNIPPET, str(root), str(n), str(fixture)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert got["scored"] == n
+        lines.append(f"| {n} | {got['self']:.0f} | {got['children']:.0f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny-images", type=int, default=1024)
@@ -159,6 +200,8 @@ def main() -> None:
         )
         body.append("")
         body += bench_model("ViT-B-32", root, paths[: args.vit_images], texts, (16, 48), (cores,))
+        body += ["", "Memory as the input grows (whole `run_filter`, tiny model, 64 px tiles):", ""]
+        body += rss_scaling()
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
