@@ -328,3 +328,30 @@ def test_cap_holds_across_dask_worker_processes(fx, tmp_path):
         result = run_fetch(config)
         assert result.ok == 24 and result.shards_run == 6
         assert 2 <= emu.stats.max_concurrency <= 3  # two processes, one cluster-wide cap
+
+
+def test_cloud_rule_picks_the_clear_scene_and_masks_clouds(fx, tmp_path):
+    entries = fixture_data.write_s2(tmp_path / "s2")
+    collections = fixture_data.write_collections(
+        tmp_path / "collections.yaml", fx["raster"], extra={fixture_data.S2: entries}
+    )
+    rows = []
+    for i, (x0, y1) in enumerate(((385180.0, 6672620.0), (384810.0, 6672620.0))):
+        row = fixture_data.request_rows(1, seed=i, years=(2021,), prefix="n")[0]
+        to_ll = fixture_data.Transformer.from_crs("EPSG:3067", "EPSG:4326", always_xy=True)
+        lons, lats = to_ll.transform([x0, x0 + 160], [y1 - 160, y1])
+        row.update(
+            key=f"n{i}_S2_21", alias="S2", collection=fixture_data.S2, gsd=10.0,
+            x_min=x0, x_max=x0 + 160, y_min=y1 - 160, y_max=y1, width=16, height=16,
+            west=min(lons), east=max(lons), south=min(lats), north=max(lats),
+        )  # fmt: skip
+        rows.append(row)
+    requests = fixture_data.write_requests(tmp_path / "req", [rows])
+    with Emulator(collections) as emu:
+        result = run_fetch(_ee(fx, tmp_path / "ds", emu, requests=requests))
+    by_key = {r["key"]: r for r in iter_manifest(tmp_path / "ds")}
+    clear, masked = by_key["n0_S2_21"], by_key["n1_S2_21"]
+    assert (clear["status"], clear["image_id"]) == ("ok", f"{fixture_data.S2}/s2_clear")
+    assert clear["acquisition_time"].isoformat() == "2021-06-01T10:00:00+00:00"
+    assert (masked["status"], masked["reason"]) == ("skipped", "nodata")  # QA60 cloud bits
+    assert result.ok == 1

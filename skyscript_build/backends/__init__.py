@@ -6,6 +6,7 @@ worker process and shared by its threads); ``Backend.fetch(TileRequest) -> TileR
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,7 @@ def _triple(value: Any, default: float) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
+@functools.lru_cache(maxsize=1024)
 def source_info(alias: str, collection: str = "") -> SourceInfo:
     """The source ``alias`` from ``image_sources.get_source``, reduced to what backends use.
 
@@ -88,9 +90,7 @@ def source_info(alias: str, collection: str = "") -> SourceInfo:
     vmin, vmax = (stretch[0], stretch[1]) if len(stretch) >= 2 else (0.0, 255.0)
     gamma = getattr(src, "gamma", None) or (stretch[2] if len(stretch) > 2 else 1.0)
     cloud = getattr(src, "cloud", None)
-    bits = getattr(cloud, "mask_bits", None) or getattr(cloud, "bits", None) or ()
-    if isinstance(bits, int):
-        bits = (bits,)
+    bits = getattr(cloud, "mask_bits", None) or ()
     return SourceInfo(
         alias=alias,
         collection=str(getattr(src, "collection", None) or collection),
@@ -100,8 +100,8 @@ def source_info(alias: str, collection: str = "") -> SourceInfo:
         gamma=float(gamma or 1.0),
         backend=str(getattr(src, "backend", None) or "earthengine"),
         location=getattr(src, "location", None),
-        cloud_property=getattr(cloud, "property", None) or getattr(cloud, "scene_property", None),
-        cloud_max=getattr(cloud, "max_percent", None) or getattr(cloud, "max", None),
+        cloud_property=getattr(cloud, "scene_property", None),
+        cloud_max=getattr(cloud, "max_scene_percent", None),
         cloud_mask_band=getattr(cloud, "mask_band", None),
         cloud_mask_bits=tuple(int(b) for b in bits),
     )

@@ -36,7 +36,7 @@ T = TypeVar("T")
 
 # Reasons a later run tries again; every other non-ok reason is permanent.
 RETRYABLE_REASONS = frozenset(
-    {"http-429", "http-5xx", "timeout", "connection", "corrupt", "too-large", "error"}
+    {"http-429", "http-5xx", "timeout", "connection", "corrupt", "error", "http-401", "http-403"}
 )
 
 

@@ -41,6 +41,7 @@ from ..errors import BackendError, MissingDependencyError
 from ..quality import QualityError, decode_jpeg
 from . import BackendConfig, SourceInfo, source_info
 from .base import (
+    RETRYABLE_REASONS,
     Backend,
     FetchError,
     TileRequest,
@@ -454,8 +455,7 @@ class EarthEngineBackend(Backend):
                 )
         except FetchError as e:
             attempts += getattr(e, "attempts", 1)
-            make = (
-                TileResult.failed if e.retryable or e.reason == "too-large" else TileResult.skipped
-            )
+            retry_later = e.retryable or e.reason in RETRYABLE_REASONS
+            make = TileResult.failed if retry_later else TileResult.skipped
             return make(e.reason, attempts=attempts, detail=e.detail)
         return TileResult.skipped("no-image", attempts=max(attempts, 1))

@@ -30,7 +30,7 @@ from rasterio.warp import reproject, transform_bounds
 
 from ..errors import BackendError
 from . import BackendConfig, source_info
-from .base import Backend, FetchError, TileRequest, TileResult, call_with_retries
+from .base import RETRYABLE_REASONS, Backend, FetchError, TileRequest, TileResult, call_with_retries
 from .limits import Limits
 
 __all__ = ["XyzBackend", "zoom_for_gsd", "TILE_SIZE", "MAX_ZOOM"]
@@ -102,13 +102,13 @@ class XyzBackend(Backend):
         if status in (204, 404):
             tile = None
         elif status == 429:
-            raise FetchError("http-429", url, retryable=True, retry_after=_retry_after(response))
+            raise FetchError("http-429", retryable=True, retry_after=_retry_after(response))
         elif status >= 500:
             raise FetchError(
                 "http-5xx", f"{status}", retryable=True, retry_after=_retry_after(response)
             )
         elif status != 200:
-            raise FetchError("http-4xx", f"{status} for {url}")
+            raise FetchError(f"http-{status}", "tile server refused the request")
         else:
             try:
                 with Image.open(io.BytesIO(response.content)) as im:
@@ -148,7 +148,8 @@ class XyzBackend(Backend):
                     )
                 except FetchError as e:
                     attempts += getattr(e, "attempts", 1)
-                    result_cls = TileResult.failed if e.retryable else TileResult.skipped
+                    retry_later = e.retryable or e.reason in RETRYABLE_REASONS
+                    result_cls = TileResult.failed if retry_later else TileResult.skipped
                     return result_cls(e.reason, attempts=attempts, detail=e.detail)
                 attempts += n_attempts
                 if tile is not None:

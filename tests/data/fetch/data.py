@@ -80,7 +80,47 @@ def write_raster(path: Path, seed: int = 0, time: str = TIME, size: int = SIZE) 
     return path
 
 
-def write_collections(path: Path, raster: Path) -> Path:
+S2 = "COPERNICUS/S2_SR_HARMONIZED"
+
+
+def write_s2(folder: Path, seed: int = 0) -> list[dict]:
+    """Two Sentinel-2-like scenes (B4, B3, B2, QA60; uint16; 10 m) of 2021 over the fixture
+    area: ``s2_cloudy`` (scene cloud 60 %) and ``s2_clear`` (5 %, QA60 bit 10 set on its
+    western half). Returns their collections entries."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for name, cloud, day in (("s2_cloudy", 60, "2021-07-01"), ("s2_clear", 5, "2021-06-01")):
+        data = rng.integers(200, 2800, size=(4, 64, 64)).astype(np.uint16)
+        data[3] = 0
+        if name == "s2_clear":
+            data[3, :, :32] = 1 << 10
+        path = folder / f"{name}.tif"
+        with rasterio.open(
+            path,
+            "w",
+            driver="GTiff",
+            width=64,
+            height=64,
+            count=4,
+            dtype="uint16",
+            crs=CRS,
+            transform=from_origin(ORIGIN[0] - 200, ORIGIN[1] + 200, 10.0, 10.0),
+        ) as ds:
+            ds.write(data)
+        entries.append(
+            {
+                "path": str(path),
+                "time_start": f"{day}T10:00:00Z",
+                "id": name,
+                "bands": ["B4", "B3", "B2", "QA60"],
+                "properties": {"CLOUDY_PIXEL_PERCENTAGE": cloud},
+            }
+        )
+    return entries
+
+
+def write_collections(path: Path, raster: Path, extra: dict | None = None) -> Path:
     """The emulator's collections YAML serving ``raster`` as COLLECTION."""
     entry = {
         "path": str(raster),
@@ -88,7 +128,7 @@ def write_collections(path: Path, raster: Path) -> Path:
         "id": "helsinki_2019",
         "bands": ["R", "G", "B"],
     }
-    path.write_text(yaml.safe_dump({COLLECTION: [entry]}, sort_keys=True))
+    path.write_text(yaml.safe_dump({COLLECTION: [entry], **(extra or {})}, sort_keys=True))
     return path
 
 
