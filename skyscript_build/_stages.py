@@ -1,0 +1,138 @@
+"""From a validated pipeline to each stage's own frozen config (used by ``pipeline.run_pipeline``).
+
+A stage's config is built just before the stage runs (some configs check that the previous
+stage's files exist). Settings the pipeline file leaves out take the stage's own defaults:
+only the keys given are passed. A stage config's own ``ConfigError`` is re-raised naming the
+pipeline file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .pipeline import PipelineConfig
+
+__all__ = ["RunContext", "StageSpec", "STAGE_SPECS", "stage_module", "EMULATOR_PROJECT"]
+
+#: The Cloud project name the emulator is initialised with (any name works there).
+EMULATOR_PROJECT = "skyscript-emulator"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run adds to the pipeline: the scheduler address and the emulator's URL."""
+
+    scheduler: str | None = None
+    emulator_url: str | None = None
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """How to run one stage: its module, its entry function and its config builder."""
+
+    module: str
+    entry: str
+    build: Callable[[PipelineConfig, RunContext, Any], Any]
+
+
+def stage_module(stage: str, module: str) -> Any:
+    """Import a stage's module; a missing one is a clear ConfigError."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module.startswith(e.name):
+            raise ConfigError(f"stage {stage} is not available in this version") from None
+        raise
+
+
+def _workers(p: PipelineConfig) -> int:
+    return p.cluster.workers
+
+
+def _extract(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
+    return mod.ExtractConfig(
+        input=p.input, out=p.objects_dir, tag_filter=p.tag_filter, workers=_workers(p)
+    )
+
+
+def _plan(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
+    return mod.PlanConfig(
+        objects=p.objects_dir,
+        out=p.requests_dir,
+        sources=p.sources,
+        seed=p.seed,
+        tag_filter=p.tag_filter,
+        **p.plan.given(),
+    )
+
+
+def _fetch(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
+    b = p.backend
+    kw: dict[str, Any] = {}
+    if b.type == "emulator":
+        if ctx.emulator_url is None:
+            raise ConfigError("the emulator is not running")  # run_pipeline starts it
+        kw.update(backend="earthengine", ee_url=ctx.emulator_url, project=EMULATOR_PROJECT)
+    elif b.type == "earthengine":
+        # url None: the backend's own default, the high-volume endpoint.
+        kw.update(backend="earthengine", ee_url=b.url, project=b.project)
+        if b.key_file is not None:
+            kw["key_file"] = str(b.key_file)
+    elif b.type == "raster":
+        kw.update(backend="raster", location=str(b.folder))
+    else:
+        kw.update(backend="xyz", location=b.url)
+    for key in ("concurrency", "rate", "timeout_s"):
+        if getattr(b, key) is not None:
+            kw[key] = getattr(b, key)
+    return mod.FetchConfig(
+        requests=p.requests_dir,
+        out=p.dataset_dir,
+        workers=_workers(p),
+        scheduler=ctx.scheduler,
+        **kw,
+        **p.output.given(),
+        **p.fetch.given(),
+    )
+
+
+def _caption(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
+    rules = p.caption.rules or p.caption.function
+    return mod.CaptionConfig(
+        dataset=p.dataset_dir, out=p.captions_csv, rules=rules, workers=_workers(p)
+    )
+
+
+def filter_name(model: str) -> str:
+    """The default name of a filter (in file names): the model name, made file-safe."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") or "clip"
+
+
+def _filter(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
+    f = p.filter
+    if f is None:
+        raise ConfigError(f"{p.path}: has no filter section (model, pretrained, ...)")
+    given = f.given()
+    given.setdefault("name", filter_name(f.model))
+    return mod.FilterConfig(dataset=p.dataset_dir, captions=p.captions_csv, seed=p.seed, **given)
+
+
+def _report(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
+    return mod.ReportConfig(build_dir=p.build_dir, out=p.report_dir, dataset_dir=p.dataset_dir)
+
+
+STAGE_SPECS: dict[str, StageSpec] = {
+    "extract": StageSpec("skyscript_build.extract", "run_extract", _extract),
+    "plan": StageSpec("skyscript_build.plan", "run_plan", _plan),
+    "fetch": StageSpec("skyscript_build.fetch", "run_fetch", _fetch),
+    "caption": StageSpec("skyscript_build.caption", "run_caption", _caption),
+    "filter": StageSpec("skyscript_build.filter", "run_filter", _filter),
+    "report": StageSpec("skyscript_build.report", "run_report", _report),
+}
