@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -72,6 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.verbose
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Dask sets its loggers' levels from its config when `distributed` is imported (after
+    # this), so the setting goes through its environment variable; workers inherit it.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "info" if args.verbose else "warning")
     for noisy in ("distributed", "urllib3", "googleapiclient", "rasterio", "fiona", "PIL"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     if not getattr(args, "_main", None):
