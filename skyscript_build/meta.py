@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import struct
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,17 +64,76 @@ def dumps_meta(meta: Mapping[str, Any]) -> bytes:
     return pickle.dumps(dict(meta), protocol=PICKLE_PROTOCOL)
 
 
+# numpy scalars (numpy.float64 in a box, numpy.int64 in a time tuple) are numbers too. They are
+# decoded here by our own code: numpy is never imported or called, and only these globals are
+# answered, each with a stand-in that accepts nothing but a scalar's plain bytes.
+_NUMPY_SCALAR = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
+_NUMPY_FORMATS = {
+    "f8": "d", "f4": "f", "f2": "e",
+    "i8": "q", "i4": "i", "i2": "h", "i1": "b",
+    "u8": "Q", "u4": "I", "u2": "H", "u1": "B",
+    "b1": "?",
+}  # fmt: skip
+_BYTE_ORDERS = {"<": "<", ">": ">", "|": "<", "=": "="}
+
+
+class _ScalarType:
+    """Stands in for ``numpy.dtype(code, align, copy)`` of a number type; refuses any other."""
+
+    __slots__ = ("format", "order")
+
+    def __init__(self, code: Any = None, align: Any = False, copy: Any = True) -> None:
+        fmt = _NUMPY_FORMATS.get(code) if isinstance(code, str) else None
+        if fmt is None:
+            raise MetaError(
+                "unsafe", f"pickle asks for numpy.dtype({code!r}); only numbers are read"
+            )
+        self.format = fmt
+        self.order = "<"
+
+    def __setstate__(self, state: Any) -> None:
+        order = state[1] if isinstance(state, tuple) and len(state) > 1 else None
+        if order not in _BYTE_ORDERS:
+            raise MetaError("unsafe", "pickle gives a numpy.dtype state that is not a number's")
+        self.order = _BYTE_ORDERS[order]
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | bool:
+    """Stands in for ``numpy.core.multiarray.scalar(dtype, bytes)``: the Python number."""
+    if not isinstance(dtype, _ScalarType) or not isinstance(data, bytes):
+        raise MetaError("unsafe", "pickle calls numpy's scalar() with something but a number")
+    try:
+        (value,) = struct.unpack(dtype.order + dtype.format, data)
+    except struct.error as e:
+        raise MetaError("corrupt", f"a numpy scalar's bytes do not fit its type ({e})") from None
+    return value  # type: ignore[no-any-return]
+
+
+def _latin1_bytes(text: Any, encoding: Any = None) -> bytes:
+    """Stands in for ``_codecs.encode(text, 'latin1')``: how protocol 2 writes bytes."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise MetaError("unsafe", "pickle calls _codecs.encode with something but latin1 text")
+    return text.encode("latin1")
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
     """Accepts dicts, lists, tuples, str, bytes, numbers, bools and None; refuses any global.
 
     Every class, function or callable a pickle names goes through ``find_class`` (the opcodes
     GLOBAL, STACK_GLOBAL, INST, and EXT via the copyreg registry); REDUCE, OBJ, NEWOBJ and BUILD
-    can only call what such a look-up returned. Refusing every look-up, and every persistent id,
-    means no code a pickle asks for can run. ``pickle.Unpickler`` is the C unpickler, and a
-    subclass that only overrides these hooks still loads plain data at C speed.
+    can only call what such a look-up returned. Refusing every look-up (but the three stand-ins
+    above, our own code, for numpy scalars and protocol-2 bytes), and every persistent id, means
+    no code a pickle asks for can run. ``pickle.Unpickler`` is the C unpickler, and a subclass
+    that only overrides these hooks still loads plain data at C speed.
     """
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _NUMPY_SCALAR:
+            return _numpy_scalar
+        if (module, name) == ("numpy", "dtype"):
+            return _ScalarType
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         raise MetaError("unsafe", f"pickle asks for {module}.{name}; only plain data is read")
 
     def persistent_load(self, pid: Any) -> Any:

@@ -316,6 +316,38 @@ def test_crafted_streams_are_refused(name):
         assert e.value.reason == "unsafe"
 
 
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_numpy_scalars_are_read_as_numbers_without_numpy(protocol):
+    np = pytest.importorskip("numpy")
+    meta = {
+        "box": tuple(np.array([24.9, 60.1, 24.91, 60.11])),
+        "time": (np.int64(2019), np.int32(6), np.uint8(1), np.int16(10), 30),
+        "center_tags": {"lanes": np.float32(2.5), "power": "pole"},
+        "surrounding_tags": [],
+    }
+    got = loads_meta(pickle.dumps(meta, protocol=protocol))
+    assert got["box"] == (24.9, 60.1, 24.91, 60.11) and got["time"] == (2019, 6, 1, 10, 30)
+    assert all(type(v) in (int, float) for v in got["box"] + got["time"])
+    assert got["center_tags"]["lanes"] == 2.5
+
+
+def test_numpy_objects_other_than_scalars_are_refused():
+    np = pytest.importorskip("numpy")
+    base = make_meta((0, 0, 1, 1), (2020, 1, 1, 0, 0), {"a": "b"}, [])
+    for bad in (np.array([1.0, 2.0]), np.dtype("O"), np.str_("x"), np.datetime64("2019-01-01")):
+        with pytest.raises(MetaError) as e:
+            loads_meta(pickle.dumps({**base, "box": bad}))
+        assert e.value.reason == "unsafe", bad
+    # the stand-ins accept nothing but what numpy scalars and protocol-2 bytes need
+    abuse = b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00xX\x05\x00\x00\x00utf-8\x86R."
+    with pytest.raises(MetaError, match="latin1") as e:
+        loads_meta(abuse)
+    assert e.value.reason == "unsafe"
+    abuse = b"\x80\x02cnumpy\ndtype\nX\x01\x00\x00\x00O\x85R."
+    with pytest.raises(MetaError, match="only numbers") as e:
+        loads_meta(abuse)
+
+
 def test_malicious_pickle_is_refused_and_never_runs(dataset: Path, tmp_path: Path):
     marker = Path(f"/tmp/PWNED-{uuid.uuid4().hex}")
     evil = {**make_meta((0, 0, 1, 1), (2020, 1, 1, 0, 0), {"amenity": "x"}, [])}
