@@ -10,12 +10,9 @@ and the CLIP score distribution. A section whose stage has not run yet says so.
 
 from __future__ import annotations
 
-import csv
 import html
-import json
 import logging
 import math
-import re
 import shutil
 from collections import Counter
 from collections.abc import Sequence
@@ -23,14 +20,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._report_data import (
+    count_rows,
+    find_dataset_files,
+    load_pipeline_snapshot,
+    read_captions,
+    read_manifest,
+    read_objects,
+    read_requests,
+    read_scores,
+)
 from .errors import InputError
 from .files import atomic_write_text
 
 __all__ = ["ReportConfig", "ReportResult", "run_report", "find_dataset_files"]
 
 log = logging.getLogger(__name__)
-_KEY_ALIAS = re.compile(r"_([A-Z][A-Z0-9_]*?)_\d{2}$")
-_MAX_MAP_POINTS = 200_000
 
 
 @dataclass(frozen=True)
@@ -80,147 +85,6 @@ class ReportResult:
         return f"report: {self.path} ({shown or 'no stage outputs yet'})"
 
 
-def find_dataset_files(dataset: Path) -> dict[str, Any]:
-    """The caption CSV, the filtered CSVs and scores.parquet of a dataset folder."""
-    csvs = sorted(dataset.glob("*.csv")) if dataset.is_dir() else []
-    filtered = [p for p in csvs if "_filtered_by_" in p.name]
-    captions = [p for p in csvs if p not in filtered]
-    preferred = [p for p in captions if p.name == "SkyScript_captions.csv"]
-    scores = dataset / "scores.parquet"
-    return {
-        "captions": (preferred or captions)[0] if captions else None,
-        "filtered": filtered,
-        "scores": scores if scores.is_file() else None,
-    }
-
-
-# --- reading the stages' files -----------------------------------------------------------
-
-
-def _parts(folder: Path) -> list[Path]:
-    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
-
-
-def _read_objects(folder: Path) -> dict[str, Any] | None:
-    import numpy as np
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    import shapely
-
-    files = _parts(folder)
-    if not files:
-        return None
-    n, keys, types = 0, Counter[str](), Counter[str]()
-    bounds = [np.inf, np.inf, -np.inf, -np.inf]
-    for path in files:
-        table = pq.read_table(path, columns=["osm_type", "tags", "geometry"])
-        n += table.num_rows
-        for chunk in table.column("tags").chunks:
-            for item in pc.value_counts(chunk.keys).to_pylist():
-                keys[item["values"]] += item["counts"]
-        for item in pc.value_counts(table.column("osm_type")).to_pylist():
-            types[item["values"]] += item["counts"]
-        geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
-        b = shapely.total_bounds(geoms)
-        if np.isfinite(b).all():
-            bounds = [
-                min(bounds[0], b[0]),
-                min(bounds[1], b[1]),
-                max(bounds[2], b[2]),
-                max(bounds[3], b[3]),
-            ]
-    extent = tuple(float(v) for v in bounds) if np.isfinite(bounds).all() else None
-    return {"n": n, "keys": keys, "types": types, "extent": extent}
-
-
-def _read_requests(folder: Path) -> dict[str, Any] | None:
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    files = _parts(folder)
-    if not files:
-        return None
-    n, aliases = 0, Counter[str]()
-    lons: list[float] = []
-    lats: list[float] = []
-    labels: list[str] = []
-    for path in files:
-        table = pq.read_table(path, columns=["alias", "west", "south", "east", "north"])
-        n += table.num_rows
-        for item in pc.value_counts(table.column("alias")).to_pylist():
-            aliases[item["values"]] += item["counts"]
-        if len(lons) < _MAX_MAP_POINTS:
-            take = table.slice(0, _MAX_MAP_POINTS - len(lons))
-            west, east = take.column("west").to_pylist(), take.column("east").to_pylist()
-            south, north = take.column("south").to_pylist(), take.column("north").to_pylist()
-            lons += [(w + e) / 2 for w, e in zip(west, east, strict=True)]
-            lats += [(s + n_) / 2 for s, n_ in zip(south, north, strict=True)]
-            labels += take.column("alias").to_pylist()
-    return {"n": n, "aliases": aliases, "lons": lons, "lats": lats, "labels": labels}
-
-
-def _read_manifest(folder: Path) -> dict[str, Any] | None:
-    import pyarrow.parquet as pq
-
-    files = _parts(folder)
-    if not files:
-        return None
-    status, reasons = Counter[str](), Counter[str]()
-    per_alias: dict[str, Counter[str]] = {}
-    nbytes = 0
-    synthetic = False
-    for path in files:
-        columns = [
-            c
-            for c in ("key", "status", "reason", "bytes", "image_id", "collection")
-            if c in pq.read_schema(path).names
-        ]
-        table = pq.read_table(path, columns=columns).to_pydict()
-        for i, st in enumerate(table.get("status", [])):
-            status[st] += 1
-            if st != "ok":
-                reasons[
-                    f"{st}: {table['reason'][i] or 'unknown'}" if "reason" in table else st
-                ] += 1
-            m = _KEY_ALIAS.search(table["key"][i] or "") if "key" in table else None
-            per_alias.setdefault(m.group(1) if m else "?", Counter())[st] += 1
-        nbytes += sum(b or 0 for b in table.get("bytes", []))
-        ids = [str(x).lower() for x in table.get("image_id", []) if x]
-        synthetic = synthetic or any("synthetic" in x for x in ids)
-    return {
-        "status": status,
-        "reasons": reasons,
-        "per_alias": per_alias,
-        "bytes": nbytes,
-        "synthetic": synthetic,
-    }
-
-
-def _read_captions(path: Path | None) -> list[dict[str, str]] | None:
-    if path is None:
-        return None
-    with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-
-
-def _count_rows(path: Path) -> int:
-    with open(path, newline="", encoding="utf-8") as f:
-        return max(0, sum(1 for _ in csv.reader(f)) - 1)
-
-
-def _read_scores(path: Path | None) -> dict[str, Any] | None:
-    import pyarrow.parquet as pq
-
-    if path is None:
-        return None
-    table = pq.read_table(path).to_pydict()
-    return {
-        "similarity": [float(s) for s in table.get("similarity", []) if s is not None],
-        "model": sorted({str(m) for m in table.get("model", [])}),
-        "pretrained": sorted({str(p) for p in table.get("pretrained", [])}),
-    }
-
-
 # --- charts -------------------------------------------------------------------------------
 
 
@@ -243,6 +107,12 @@ def _save(fig: Any, path: Path) -> str:
     return path.name
 
 
+def _random_weights(pretrained: Any) -> bool:
+    """True for the filter's "no checkpoint" (``none``, stored as ``none:seed<N>``)."""
+    text = str(pretrained or "").lower()
+    return text in ("", "none") or text.startswith("none:")
+
+
 def _bar_chart(counts: list[tuple[str, int]], title: str, path: Path, *, horizontal: bool) -> str:
     fig, ax = _figure(7.0, max(2.4, 0.22 * len(counts) + 1.0) if horizontal else 3.6)
     labels = [c[0] for c in counts]
@@ -252,6 +122,9 @@ def _bar_chart(counts: list[tuple[str, int]], title: str, path: Path, *, horizon
         ax.set_yticks(range(len(values)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("count")
+        if values and min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_xscale("log")
+            ax.set_xlabel("count (log scale)")
     else:
         ax.bar(range(len(values)), values, color="#3b6ea8")
         ax.set_xticks(range(len(values)), labels)
@@ -335,18 +208,6 @@ td:not(:first-child){text-align:right} th{background:#f3f3f3}
 """
 
 
-def _load_pipeline_snapshot(build_dir: Path) -> dict[str, Any]:
-    path = build_dir / "pipeline.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        log.warning("%s: unreadable, ignored", path)
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _samples(captions: list[dict[str, str]], dataset: Path, out: Path, n: int) -> list[str]:
     from PIL import Image
 
@@ -382,14 +243,14 @@ def run_report(config: ReportConfig) -> ReportResult:
             elif old.exists():
                 old.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    snapshot = _load_pipeline_snapshot(config.build_dir)
+    snapshot = load_pipeline_snapshot(config.build_dir)
     files = find_dataset_files(config.dataset)
-    objects = _read_objects(config.build_dir / "objects")
-    requests = _read_requests(config.build_dir / "requests")
-    manifest = _read_manifest(config.dataset / "manifest")
-    captions = _read_captions(files["captions"])
-    scores = _read_scores(files["scores"])
-    filtered = {p.name: _count_rows(p) for p in files["filtered"]}
+    objects = read_objects(config.build_dir / "objects")
+    requests = read_requests(config.build_dir / "requests")
+    manifest = read_manifest(config.dataset / "manifest")
+    captions = read_captions(files["captions"])
+    scores = read_scores(files["scores"])
+    filtered = {p.name: count_rows(p) for p in files["filtered"]}
 
     result = ReportResult(path=out / "index.html")
     counts = result.counts
@@ -407,10 +268,11 @@ def run_report(config: ReportConfig) -> ReportResult:
 
     backend = (snapshot.get("backend") or {}).get("type")
     synthetic = backend == "emulator" or bool(manifest and manifest["synthetic"])
-    none_like = {None, "", "none", "None"}
     pretrained = (snapshot.get("filter") or {}).get("pretrained")
-    random_weights = bool(scores and none_like & set(scores["pretrained"])) or (
-        "filter" in snapshot and pretrained in none_like and (scores is not None or bool(filtered))
+    random_weights = bool(scores and any(_random_weights(p) for p in scores["pretrained"])) or (
+        "filter" in snapshot
+        and _random_weights(pretrained)
+        and (scores is not None or bool(filtered))
     )
 
     s: list[str] = []  # the page's sections

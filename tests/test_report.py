@@ -271,3 +271,21 @@ def test_chromium_check_catches_broken_images_and_errors(tmp_path: Path):
     state = check_page_in_chromium(page.as_uri())
     assert any("boom" in e for e in state["errors"])
     assert state["images"] == [["missing.png", True, 0]]
+
+
+def test_report_without_notes_for_real_imagery_and_weights(build: Path, tmp_path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    real = tmp_path / "real"
+    shutil.copytree(build, real, ignore=shutil.ignore_patterns("report*", "pipeline.json"))
+    scores = pq.read_table(real / "dataset" / "scores.parquet")
+    scores = scores.set_column(
+        scores.schema.get_field_index("pretrained"),
+        "pretrained",
+        pa.array(["openai"] * scores.num_rows),
+    )
+    pq.write_table(scores, real / "dataset" / "scores.parquet")
+    page = run_report(ReportConfig(build_dir=real)).path.read_text(encoding="utf-8")
+    assert "Synthetic imagery" not in page and "meaningless" not in page
+    assert "pretrained openai" in page

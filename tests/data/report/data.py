@@ -181,7 +181,7 @@ def make_build(root: Path, *, n_objects: int = 40, seed: int = 0) -> Path:
             "filepath": [c["filepath"] for c in captions],
             "similarity": [round(rng.uniform(-0.1, 0.4), 6) for _ in captions],
             "model": "tiny-random",
-            "pretrained": "none",
+            "pretrained": "none:seed0",
         }
     )
     pq.write_table(pa.Table.from_pandas(scores, preserve_index=False), dataset / "scores.parquet")
@@ -200,7 +200,7 @@ def make_build(root: Path, *, n_objects: int = 40, seed: int = 0) -> Path:
             {
                 "name": "fabricated",
                 "backend": {"type": "emulator"},
-                "filter": {"model": "tiny-random", "pretrained": None, "name": "tiny"},
+                "filter": {"model": "tiny-random", "pretrained": "none", "name": "tiny"},
             },
             indent=2,
         )
