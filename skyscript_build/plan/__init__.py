@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shapely
 
 import image_sources
 from image_sources import ImageSource
@@ -45,6 +44,8 @@ log = logging.getLogger(__name__)
 JPEG_BYTES_PER_PIXEL = 0.35
 #: Written last into the requests folder: the settings hash and the counts.
 MARKER = "plan.stats.json"
+#: Bumped when the rules change, so that an older plan is not reused.
+_RULES_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class PlanConfig:
             get_tag_filter_path(self.tag_filter).read_bytes()
         ).hexdigest()
         settings["objects"] = objects_fingerprint
+        settings["rules_version"] = _RULES_VERSION
         text = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -187,6 +189,7 @@ class PlanResult:
     dry_run: bool = False
     reused: bool = False
     settings_hash: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line: requests per source, skips by reason, time."""
@@ -282,7 +285,9 @@ def run_plan(config: PlanConfig) -> PlanResult:
             log.info("plan: %s is up to date (settings %s)", config.out, settings_hash)
             return result
 
+    clock = _Clock()
     objs = read_objects(config.objects)
+    clock.lap("read")
     log.info("plan: %d objects from %s", len(objs), config.objects)
     result = PlanResult(objects=len(objs) + sum(objs.dropped.values()), out=str(config.out))
     result.dry_run, result.settings_hash = config.dry_run, settings_hash
@@ -320,6 +325,7 @@ def run_plan(config: PlanConfig) -> PlanResult:
         idx, src = idx[keep], src[keep]
     result.skipped = skipped
     result.requests = len(idx)
+    clock.lap("choose")
     pixels = choice.pixels[idx]
     gsd = np.array([s.gsd for s in sources], dtype=np.float64)[src] if len(idx) else np.zeros(0)
     for k, source in enumerate(sources):
@@ -336,19 +342,21 @@ def run_plan(config: PlanConfig) -> PlanResult:
         }
     if config.dry_run:
         result.duration_s = time.perf_counter() - t0
+        result.timings = clock.laps
         return result
 
     epsg = choice.epsg[idx]
     frames = frame(objs, idx, epsg, gsd, pixels, proj, h, config.shift)
+    clock.lap("frame")
     if config.max_surrounding > 0 and len(idx):
-        tree = shapely.STRtree(objs.geometry)
         pair_req, pair_obj = surroundings(
-            objs, tree, visible, idx, epsg, gsd, frames.xy, frames.lonlat, proj, h,
+            objs, visible, idx, epsg, gsd, frames.xy, frames.lonlat, proj, h,
             config.max_surrounding,
         )  # fmt: skip
     else:
         pair_req = pair_obj = np.zeros(0, dtype=np.int64)
     result.surrounding = len(pair_req)
+    clock.lap("surround")
     source_years = [
         tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
     ]
@@ -358,6 +366,8 @@ def run_plan(config: PlanConfig) -> PlanResult:
     )  # fmt: skip
     _clear(config.out)
     write_parts(table, config.out, config.rows_per_part)
+    clock.lap("write")
+    result.timings = clock.laps
     result.duration_s = time.perf_counter() - t0
     record = asdict(result)
     record.pop("reused")
@@ -368,6 +378,22 @@ def run_plan(config: PlanConfig) -> PlanResult:
 
 
 _RESULT_FIELDS = {f.name for f in fields(PlanResult)}
+
+
+class _Clock:
+    """Seconds spent per phase (read, choose, frame, surround, write): wall clock, and the
+    process's CPU time under ``cpu_<phase>`` (steadier on a shared machine)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+        self._last_cpu = time.process_time()
+
+    def lap(self, name: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        self.laps[name] = round(now - self._last, 4)
+        self.laps[f"cpu_{name}"] = round(cpu - self._last_cpu, 4)
+        self._last, self._last_cpu = now, cpu
 
 
 def _count(skipped: dict[str, int], reason: str, n: int) -> None:
