@@ -44,6 +44,7 @@ class ImageRecord:
     height: int
     dtype: str
     nodata: float | None
+    asset_size: int
     footprint: BaseGeometry  # EPSG:4326
     footprint_geojson: dict[str, Any] = field(repr=False)
 
@@ -59,7 +60,7 @@ class ImageRecord:
             "system:index": self.index,
             "system:time_start": self.time_start,
             "system:footprint": self.footprint_geojson,
-            "system:asset_size": self.path.stat().st_size if self.path.exists() else 0,
+            "system:asset_size": self.asset_size,
         }
 
 
@@ -152,6 +153,7 @@ def _record(collection: str, entry: Any, base: Path, n: int, file: Path) -> Imag
         height=height,
         dtype=dtype,
         nodata=nodata,
+        asset_size=path.stat().st_size,
         footprint=footprint,
         footprint_geojson=footprint_geojson,
     )
