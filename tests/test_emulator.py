@@ -236,6 +236,24 @@ def test_errors_are_earth_engine_json(ee_emulator):
     assert ee_emulator.stats.count("value:compute", 400) >= 4
 
 
+def test_request_size_limit_and_assets(emulator_collections):
+    with Emulator(emulator_collections, max_request_bytes=100_000) as emu:
+        init_ee_client(emu.url, max_retries=0)
+        image = ee.ImageCollection(FI).first()
+        small = ee.data.computePixels(
+            {"expression": image, "fileFormat": "NUMPY_NDARRAY", "grid": grid(0, 0, 100, 100)}
+        )
+        assert small.shape == (100, 100)  # 30 000 bytes
+        with pytest.raises(ee.EEException, match=r"Total request size \(196608 bytes\)"):
+            ee.data.computePixels(
+                {"expression": image, "fileFormat": "NPY", "grid": grid(0, 0, 256, 256)}
+            )
+        assert ee.data.getAsset(FI)["type"] == "IMAGE_COLLECTION"
+        assert ee.data.getAsset(f"{FI}/ortho_2019")["type"] == "IMAGE"
+        with pytest.raises(ee.EEException, match="not found"):
+            ee.data.getAsset("NOPE/X")
+
+
 def _outcome(session: requests.Session, url: str) -> str:
     body = {"expression": {"result": "0", "values": {"0": {"constantValue": 7}}}}
     try:
@@ -252,13 +270,16 @@ def _outcome(session: requests.Session, url: str) -> str:
         assert r.headers["Retry-After"] == "2"
     if r.status_code != 200:
         assert r.json()["error"]["code"] == r.status_code
+        if r.status_code == 400:
+            assert r.json()["error"]["message"] == "User memory limit exceeded."
+            return "memory"
         return str(r.status_code)
     assert r.json() == {"result": 7}
     return "ok"
 
 
 def test_faults_follow_their_rates_and_seed(emulator_collections):
-    spec = "429:0.15,500:0.1,503:0.1,html:0.1,truncate:0.1,timeout:0.02"
+    spec = "429:0.15,500:0.1,503:0.1,html:0.1,truncate:0.1,timeout:0.02,memory:0.05"
     outcomes = {}
     for seed in (1, 1, 2):
         with Emulator(

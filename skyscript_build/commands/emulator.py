@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fault",
         default="",
-        help="fault rates, e.g. 429:0.1,500:0.05,503:0.05,timeout:0.02,truncate:0.02,html:0.01",
+        help="fault rates, e.g. 429:0.1,500:0.05,503:0.05,timeout:0.02,truncate:0.02,html:0.01,"
+        "memory:0.01",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault sequence")
     parser.add_argument(
@@ -28,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--retry-after", type=int, default=1, help="Retry-After seconds of a 429 fault"
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=None,
+        help="computePixels size limit (default Earth Engine's 50331648)",
     )
 
 
@@ -43,6 +50,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         stall_s=args.stall_s,
         retry_after_s=args.retry_after,
+        max_request_bytes=args.max_request_bytes,
     )
     emulator.start()
     try:

@@ -139,8 +139,14 @@ def _grid(body: dict[str, Any], image: Img) -> Any:
     return Grid(crs=crs, transform=transform, width=width, height=height)
 
 
-def compute_pixels(catalog: Catalog, body: dict[str, Any]) -> tuple[bytes, str]:
-    """The body and MIME type of an ``image:computePixels`` answer."""
+def compute_pixels(
+    catalog: Catalog, body: dict[str, Any], max_request_bytes: int | None = None
+) -> tuple[bytes, str]:
+    """The body and MIME type of an ``image:computePixels`` answer.
+
+    ``max_request_bytes`` is Earth Engine's limit on the uncompressed answer (48 MiB); a
+    larger request gets its "Total request size" error.
+    """
     from .algorithms import visualize_image
     from .pixels import MAX_REQUEST_BYTES, encode
 
@@ -171,10 +177,10 @@ def compute_pixels(catalog: Catalog, body: dict[str, Any]) -> tuple[bytes, str]:
     grid = _grid(body, image)
     itemsize = np.dtype(image.dtype).itemsize
     size = grid.width * grid.height * len(image.bands) * itemsize
-    if size > MAX_REQUEST_BYTES:
+    limit = MAX_REQUEST_BYTES if max_request_bytes is None else max_request_bytes
+    if size > limit:
         raise EvalError(
-            f"Total request size ({size} bytes) must be less than or equal to "
-            f"{MAX_REQUEST_BYTES} bytes."
+            f"Total request size ({size} bytes) must be less than or equal to {limit} bytes."
         )
     data, mask = image.render(grid, list(range(len(image.bands))))
     return encode(data, mask, list(image.bands), str(body.get("fileFormat") or "PNG"), grid)

@@ -10,6 +10,8 @@ Modes:
 - ``truncate``: the right headers and status 200, a ``Content-Length`` larger than the body,
   then the connection is closed half way.
 - ``html``: status 200 with ``Content-Type: text/html`` and an HTML page instead of the answer.
+- ``memory``: HTTP 400 "User memory limit exceeded." (Earth Engine's answer to a computation
+  too big for one request; clients retry it as smaller pieces).
 
 The decision for the n-th faultable request (numbered from 0 in arrival order) depends only on
 ``(seed, n)``, so a given seed always yields the same sequence of faults.
@@ -25,7 +27,7 @@ from ..errors import ConfigError
 
 __all__ = ["FAULT_MODES", "FaultPlan", "parse_faults"]
 
-FAULT_MODES = ("429", "500", "503", "timeout", "truncate", "html")
+FAULT_MODES = ("429", "500", "503", "timeout", "truncate", "html", "memory")
 
 
 @dataclass(frozen=True)

@@ -203,6 +203,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             if emu._stopping.is_set():
                 return
+        if fault == "memory":
+            self._error(400, "User memory limit exceeded.", endpoint)
+            return
         if fault == "html":
             self._send(200, _HTML, "text/html; charset=UTF-8", endpoint)
             return
@@ -215,7 +218,7 @@ class _Handler(BaseHTTPRequestHandler):
                 payload = json.dumps({"result": result}).encode()
                 content_type = "application/json; charset=UTF-8"
             else:
-                payload, content_type = compute_pixels(emu.catalog, body)
+                payload, content_type = compute_pixels(emu.catalog, body, emu.max_request_bytes)
         except json.JSONDecodeError:
             self._error(400, "Invalid JSON payload received.", endpoint)
             return
@@ -255,6 +258,8 @@ class Emulator:
         seed: seed of the fault sequence (when ``faults`` is a string).
         stall_s: how long a ``timeout`` fault stalls (when ``faults`` is a string).
         retry_after_s: the Retry-After of a 429 fault (when ``faults`` is a string).
+        max_request_bytes: computePixels size limit (Earth Engine's: 48 MiB), lower it to
+            make large tiles fail with Earth Engine's "Total request size" error.
     """
 
     def __init__(
@@ -266,6 +271,7 @@ class Emulator:
         seed: int = 0,
         stall_s: float = 30.0,
         retry_after_s: int = 1,
+        max_request_bytes: int | None = None,
     ) -> None:
         if latency_ms < 0:
             raise ConfigError("latency must not be negative")
@@ -283,6 +289,9 @@ class Emulator:
             if isinstance(faults, FaultPlan)
             else parse_faults(faults, seed=seed, stall_s=stall_s, retry_after_s=retry_after_s)
         )
+        if max_request_bytes is not None and max_request_bytes <= 0:
+            raise ConfigError("max_request_bytes must be positive")
+        self.max_request_bytes = max_request_bytes
         self.stats = EmulatorStats()
         self._lock = threading.Lock()
         self._fault_n = 0
