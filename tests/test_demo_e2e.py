@@ -1,0 +1,111 @@
+"""The embedded default, end to end: `skyscript-build run` on the shipped demo pipeline.
+
+The shipped pipelines/demo_helsinki.yaml is run as a user runs it (a subprocess, from a fresh
+folder, so `run` renders the synthetic orthophoto itself, starts the Earth Engine emulator,
+runs every stage on a local Dask cluster and stops the emulator), cut to a few hundred
+requests so that it stays short. A second run must reuse everything and change nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from skyscript_build.meta import load_meta
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_REQUESTS = 150
+
+pytestmark = pytest.mark.slow
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder`` (stats files, which record
+    durations, only by name)."""
+    return {
+        str(p.relative_to(folder)): "stats"
+        if p.suffix == ".json" and "stats" in p.name
+        else hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from conftest import run_cli
+
+    work = tmp_path_factory.mktemp("demo")
+    pipeline = yaml.safe_load((REPO / "pipelines" / "demo_helsinki.yaml").read_text())
+    pipeline["input"] = str(REPO / pipeline["input"])  # the bundled extract
+    pipeline["plan"]["max_requests"] = MAX_REQUESTS
+    path = work / "demo_helsinki.yaml"
+    path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    first = run_cli("run", path, cwd=work, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    build = work / "build" / "demo_helsinki"
+    digest = tree_digest(build / "dataset")
+    second = run_cli("run", path, cwd=work, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return {"work": work, "build": build, "first": first, "second": second, "digest": digest}
+
+
+def test_every_stage_ran_and_said_so(demo: dict):
+    out = demo["first"].stdout
+    lines = out.splitlines()
+    for stage in ("extract", "plan", "fetch", "caption", "filter", "report"):
+        assert any(line.startswith(f"{stage}: ") for line in lines), out
+    assert f"dataset in {demo['build'] / 'dataset'}" in out
+    assert f"report at {demo['build'] / 'report' / 'index.html'}" in out
+    assert "imagery is synthetic" in out and "ranking is meaningless" in out
+    assert "Traceback" not in demo["first"].stderr
+
+
+def test_run_made_the_demo_data_itself(demo: dict):
+    data = demo["work"] / "build" / "demo-data"
+    assert (data / "collections.yaml").is_file()
+    assert any(data.glob("*.tif"))
+
+
+def test_dataset_in_skyscript_layout(demo: dict):
+    dataset = demo["build"] / "dataset"
+    images = sorted(dataset.glob("images*/*.jpg"))
+    metas = sorted(dataset.glob("meta*/*.pickle"))
+    assert 0 < len(images) <= MAX_REQUESTS
+    assert {p.parent.name for p in images} <= {f"images{k}" for k in range(2, 8)}
+    assert [(p.parent.name[6:], p.stem) for p in images] == [
+        (p.parent.name[4:], p.stem) for p in metas
+    ]
+    meta = load_meta(str(metas[0]))
+    assert set(meta) == {"box", "time", "center_tags", "surrounding_tags"}
+    assert meta["time"][0] == 2019 and images[0].stem.endswith("_FI_19")
+    with open(dataset / "SkyScript_captions.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["filepath"] for r in rows] == sorted(str(p.relative_to(dataset)) for p in images)
+    assert all(r["title"] for r in rows)
+    names = {p.name for p in dataset.glob("*.csv")}
+    name = "tiny-random"
+    assert {
+        "SkyScript_captions.csv",
+        f"SkyScript_train_top30pct_filtered_by_{name}.csv",
+        f"SkyScript_train_top50pct_filtered_by_{name}.csv",
+        f"SkyScript_val_20_filtered_by_{name}.csv",
+        f"SkyScript_test_50_filtered_by_{name}.csv",
+    } == names
+    assert (dataset / "scores.parquet").is_file()
+    assert any((dataset / "manifest").glob("part-*.parquet"))
+    page = (demo["build"] / "report" / "index.html").read_text(encoding="utf-8")
+    assert "Synthetic imagery" in page and "OpenStreetMap contributors, ODbL" in page
+
+
+def test_second_run_reuses_everything(demo: dict):
+    out = demo["second"].stdout
+    assert "extract: already done" in out
+    assert "0 tiles fetched" in out
+    assert "caption: up to date" in out
+    assert "0 scored" in out
+    assert tree_digest(demo["build"] / "dataset") == demo["digest"]
