@@ -38,7 +38,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ATTRIBUTION = "synthetic, rendered from OpenStreetMap data (c) OpenStreetMap contributors, ODbL"
-RENDERER_VERSION = "1"
+RENDERER_VERSION = "2"
 
 # Land-cover classes, in drawing order (a later class covers an earlier one).
 GROUND, URBAN, INDUSTRIAL, GRASS, PARK, SCRUB, FOREST, WATER, PLAZA, PARKING = range(10)
@@ -246,6 +246,10 @@ def _read_osm(pbf: Path) -> dict[str, list[Any]]:
     areas: list[tuple[str, dict[str, str], int]] = []
     lines: list[tuple[str, dict[str, str]]] = []
     trees: list[tuple[str, int]] = []
+    # Ways cut by the extract's boundary (nodes outside have no location): water bodies and
+    # coastline, as runs of known (lon, lat) points.
+    partial_water: list[list[list[tuple[float, float]]]] = []
+    coastline: list[list[list[tuple[float, float]]]] = []
     area_keys = {"building", "landuse", "natural", "leisure", "amenity", "place", "water"}
     area_keys |= {"waterway", "highway", "area:highway", "railway", "man_made"}
     try:
@@ -261,6 +265,12 @@ def _read_osm(pbf: Path) -> dict[str, list[Any]]:
                     continue
                 areas.append((geom, dict(tags), obj.orig_id()))
             elif isinstance(obj, Way):
+                natural = tags.get("natural")
+                if natural == "coastline" or (
+                    natural == "water" and obj.is_closed() and not _all_located(obj)
+                ):
+                    runs = _located_runs(obj)
+                    (coastline if natural == "coastline" else partial_water).append(runs)
                 if "highway" in tags or "railway" in tags or "waterway" in tags:
                     if tags.get("area") == "yes":
                         continue
@@ -272,7 +282,67 @@ def _read_osm(pbf: Path) -> dict[str, list[Any]]:
                 trees.append((wkb.create_point(obj), obj.id))
     except RuntimeError as e:
         raise InputError(pbf, f"not a readable OSM file: {e}") from None
-    return {"areas": areas, "lines": lines, "trees": trees}
+    return {
+        "areas": areas,
+        "lines": lines,
+        "trees": trees,
+        "partial_water": partial_water,
+        "coastline": coastline,
+    }
+
+
+def _all_located(way: Any) -> bool:
+    return all(n.location.valid() for n in way.nodes)
+
+
+def _located_runs(way: Any) -> list[list[tuple[float, float]]]:
+    """The way's nodes with a known location, split where nodes are missing."""
+    runs: list[list[tuple[float, float]]] = [[]]
+    for n in way.nodes:
+        if n.location.valid():
+            runs[-1].append((n.location.lon, n.location.lat))
+        elif runs[-1]:
+            runs.append([])
+    return [r for r in runs if len(r) >= 2]
+
+
+def _sea(coast_runs: list[np.ndarray], frame: Any) -> list[Any]:
+    """Sea polygons inside ``frame`` from coastline runs (land on the left, sea on the right).
+
+    Each run is extended from both ends to the frame's edge, the frame is cut along the runs,
+    and each piece is sea when most points just right of the coastline fall inside it.
+    """
+    from shapely import geometry as sg
+    from shapely.ops import polygonize, unary_union
+
+    boundary = frame.boundary
+    lines = []
+    right_pts, left_pts = [], []
+    for run in coast_runs:
+        if len(run) < 2:
+            continue
+        ends = []
+        for p in (run[0], run[-1]):
+            q = boundary.interpolate(boundary.project(sg.Point(p)))
+            ends.append((q.x, q.y))
+        lines.append(sg.LineString([ends[0], *map(tuple, run), ends[1]]))
+        d = np.diff(run, axis=0)
+        norm = np.hypot(d[:, 0], d[:, 1])[:, None] + 1e-9
+        right = np.column_stack([d[:, 1], -d[:, 0]]) / norm
+        mid = (run[1:] + run[:-1]) / 2
+        right_pts.append(mid + right)
+        left_pts.append(mid - right)
+    if not lines:
+        return []
+    faces = list(polygonize(unary_union([boundary, *[ln.intersection(frame) for ln in lines]])))
+    rp, lp = np.concatenate(right_pts), np.concatenate(left_pts)
+    sea = []
+    for face in faces:
+        votes = shapely.contains_xy(face, rp[:, 0], rp[:, 1]).sum()
+        votes -= shapely.contains_xy(face, lp[:, 0], lp[:, 1]).sum()
+        if votes > 0:
+            sea.append(face)
+    return sea
 
 
 def _area_class(tags: dict[str, str]) -> int | None:
@@ -341,6 +411,14 @@ def _project(wkbs: list[str], crs: str) -> np.ndarray:
 
     geoms = shapely.transform(geoms, fn)
     return shapely.make_valid(geoms)
+
+
+def _project_points(points: list[tuple[float, float]], crs: str) -> np.ndarray:
+    from pyproj import Transformer
+
+    lon, lat = np.asarray(points, dtype=np.float64).T
+    x, y = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform(lon, lat)
+    return np.column_stack([x, y])
 
 
 def _rasterize(
@@ -419,6 +497,15 @@ def _render(config: OrthophotoConfig, osm: dict[str, list[Any]]) -> tuple[np.nda
         elif ww in ("river", "canal", "stream", "ditch"):
             width = {"river": 12.0, "canal": 8.0}.get(ww, 2.0)
             covers.append((WATER, shapely.buffer(geom, width / 2)))
+    # Water bodies and sea cut by the extract's boundary.
+    frame = shapely.box(x0, y0, x1, y1)
+    for runs in osm["partial_water"]:
+        pts = np.concatenate([_project_points(r, config.crs) for r in runs])
+        if len(pts) >= 3:
+            poly = shapely.make_valid(shapely.Polygon(pts))
+            covers.append((WATER, poly.intersection(frame)))
+    coast = [_project_points(r, config.crs) for runs in osm["coastline"] for r in runs]
+    covers.extend((WATER, sea) for sea in _sea(coast, frame))
     covers.sort(key=lambda c: c[0])  # stable: file order within a class
     cls_raster = _rasterize([(g, c) for c, g in covers], h, w, transform, np.uint8)
 
