@@ -360,12 +360,18 @@ def run_plan(config: PlanConfig) -> PlanResult:
     source_years = [
         tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
     ]
-    table = build_table(
-        objs, sources, source_years, idx, src, epsg, frames.xy, frames.lonlat, pixels,
-        entry_gsd, pair_req, pair_obj,
-    )  # fmt: skip
+
+    def build(start: int, stop: int) -> Any:
+        lo, hi = np.searchsorted(pair_req, [start, stop])
+        part = slice(start, stop)
+        return build_table(
+            objs, sources, source_years, idx[part], src[part], epsg[part], frames.xy[part],
+            frames.lonlat[part], pixels[part], entry_gsd, pair_req[lo:hi] - start,
+            pair_obj[lo:hi],
+        )  # fmt: skip
+
     _clear(config.out)
-    write_parts(table, config.out, config.rows_per_part)
+    write_parts(build, len(idx), config.out, config.rows_per_part)
     clock.lap("write")
     result.timings = clock.laps
     result.duration_s = time.perf_counter() - t0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -124,12 +124,18 @@ def build_table(
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 
 
-def write_parts(table: pa.Table, out: Path, rows_per_part: int) -> list[Path]:
-    """Write ``table`` as ``part-NNNNN.parquet`` files (atomically), each with its stats."""
+def write_parts(
+    build: Callable[[int, int], pa.Table], rows: int, out: Path, rows_per_part: int
+) -> list[Path]:
+    """Write ``part-NNNNN.parquet`` files (atomically), each with its stats.
+
+    ``build(start, stop)`` makes the table of requests ``start:stop``, so only one part's
+    columns are in memory at a time.
+    """
     paths = []
-    n_parts = max(1, -(-table.num_rows // rows_per_part))
+    n_parts = max(1, -(-rows // rows_per_part))
     for k in range(n_parts):
-        part = table.slice(k * rows_per_part, rows_per_part)
+        part = build(k * rows_per_part, min(rows, (k + 1) * rows_per_part))
         path = out / f"part-{k:05d}.parquet"
         with atomic_path(path) as tmp:
             pq.write_table(part, tmp, compression="zstd")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import shapely
 
+from ..progress import progress_bar
 from ._geo import STREAM_SURROUND, ProjectedBounds, uniform
 from ._objects import Objects
 
@@ -45,6 +46,7 @@ def surroundings(
     position = np.full(len(objs), -1, dtype=np.int64)
     reqs, objs_out = [], []
     groups = sorted(set(zip(epsg.tolist(), gsd.tolist(), strict=True)))
+    bar = progress_bar(total=len(focus), desc="plan: surroundings", unit="tile")
     for code, g in groups:
         tiles = np.flatnonzero((epsg == code) & (gsd == g))
         if g not in trees:
@@ -53,6 +55,7 @@ def surroundings(
             trees[g] = (tree, members, priority[members])
         tree, members, prio = trees[g]
         if len(members) == 0:
+            bar.update(len(tiles))
             continue
         ll = lonlat[tiles]
         envelope = (ll[:, 0].min(), ll[:, 1].min(), ll[:, 2].max(), ll[:, 3].max())
@@ -67,10 +70,12 @@ def surroundings(
             if cap is not None and len(r):
                 keep = _cap(r, prio[jl], len(tiles[sel]), cap)
                 r, jl = r[keep], jl[keep]
-            reqs.append(tiles[sel][r])
-            objs_out.append(members[jl])
-    r = np.concatenate(reqs) if reqs else np.zeros(0, dtype=np.int64)
-    j = np.concatenate(objs_out) if objs_out else np.zeros(0, dtype=np.int64)
+            reqs.append(tiles[sel][r].astype(np.int32))
+            objs_out.append(members[jl].astype(np.int32))
+            bar.update(len(tiles[sel]))
+    bar.close()
+    r = np.concatenate(reqs) if reqs else np.zeros(0, dtype=np.int32)
+    j = np.concatenate(objs_out) if objs_out else np.zeros(0, dtype=np.int32)
     if len(groups) > 1:
         order = np.argsort(r, kind="stable")
         r, j = r[order], j[order]
