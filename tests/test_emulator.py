@@ -206,6 +206,12 @@ def test_empty_collection_answers(ee_emulator):
         )
     with pytest.raises(ee.EEException, match="Element.get: Parameter 'object' is required"):
         old.first().get("system:index").getInfo()
+    # Server-side guards work as in Earth Engine: If evaluates only the branch it takes.
+    for col, want in ((old, "none"), (ee.ImageCollection(FI), "ortho_2019")):
+        guarded = ee.Algorithms.If(col.size().gt(0), col.first().get("system:index"), "none")
+        assert guarded.getInfo() == want
+    assert old.aggregate_max("system:time_start").getInfo() is None
+    assert ee.ImageCollection(FI).aggregate_max("system:time_start").getInfo() == 1625130000000
 
 
 def test_errors_are_earth_engine_json(ee_emulator):

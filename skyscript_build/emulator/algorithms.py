@@ -752,6 +752,95 @@ def _aggregate_array(ev: Any, name: str, a: dict[str, Any]) -> list[Any]:
     return [i.props[prop] for i in coll.images if i.props.get(prop) is not None]
 
 
+_AGGREGATES: dict[str, Callable[[list[Any]], Any]] = {
+    "first": lambda v: v[0] if v else None,
+    "count": len,
+    "min": lambda v: min(v) if v else None,
+    "max": lambda v: max(v) if v else None,
+    "sum": lambda v: sum(v),
+    "mean": lambda v: sum(v) / len(v) if v else None,
+    "count_distinct": lambda v: len(set(map(json.dumps, v))),
+}
+
+
+def _aggregate(kind: str) -> Impl:
+    def impl(ev: Any, name: str, a: dict[str, Any]) -> Any:
+        coll = as_coll(a["collection"], name, "collection")
+        prop = str(a["property"])
+        values = [i.props[prop] for i in coll.images if i.props.get(prop) is not None]
+        try:
+            return _AGGREGATES[kind](values)
+        except TypeError:
+            raise EvalError(f"{name}: property '{prop}' is not a number.") from None
+
+    return impl
+
+
+for _kind in _AGGREGATES:
+    ALGORITHMS[f"AggregateFeatureCollection.{_kind}"] = _aggregate(_kind)
+
+
+@alg("Dictionary.get", "Dictionary.getNumber", "Dictionary.getString")
+def _dict_get(ev: Any, name: str, a: dict[str, Any]) -> Any:
+    d, key = a["dictionary"], a["key"]
+    if not isinstance(d, dict):
+        raise EvalError(f"{name}: Invalid type: expected Dictionary, got {_type_name(d)}.")
+    if key not in d:
+        if "defaultValue" in a:
+            return a["defaultValue"]
+        raise EvalError(f"{name}: Dictionary does not contain key: '{key}'.")
+    return d[key]
+
+
+def _number_op(fn: Callable[..., Any], unary: bool = False) -> Impl:
+    def impl(ev: Any, name: str, a: dict[str, Any]) -> Any:
+        values = [a["input"]] if unary else [a["left"], a["right"]]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise EvalError(f"{name}: Invalid type: expected Number, got {_type_name(v)}.")
+        try:
+            result = fn(*values)
+        except ZeroDivisionError:
+            return 0
+        return int(result) if isinstance(result, bool) else result
+
+    return impl
+
+
+for _n, _f in (
+    ("add", lambda x, y: x + y),
+    ("subtract", lambda x, y: x - y),
+    ("multiply", lambda x, y: x * y),
+    ("divide", lambda x, y: x / y),
+    ("eq", lambda x, y: x == y),
+    ("neq", lambda x, y: x != y),
+    ("lt", lambda x, y: x < y),
+    ("lte", lambda x, y: x <= y),
+    ("gt", lambda x, y: x > y),
+    ("gte", lambda x, y: x >= y),
+    ("and", lambda x, y: bool(x) and bool(y)),
+    ("or", lambda x, y: bool(x) or bool(y)),
+    ("min", min),
+    ("max", max),
+):
+    ALGORITHMS[f"Number.{_n}"] = _number_op(_f)
+_unary: tuple[tuple[str, Callable[[Any], Any]], ...] = (
+    ("not", lambda x: not x),
+    ("floor", lambda x: int(np.floor(x))),
+    ("round", lambda x: int(np.floor(x + 0.5))),
+    ("int", int),
+    ("toInt", int),
+    ("long", int),
+    ("toLong", int),
+    ("float", float),
+    ("toFloat", float),
+    ("double", float),
+    ("toDouble", float),
+)
+for _n, _u in _unary:
+    ALGORITHMS[f"Number.{_n}"] = _number_op(_u, unary=True)
+
+
 @alg("List.get")
 def _list_get(ev: Any, name: str, a: dict[str, Any]) -> Any:
     items, index = a["list"], int(a["index"])

@@ -79,7 +79,12 @@ class Evaluator:
         """Call an algorithm (or a user function) with its evaluated arguments."""
         from .algorithms import ALGORITHMS, check_required
 
-        args = {k: self.node(v, env) for k, v in body.get("arguments", {}).items()}
+        raw_args = body.get("arguments", {})
+        if body.get("functionName") == "If":  # lazy: only the chosen branch is evaluated
+            cond = self.node(raw_args["condition"], env) if "condition" in raw_args else None
+            branch = raw_args.get("trueCase" if _truthy(cond) else "falseCase")
+            return None if branch is None else self.node(branch, env)
+        args = {k: self.node(v, env) for k, v in raw_args.items()}
         if "functionReference" in body:
             fn = self.ref(str(body["functionReference"]), env)
             if not isinstance(fn, Closure):
@@ -91,6 +96,15 @@ class Evaluator:
             raise EvalError(f"{name}: this algorithm is not supported by the emulator.")
         check_required(name, args)
         return impl(self, name, args)
+
+
+def _truthy(value: Any) -> bool:
+    """Earth Engine's truth: null, 0, false, empty string/list/dict are false."""
+    if value is None or value is False:
+        return False
+    if isinstance(value, int | float | str | list | dict):
+        return bool(value)
+    return True
 
 
 def compute_value(catalog: Catalog, body: dict[str, Any]) -> Any:
