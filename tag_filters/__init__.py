@@ -3,7 +3,9 @@
 A table is a CSV file with the columns ``key,value,groundable,max_gsd,note`` (see README.md in
 this folder). ``value`` is an OSM value or ``*`` for any value; ``key`` may end in ``*`` to match
 a key prefix (``name*``, ``addr:*``). Lookups try, in order: the exact ``key=value`` row, the
-``key=*`` row, then the longest matching key prefix. A tag no row matches is not groundable.
+``key=*`` row, then the longest matching key prefix. A tag no row matches is not groundable, and
+a negative value (``no``, ``none``, ``false``) is not groundable unless its exact row says so.
+Values are looked up normalised (``normalise_value``).
 
     >>> from tag_filters import load_tag_filter
     >>> tf = load_tag_filter("default")
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,7 @@ __all__ = [
     "get_tag_filter_path",
     "load_tag_filter",
     "normalise_value",
+    "parse_length",
 ]
 
 #: The GSD levels (metres) of SkyScript's stage-II classifier, finest first.
@@ -46,9 +50,55 @@ class TagRule:
     note: str = ""
 
 
+#: Values that say a feature is absent; not groundable unless a row names them exactly.
+NEGATIVE_VALUES = frozenset({"no", "none", "false", "0"})
+_YES_VALUES = frozenset({"yes", "true", "1", "y"})
+_LENGTH_UNITS = {
+    "": 1.0,
+    "m": 1.0,
+    "meter": 1.0,
+    "meters": 1.0,
+    "metre": 1.0,
+    "metres": 1.0,
+    "cm": 0.01,
+    "mm": 0.001,
+    "km": 1000.0,
+    "ft": 0.3048,
+    "feet": 0.3048,
+    "'": 0.3048,
+    "in": 0.0254,
+    '"': 0.0254,
+    "mi": 1609.344,
+    "nmi": 1852.0,
+}
+_LENGTH_RE = re.compile(r"^\s*(-?\d+(?:[.,]\d+)?)\s*([a-z'\"]*)\s*$")
+_FEET_INCHES_RE = re.compile(r"^\s*(\d+)\s*'\s*(\d+(?:\.\d+)?)\s*\"\s*$")
+
+
 def normalise_value(value: str) -> str:
-    """The form a value is looked up in: trimmed, lower case, first of a ``;`` list."""
-    return value.split(";", 1)[0].strip().lower()
+    """The form a value is looked up in.
+
+    Trimmed, lower case, the first entry of a ``;`` list, spaces as ``_``, and the spellings of
+    yes (``true``, ``1``) folded to ``yes``.
+    """
+    v = value.split(";", 1)[0].strip().lower().replace(" ", "_")
+    return "yes" if v in _YES_VALUES else v
+
+
+def parse_length(value: str) -> float | None:
+    """An OSM length (``width``, ``height``, ``diameter``...) in metres; None if unreadable.
+
+    Reads plain numbers (metres), numbers with a unit (``20 cm``, ``3.5m``, ``12 ft``, ``2 km``)
+    and feet-and-inches (``6'3"``). A decimal comma is accepted.
+    """
+    text = value.strip().lower()
+    m = _FEET_INCHES_RE.match(text)
+    if m:
+        return float(m.group(1)) * 0.3048 + float(m.group(2)) * 0.0254
+    m = _LENGTH_RE.match(text)
+    if not m or m.group(2) not in _LENGTH_UNITS:
+        return None
+    return float(m.group(1).replace(",", ".")) * _LENGTH_UNITS[m.group(2)]
 
 
 class TagFilter:
@@ -72,10 +122,24 @@ class TagFilter:
     def __len__(self) -> int:
         return len(self.exact) + len(self.any_value) + len(self.prefixes)
 
+    def candidate_keys(self) -> frozenset[str] | None:
+        """The keys that can make a tag groundable; None when a prefix row is groundable.
+
+        Used to pre-filter objects in C++ (``osmium.filter.KeyFilter``) before any Python runs.
+        """
+        if any(rule.groundable for _, rule in self.prefixes):
+            return None
+        keys = {k for (k, _), rule in self.exact.items() if rule.groundable}
+        keys |= {k for k, rule in self.any_value.items() if rule.groundable}
+        return frozenset(keys)
+
     def _rule(self, key: str, value: str) -> TagRule | None:
-        rule = self.exact.get((key, normalise_value(value)))
+        norm = normalise_value(value)
+        rule = self.exact.get((key, norm))
         if rule is not None:
             return rule
+        if norm in NEGATIVE_VALUES:
+            return None
         rule = self.any_value.get(key)
         if rule is not None:
             return rule
@@ -153,6 +217,11 @@ def _parse_gsd(text: str, path: Path, line: int) -> float | None:
     return gsd
 
 
+def _rule_value(text: str | None) -> str:
+    text = (text or "").strip()
+    return "*" if text in ("", "*") else normalise_value(text)
+
+
 @functools.lru_cache(maxsize=16)
 def _load(path: Path) -> TagFilter:
     from skyscript_build.errors import InputError
@@ -175,7 +244,7 @@ def _load(path: Path) -> TagFilter:
             rules.append(
                 TagRule(
                     key=row["key"].strip(),
-                    value=(row["value"] or "*").strip().lower(),
+                    value=_rule_value(row["value"]),
                     groundable=groundable,
                     max_gsd=gsd,
                     note=(row.get("note") or "").strip(),

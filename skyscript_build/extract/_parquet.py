@@ -1,0 +1,275 @@
+"""Column batches -> GeoParquet parts (EPSG:4326, WKB geometry), written atomically.
+
+Geometries arrive as WKB (hex strings from osmium's factory, or lon/lat pairs for points) and
+are checked in bulk with shapely: an invalid geometry is repaired with ``make_valid`` when the
+repair keeps its kind (polygonal stays polygonal, lineal stays lineal) and dropped otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import shapely
+
+from ..files import atomic_path
+
+__all__ = ["SCHEMA", "Batch", "PartWriter", "OSM_CREDIT"]
+
+OSM_CREDIT = "(c) OpenStreetMap contributors, ODbL 1.0 (https://www.openstreetmap.org/copyright)"
+
+_FIELDS = [
+    pa.field("osm_type", pa.string(), nullable=False),
+    pa.field("osm_id", pa.int64(), nullable=False),
+    pa.field("osm_element", pa.string(), nullable=False),
+    pa.field("tags", pa.map_(pa.string(), pa.string()), nullable=False),
+    pa.field("max_gsd", pa.float64(), nullable=False),
+    pa.field("geometry", pa.binary(), nullable=False),
+]
+
+
+@functools.lru_cache(maxsize=1)
+def _geo_metadata() -> bytes:
+    from pyproj import CRS
+
+    geo = {
+        "version": "1.0.0",
+        "primary_column": "geometry",
+        "columns": {
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": [],
+                "crs": CRS.from_epsg(4326).to_json_dict(),
+            }
+        },
+    }
+    return json.dumps(geo, sort_keys=True).encode()
+
+
+def schema() -> pa.Schema:
+    """The objects schema, with GeoParquet and OSM credit metadata."""
+    return pa.schema(
+        _FIELDS,
+        metadata={
+            b"geo": _geo_metadata(),
+            b"osm_copyright": OSM_CREDIT.encode(),
+            b"skyscript_build": b"objects",
+        },
+    )
+
+
+SCHEMA = _FIELDS
+
+
+@dataclass
+class Batch:
+    """Rows gathered by a reader before they become a table.
+
+    ``geoms`` holds WKB hex strings; for points ``lons``/``lats`` are used instead.
+    """
+
+    osm_type: str
+    osm_element: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    tag_keys: list[str] = field(default_factory=list)
+    tag_values: list[str] = field(default_factory=list)
+    tag_offsets: list[int] = field(default_factory=lambda: [0])
+    max_gsd: list[float] = field(default_factory=list)
+    geoms: list[str] = field(default_factory=list)
+    lons: list[float] = field(default_factory=list)
+    lats: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _fix_geometries(
+    geoms: np.ndarray, kind: str, dropped: Counter
+) -> tuple[np.ndarray, np.ndarray]:
+    """Repair or drop invalid geometries; return (geometries, keep mask)."""
+    keep = ~shapely.is_missing(geoms)
+    valid = shapely.is_valid(geoms)
+    bad = keep & ~valid
+    if bad.any():
+        fixed = shapely.make_valid(geoms[bad])
+        # Keep Polygon/MultiPolygon parts of an area, LineString/MultiLineString of a line.
+        fixed = _only(fixed, (3, 6) if kind == "a" else (1, 5))
+        ok = ~shapely.is_empty(fixed) & ~shapely.is_missing(fixed)
+        geoms[bad] = fixed
+        idx = np.flatnonzero(bad)
+        keep[idx[~ok]] = False
+        dropped["invalid_geometry"] += int((~ok).sum())
+        dropped["repaired_geometry"] += int(ok.sum())
+    return geoms, keep
+
+
+def _only(geoms: np.ndarray, types: tuple[int, ...]) -> np.ndarray:
+    """Keep the parts of each geometry whose type id is in ``types`` (as a multi-geometry)."""
+    out = geoms.copy()
+    for i, g in enumerate(geoms):
+        if g is None:
+            continue
+        t = shapely.get_type_id(g)
+        if t in types:
+            continue
+        parts = [p for p in shapely.get_parts(g) if shapely.get_type_id(p) in types]
+        flat: list[Any] = []
+        for p in parts:
+            flat.extend(shapely.get_parts(p))
+        if not flat:
+            out[i] = None
+        elif types[0] == 3:
+            out[i] = shapely.multipolygons(flat)
+        else:
+            out[i] = shapely.multilinestrings(flat)
+    return out
+
+
+_POINT_WKB = np.dtype([("order", "u1"), ("type", "<u4"), ("x", "<f8"), ("y", "<f8")])
+
+
+def _point_wkb(lons: list[float], lats: list[float]) -> pa.Array:
+    """Little-endian WKB points, built in bulk (21 bytes each)."""
+    rows = np.empty(len(lons), dtype=_POINT_WKB)
+    rows["order"] = 1
+    rows["type"] = 1
+    rows["x"] = lons
+    rows["y"] = lats
+    offsets = np.arange(0, 21 * (len(lons) + 1), 21, dtype=np.int32)
+    return pa.Array.from_buffers(
+        pa.binary(), len(lons), [None, pa.py_buffer(offsets), pa.py_buffer(rows.tobytes())]
+    )
+
+
+def _hex_to_binary(hexes: list[str]) -> pa.Array:
+    """WKB hex strings (osmium's factory) -> a binary array, decoded in one call."""
+    data = bytes.fromhex("".join(hexes))
+    offsets = np.zeros(len(hexes) + 1, dtype=np.int64)
+    np.cumsum([len(h) // 2 for h in hexes], out=offsets[1:])
+    return pa.Array.from_buffers(
+        pa.large_binary(), len(hexes), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
+    ).cast(pa.binary())
+
+
+def batch_to_table(batch: Batch, dropped: Counter) -> pa.Table:
+    """Turn a batch into a table of the objects schema, repairing or dropping geometries.
+
+    Points and lines from osmium are valid by construction (a line has two or more distinct
+    points), so their WKB is kept as is; areas are checked and repaired with shapely.
+    """
+    n = len(batch)
+    keep = np.ones(n, dtype=bool)
+    if batch.osm_type == "n":
+        wkb = _point_wkb(batch.lons, batch.lats)
+    elif batch.osm_type == "w":
+        wkb = _hex_to_binary(batch.geoms)
+    else:
+        raw = _hex_to_binary(batch.geoms).to_numpy(zero_copy_only=False)
+        geoms = shapely.from_wkb(raw, on_invalid="ignore")
+        geoms, keep = _fix_geometries(geoms, batch.osm_type, dropped)
+        single = keep & (shapely.get_type_id(geoms) == 6)
+        single &= shapely.get_num_geometries(geoms) == 1
+        if single.any():
+            geoms[single] = shapely.get_geometry(geoms[single], 0)
+        wkb = pa.array(shapely.to_wkb(geoms), pa.binary())
+    offsets = np.asarray(batch.tag_offsets, dtype=np.int32)
+    tags = pa.MapArray.from_arrays(
+        pa.array(offsets),
+        pa.array(batch.tag_keys, pa.string()),
+        pa.array(batch.tag_values, pa.string()),
+    )
+    table = pa.table(
+        [
+            pa.array([batch.osm_type] * n, pa.string()),
+            pa.array(batch.ids, pa.int64()),
+            pa.array(batch.osm_element, pa.string()),
+            tags,
+            pa.array(batch.max_gsd, pa.float64()),
+            wkb,
+        ],
+        schema=schema(),
+    )
+    if not keep.all():
+        table = table.filter(pa.array(keep))
+    return table
+
+
+class PartWriter:
+    """Writes a shard's rows into ``part-SSPPP.parquet`` files of at most ``rows_per_part`` rows.
+
+    Each part is written under a temporary name and renamed when complete.
+    """
+
+    def __init__(self, out_dir: Path, shard: int, rows_per_part: int) -> None:
+        self.out_dir = out_dir
+        self.shard = shard
+        self.rows_per_part = rows_per_part
+        self.parts: list[str] = []
+        self.rows = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._ctx: Any = None
+        self._tmp: Path | None = None
+        self._part_rows = 0
+
+    def _open(self) -> None:
+        name = f"part-{self.shard:02d}{len(self.parts):03d}.parquet"
+        self._ctx = atomic_path(self.out_dir / name)
+        self._tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(self._tmp, schema(), compression="zstd")
+        self.parts.append(name)
+        self._part_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Append rows, starting a new part when the current one is full."""
+        start = 0
+        while start < table.num_rows:
+            if self._writer is None:
+                self._open()
+            assert self._writer is not None
+            take = min(self.rows_per_part - self._part_rows, table.num_rows - start)
+            self._writer.write_table(table.slice(start, take))
+            self._part_rows += take
+            self.rows += take
+            start += take
+            if self._part_rows >= self.rows_per_part:
+                self._close_part()
+
+    def _close_part(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            self._ctx.__exit__(None, None, None)
+
+    def close(self) -> list[str]:
+        """Finish the last part (an empty shard still writes one empty part); return names."""
+        if not self.parts:
+            self._open()
+        self._close_part()
+        return self.parts
+
+    def abort(self) -> None:
+        """Drop the part being written and every part this writer finished."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+            err = RuntimeError("aborted")
+            with contextlib.suppress(RuntimeError):  # the context deletes its temporary file
+                self._ctx.__exit__(type(err), err, None)
+        for name in self.parts:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.out_dir / name)
+
+
+def iter_parts(out_dir: Path, shard: int) -> Iterator[Path]:
+    """The finished part files of ``shard`` under ``out_dir``."""
+    yield from sorted(out_dir.glob(f"part-{shard:02d}[0-9][0-9][0-9].parquet"))
