@@ -271,6 +271,14 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     result.refused = dict(sorted(refused.items()))
     result.seconds = time.perf_counter() - start
+    if result.files and not result.written:
+        log.warning(
+            "caption: none of the %d meta files gave a caption (%d empty, %d refused); see %s",
+            result.files,
+            result.empty,
+            result.n_refused,
+            stats_path(out),
+        )
     write_json_atomic(
         stats_path(out),
         {
