@@ -439,3 +439,17 @@ def test_cli_bad_input_is_one_line_exit_2(cli, tmp_path: Path, case):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("skyscript-build caption: error: ")
     assert not list(tmp_path.rglob("*.csv"))
+
+
+def test_cli_module_function_rules(cli, dataset: Path, tmp_path: Path):
+    (tmp_path / "my_caption_rules.py").write_text(
+        "def caption(center, around):\n    return 'tags: ' + ', '.join(sorted(center)), ''\n"
+    )
+    out = tmp_path / "m.csv"
+    r = cli(
+        "caption", "--dataset", dataset, "--out", out, "--rules", "my_caption_rules:caption",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    df = _read_csv(out)
+    assert df.title.str.startswith("tags: ").all() and (df.title_multi_objects == "").all()

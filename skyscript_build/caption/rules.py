@@ -43,7 +43,9 @@ from __future__ import annotations
 import fnmatch
 import importlib
 import importlib.util
+import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +231,18 @@ def load_rules(name_or_path: str | Path = "default") -> CaptionRules:
     return _build(settings, path, name)
 
 
+def _import_module(name: str) -> Any:
+    """Import ``name``; as ``python -m`` would, also from the current folder."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        cwd = os.getcwd()
+        if e.name != name.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(name)
+
+
 def _import_function(spec: str) -> CaptionFunc:
     module_name, _, func_name = spec.rpartition(":")
     if not module_name or not func_name.isidentifier():
@@ -245,7 +259,7 @@ def _import_function(spec: str) -> CaptionFunc:
             module = importlib.util.module_from_spec(mod_spec)
             mod_spec.loader.exec_module(module)
         else:
-            module = importlib.import_module(module_name)
+            module = _import_module(module_name)
     except ConfigError:
         raise
     except Exception as e:  # a user's module can fail to import in any way
