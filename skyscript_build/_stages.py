@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +19,14 @@ from .errors import ConfigError
 if TYPE_CHECKING:
     from .pipeline import PipelineConfig
 
-__all__ = ["RunContext", "StageSpec", "STAGE_SPECS", "stage_module", "EMULATOR_PROJECT"]
+__all__ = [
+    "RunContext",
+    "StageSpec",
+    "STAGE_SPECS",
+    "stage_module",
+    "EMULATOR_PROJECT",
+    "register_sources",
+]
 
 #: The Cloud project name the emulator is initialised with (any name works there).
 EMULATOR_PROJECT = "skyscript-emulator"
@@ -40,6 +47,15 @@ class StageSpec:
     module: str
     entry: str
     build: Callable[[PipelineConfig, RunContext, Any], Any]
+
+
+def register_sources(definitions: Mapping[str, Mapping[str, Any]]) -> None:
+    """Add a pipeline's ``source_definitions`` to this process's image source catalog."""
+    import image_sources
+
+    for alias, entry in definitions.items():
+        source = image_sources.source_from_dict({**entry, "alias": alias})
+        image_sources.add_source(source, replace=True)
 
 
 def stage_module(stage: str, module: str) -> Any:

@@ -36,8 +36,8 @@ from ._schema import (
     load_yaml,
     parse_section,
 )
-from ._stages import STAGE_SPECS, RunContext, stage_module
-from .cluster import ClusterConfig
+from ._stages import STAGE_SPECS, RunContext, register_sources, stage_module
+from .cluster import ClusterConfig, dask_client
 from .errors import ConfigError
 from .files import write_json_atomic
 
@@ -389,9 +389,7 @@ def _register_sources(doc: Doc, definitions: dict[str, Any], sources: tuple[str,
         if not isinstance(entry, dict):
             raise doc.error(where, "expected a mapping of source fields")
         try:
-            image_sources.add_source(
-                image_sources.source_from_dict({**entry, "alias": alias}), replace=True
-            )
+            register_sources({alias: entry})
         except (SkyScriptError, ValueError, TypeError) as e:
             raise doc.error(where, str(e)) from None
     known = image_sources.list_sources()
@@ -607,9 +605,18 @@ def run_pipeline(
     ctx = RunContext(scheduler=config.cluster.scheduler)
     for stage in chosen:
         with contextlib.ExitStack() as stack:
-            if stage == "fetch" and config.backend.type == "emulator":
-                ctx = replace(ctx, emulator_url=stack.enter_context(_emulator(config)).url)
+            if stage == "fetch":
+                if config.backend.type == "emulator":
+                    ctx = replace(ctx, emulator_url=stack.enter_context(_emulator(config)).url)
+                if not config.cluster.inline:
+                    client = stack.enter_context(dask_client(config.cluster))
+                    if config.source_definitions:
+                        from ._dask_plugins import SourcesPlugin
+
+                        client.register_plugin(SourcesPlugin(config.source_definitions))
+                    ctx = replace(ctx, scheduler=client.scheduler.address)
             outcome = _run_stage(config, stage, modules[stage], ctx)
+        ctx = RunContext(scheduler=config.cluster.scheduler)
         result.outcomes.append(outcome)
         if on_stage is not None:
             on_stage(outcome)

@@ -109,3 +109,76 @@ def test_second_run_reuses_everything(demo: dict):
     assert "caption: up to date" in out
     assert "0 scored" in out
     assert tree_digest(demo["build"] / "dataset") == demo["digest"]
+
+
+RASTER_PIPELINE = """\
+name: raster_sources
+input: {pbf}
+sources: [HEL]
+source_definitions:       # a source of the pipeline's own: Dask workers must know it too
+  HEL:
+    collection: helsinki-local
+    gsd: 0.5
+    years: [2019]
+    backend: raster
+    location: {folder}
+    stretch: [0, 200]
+plan:
+  years: 2019
+  max_requests: 25
+backend:
+  type: raster
+  folder: {folder}
+cluster:
+  workers: {workers}
+"""
+
+
+def write_test_raster(folder: Path) -> None:
+    """A seeded RGB GeoTIFF over central Helsinki, acquired in 2019, values 0..200."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import Affine
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    height, width = 500, 1000
+    pixels = rng.integers(0, 200, size=(3, height, width), dtype=np.uint8)
+    profile = {
+        "driver": "GTiff",
+        "height": height,
+        "width": width,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:4326",
+        "transform": Affine(0.1 / width, 0.0, 24.90, 0.0, -0.05 / height, 60.19),
+    }
+    with rasterio.open(folder / "helsinki_2019.tif", "w", **profile) as dst:
+        dst.write(pixels)
+        dst.update_tags(ACQUISITION_TIME="2019-06-15T10:30:00Z")
+
+
+def test_own_sources_reach_dask_workers(tmp_path: Path):
+    from conftest import run_cli
+
+    folder = tmp_path / "rasters"
+    write_test_raster(folder)
+    path = tmp_path / "raster.yaml"
+    pbf = REPO / "data" / "helsinki.osm.pbf"
+    path.write_text(RASTER_PIPELINE.format(pbf=pbf, folder=folder, workers=1))
+    stages = ["--stage", "extract", "--stage", "plan", "--stage", "fetch"]
+    local = run_cli("run", path, *stages, cwd=tmp_path, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    dataset = tmp_path / "build" / "raster_sources" / "dataset"
+    inline = {k: v for k, v in tree_digest(dataset).items() if k.endswith((".jpg", ".pickle"))}
+    assert len(inline) > 10
+    (tmp_path / "inline").mkdir()
+    dataset.rename(tmp_path / "inline" / "dataset")
+    path.write_text(RASTER_PIPELINE.format(pbf=pbf, folder=folder, workers=2))
+    on_dask = run_cli("run", path, "--stage", "fetch", cwd=tmp_path, timeout=300)
+    assert on_dask.returncode == 0, on_dask.stderr[-3000:]
+    assert "Dask: local cluster of 2 workers" in on_dask.stderr
+    # The same stretch (0..200) on the workers as in one process: byte-identical tiles.
+    assert {
+        k: v for k, v in tree_digest(dataset).items() if k.endswith((".jpg", ".pickle"))
+    } == inline
