@@ -161,7 +161,7 @@ def compute_pixels(
     ``max_request_bytes`` is Earth Engine's limit on the uncompressed answer (48 MiB); a
     larger request gets its "Total request size" error.
     """
-    from .algorithms import visualize_image
+    from .alg_images import visualize_image
     from .pixels import MAX_REQUEST_BYTES, encode
 
     image = Evaluator(catalog, body.get("expression") or {}).result()
