@@ -173,6 +173,9 @@ def test_csv_row_is_the_csv_module(tmp_path: Path):
 
 
 def test_run_writes_sorted_csv_that_round_trips(dataset: Path, caption):
+    # "x-1.jpg" sorts before "x.jpg" although stem "x" sorts before "x-1": rows sort by filepath
+    for stem in ("x", "x-1"):
+        (dataset / "meta2" / f"{stem}.pickle").write_bytes(_meta({"natural": "tree"}))
     result = run_caption(CaptionConfig(dataset=dataset, workers=1))
     out = dataset / "SkyScript_captions.csv"
     assert result.out == out
@@ -180,6 +183,9 @@ def test_run_writes_sorted_csv_that_round_trips(dataset: Path, caption):
     assert raw.startswith(b"filepath,title,title_multi_objects\n") and b"\r" not in raw
     df = _read_csv(out)
     assert list(df["filepath"]) == sorted(df["filepath"])
+    assert list(df["filepath"]).index("images2/x-1.jpg") < list(df["filepath"]).index(
+        "images2/x.jpg"
+    )
     # images10/ sorts between images1... and images2/, as strings do
     folders = [p.split("/")[0] for p in df["filepath"]]
     assert folders == sorted(folders, key=lambda f: f + "/") and "images10" in folders

@@ -95,20 +95,23 @@ def find_meta_folders(dataset: str | Path) -> list[MetaFolder]:
     return sorted(folders, key=lambda f: f.image_dir + "/")
 
 
-def _sort_key(name: str) -> str:
-    return name[: -len(META_SUFFIX)] + IMAGE_SUFFIX
+def _sorted_image_names(path: str | Path) -> list[str]:
+    """``<key>.jpg`` for each ``<key>.pickle`` of a folder, sorted (no separate sort keys)."""
+    cut = len(META_SUFFIX)
+    with os.scandir(path) as it:
+        names = [
+            e.name[:-cut] + IMAGE_SUFFIX
+            for e in it
+            if e.name.endswith(META_SUFFIX) and not e.name.startswith(".") and e.is_file()
+        ]
+    names.sort()
+    return names
 
 
 def list_meta_names(path: str | Path) -> list[str]:
     """The ``.pickle`` file names of one meta folder, sorted as their rows' filepaths sort."""
-    with os.scandir(path) as it:
-        names = [
-            e.name
-            for e in it
-            if e.name.endswith(META_SUFFIX) and not e.name.startswith(".") and e.is_file()
-        ]
-    names.sort(key=_sort_key)
-    return names
+    cut = len(IMAGE_SUFFIX)
+    return [n[:-cut] + META_SUFFIX for n in _sorted_image_names(path)]
 
 
 def iter_chunks(
@@ -117,13 +120,14 @@ def iter_chunks(
     """The chunk tasks of all folders, in output order; lists one folder at a time."""
     index = 0
     for folder in folders:
-        names = list_meta_names(os.path.join(root, folder.meta_dir))
+        names = _sorted_image_names(os.path.join(root, folder.meta_dir))
+        cut = len(IMAGE_SUFFIX)
         for start in range(0, len(names), chunk_size):
             yield ChunkTask(
                 index=index,
                 root=str(root),
                 folder=folder,
-                names=tuple(names[start : start + chunk_size]),
+                names=tuple(n[:-cut] + META_SUFFIX for n in names[start : start + chunk_size]),
                 out=os.path.join(tmp_dir, f"chunk-{index:07d}.csv"),
             )
             index += 1
