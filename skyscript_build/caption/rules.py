@@ -41,6 +41,7 @@ file). An exception or a result that is not two strings counts the file as ``rul
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import importlib.util
 import os
@@ -243,6 +244,7 @@ def _import_module(name: str) -> Any:
         return importlib.import_module(name)
 
 
+@functools.lru_cache(maxsize=16)
 def _import_function(spec: str) -> CaptionFunc:
     module_name, _, func_name = spec.rpartition(":")
     if not module_name or not func_name.isidentifier():
