@@ -271,7 +271,11 @@ def test_workers_start_safely_beside_threads(dataset: Path, tmp_path: Path):
 
 def test_rerun_is_skipped_until_inputs_or_rules_change(dataset: Path, tmp_path: Path):
     out = tmp_path / "c.csv"
+    stale = tmp_path / ".c.csv.x1y2.chunks"  # what a killed run leaves
+    stale.mkdir()
+    (stale / "chunk-0000000.csv").write_text("half")
     first = run_caption(CaptionConfig(dataset=dataset, out=out, workers=1))
+    assert not stale.exists()
     before = out.read_bytes()
     again = run_caption(CaptionConfig(dataset=dataset, out=out, workers=1))
     assert again.up_to_date and not first.up_to_date

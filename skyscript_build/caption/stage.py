@@ -246,6 +246,9 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
         workers,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.*.chunks"):  # left by a killed run
+        log.debug("caption: removing %s", stale)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".chunks", dir=out.parent)
     try:
         tasks = iter_chunks(config.dataset, folders, config.chunk_size, tmp_dir)
