@@ -282,6 +282,10 @@ def test_rerun_is_skipped_until_inputs_or_rules_change(dataset: Path, tmp_path: 
     assert again.written == first.written and "up to date" in again.summary()
     assert out.read_bytes() == before
     assert not run_caption(CaptionConfig(dataset=dataset, out=out, force=True)).up_to_date
+    with open(out, "a") as f:  # a CSV changed by hand is made again
+        f.write("x,y,z\n")
+    assert not run_caption(CaptionConfig(dataset=dataset, out=out, workers=1)).up_to_date
+    assert out.read_bytes() == before
     # a new meta file (written atomically, as fetch does) is captioned by the next run
     tmp = dataset / "meta3" / ".new.tmp"
     tmp.write_bytes(_meta({"landuse": "grass"}))

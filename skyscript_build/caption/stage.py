@@ -160,8 +160,8 @@ def fingerprint(root: Path, folders: list[MetaFolder], rules: CaptionRules | str
         if file and os.path.isfile(file):
             h.update(Path(file).read_bytes())
     here = Path(__file__).parent
-    for name in _CODE_FILES:
-        h.update((here / name).read_bytes())
+    for file_ in (*(here / name for name in _CODE_FILES), here.parent / "meta.py"):
+        h.update(file_.read_bytes())
     return h.hexdigest()
 
 
@@ -170,7 +170,13 @@ def _up_to_date(out: Path, print_: str) -> dict[str, Any] | None:
         stats = json.loads(stats_path(out).read_text())
     except (OSError, ValueError):
         return None
-    if not out.is_file() or not isinstance(stats, dict) or stats.get("fingerprint") != print_:
+    if not isinstance(stats, dict) or stats.get("fingerprint") != print_:
+        return None
+    try:
+        st = out.stat()
+    except OSError:
+        return None
+    if stats.get("csv") != [st.st_size, st.st_mtime_ns]:  # the CSV was changed since
         return None
     return stats
 
@@ -299,6 +305,7 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
             ],
             "seconds": round(result.seconds, 3),
             "fingerprint": print_,
+            "csv": [out.stat().st_size, out.stat().st_mtime_ns],
         },
     )
     log.debug("%s", result.summary())
