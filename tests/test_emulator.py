@@ -345,6 +345,31 @@ def test_forty_concurrent_clients(emulator_collections):
         assert emu.stats.max_concurrency == n
 
 
+def test_quotas_refuse_with_429(emulator_collections):
+    body = {"expression": {"result": "0", "values": {"0": {"constantValue": 1}}}}
+    with Emulator(emulator_collections, latency_ms=300, max_concurrent=3) as emu:
+        url = f"{emu.url}/v1alpha/projects/demo/value:compute"
+        codes: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: codes.append(requests.post(url, json=body).status_code))
+            for _ in range(6)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(codes) == [200, 200, 200, 429, 429, 429]
+        assert emu.stats.refused["concurrency"] == 3
+    with Emulator(emulator_collections, max_rps=5) as emu:
+        url = f"{emu.url}/v1alpha/projects/demo/value:compute"
+        with requests.Session() as s:
+            codes = [s.post(url, json=body).status_code for _ in range(8)]
+        assert codes.count(429) >= 2 and codes[:5] == [200] * 5
+        r = s.post(url, json=body)
+        assert r.status_code == 429 and r.headers["Retry-After"] == "1"
+        assert "Quota exceeded" in r.json()["error"]["message"]
+
+
 def test_shutdown_is_clean(emulator_collections):
     before = threading.active_count()
     emu = Emulator(emulator_collections, faults="timeout:1.0", stall_s=60).start()

@@ -36,6 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="computePixels size limit (default Earth Engine's 50331648)",
     )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=None,
+        help="answer 429 past this many requests in flight (Earth Engine's quota: 40)",
+    )
+    parser.add_argument(
+        "--max-rps", type=float, default=None, help="answer 429 past this many requests/s"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -51,6 +60,8 @@ def main(args: argparse.Namespace) -> int:
         stall_s=args.stall_s,
         retry_after_s=args.retry_after,
         max_request_bytes=args.max_request_bytes,
+        max_concurrent=args.max_concurrent,
+        max_rps=args.max_rps,
     )
     emulator.start()
     try:

@@ -67,6 +67,7 @@ class EmulatorStats:
 
     requests: Counter = field(default_factory=Counter)
     faults: Counter = field(default_factory=Counter)
+    refused: Counter = field(default_factory=Counter)  # quota refusals: concurrency, rate
     max_concurrency: int = 0
     concurrency: int = 0
 
@@ -83,6 +84,7 @@ class EmulatorStats:
         return {
             "requests": {f"{e} {s}": n for (e, s), n in sorted(self.requests.items())},
             "faults": dict(sorted(self.faults.items())),
+            "refused": dict(sorted(self.refused.items())),
             "max_concurrency": self.max_concurrency,
         }
 
@@ -182,9 +184,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"Unknown path {self.path}", endpoint)
             return
         emu = self.server.emulator
-        emu._enter()
+        refusal = emu._enter()
         try:
-            self._api_call(endpoint, raw)
+            if refusal:
+                self._error(429, refusal, endpoint, **{"Retry-After": "1"})
+            else:
+                self._api_call(endpoint, raw)
         finally:
             emu._leave()
 
@@ -260,6 +265,9 @@ class Emulator:
         retry_after_s: the Retry-After of a 429 fault (when ``faults`` is a string).
         max_request_bytes: computePixels size limit (Earth Engine's: 48 MiB), lower it to
             make large tiles fail with Earth Engine's "Total request size" error.
+        max_concurrent: refuse (429 "Too many concurrent aggregations.") an API request that
+            would exceed this many in flight, as Earth Engine does past a project's quota (40).
+        max_rps: refuse (429) API requests beyond this many per second (token bucket).
     """
 
     def __init__(
@@ -272,6 +280,8 @@ class Emulator:
         stall_s: float = 30.0,
         retry_after_s: int = 1,
         max_request_bytes: int | None = None,
+        max_concurrent: int | None = None,
+        max_rps: float | None = None,
     ) -> None:
         if latency_ms < 0:
             raise ConfigError("latency must not be negative")
@@ -292,6 +302,14 @@ class Emulator:
         if max_request_bytes is not None and max_request_bytes <= 0:
             raise ConfigError("max_request_bytes must be positive")
         self.max_request_bytes = max_request_bytes
+        if (max_concurrent is not None and max_concurrent < 1) or (
+            max_rps is not None and max_rps <= 0
+        ):
+            raise ConfigError("max_concurrent and max_rps must be positive")
+        self.max_concurrent = max_concurrent
+        self.max_rps = max_rps
+        self._tokens = float(max_rps or 0)
+        self._token_time = time.monotonic()
         self.stats = EmulatorStats()
         self._lock = threading.Lock()
         self._fault_n = 0
@@ -379,10 +397,25 @@ class Emulator:
         with self._lock:
             self.stats.requests[(endpoint, status)] += 1
 
-    def _enter(self) -> None:
+    def _enter(self) -> str | None:
+        """Count a request in; the message of a quota refusal (429), or None."""
         with self._lock:
             self.stats.concurrency += 1
             self.stats.max_concurrency = max(self.stats.max_concurrency, self.stats.concurrency)
+            if self.max_concurrent and self.stats.concurrency > self.max_concurrent:
+                self.stats.refused["concurrency"] += 1
+                return "Too many concurrent aggregations."
+            if self.max_rps:
+                now = time.monotonic()
+                self._tokens = min(
+                    self.max_rps, self._tokens + (now - self._token_time) * self.max_rps
+                )
+                self._token_time = now
+                if self._tokens < 1:
+                    self.stats.refused["rate"] += 1
+                    return "Quota exceeded: too many requests per second."
+                self._tokens -= 1
+        return None
 
     def _leave(self) -> None:
         with self._lock:
