@@ -38,19 +38,92 @@ _FIELDS = [
 ]
 
 
+#: PROJJSON of EPSG:4326, fixed here so that every part carries the same bytes (pyproj's
+#: output depends on the PROJ database state of the process).
+_EPSG_4326 = {
+    "$schema": "https://proj.org/schemas/v0.7/projjson.schema.json",
+    "area": "World.",
+    "bbox": {
+        "east_longitude": 180,
+        "north_latitude": 90,
+        "south_latitude": -90,
+        "west_longitude": -180,
+    },
+    "coordinate_system": {
+        "axis": [
+            {
+                "abbreviation": "Lat",
+                "direction": "north",
+                "name": "Geodetic latitude",
+                "unit": "degree",
+            },
+            {
+                "abbreviation": "Lon",
+                "direction": "east",
+                "name": "Geodetic longitude",
+                "unit": "degree",
+            },
+        ],
+        "subtype": "ellipsoidal",
+    },
+    "datum_ensemble": {
+        "accuracy": "2.0",
+        "ellipsoid": {
+            "inverse_flattening": 298.257223563,
+            "name": "WGS 84",
+            "semi_major_axis": 6378137,
+        },
+        "id": {"authority": "EPSG", "code": 6326},
+        "members": [
+            {
+                "id": {"authority": "EPSG", "code": 1166},
+                "name": "World Geodetic System 1984 (Transit)",
+            },
+            {
+                "id": {"authority": "EPSG", "code": 1152},
+                "name": "World Geodetic System 1984 (G730)",
+            },
+            {
+                "id": {"authority": "EPSG", "code": 1153},
+                "name": "World Geodetic System 1984 (G873)",
+            },
+            {
+                "id": {"authority": "EPSG", "code": 1154},
+                "name": "World Geodetic System 1984 (G1150)",
+            },
+            {
+                "id": {"authority": "EPSG", "code": 1155},
+                "name": "World Geodetic System 1984 (G1674)",
+            },
+            {
+                "id": {"authority": "EPSG", "code": 1156},
+                "name": "World Geodetic System 1984 (G1762)",
+            },
+            {
+                "id": {"authority": "EPSG", "code": 1309},
+                "name": "World Geodetic System 1984 (G2139)",
+            },
+            {
+                "id": {"authority": "EPSG", "code": 1383},
+                "name": "World Geodetic System 1984 (G2296)",
+            },
+        ],
+        "name": "World Geodetic System 1984 ensemble",
+    },
+    "id": {"authority": "EPSG", "code": 4326},
+    "name": "WGS 84",
+    "scope": "Horizontal component of 3D system.",
+    "type": "GeographicCRS",
+}
+
+
 @functools.lru_cache(maxsize=1)
 def _geo_metadata() -> bytes:
-    from pyproj import CRS
-
     geo = {
         "version": "1.0.0",
         "primary_column": "geometry",
         "columns": {
-            "geometry": {
-                "encoding": "WKB",
-                "geometry_types": [],
-                "crs": CRS.from_epsg(4326).to_json_dict(),
-            }
+            "geometry": {"encoding": "WKB", "geometry_types": [], "crs": _EPSG_4326},
         },
     }
     return json.dumps(geo, sort_keys=True).encode()

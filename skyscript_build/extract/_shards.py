@@ -207,6 +207,7 @@ class _NodeHandler:
 def _lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
     pick = _tag_picker(tf)
     wkb = osmium.geom.WKBFactory()
+    all_nodes = osmium.geom.use_nodes.ALL
     batch_rows = spec.batch_rows
     with _location_index(spec) as index:
         locations = osmium.NodeLocationsForWays(index)
@@ -230,6 +231,9 @@ def _lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
                     sink.counts["expected_way_areas"] += 1
                     continue
                 try:
+                    # ALL raises on any missing node (UNIQUE would skip it silently); UNIQUE
+                    # then drops repeated points and raises when fewer than two are left.
+                    wkb.create_linestring(nodes, all_nodes)
                     geom = wkb.create_linestring(nodes)
                 except osmium.InvalidLocationError:
                     sink.dropped["missing_nodes"] += 1

@@ -181,6 +181,7 @@ def _result_from(out: Path, stats: list[dict[str, Any]], seconds: float) -> Extr
         dropped["broken_area"] += broken
     result.dropped = {k: v for k, v in sorted(dropped.items()) if v}
     result.by_type = {k: result.by_type.get(k, 0) for k in _KIND_NAMES.values()}
+    result.parts.sort()
     result.objects = sum(result.by_type.values())
     return result
 
