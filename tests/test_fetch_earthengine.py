@@ -355,3 +355,15 @@ def test_cloud_rule_picks_the_clear_scene_and_masks_clouds(fx, tmp_path):
     assert clear["acquisition_time"].isoformat() == "2021-06-01T10:00:00+00:00"
     assert (masked["status"], masked["reason"]) == ("skipped", "nodata")  # QA60 cloud bits
     assert result.ok == 1
+
+
+def test_without_any_credentials_the_error_says_what_to_do(fx, tmp_path, capsys, monkeypatch):
+    for name in ("EE_SERVICE_ACCOUNT_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no gcloud application-default credentials
+    monkeypatch.setenv("NO_GCE_CHECK", "True")  # and no metadata server to ask
+    args = ["fetch", "--requests", str(fx["requests"]), "--out", str(tmp_path / "ds")]
+    assert main([*args, "--backend", "earthengine", "--project", "p"]) == 2
+    err = capsys.readouterr().err
+    assert "no Earth Engine credentials: pass --key-file" in err
+    assert not (tmp_path / "ds").exists()
