@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
 from skyscript_build.meta import load_meta
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_REQUESTS = 150
+SHARD_SIZE = 10
 
 pytestmark = pytest.mark.slow
 
@@ -35,16 +41,26 @@ def tree_digest(folder: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from conftest import run_cli
-
-    work = tmp_path_factory.mktemp("demo")
+def demo_pipeline(work: Path, **changes: dict) -> Path:
+    """The shipped demo pipeline, cut short, with ``changes`` merged into its sections."""
     pipeline = yaml.safe_load((REPO / "pipelines" / "demo_helsinki.yaml").read_text())
     pipeline["input"] = str(REPO / pipeline["input"])  # the bundled extract
     pipeline["plan"]["max_requests"] = MAX_REQUESTS
-    path = work / "demo_helsinki.yaml"
+    pipeline["fetch"] = {"shard_size": SHARD_SIZE}  # several shards, for the cluster test
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            pipeline.setdefault(key, {}).update(value)
+        else:
+            pipeline[key] = value
+    path = work / f"{pipeline['build_dir'].split('/')[-1]}.yaml"
     path.write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    work = tmp_path_factory.mktemp("demo")
+    path = demo_pipeline(work)
     first = run_cli("run", path, cwd=work, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     build = work / "build" / "demo_helsinki"
@@ -159,8 +175,6 @@ def write_test_raster(folder: Path) -> None:
 
 
 def test_own_sources_reach_dask_workers(tmp_path: Path):
-    from conftest import run_cli
-
     folder = tmp_path / "rasters"
     write_test_raster(folder)
     path = tmp_path / "raster.yaml"
@@ -182,3 +196,126 @@ def test_own_sources_reach_dask_workers(tmp_path: Path):
     assert {
         k: v for k, v in tree_digest(dataset).items() if k.endswith((".jpg", ".pickle"))
     } == inline
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as stderr:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path):
+    """``dask scheduler`` and two ``dask worker`` processes (no nanny) on 127.0.0.1."""
+    dask = str(Path(sys.executable).parent / "dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [
+        _start(
+            [
+                dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            tmp_path / "scheduler.log",
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+            assert time.monotonic() < deadline, "the Dask scheduler did not start"
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        workers = [
+            _start(
+                [
+                    dask,
+                    "worker",
+                    address,
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--no-dashboard",
+                    "--name",
+                    f"w{i}",
+                ],
+                tmp_path / f"worker{i}.log",
+            )
+            for i in range(2)
+        ]
+        procs += workers
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield {"address": address, "workers": workers}
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_cluster_run_matches_local_run_and_survives_a_lost_worker(demo: dict, dask_cluster):
+    work = demo["work"]
+    # Slower answers and fewer requests in flight (neither changes any output) so that the
+    # fetch is still running when a worker is killed.
+    path = demo_pipeline(
+        work,
+        build_dir="build/demo_cluster",
+        backend={"latency_ms": 150, "concurrency": 4},
+    )
+    dataset = work / "build" / "demo_cluster" / "dataset"
+    run = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "skyscript_build.cli",
+            "run",
+            str(path),
+            "--scheduler",
+            dask_cluster["address"],
+        ],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not any(dataset.glob("images*/*.jpg")):
+            assert run.poll() is None, run.communicate()
+            assert time.monotonic() < deadline, "the fetch did not start"
+            time.sleep(0.05)
+        done_at_kill = len(list(dataset.glob("manifest/part-*.stats.json")))
+        dask_cluster["workers"][0].kill()  # a worker lost in the middle of the fetch
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 0, err[-3000:]
+    shards = len(list(dataset.glob("manifest/part-*.stats.json")))
+    assert shards == -(-MAX_REQUESTS // SHARD_SIZE)
+    assert done_at_kill < shards, "the worker was killed after the fetch had finished"
+    assert f"connected to {dask_cluster['address']}" in err
+    local = demo["digest"]
+    remote = tree_digest(dataset)
+    # The same file set, byte-identical CSVs, images and meta files.
+    assert sorted(remote) == sorted(local)
+    for name, digest in local.items():
+        if name.endswith((".csv", ".jpg", ".pickle")):
+            assert remote[name] == digest, name
