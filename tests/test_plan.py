@@ -229,6 +229,7 @@ def test_rerun_reuses_and_changed_settings_replan(tmp_path):
     assert not other.reused
     assert len(list(out.glob("part-*.parquet"))) == -(-other.requests // 30)
     assert all(r["width"] <= 600 for r in read_requests(out))
+    assert pq.read_table(out).num_rows == other.requests, "the folder reads as one dataset"
 
 
 def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, cli):

@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 #: Typical size of an aerial RGB JPEG (quality ~90) per pixel, for the disk estimate.
 JPEG_BYTES_PER_PIXEL = 0.35
-#: Written last into the requests folder: the settings hash and the counts.
-MARKER = "plan.stats.json"
+#: Written last into the requests folder: the settings hash and the counts. Names starting
+#: with ``_`` are skipped by parquet dataset readers (``pd.read_parquet("requests")``).
+MARKER = "_plan.json"
+STATS_DIR = "_stats"
 #: Bumped when the rules change, so that an older plan is not reused.
 _RULES_VERSION = 1
 
@@ -411,7 +413,7 @@ def _clear(out: Path) -> None:
     """Remove a previous plan's files (marker first, so a crash never looks finished)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)
-    for path in sorted(out.glob("part-*")):
+    for path in [*sorted(out.glob("part-*")), *sorted((out / STATS_DIR).glob("part-*"))]:
         path.unlink()
     remove_temp_files(out)
 

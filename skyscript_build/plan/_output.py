@@ -127,7 +127,7 @@ def build_table(
 def write_parts(
     build: Callable[[int, int], pa.Table], rows: int, out: Path, rows_per_part: int
 ) -> list[Path]:
-    """Write ``part-NNNNN.parquet`` files (atomically), each with its stats.
+    """Write ``part-NNNNN.parquet`` files (atomically), each with ``_stats/part-NNNNN.json``.
 
     ``build(start, stop)`` makes the table of requests ``start:stop``, so only one part's
     columns are in memory at a time.
@@ -141,7 +141,7 @@ def write_parts(
             pq.write_table(part, tmp, compression="zstd")
         counts = pc.value_counts(part["alias"]).to_pylist()
         write_json_atomic(
-            out / f"part-{k:05d}.stats.json",
+            out / "_stats" / f"part-{k:05d}.json",
             {
                 "rows": part.num_rows,
                 "by_source": {c["values"]: c["counts"] for c in counts},
