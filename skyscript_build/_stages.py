@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .pipeline import PipelineConfig
+    from .pipeline_config import PipelineConfig
 
 __all__ = [
     "RunContext",
