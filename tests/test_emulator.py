@@ -232,7 +232,14 @@ def test_errors_are_earth_engine_json(ee_emulator):
             "values": {"0": {"functionInvocationValue": {"functionName": "Image.frobnicate"}}},
         }
     }
-    for body in (json.dumps(unknown), "{not json", json.dumps({"expression": {"x": 1}})):
+    cycle = {"expression": {"result": "0", "values": {"0": {"valueReference": "0"}}}}
+    bodies = (
+        json.dumps(unknown),
+        "{not json",
+        json.dumps({"expression": {"x": 1}}),
+        json.dumps(cycle),
+    )
+    for body in bodies:
         r = requests.post(url, data=body, timeout=5)
         assert r.status_code == 400
         error = r.json()["error"]

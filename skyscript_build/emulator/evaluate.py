@@ -32,6 +32,7 @@ class Evaluator:
         self.values: dict[str, Any] = expression["values"]
         self.result_key = str(expression.get("result", "0"))
         self._cache: dict[str, Any] = {}
+        self._active: set[tuple[str, int]] = set()
 
     def result(self) -> Any:
         """The value of the whole expression."""
@@ -43,7 +44,13 @@ class Evaluator:
             return self._cache[key]
         if key not in self.values:
             raise EvalError(f"Invalid expression: reference to missing value '{key}'.")
-        value = self.node(self.values[key], env)
+        if (key, id(env)) in self._active:
+            raise EvalError(f"Invalid expression: value '{key}' refers to itself.")
+        self._active.add((key, id(env)))
+        try:
+            value = self.node(self.values[key], env)
+        finally:
+            self._active.discard((key, id(env)))
         if env is None:
             self._cache[key] = value
         return value

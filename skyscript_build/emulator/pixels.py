@@ -111,7 +111,9 @@ class _RasterCache:
             return self._arrays[key]
         budget = int(os.environ.get("SKYSCRIPT_EMULATOR_CACHE_MB", "1024")) * 2**20
         size = record.width * record.height * len(record.bands) * np.dtype(record.dtype).itemsize
-        with self._loading[key]:
+        with self._lock:
+            loading = self._loading[key]
+        with loading:
             if key in self._arrays:
                 return self._arrays[key]
             with self._lock:

@@ -96,6 +96,22 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
     emulator: Emulator
 
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve each connection in its own thread, registered so stop() can join it."""
+        thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), daemon=True
+        )
+        with self.emulator._lock:
+            self.emulator._threads.add(thread)
+        thread.start()
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.emulator._lock:
+                self.emulator._threads.discard(threading.current_thread())
+
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -178,7 +194,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         endpoint, _ = self._route()
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self.close_connection = True
+            self._error(400, "Invalid Content-Length header.", endpoint)
+            return
         raw = self.rfile.read(length) if length else b""
         if endpoint not in ("value:compute", "image:computePixels"):
             self._error(404, f"Unknown path {self.path}", endpoint)
@@ -314,7 +337,8 @@ class Emulator:
         self._lock = threading.Lock()
         self._fault_n = 0
         self._stopping = threading.Event()
-        self._connections: dict[socket.socket, threading.Thread] = {}
+        self._connections: set[socket.socket] = set()
+        self._threads: set[threading.Thread] = set()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._algorithms = _ee_file("algorithms.json")
@@ -364,7 +388,7 @@ class Emulator:
         server.server_close()
         deadline = time.monotonic() + 5.0
         with self._lock:
-            threads = list(self._connections.values())
+            threads = list(self._threads)
         for thread in threads:  # the request threads end once their connection is closed
             thread.join(max(deadline - time.monotonic(), 0.01))
         if self._thread is not None:
@@ -432,11 +456,11 @@ class Emulator:
 
     def _connection_opened(self, conn: socket.socket) -> None:
         with self._lock:
-            self._connections[conn] = threading.current_thread()
+            self._connections.add(conn)
 
     def _connection_closed(self, conn: socket.socket) -> None:
         with self._lock:
-            self._connections.pop(conn, None)
+            self._connections.discard(conn)
 
     def _asset_info(self, asset_id: str) -> dict[str, Any] | None:
         name = f"projects/earthengine-public/assets/{asset_id}"
