@@ -7,6 +7,8 @@ Each reader returns None when its stage has not written anything yet. Only the f
 from __future__ import annotations
 
 import csv
+import hashlib
+import heapq
 import json
 import logging
 import re
@@ -143,11 +145,38 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     }
 
 
-def read_captions(path: Path | None) -> list[dict[str, str]] | None:
+def read_captions(path: Path | None, keep: int = 48) -> dict[str, Any] | None:
+    """Stream a caption CSV: row count, word counts and ``keep`` sample candidates.
+
+    Memory stays bounded for millions of rows: the candidates are the ``keep`` rows whose
+    file path hashes lowest (a deterministic, uniform choice), kept in a heap.
+    """
     if path is None:
         return None
+    n, title_words, multi_words = 0, 0, 0
+    lengths: Counter[int] = Counter()
+    heap: list[tuple[int, dict[str, str]]] = []  # (-hash, row): the largest hash on top
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        for row in csv.DictReader(f):
+            n += 1
+            words = len((row.get("title_multi_objects") or "").split())
+            lengths[words] += 1
+            multi_words += words
+            title_words += len((row.get("title") or "").split())
+            digest = hashlib.blake2b((row.get("filepath") or "").encode(), digest_size=8)
+            h = int.from_bytes(digest.digest(), "big")
+            if len(heap) < keep:
+                heapq.heappush(heap, (-h, row))
+            elif -heap[0][0] > h:
+                heapq.heapreplace(heap, (-h, row))
+    candidates = [row for _, row in sorted(heap, key=lambda item: -item[0])]
+    return {
+        "n": n,
+        "lengths": lengths,
+        "title_words": title_words,
+        "multi_words": multi_words,
+        "candidates": candidates,
+    }
 
 
 def count_rows(path: Path) -> int:

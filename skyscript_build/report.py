@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+import re
 import shutil
 from collections import Counter
 from collections.abc import Sequence
@@ -133,9 +134,16 @@ def _bar_chart(counts: list[tuple[str, int]], title: str, path: Path, *, horizon
     return _save(fig, path)
 
 
-def _histogram(values: Sequence[float], title: str, xlabel: str, path: Path, bins: Any = 30) -> str:
+def _histogram(
+    values: Sequence[float],
+    title: str,
+    xlabel: str,
+    path: Path,
+    bins: Any = 30,
+    weights: Sequence[float] | None = None,
+) -> str:
     fig, ax = _figure()
-    ax.hist(values, bins=bins, color="#3b6ea8", edgecolor="white")
+    ax.hist(values, bins=bins, weights=weights, color="#3b6ea8", edgecolor="white")
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("count")
@@ -204,18 +212,17 @@ td:not(:first-child){text-align:right} th{background:#f3f3f3}
 .none{color:#777;font-style:italic} img{max-width:100%}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px}
 .grid figure{margin:0;border:1px solid #ddd;padding:6px;font-size:.85em}
-.grid img{width:100%;height:auto;display:block} footer{margin-top:2em;color:#555;font-size:.9em}
+.toc{margin:1em 0;line-height:1.8} .grid img{width:100%;height:auto;display:block} footer{margin-top:2em;color:#555;font-size:.9em}
 """
 
 
-def _samples(captions: list[dict[str, str]], dataset: Path, out: Path, n: int) -> list[str]:
+def _samples(candidates: list[dict[str, str]], dataset: Path, out: Path, n: int) -> list[str]:
     from PIL import Image
 
-    rows = [r for r in captions if (dataset / r.get("filepath", "")).is_file()]
-    if not rows or n == 0:
+    rows = [r for r in candidates if (dataset / r.get("filepath", "")).is_file()]
+    chosen = sorted(rows[:n], key=lambda r: r["filepath"])
+    if not chosen:
         return []
-    step = max(1, len(rows) // n)
-    chosen = rows[::step][:n]
     folder = out / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     figures = []
@@ -233,6 +240,22 @@ def _samples(captions: list[dict[str, str]], dataset: Path, out: Path, n: int) -
     return figures
 
 
+def _with_contents(body: str) -> str:
+    """Give every section heading an anchor and put a list of them after the notes."""
+    links = []
+
+    def anchor(m: re.Match[str]) -> str:
+        slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"<[^>]+>|\(.*?\)", "", m.group(1)).lower())
+        slug = slug.strip("-")
+        links.append(f'<a href="#{slug}">{m.group(1)}</a>')
+        return f'<h2 id="{slug}">{m.group(1)}</h2>'
+
+    body = re.sub(r"<h2>(.*?)</h2>", anchor, body)
+    nav = '<nav class="toc">' + " · ".join(links) + "</nav>"
+    first = body.find("<h2 ")
+    return body[:first] + nav + "\n" + body[first:] if first >= 0 else body
+
+
 def run_report(config: ReportConfig) -> ReportResult:
     """Write ``index.html`` and its charts for ``config.build_dir``; return where and counts."""
     out = config.out_dir
@@ -248,7 +271,7 @@ def run_report(config: ReportConfig) -> ReportResult:
     objects = read_objects(config.build_dir / "objects")
     requests = read_requests(config.build_dir / "requests")
     manifest = read_manifest(config.dataset / "manifest")
-    captions = read_captions(files["captions"])
+    captions = read_captions(files["captions"], keep=4 * config.samples)
     scores = read_scores(files["scores"])
     filtered = {p.name: count_rows(p) for p in files["filtered"]}
 
@@ -262,7 +285,7 @@ def run_report(config: ReportConfig) -> ReportResult:
         for st in ("ok", "skipped", "failed"):
             counts[f"fetched {st}"] = manifest["status"].get(st, 0)
     if captions is not None:
-        counts["captions"] = len(captions)
+        counts["captions"] = captions["n"]
     for name, rows in filtered.items():
         counts[name] = rows
 
@@ -303,7 +326,7 @@ def run_report(config: ReportConfig) -> ReportResult:
         stage_rows.append(("fetch: MB written", round(manifest["bytes"] / 1e6, 2)))
     else:
         stage_rows.append(("fetch", "not run"))
-    stage_rows.append(("caption: rows", len(captions) if captions is not None else "not run"))
+    stage_rows.append(("caption: rows", captions["n"] if captions is not None else "not run"))
     if filtered:
         stage_rows += [(f"filter: {n}", rows) for n, rows in sorted(filtered.items())]
     else:
@@ -360,25 +383,26 @@ def run_report(config: ReportConfig) -> ReportResult:
         s.append(_table(top, ("tag key", "objects")))
 
     s.append("<h2>Caption lengths</h2>")
-    if not captions:
+    if not captions or not captions["n"]:
         s.append(_none("no caption CSV (caption has not run)"))
     else:
-        lengths = [len(r.get("title_multi_objects", "").split()) for r in captions]
-        titles = [len(r.get("title", "").split()) for r in captions]
+        n = captions["n"]
+        lengths = captions["lengths"]
         result.charts.append(
             _histogram(
-                lengths,
+                sorted(lengths),
                 "words per title_multi_objects",
                 "words",
                 out / "caption_lengths.png",
-                bins=range(0, max(lengths) + 2),
+                bins=range(0, max(lengths) + 2) if max(lengths) < 60 else 50,
+                weights=[lengths[k] for k in sorted(lengths)],
             )
         )
         s.append(_img("caption_lengths.png", "caption length histogram"))
         s.append(
-            f"<p>{len(captions):,} captions in <code>{html.escape(files['captions'].name)}"
-            f"</code>; mean words: title {sum(titles) / len(titles):.1f}, "
-            f"title_multi_objects {sum(lengths) / len(lengths):.1f}.</p>"
+            f"<p>{n:,} captions in <code>{html.escape(files['captions'].name)}"
+            f"</code>; mean words: title {captions['title_words'] / n:.1f}, "
+            f"title_multi_objects {captions['multi_words'] / n:.1f}.</p>"
         )
 
     s.append("<h2>Map of tiles</h2>")
@@ -391,7 +415,9 @@ def run_report(config: ReportConfig) -> ReportResult:
         s.append(_img("map.png", "map of tile centres"))
 
     s.append("<h2>Sample images</h2>")
-    figures = _samples(captions, config.dataset, out, config.samples) if captions else []
+    figures = (
+        _samples(captions["candidates"], config.dataset, out, config.samples) if captions else []
+    )
     s.append(
         f'<div class="grid">{"".join(figures)}</div>'
         if figures
@@ -434,12 +460,13 @@ def run_report(config: ReportConfig) -> ReportResult:
         + ("Imagery: synthetic (rendered from OpenStreetMap data). " if synthetic else "")
         + "Made by skyscript-build.</footer>"
     )
+    body = _with_contents("\n".join(s))
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         '<link rel="icon" href="data:,">'
         f"<title>skyscript-build report: {html.escape(str(name))}</title>"
-        f"<style>{_CSS}</style></head><body>\n" + "\n".join(s) + "\n</body></html>\n"
+        f"<style>{_CSS}</style></head><body>\n" + body + "\n</body></html>\n"
     )
     atomic_write_text(result.path, page)
     log.info("report written to %s", result.path)
