@@ -216,6 +216,13 @@ td:not(:first-child){text-align:right} th{background:#f3f3f3}
 """
 
 
+def _shorten(text: str, limit: int) -> str:
+    """``text`` cut at a word boundary before ``limit`` characters, with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0].rstrip(",;") + " …"
+
+
 def _samples(candidates: list[dict[str, str]], dataset: Path, out: Path, n: int) -> list[str]:
     from PIL import Image
 
@@ -232,10 +239,11 @@ def _samples(candidates: list[dict[str, str]], dataset: Path, out: Path, n: int)
             thumb = source.convert("RGB")
         thumb.thumbnail((256, 256))
         thumb.save(out / name, quality=85)
+        multi = row.get("title_multi_objects", "")
         figures.append(
             f"<figure>{_img(name, row['filepath'])}<figcaption><b>{html.escape(row['filepath'])}"
-            f"</b><br>{html.escape(row.get('title', ''))}<br><i>"
-            f"{html.escape(row.get('title_multi_objects', ''))}</i></figcaption></figure>"
+            f'</b><br>{html.escape(row.get("title", ""))}<br><i title="{html.escape(multi)}">'
+            f"{html.escape(_shorten(multi, 240))}</i></figcaption></figure>"
         )
     return figures
 
