@@ -120,11 +120,15 @@ def _pick_properties(tf: TagFilter, props: dict[str, str]) -> Picked | None:
 
 def _add(batch: Batch, element: str, oid: int, picked: tuple[list[str], list[str], float]) -> None:
     keys, values, best = picked
-    order = sorted(range(len(keys)), key=keys.__getitem__)
     batch.osm_element.append(element)
     batch.ids.append(oid)
-    batch.tag_keys.extend(keys[i] for i in order)
-    batch.tag_values.extend(values[i] for i in order)
+    if len(keys) == 1:
+        batch.tag_keys.append(keys[0])
+        batch.tag_values.append(values[0])
+    else:
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        batch.tag_keys.extend([keys[i] for i in order])
+        batch.tag_values.extend([values[i] for i in order])
     batch.tag_offsets.append(len(batch.tag_keys))
     batch.max_gsd.append(best)
 
@@ -222,7 +226,7 @@ def _lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
             w: Any
             for w in osmium.OsmFileIterator(reader, *chain):
                 nodes = w.nodes
-                closed = len(nodes) >= 4 and nodes[0].ref == nodes[-1].ref
+                closed = w.is_closed() and len(nodes) >= 4
                 pairs: list[tuple[str, str]] | None = [] if closed else None
                 picked = pick(w, pairs)
                 if picked is None:
@@ -231,10 +235,12 @@ def _lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
                     sink.counts["expected_way_areas"] += 1
                     continue
                 try:
-                    # ALL raises on any missing node (UNIQUE would skip it silently); UNIQUE
-                    # then drops repeated points and raises when fewer than two are left.
-                    wkb.create_linestring(nodes, all_nodes)
+                    # UNIQUE drops repeated points (and raises when fewer than two are left)
+                    # but also skips a missing node silently: when points went missing, ALL
+                    # tells a repeated point from a missing node (it raises on the latter).
                     geom = wkb.create_linestring(nodes)
+                    if (len(geom) - 18) // 32 < len(nodes):
+                        wkb.create_linestring(nodes, all_nodes)
                 except osmium.InvalidLocationError:
                     sink.dropped["missing_nodes"] += 1
                     continue
