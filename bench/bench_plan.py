@@ -314,8 +314,8 @@ def main() -> None:
     pairs = ours["surrounding"] / max(1, ours["requests"])
     body = f"""
 Objects: {ours["objects"]:,} — {origin}.
-All sources of the catalog (the objects are in Finland: FI at 0.5 m where fine enough, else
-none); seed 0; defaults (256-1024 px, points 512 px, at most 50 surrounding objects).
+All sources of the catalog (the objects are in Finland: FI at 0.5 m, S2 for areas too large
+for a 1024 px FI tile); seed 0; defaults (256-1024 px, points 512 px, at most 50 surrounding objects).
 Rates are objects per CPU second of one process (the machine is shared, wall clock is noisy);
 ours is single-threaded numpy/shapely 2 array code, the peer a per-object Python loop.
 
