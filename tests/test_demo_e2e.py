@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _chromium import check_page_in_chromium, needs_chromium
 from conftest import run_cli
 
 from skyscript_build.meta import load_meta
@@ -116,6 +117,14 @@ def test_dataset_in_skyscript_layout(demo: dict):
     assert any((dataset / "manifest").glob("part-*.parquet"))
     page = (demo["build"] / "report" / "index.html").read_text(encoding="utf-8")
     assert "Synthetic imagery" in page and "OpenStreetMap contributors, ODbL" in page
+
+
+@needs_chromium
+def test_demo_report_renders_in_chromium(demo: dict):
+    state = check_page_in_chromium((demo["build"] / "report" / "index.html").as_uri())
+    assert state["errors"] == []
+    assert len(state["images"]) == 6 + 12  # the charts and the sample images
+    assert all(complete and width > 0 for _, complete, width in state["images"])
 
 
 def test_second_run_reuses_everything(demo: dict):
