@@ -4,9 +4,11 @@ Data: the demo's synthetic Helsinki orthophoto (``make demo-data``), served by t
 (``skyscript-build emulator``, its own process) as ``Finland/SMK/V/50cm``; N requests of
 PX x PX tiles at 0.5 m at seeded random places inside it, in 4 requests parts.
 
-1. Bound: the emulator adds 500 ms to every request and fetch may have 40 requests in flight,
-   so no client can do better than 40 / 0.5 = 80 tiles/s (each tile is one ``computePixels``;
-   the image lookup is one more request per shard of 200). Goal: >= 90 % of the bound.
+1. Bound and peer: the emulator adds 500 ms to every request and fetch may have 40 requests
+   in flight, so no client can do better than 40 / 0.5 = 80 tiles/s (each tile is one ``computePixels``;
+   the image lookup is one more request per shard of 200). Goal: >= 90 % of the bound. The
+   peer, a bare HTTP client (40 threads POSTing ready-made requests, nothing else), measures
+   in the same run what the machine and the emulator allow at that moment.
 2. CPU cost: the same at zero latency: tiles/s, and CPU ms per tile of the fetch process and
    of the emulator process.
 3. Profile: the zero-latency run again under ``py-spy record`` (all threads, idle excluded):
@@ -16,10 +18,10 @@ PX x PX tiles at 0.5 m at seeded random places inside it, in 4 requests parts.
 Every fetch is ``skyscript-build fetch`` as a subprocess (a fresh output folder); tiles/s is
 taken from its own summary (``run_fetch``'s wall time: client start-up, image lookups and
 every tile included, interpreter start-up excluded). Peak RSS is the fetch process's
-``ru_maxrss``. The machine's 2 cores are shared with other developers' jobs: the ratio to the
-bound is the number to read.
+``ru_maxrss``. The machine's 2 cores are shared with other developers' jobs: read the ratios
+to the bound and to the peer together.
 
-    python bench/bench_fetch.py [--tiles 1600] [--px 256] [--latency-ms 500]
+    python bench/bench_fetch.py [--tiles 3200] [--px 256] [--latency-ms 500] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -248,6 +250,7 @@ def main() -> None:
     parser.add_argument("--px", type=int, default=256)
     parser.add_argument("--latency-ms", type=float, default=500)
     parser.add_argument("--concurrency", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     if not DEMO.exists():
         raise SystemExit(f"{DEMO}: missing; run `make demo-data` first")
@@ -256,13 +259,17 @@ def main() -> None:
     bound = args.concurrency / (args.latency_ms / 1000)
     requests = write_requests(OUT / "requests", args.tiles, args.px)
     emu = EmulatorProcess(args.latency_ms)
+    peers, slows = [], []
     try:
-        peer = bare_client(requests, emu.url, args.concurrency)
-        print(f"peer (bare HTTP) at {args.latency_ms:g} ms: {peer}", flush=True)
-        slow = run_fetch(requests, emu.url, args.concurrency, rate=100)
+        for _ in range(args.rounds):  # alternate, keep the best of each (a shared machine)
+            peers.append(bare_client(requests, emu.url, args.concurrency))
+            print(f"peer (bare HTTP) at {args.latency_ms:g} ms: {peers[-1]}", flush=True)
+            slows.append(run_fetch(requests, emu.url, args.concurrency, rate=100))
+            print(f"latency {args.latency_ms:g} ms: {slows[-1]}", flush=True)
     finally:
         emu.stop()
-    print(f"latency {args.latency_ms:g} ms: {slow}", flush=True)
+    peer = max(peers, key=lambda r: r["tiles_per_s"])
+    slow = max(slows, key=lambda r: r["tiles_per_s"])
 
     # Zero latency, no rate cap: what one tile costs in CPU.
     zero_requests = write_requests(OUT / "requests_zero", args.zero_tiles, args.px, seed=1)
@@ -285,8 +292,10 @@ def main() -> None:
     lines = [
         f"{args.tiles} tiles of {args.px} x {args.px} px (0.5 m) from the demo orthophoto; "
         f"the emulator in its own process; `skyscript-build fetch --concurrency "
-        f"{args.concurrency}` in one process (threads). Load average at the end: {load:.1f} "
-        "on 2 cores shared with other jobs.",
+        f"{args.concurrency}` in one process (threads). Fetch and peer alternate, "
+        f"{args.rounds} rounds, best of each kept. Load average at the end: {load:.1f} "
+        "on 2 cores shared with other jobs (the ratios move with it: the fetch process needs "
+        "about 5 ms of CPU per tile under one GIL, the peer about 1).",
         "",
         "| run | tiles | tiles/s (whole run) | tiles/s (after client start) | bound | ratio "
         "(whole / after start) | fetch CPU ms/tile | emulator CPU ms/tile | peak RSS |",
