@@ -229,3 +229,11 @@ def test_cli_run_bad_pipeline_exits_2(tmp_path: Path, cli):
 def test_cli_run_unknown_stage_exits_2(tmp_path: Path, cli):
     result = cli("run", write(tmp_path, MINIMAL), "--stage", "fetc", cwd=tmp_path)
     assert result.returncode == 2 and "invalid choice: 'fetc'" in result.stderr
+
+
+def test_missing_stage_module_is_a_clear_error():
+    from skyscript_build._stages import stage_module
+
+    with pytest.raises(ConfigError, match="^stage polish2 is not available in this version$"):
+        stage_module("polish2", "skyscript_build.polish2")
+    assert stage_module("report", "skyscript_build.report").run_report
