@@ -72,7 +72,7 @@ class ExtractConfig:
     location_index: str = "auto"
     index_dir: Path | None = None
     rows_per_part: int = 1_000_000
-    batch_rows: int = 50_000
+    batch_rows: int = 10_000
     force: bool = False
 
     def __post_init__(self) -> None:
