@@ -26,14 +26,12 @@ tokens never reach logs, errors or the manifest: errors carry only the status an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,19 +51,14 @@ from .base import (
     call_with_retries,
     ms_to_datetime,
 )
+from .credentials import KEY_ENV, SCOPES, load_credentials
 from .limits import Limits
 
-__all__ = ["EarthEngineBackend", "load_credentials", "HIGH_VOLUME_URL"]
+__all__ = ["EarthEngineBackend", "HIGH_VOLUME_URL"]
 
 log = logging.getLogger(__name__)
 
 HIGH_VOLUME_URL = "https://earthengine-highvolume.googleapis.com"
-SCOPES = (
-    "https://www.googleapis.com/auth/earthengine",
-    "https://www.googleapis.com/auth/cloud-platform",
-)
-KEY_ENV = "EE_SERVICE_ACCOUNT_KEY"
-KEY_FIELDS = ("type", "client_email", "private_key", "token_uri")
 TOO_LARGE = ("memory limit", "too large", "request payload size", "total request size")
 MAX_SPLIT_DEPTH = 2
 _INIT_LOCK = threading.Lock()
@@ -131,58 +124,6 @@ class _Transport:
         out_headers: dict[str, Any] = dict(response.headers)
         out_headers["status"] = response.status_code
         return httplib2.Response(out_headers), content
-
-
-def _key_info(text: str, where: str) -> dict[str, Any]:
-    try:
-        info = json.loads(text)
-    except ValueError:
-        raise BackendError(f"{where}: not a service-account key (not valid JSON)") from None
-    if not isinstance(info, dict):
-        raise BackendError(f"{where}: not a service-account key (not a JSON object)")
-    missing = [f for f in KEY_FIELDS if not info.get(f)]
-    if missing or info.get("type") != "service_account":
-        what = f"missing {', '.join(missing)}" if missing else "type is not service_account"
-        raise BackendError(f"{where}: not a service-account key ({what})")
-    return info
-
-
-def load_credentials(key_file: str | None) -> tuple[Any, str | None]:
-    """Service-account credentials and the key's project from ``key_file`` or the environment.
-
-    Returns (None, None) when neither names a key. Raises ``BackendError`` naming the file (or
-    the variable) for a missing or malformed key, never quoting its content.
-    """
-    env = os.environ.get(KEY_ENV, "").strip()
-    if key_file:
-        path = Path(key_file)
-        if not path.is_file():
-            raise BackendError(f"{path}: service-account key file does not exist")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as e:
-            raise BackendError(
-                f"{path}: cannot read the service-account key ({type(e).__name__})"
-            ) from None
-        info, where = _key_info(text, str(path)), str(path)
-    elif env:
-        if env.startswith("{"):
-            info, where = _key_info(env, KEY_ENV), KEY_ENV
-        else:
-            return load_credentials(env) if Path(env).is_file() else _bad_env(env)
-    else:
-        return None, None
-    from google.oauth2 import service_account
-
-    try:
-        credentials = service_account.Credentials.from_service_account_info(info, scopes=SCOPES)
-    except (ValueError, TypeError, IndexError):
-        raise BackendError(f"{where}: not a usable service-account key (bad private key)") from None
-    return credentials, info.get("project_id")
-
-
-def _bad_env(value: str) -> tuple[Any, str | None]:
-    raise BackendError(f"{KEY_ENV} holds neither a key's JSON nor the path of an existing file")
 
 
 def _collection_query(source: SourceInfo, request: TileRequest, year: int) -> Any:
