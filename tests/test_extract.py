@@ -16,6 +16,7 @@ import osmium
 import osmium.filter
 import pyarrow.parquet as pq
 import pytest
+import shapely
 
 from skyscript_build.errors import ConfigError, InputError
 from skyscript_build.extract import OSM_CREDIT, ExtractConfig, run_extract
@@ -252,6 +253,7 @@ def test_corrupt_blob_inside_a_pbf(cli, tmp_path, helsinki_pbf):
     out = tmp_path / "out"
     proc = cli("extract", bad, "--out", out, "--workers", "2")
     _assert_user_error(proc, bad, "OSM PBF", out)
+    assert not out.exists()  # the run made the folder, so it takes it away again
 
 
 def test_stale_parts_of_another_input_are_replaced(tmp_path, helsinki_pbf):
@@ -282,3 +284,30 @@ def test_cli_summary_line(cli, tmp_path):
     proc = cli("extract", pbf, "--out", tmp_path / "out", "--workers", "1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("extract: 13 objects (5 points, 5 lines, 3 areas)")
+
+
+def test_invalid_area_geometries_are_repaired_or_dropped():
+    from collections import Counter
+
+    from skyscript_build.extract._parquet import Batch, batch_to_table
+
+    bowtie = shapely.Polygon([(0, 0), (1, 1), (1, 0), (0, 1), (0, 0)])  # self-intersecting
+    flat = shapely.Polygon([(0, 0), (1, 1), (2, 2), (0, 0)])  # no area left after repair
+    square = shapely.box(0, 0, 1, 1)
+    batch = Batch("a")
+    for i, g in enumerate([bowtie, flat, square], start=1):
+        batch.osm_element.append("way")
+        batch.ids.append(i)
+        batch.tag_keys.append("building")
+        batch.tag_values.append("yes")
+        batch.tag_offsets.append(i)
+        batch.max_gsd.append(1.0)
+        batch.geoms.append(shapely.to_wkb(g, hex=True))
+    dropped: Counter = Counter()
+    table = batch_to_table(batch, dropped)
+    assert table["osm_id"].to_pylist() == [1, 3]
+    assert dropped == {"repaired_geometry": 1, "invalid_geometry": 1}
+    geoms = shapely.from_wkb(table["geometry"].to_pylist())
+    assert shapely.is_valid(geoms).all()
+    assert shapely.get_type_id(geoms).tolist() == [6, 3]  # the bowtie is two triangles
+    assert shapely.area(geoms[0]) == pytest.approx(0.5)

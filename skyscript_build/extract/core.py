@@ -247,17 +247,16 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     if errors:
         for i in range(len(SHARDS)):
             _remove_shard(out, i)
-        with contextlib.suppress(OSError):
-            shutil.rmtree(index_dir)
-            if created:
-                shutil.rmtree(out / STATS_DIR)
+        shutil.rmtree(index_dir, ignore_errors=True)
+        if created:
+            shutil.rmtree(out / STATS_DIR, ignore_errors=True)
+            with contextlib.suppress(OSError):
                 out.rmdir()
         raise InputError(config.input, f"cannot be read as OSM PBF: {errors[0]['error']}")
     for s in new_stats:
         s["fingerprint"] = fingerprint
         write_json_atomic(_stats_path(out, s["shard"]), s)
-    with contextlib.suppress(OSError):
-        shutil.rmtree(index_dir)
+    shutil.rmtree(index_dir, ignore_errors=True)
     all_stats = sorted(done + new_stats, key=lambda s: s["shard"])
     result = _result_from(out, all_stats, time.monotonic() - start)
     write_json_atomic(
