@@ -14,6 +14,11 @@ HELP = "fetch the planned image tiles: images{k}/*.jpg, meta{k}/*.pickle, manife
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The fetch flags (one per ``FetchConfig`` field)."""
+    parser.epilog = (
+        "Exit status: 0 when every tile is ok or permanently skipped, 1 when some tiles failed "
+        "with a retryable reason (run the same command again to retry only those), 2 for a "
+        "usage, input or credentials error."
+    )
     parser.add_argument("--requests", required=True, help="the plan's requests/ folder")
     parser.add_argument("--out", required=True, help="the dataset folder to write")
     parser.add_argument(
