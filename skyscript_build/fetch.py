@@ -13,6 +13,7 @@ has its files removed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import threading
@@ -171,6 +172,7 @@ class FetchShard:
     stop: int
     config: FetchConfig
     limits: LimitsConfig
+    keys_hash: str = ""  # of the shard's request keys: a changed plan reruns the shard
 
     @property
     def name(self) -> str:
@@ -206,10 +208,13 @@ def list_shards(config: FetchConfig, limits: LimitsConfig) -> list[FetchShard]:
     """Every shard of the run, in a fixed order (requests part, then row)."""
     shards: list[FetchShard] = []
     for part in config.request_parts():
-        rows = pq.ParquetFile(part).metadata.num_rows
-        for start in range(0, rows, config.shard_size):
-            stop = min(rows, start + config.shard_size)
-            shards.append(FetchShard(len(shards), part, start, stop, config, limits))
+        keys = pq.read_table(part, columns=["key"]).column("key").to_pylist()
+        for start in range(0, len(keys), config.shard_size):
+            stop = min(len(keys), start + config.shard_size)
+            digest = hashlib.blake2b("\n".join(keys[start:stop]).encode(), digest_size=8)
+            shards.append(
+                FetchShard(len(shards), part, start, stop, config, limits, digest.hexdigest())
+            )
     return shards
 
 
@@ -222,9 +227,10 @@ def _shard_finished(shard: FetchShard) -> bool:
     if not path.exists():
         return False
     try:
-        return int(json.loads(path.read_text()).get("retryable", 1)) == 0
+        stats = json.loads(path.read_text())
     except (ValueError, OSError):
         return False
+    return int(stats.get("retryable", 1)) == 0 and stats.get("keys_hash") == shard.keys_hash
 
 
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
@@ -334,6 +340,9 @@ def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None)
         writer = FilesWriter(config.out, config.parts)
     manifest_path = config.out / "manifest" / f"{shard.name}.parquet"
     old = {row["request_key"]: row for row in read_manifest(manifest_path)}
+    current = {r.key for r in requests}
+    for gone in [row for key, row in old.items() if key not in current]:
+        _remove_files(writer, gone["key"])  # the plan dropped this request since
     rows: dict[str, dict[str, Any]] = {}
     todo: list[TileRequest] = []
     for request in requests:
@@ -367,6 +376,7 @@ def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None)
         "shard": shard.name,
         "requests_file": shard.requests_file.name,
         "rows": [shard.start, shard.stop],
+        "keys_hash": shard.keys_hash,
         "ok": counts.get("ok", 0),
         "skipped": counts.get("skipped", 0),
         "failed": counts.get("failed", 0),

@@ -175,3 +175,16 @@ def test_cli_fetch_raster(fx, tmp_path, cli):
     assert sorted(p.name for p in out.iterdir()) == [
         "images2", "images3", "manifest", "meta2", "meta3",
     ]  # fmt: skip
+
+
+def test_a_changed_plan_reruns_its_shards(fx, tmp_path):
+    out = tmp_path / "ds"
+    run_fetch(_config(fx, out))
+    rows = fixture_data.request_rows(10, seed=0)
+    rows[3] = fixture_data.request_rows(1, seed=9, prefix="n")[0]  # the plan changed one key
+    fixture_data.write_requests(fx["requests"], [rows[:5], rows[5:]])
+    result = run_fetch(_config(fx, out))
+    assert result.shards_run == 1 and result.fetched == 1  # only the new key is fetched
+    assert any(r["key"] == "n1000_FI_19" for r in iter_manifest(out))
+    assert not list(out.rglob("a1003_FI_19.*"))  # the dropped request's files are gone
+    assert len(list(out.glob("images*/*.jpg"))) == len(list(out.glob("meta*/*.pickle"))) == 10
