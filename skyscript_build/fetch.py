@@ -32,10 +32,13 @@ from .backends import (
     BACKENDS,
     RETRYABLE_REASONS,
     BackendConfig,
+    SourceInfo,
     TileRequest,
     TileResult,
     get_backend,
+    resolve_source,
     source_info,
+    use_sources,
 )
 from .backends.limits import LimitsConfig
 from .cluster import ClusterConfig, dask_client, map_shards
@@ -173,6 +176,7 @@ class FetchShard:
     config: FetchConfig
     limits: LimitsConfig
     keys_hash: str = ""  # of the shard's request keys: a changed plan reruns the shard
+    sources: tuple[SourceInfo, ...] = ()  # resolved by the driver, for the workers
 
     @property
     def name(self) -> str:
@@ -204,7 +208,9 @@ class FetchResult:
         )
 
 
-def list_shards(config: FetchConfig, limits: LimitsConfig) -> list[FetchShard]:
+def list_shards(
+    config: FetchConfig, limits: LimitsConfig, sources: tuple[SourceInfo, ...] = ()
+) -> list[FetchShard]:
     """Every shard of the run, in a fixed order (requests part, then row)."""
     shards: list[FetchShard] = []
     for part in config.request_parts():
@@ -213,7 +219,9 @@ def list_shards(config: FetchConfig, limits: LimitsConfig) -> list[FetchShard]:
             stop = min(len(keys), start + config.shard_size)
             digest = hashlib.blake2b("\n".join(keys[start:stop]).encode(), digest_size=8)
             shards.append(
-                FetchShard(len(shards), part, start, stop, config, limits, digest.hexdigest())
+                FetchShard(
+                    len(shards), part, start, stop, config, limits, digest.hexdigest(), sources
+                )
             )
     return shards
 
@@ -327,6 +335,7 @@ def _process_tile(
 def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Fetch one shard (module-level: a Dask task); return its stats (also written last)."""
     config = shard.config
+    use_sources(shard.sources)
     stats_path = _stats_path(shard)
     if _shard_finished(shard):
         return json.loads(stats_path.read_text())
@@ -412,25 +421,27 @@ def _run_local(shards: list[FetchShard]) -> list[dict[str, Any]]:
         return list(outer.map(lambda s: fetch_shard(s, tick), shards))
 
 
-def _backends_needed(config: FetchConfig) -> set[str]:
-    if config.backend:
-        return {config.backend}
-    names = set()
+def _resolve_sources(config: FetchConfig) -> tuple[SourceInfo, ...]:
+    """The sources of every (alias, collection) the requests name, from the catalog now."""
+    pairs: set[tuple[str, str]] = set()
     for part in config.request_parts():
         table = pq.read_table(part, columns=["alias", "collection"])
-        for alias, collection in set(
-            zip(*(table.column(c).to_pylist() for c in ("alias", "collection")), strict=True)
-        ):
-            names.add(_backend_name(config, alias, collection))
-    return names
+        aliases, collections = (
+            table.column("alias").to_pylist(),
+            table.column("collection").to_pylist(),
+        )
+        pairs.update(zip(aliases, collections, strict=True))
+    return tuple(resolve_source(alias, collection) for alias, collection in sorted(pairs))
 
 
 def run_fetch(config: FetchConfig) -> FetchResult:
     """Fetch every request not yet done; return counts over the whole dataset."""
     t0 = time.monotonic()
     local = LimitsConfig(config.concurrency, config.rate)
+    sources = _resolve_sources(config)
+    use_sources(sources)
     # Open every backend here first: bad credentials or settings fail before any output.
-    for name in sorted(_backends_needed(config)):
+    for name in sorted({config.backend or s.backend for s in sources}):
         get_backend(config.backend_config(name, local))
     startup = time.monotonic() - t0
     config.out.mkdir(parents=True, exist_ok=True)
@@ -440,7 +451,7 @@ def run_fetch(config: FetchConfig) -> FetchResult:
     cluster = config.cluster
     results: list[dict[str, Any]]
     if cluster.inline:
-        shards = list_shards(config, local)
+        shards = list_shards(config, local, sources)
         pending = [s for s in shards if not _shard_finished(s)]
         results = _run_local(pending)
     else:
@@ -448,7 +459,7 @@ def run_fetch(config: FetchConfig) -> FetchResult:
             processes = max(1, len(client.scheduler_info().get("workers", {})))
             name = f"skyscript-fetch-{zlib.crc32(str(config.out.resolve()).encode()):08x}"
             limits = LimitsConfig(config.concurrency, config.rate, processes, name)
-            shards = list_shards(config, limits)
+            shards = list_shards(config, limits, sources)
             pending = [s for s in shards if not _shard_finished(s)]
             results = map_shards(fetch_shard, pending, cluster, desc="fetch", client=client)
     result = _summarise(config, len(shards) - len(pending), results, time.monotonic() - t0)

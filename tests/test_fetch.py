@@ -188,3 +188,27 @@ def test_a_changed_plan_reruns_its_shards(fx, tmp_path):
     assert any(r["key"] == "n1000_FI_19" for r in iter_manifest(out))
     assert not list(out.rglob("a1003_FI_19.*"))  # the dropped request's files are gone
     assert len(list(out.glob("images*/*.jpg"))) == len(list(out.glob("meta*/*.pickle"))) == 10
+
+
+@pytest.mark.slow
+def test_a_pipeline_source_reaches_dask_workers(fx, tmp_path):
+    """A raster source registered in this process only is used by the worker processes."""
+    import image_sources
+
+    source = image_sources.source_from_dict(
+        {"alias": "HX", "collection": "test/helsinki", "gsd": 0.5, "years": [2019],
+         "backend": "raster", "location": str(fx["rasters"]),
+         "coverage": [24.0, 60.0, 25.5, 60.5]}
+    )  # fmt: skip
+    image_sources.add_source(source, replace=True)
+    try:
+        rows = fixture_data.request_rows(6, seed=4)
+        for row in rows:
+            row.update(alias="HX", collection="test/helsinki", key=row["key"].replace("FI", "HX"))
+        requests = fixture_data.write_requests(tmp_path / "req", [rows])
+        config = FetchConfig(requests=requests, out=tmp_path / "ds", workers=2, shard_size=3)
+        result = run_fetch(config)  # no --backend: the source's own (raster, its folder)
+    finally:
+        image_sources.remove_source("HX")
+    assert (result.ok, result.shards_run) == (6, 2), result.summary()
+    assert {r["image_id"] for r in iter_manifest(tmp_path / "ds")} == {"helsinki_2019"}

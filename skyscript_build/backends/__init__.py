@@ -6,8 +6,8 @@ worker process and shared by its threads); ``Backend.fetch(TileRequest) -> TileR
 
 from __future__ import annotations
 
-import functools
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,9 @@ __all__ = [
     "TileRequest",
     "TileResult",
     "get_backend",
+    "resolve_source",
     "source_info",
+    "use_sources",
 ]
 
 BACKENDS = ("earthengine", "raster", "xyz")
@@ -69,13 +71,33 @@ def _triple(value: Any, default: float) -> tuple[float, ...]:
     return tuple(float(v) for v in value)
 
 
-@functools.lru_cache(maxsize=1024)
-def source_info(alias: str, collection: str = "") -> SourceInfo:
-    """The source ``alias`` from ``image_sources.get_source``, reduced to what backends use.
+# Sources resolved by the driver of a run (``use_sources``): a Dask worker process does not
+# see sources a pipeline registered in the driver's ``image_sources`` catalog.
+_RESOLVED: dict[str, SourceInfo] = {}
+_CONVERTED: dict[tuple[str, str], tuple[Any, SourceInfo]] = {}
+_SOURCES_LOCK = threading.Lock()
 
-    Without ``image_sources`` (or for an alias it does not know) the source is taken as an
-    8-bit R, G, B collection named ``collection``.
+
+def use_sources(infos: Iterable[SourceInfo]) -> None:
+    """Make ``source_info`` answer these (resolved elsewhere, e.g. in the run's driver)."""
+    with _SOURCES_LOCK:
+        for info in infos:
+            _RESOLVED[info.alias] = info
+
+
+def source_info(alias: str, collection: str = "") -> SourceInfo:
+    """The source ``alias``, reduced to what backends use.
+
+    From ``use_sources`` when the run's driver resolved it, else from
+    ``image_sources.get_source``. Without ``image_sources`` (or for an alias it does not know)
+    the source is taken as an 8-bit R, G, B Earth Engine collection named ``collection``.
     """
+    info = _RESOLVED.get(alias)
+    return info if info is not None else resolve_source(alias, collection)
+
+
+def resolve_source(alias: str, collection: str = "") -> SourceInfo:
+    """The source ``alias`` as ``image_sources`` has it now (see ``source_info``)."""
     try:
         import image_sources  # type: ignore[import-not-found]
 
@@ -86,6 +108,16 @@ def source_info(alias: str, collection: str = "") -> SourceInfo:
         if collection:
             return SourceInfo(alias=alias, collection=collection)
         raise ConfigError(f"unknown image source {alias!r}: {e}") from None
+    cached = _CONVERTED.get((alias, collection))
+    if cached is not None and cached[0] is src:  # the catalog entry has not been replaced
+        return cached[1]
+    info = _convert(src, alias, collection)
+    with _SOURCES_LOCK:
+        _CONVERTED[(alias, collection)] = (src, info)
+    return info
+
+
+def _convert(src: Any, alias: str, collection: str) -> SourceInfo:
     stretch: tuple[float, ...] = tuple(getattr(src, "stretch", None) or (0.0, 255.0))
     vmin, vmax = (stretch[0], stretch[1]) if len(stretch) >= 2 else (0.0, 255.0)
     gamma = getattr(src, "gamma", None) or (stretch[2] if len(stretch) > 2 else 1.0)
@@ -178,8 +210,10 @@ def get_backend(config: BackendConfig) -> Backend:
 
 
 def close_backends() -> None:
-    """Close every backend this process opened (tests, end of a run)."""
+    """Close every backend this process opened and forget resolved sources (tests)."""
     with _LOCK:
         for backend in _BACKENDS.values():
             backend.close()
         _BACKENDS.clear()
+    with _SOURCES_LOCK:
+        _RESOLVED.clear()
