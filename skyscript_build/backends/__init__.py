@@ -26,6 +26,7 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "BackendConfig",
+    "clear_source_cache",
     "FetchError",
     "RETRYABLE_REASONS",
     "RetryPolicy",
@@ -94,6 +95,17 @@ def source_info(alias: str, collection: str = "") -> SourceInfo:
     """
     info = _RESOLVED.get(alias)
     return info if info is not None else resolve_source(alias, collection)
+
+
+def clear_source_cache() -> None:
+    """Forget resolved and converted sources (after the catalog changed)."""
+    with _SOURCES_LOCK:
+        _RESOLVED.clear()
+        _CONVERTED.clear()
+
+
+# ``source_info.cache_clear()`` (as with functools caches) is what run's Dask plugin calls.
+source_info.cache_clear = clear_source_cache  # type: ignore[attr-defined]
 
 
 def resolve_source(alias: str, collection: str = "") -> SourceInfo:
@@ -215,5 +227,4 @@ def close_backends() -> None:
         for backend in _BACKENDS.values():
             backend.close()
         _BACKENDS.clear()
-    with _SOURCES_LOCK:
-        _RESOLVED.clear()
+    clear_source_cache()
