@@ -31,7 +31,7 @@ import osmium.geom
 from tag_filters import TagFilter, load_tag_filter
 
 from ._parquet import Batch, PartWriter, batch_to_table
-from ._rules import is_area
+from ._rules import closed_way_is_area
 
 __all__ = ["ShardSpec", "SHARDS", "SHARD_KINDS", "PART_PREFIX", "run_shard"]
 
@@ -68,13 +68,12 @@ def _tag_picker(tf: TagFilter) -> Callable[..., Picked | None]:
     """A fast function: an osmium object -> (keys, values, max_gsd) of its groundable tags.
 
     It walks the tags through the C++ accessors (pyosmium's ``TagList`` iterator costs a Python
-    frame per tag) and looks up only keys that can be groundable. Given a list as ``pairs``, it
-    also appends every ``(key, value)`` of the object to it (for the area rule).
+    frame per tag) and looks up only keys that can be groundable.
     """
     rule = tf.rule
     candidates = tf.candidate_keys()
 
-    def pick(obj: Any, pairs: list[tuple[str, str]] | None = None) -> Picked | None:
+    def pick(obj: Any) -> Picked | None:
         data = obj._pyosmium_data
         nxt = data.tags_next
         it = data.tags_begin()
@@ -83,8 +82,6 @@ def _tag_picker(tf: TagFilter) -> Callable[..., Picked | None]:
         best = -1.0
         for _ in range(data.tags_size()):
             k, v = nxt(it)
-            if pairs is not None:
-                pairs.append((k, v))
             if candidates is not None and k not in candidates:
                 continue
             r = rule(k, v)
@@ -225,13 +222,12 @@ def _lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
             )
             w: Any
             for w in osmium.OsmFileIterator(reader, *chain):
-                nodes = w.nodes
-                closed = w.is_closed() and len(nodes) >= 4
-                pairs: list[tuple[str, str]] | None = [] if closed else None
-                picked = pick(w, pairs)
+                picked = pick(w)
                 if picked is None:
                     continue
-                if closed and is_area(dict(pairs or ())):
+                nodes = w.nodes
+                closed = w.is_closed() and len(nodes) >= 4
+                if closed and closed_way_is_area(w, picked[0], picked[1]):
                     sink.counts["expected_way_areas"] += 1
                     continue
                 try:
@@ -265,12 +261,11 @@ class _AreaHandler:
         self.sink = sink
 
     def area(self, a: Any) -> None:
-        from_way = a.from_way()
-        pairs: list[tuple[str, str]] | None = [] if from_way else None
-        picked = self.pick(a, pairs)
+        picked = self.pick(a)
         if picked is None:
             return
-        if from_way and not is_area(dict(pairs or ())):
+        from_way = a.from_way()
+        if from_way and not closed_way_is_area(a, picked[0], picked[1]):
             return
         sink = self.sink
         try:
