@@ -85,7 +85,9 @@ _JOINERS = (
 )
 _SPACES = re.compile(r"_|(?<!\d):|:(?!\d)")
 _WHITESPACE = re.compile(r"\s+")
-_TAG_CACHE_MAX = 500_000
+# Cache sizes (entries; a full cache is emptied): bounded memory, whatever the corpus.
+_TAG_CACHE_MAX = 1 << 18
+_OBJECT_CACHE_MAX = 1 << 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -386,7 +388,7 @@ class RuleCaptioner:
             return cached
         result = self._object_phrases(tags)
         if cache_key:
-            if len(self._objects) >= _TAG_CACHE_MAX:
+            if len(self._objects) >= _OBJECT_CACHE_MAX:
                 self._objects.clear()
             self._objects[cache_key] = result
         return result
