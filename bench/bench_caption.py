@@ -330,7 +330,8 @@ def main() -> None:
             "",
             f"Peak RSS at {args.small:,} vs {args.files:,} files: {small_rss:.0f} vs "
             f"{best[f'ours-w{args.workers[0]}'][1]:.0f} MiB (streaming: chunk CSVs merged in "
-            "order, one folder's file names listed at a time).",
+            "order, one folder's file names listed at a time; the growth is the workers' "
+            "phrase caches, capped at 64 Ki objects and 256 Ki tags each).",
             "",
             "Where a worker's time goes (py-spy, 1 worker, these 200,000 files, samples inside "
             "`caption_chunk`): captioning 35 % (tag and object phrases are cached, so mostly "
