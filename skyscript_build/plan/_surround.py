@@ -1,24 +1,44 @@
-"""Surrounding objects of each tile: an STRtree bulk query, then vectorised filters and caps.
+"""Surrounding objects of each tile: a sorted strip index, vectorised bounds checks and caps.
 
 A surrounding object of a tile is any other object that lies entirely inside the tile (its
-bounds in the tile's CRS within the box) and has a tag visible at the tile's GSD. Where a tile
-has more than ``cap`` of them, a seeded random subset is kept: every object has a priority drawn
-from its hash, the tile keeps each candidate with a probability that leaves a little over
-``cap`` on average, then the first ``cap`` in the spatial index's (deterministic) order. No
-sort over candidate pairs is needed, so the cost is linear in the pairs the index returns.
+bounds in the tile's CRS within the box) and has a tag visible at the tile's GSD. Tiles are
+handled in groups of one CRS and one GSD. The group's members (objects visible at the GSD and
+near one of its tiles) are sorted by (strip of their lower edge, left edge): the members whose
+lower-left corner lies in a tile are then one contiguous run per strip the tile spans, found
+with ``searchsorted``; plain numpy comparisons of the bounds keep the ones entirely inside. No
+spatial tree, no GEOS call and no Python loop per tile; chunks of tiles run on threads (numpy
+releases the GIL), and the result does not depend on the chunking or the thread count.
+
+Where a tile has more than ``cap`` surrounding objects, a seeded random subset is kept: every
+object has a priority drawn from its hash, the tile keeps each candidate with a probability
+that leaves a little over ``cap`` on average, then the first ``cap`` in the index's order.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
-import shapely
 
 from ..progress import progress_bar
+from ._choose import ranges
 from ._geo import STREAM_SURROUND, ProjectedBounds, uniform
 from ._objects import Objects
 
-#: Tiles queried at once (bounds the memory of the candidate pairs).
-CHUNK = 20_000
+#: Candidate pairs looked at in one chunk of tiles (bounds the memory of a chunk).
+CHUNK_PAIRS = 2_000_000
+#: Strips per (median) tile side: more strips, fewer wasted candidates, more searches.
+STRIPS_PER_TILE = 4
+#: Priority levels: level m holds the members of priority below 2**-m.
+LEVELS = 6
+#: Guessed share of a tile's candidates that lie inside it, and the margin over the cap
+#: wanted in a level before it is used (a wrong guess only costs a retry).
+INSIDE_GUESS = 0.75
+CAP_MARGIN = 1.15
+#: Bits of the millimetre x offset in the sort key (the strip number sits above them).
+_X_BITS = 36
+_X_SPAN = 1 << _X_BITS
 
 
 def surroundings(
@@ -31,76 +51,242 @@ def surroundings(
     lonlat: np.ndarray,
     proj: ProjectedBounds,
     h: np.ndarray,
-    cap: int,
+    cap: int | None,
+    threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (request, object) of the surrounding objects of every tile, sorted by request.
 
-    Tiles are handled in groups of one CRS and one GSD: each GSD gets an STRtree over the
-    bounds' centres of only the objects visible at it (an object inside a box has its centre
-    inside it), each CRS the objects' projected bounds as contiguous arrays.
+    Args:
+        objs: all objects (their lon/lat ``bounds``).
+        visible_gsd: per object, the coarsest GSD one of its tags is visible at.
+        focus: the object of each request; ``epsg``, ``gsd``, ``xy``, ``lonlat``: its tile.
+        proj: projected bounds of the objects (computed here where missing).
+        h: per-object seeded hash (the cap's priorities).
+        cap: most surrounding objects per tile (None: all).
+        threads: chunks of tiles checked at once.
     """
     priority = uniform(h, STREAM_SURROUND)
     b = objs.bounds
     cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-    trees: dict[float, tuple[shapely.STRtree, np.ndarray, np.ndarray]] = {}
-    position = np.full(len(objs), -1, dtype=np.int64)
-    reqs, objs_out = [], []
+    pieces: list[tuple[np.ndarray, np.ndarray]] = []
     groups = sorted(set(zip(epsg.tolist(), gsd.tolist(), strict=True)))
     bar = progress_bar(total=len(focus), desc="plan: surroundings", unit="tile")
-    for code, g in groups:
-        tiles = np.flatnonzero((epsg == code) & (gsd == g))
-        if g not in trees:
-            members = np.flatnonzero(visible_gsd >= g * (1 - 1e-9))
-            tree = shapely.STRtree(shapely.points(cx[members], cy[members]))
-            trees[g] = (tree, members, priority[members])
-        tree, members, prio = trees[g]
-        if len(members) == 0:
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        for code, g in groups:
+            tiles = np.flatnonzero((epsg == code) & (gsd == g))
+            visible = np.flatnonzero(visible_gsd >= g * (1 - 1e-9))
+            members = visible[_near(lonlat[tiles], cx[visible], cy[visible])]
+            if len(members):
+                pb = proj.get(np.full(len(members), code, dtype=np.int64), members)
+                for r, j in _group_pairs(pb, members, priority[members], xy[tiles],
+                                         focus[tiles], cap, pool):  # fmt: skip
+                    pieces.append((tiles[r], j))
             bar.update(len(tiles))
-            continue
-        ll = lonlat[tiles]
-        envelope = (ll[:, 0].min(), ll[:, 1].min(), ll[:, 2].max(), ll[:, 3].max())
-        pb = proj.region(int(code), b, _padded(envelope))[members]
-        cols = [np.ascontiguousarray(pb[:, k]) for k in range(4)]
-        position[members] = np.arange(len(members))
-        focus_local = position[focus[tiles]]
-        position[members] = -1
-        for start in range(0, len(tiles), CHUNK):
-            sel = slice(start, start + CHUNK)
-            r, jl = _chunk(tree, focus_local[sel], xy[tiles[sel]], lonlat[tiles[sel]], cols)
-            if cap is not None and len(r):
-                keep = _cap(r, prio[jl], len(tiles[sel]), cap)
-                r, jl = r[keep], jl[keep]
-            reqs.append(tiles[sel][r].astype(np.int32))
-            objs_out.append(members[jl].astype(np.int32))
-            bar.update(len(tiles[sel]))
     bar.close()
-    r = np.concatenate(reqs) if reqs else np.zeros(0, dtype=np.int32)
-    j = np.concatenate(objs_out) if objs_out else np.zeros(0, dtype=np.int32)
-    if len(groups) > 1:
-        order = np.argsort(r, kind="stable")
-        r, j = r[order], j[order]
-    return r, j
+    return _merge(pieces, len(focus))
 
 
-def _padded(envelope: tuple, pad: float = 1e-3) -> tuple:
-    w, s, e, n = envelope
-    return (w - pad, s - pad, e + pad, n + pad)
+def _group_pairs(
+    pb: np.ndarray,
+    members: np.ndarray,
+    priority: np.ndarray,
+    boxes: np.ndarray,
+    focus: np.ndarray,
+    cap: int | None,
+    pool: ThreadPoolExecutor,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The capped pairs (tile, object) of one (CRS, GSD) group, in pieces sorted by tile.
+
+    Each tile is looked up in the sparsest priority level that is expected to hold ``cap``
+    of its surrounding objects (estimated from its candidates in the full level), and in the
+    next denser level when it does not; the result depends only on the tile's own objects.
+    """
+    sides = boxes[:, 2] - boxes[:, 0]
+    y_span = float(pb[:, 1].max() - pb[:, 1].min())
+    # At most 2**26 strips, so that the strip number fits above the x bits.
+    height = max(float(np.median(sides)) / STRIPS_PER_TILE, y_span / 2**26, 1e-3)
+    n_strips = int(y_span / height) + 1
+    base = (float(pb[:, 0].min()), float(pb[:, 1].min()), height, n_strips)
+    levels = []
+    for m in range(LEVELS if cap else 1):
+        sel = np.flatnonzero(priority < 0.5**m)
+        levels.append(_Level(pb[sel], members[sel], priority[sel] * 2.0**m, focus, base))
+    cols = [np.ascontiguousarray(boxes[:, k]) for k in range(4)]
+    level = np.zeros(len(boxes), dtype=np.int64)
+    if cap and len(levels) > 1:
+        tile, _, length = levels[0].runs(boxes, np.arange(len(boxes)))
+        cand = np.bincount(tile, weights=length, minlength=len(boxes))
+        ratio = INSIDE_GUESS * cand / (cap * CAP_MARGIN)
+        level = np.clip(np.floor(np.log2(np.maximum(ratio, 1.0))), 0, len(levels) - 1)
+        level = level.astype(np.int64)
+    retry = np.zeros(0, dtype=np.int64)
+    for m in range(len(levels) - 1, -1, -1):
+        todo = np.union1d(np.flatnonzero(level == m), retry)
+        retry = np.zeros(0, dtype=np.int64)
+        if len(todo) == 0:
+            continue
+        lvl = levels[m]
+        run_tile, run_start, run_len = lvl.runs(boxes, todo)
+        chunks = _chunks(run_tile, run_len)
+        work = [(run_tile[c], run_start[c], run_len[c]) for c in chunks]
+        for r, j, short in pool.map(lambda w, lvl=lvl, m=m: lvl.pairs(cols, *w, cap, m > 0), work):  # noqa: E501
+            retry = np.r_[retry, short]
+            yield r, j
 
 
-def _chunk(tree, focus_local, xy, lonlat, cols):
-    """Candidate pairs (tile, member) of the chunk's tiles: inside the box, not the focus."""
-    # Pad the lon/lat query box a little: it only has to hold every candidate.
-    pad_x = (lonlat[:, 2] - lonlat[:, 0]) * 1e-3
-    pad_y = (lonlat[:, 3] - lonlat[:, 1]) * 1e-3
-    boxes = shapely.box(
-        lonlat[:, 0] - pad_x, lonlat[:, 1] - pad_y, lonlat[:, 2] + pad_x, lonlat[:, 3] + pad_y
-    )
-    r, j = tree.query(boxes)
-    x0, y0, x1, y1 = (np.ascontiguousarray(xy[:, k]) for k in range(4))
-    keep = (cols[0][j] >= x0[r]) & (cols[2][j] <= x1[r])
-    r, j = r[keep], j[keep]
-    keep = (cols[1][j] >= y0[r]) & (cols[3][j] <= y1[r]) & (j != focus_local[r])
-    return r[keep].astype(np.int64), j[keep].astype(np.int64)
+def _near(lonlat: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
+    """Mask: the point (cx, cy) lies in a cell of a coarse lon/lat grid that some tile's box
+    (padded) touches. Every object inside a tile has its centre inside the tile's box."""
+    if len(lonlat) == 0 or len(cx) == 0:
+        return np.zeros(len(cx), dtype=bool)
+    pad_x = (lonlat[:, 2] - lonlat[:, 0]) * 1e-3 + 1e-9
+    pad_y = (lonlat[:, 3] - lonlat[:, 1]) * 1e-3 + 1e-9
+    w, s = lonlat[:, 0] - pad_x, lonlat[:, 1] - pad_y
+    e, n = lonlat[:, 2] + pad_x, lonlat[:, 3] + pad_y
+    x0, y0 = float(w.min()), float(s.min())
+    cell = float(np.median(np.maximum(e - w, n - s)))
+    span = max(float(e.max()) - x0, float(n.max()) - y0)
+    cell = max(cell, span / 2048)  # at most 2048 x 2048 cells
+    nx = int((float(e.max()) - x0) / cell) + 2
+    ny = int((float(n.max()) - y0) / cell) + 2
+    i0, i1 = ((w - x0) / cell).astype(np.int64), ((e - x0) / cell).astype(np.int64) + 1
+    j0, j1 = ((s - y0) / cell).astype(np.int64), ((n - y0) / cell).astype(np.int64) + 1
+    # A 2-D difference array: +1 at each box's corner, summed along both axes.
+    diff = np.zeros((ny + 1) * (nx + 1), dtype=np.int64)
+    for jj, ii, sign in ((j0, i0, 1), (j0, i1, -1), (j1, i0, -1), (j1, i1, 1)):
+        diff += sign * np.bincount(jj * (nx + 1) + ii, minlength=len(diff))
+    covered = diff.reshape(ny + 1, nx + 1).cumsum(axis=0).cumsum(axis=1) > 0
+    pi = np.floor((cx - x0) / cell)
+    pj = np.floor((cy - y0) / cell)
+    inside = (pi >= 0) & (pi < nx) & (pj >= 0) & (pj < ny)
+    out = np.zeros(len(cx), dtype=bool)
+    out[inside] = covered[pj[inside].astype(np.int64), pi[inside].astype(np.int64)]
+    return out
+
+
+def _chunks(run_tile: np.ndarray, run_len: np.ndarray) -> list[slice]:
+    """Slices of runs (sorted by tile), whole tiles each, of about CHUNK_PAIRS candidates."""
+    if len(run_tile) == 0:
+        return []
+    ends = np.flatnonzero(np.r_[run_tile[1:] != run_tile[:-1], True]) + 1
+    upto = np.cumsum(run_len)[ends - 1] // CHUNK_PAIRS
+    cuts = ends[np.flatnonzero(np.diff(upto) > 0)]
+    bounds = [0, *cuts.tolist(), len(run_tile)]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+
+
+def _merge(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate pieces (each sorted by tile, no tile in two pieces) into tile order."""
+    if not pieces:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    counts = np.zeros(n, dtype=np.int64)
+    for r, _ in pieces:
+        counts += np.bincount(r, minlength=n)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    out_r = np.repeat(np.arange(n, dtype=np.int64), counts)
+    out_j = np.empty(int(offsets[-1]), dtype=np.int64)
+    for r, j in pieces:
+        if len(r) == 0:
+            continue
+        first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
+        rank = np.arange(len(r)) - np.repeat(first, np.diff(np.r_[first, len(r)]))
+        out_j[offsets[r] + rank] = j
+    return out_r, out_j
+
+
+def _search(key: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """``searchsorted(key, queries, "left")``, with the queries sorted first (much faster)."""
+    order = np.argsort(queries, kind="stable")
+    out = np.empty(len(queries), dtype=np.int64)
+    out[order] = np.searchsorted(key, queries[order], "left")
+    return out
+
+
+class _Level:
+    """Members (all, or those of priority below 2**-m) sorted by (strip of y_min, x_min mm)."""
+
+    def __init__(
+        self,
+        pb: np.ndarray,
+        members: np.ndarray,
+        priority: np.ndarray,
+        focus: np.ndarray,
+        base: tuple[float, float, float, int],
+    ) -> None:
+        self.x_base, self.y_base, self.height, self.n_strips = base
+        strip = np.floor((pb[:, 1] - self.y_base) / self.height).astype(np.int64)
+        xq = np.clip(np.floor((pb[:, 0] - self.x_base) * 1000.0), 0, _X_SPAN - 1)
+        key = (strip << _X_BITS) | xq.astype(np.int64)
+        order = np.argsort(key, kind="stable")
+        self.key = key[order]
+        self.cols = [np.ascontiguousarray(pb[order, k]) for k in range(4)]
+        self.members = members[order]
+        self.priority = priority[order]
+        # The sorted position of each tile's own object (-1: not a member).
+        size = int(max(members.max(initial=0), focus.max(initial=0))) + 1
+        position = np.full(size, -1, dtype=np.int64)
+        position[self.members] = np.arange(len(self.members))
+        self.focus = position[focus]
+
+    def runs(self, boxes: np.ndarray, tiles: np.ndarray) -> tuple:
+        """Per (tile, strip) of ``tiles``: (tile, start, length) of the run of sorted members
+        whose lower-left corner may lie in the tile (x to a millimetre)."""
+        b = boxes[tiles]
+        s_lo = np.floor((b[:, 1] - self.y_base) / self.height).astype(np.int64)
+        s_hi = np.floor((b[:, 3] - self.y_base) / self.height).astype(np.int64)
+        s_lo = np.clip(s_lo, 0, self.n_strips)
+        s_hi = np.clip(s_hi, -1, self.n_strips - 1)
+        count = np.maximum(s_hi - s_lo + 1, 0)
+        which = np.repeat(np.arange(len(tiles)), count)
+        strip = ranges(s_lo, count) << _X_BITS
+        lo = np.clip(np.floor((b[:, 0] - self.x_base) * 1000.0), 0, _X_SPAN).astype(np.int64)
+        hi = np.clip(np.floor((b[:, 2] - self.x_base) * 1000.0) + 1, 0, _X_SPAN)
+        start = _search(self.key, strip + lo[which])
+        stop = _search(self.key, strip + hi.astype(np.int64)[which])
+        return tiles[which], start, stop - start
+
+    def pairs(
+        self,
+        boxes: list[np.ndarray],
+        run_tile: np.ndarray,
+        run_start: np.ndarray,
+        run_len: np.ndarray,
+        cap: int | None,
+        may_retry: bool,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(tile, object) pairs of the runs' tiles, sorted by tile: inside the box, not the
+        tile's own object, capped; and the tiles with fewer than ``cap`` (to retry denser)."""
+        cand = ranges(run_start, run_len)
+        x0, y0, x1, y1 = self.cols
+        # x first (most candidates pass), then y on the survivors only.
+        bx0, by0, bx1, by1 = boxes
+        keep = x1[cand] <= np.repeat(bx1[run_tile], run_len)
+        keep &= x0[cand] >= np.repeat(bx0[run_tile], run_len)
+        sel = np.flatnonzero(keep)
+        cand = cand[sel]
+        tile = np.repeat(run_tile, run_len)[sel]
+        keep = y1[cand] <= by1[tile]
+        keep &= y0[cand] >= by0[tile]
+        keep &= cand != self.focus[tile]
+        cand, tile = cand[keep], tile[keep]
+        short = np.zeros(0, dtype=np.int64)
+        if cap is None or len(run_tile) == 0:
+            return tile, self.members[cand], short
+        first = int(run_tile[0])
+        n = int(run_tile[-1]) - first + 1
+        local = tile - first
+        if may_retry:
+            counts = np.bincount(local, minlength=n)
+            has_runs = np.zeros(n, dtype=bool)
+            has_runs[run_tile - first] = True
+            few = has_runs & (counts < cap)
+            if few.any():
+                short = np.flatnonzero(few) + first
+                ok = ~few[local]
+                cand, tile, local = cand[ok], tile[ok], local[ok]
+        mask = _cap(local, self.priority[cand], n, cap)
+        return tile[mask], self.members[cand[mask]], short
 
 
 def _cap(r: np.ndarray, prio: np.ndarray, n: int, cap: int) -> np.ndarray:
