@@ -38,8 +38,12 @@ def _module_name(command: str) -> str:
     return f"skyscript_build.commands.{command.replace('-', '_')}"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every available subcommand."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every available subcommand, or just ``only``.
+
+    Importing only the command that runs keeps start-up fast and keeps one command working
+    while another's module is broken.
+    """
     parser = argparse.ArgumentParser(
         prog="skyscript-build",
         description="Build SkyScript-style remote-sensing image-text datasets from "
@@ -49,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for command in COMMANDS:
+    for command in COMMANDS if only is None else (only,):
         try:
             module = importlib.import_module(_module_name(command))
         except ModuleNotFoundError as e:
@@ -64,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(chosen if chosen in COMMANDS else None)
     args = parser.parse_args(argv)
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(
