@@ -298,3 +298,52 @@ def test_real_helsinki_objects(tmp_path, cli, helsinki_pbf):
     assert len(reqs) > 100
     assert all(r["key"].endswith("_FI_19") and r["crs"] == "EPSG:3067" for r in reqs)
     assert sum(len(r["surrounding_tags"]) > 0 for r in reqs) > len(reqs) / 2
+
+
+def test_output_does_not_depend_on_workers(tmp_path):
+    folder = objects(tmp_path, fx.city(400, seed=6, size_m=800.0))
+    files = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        result = run_plan(PlanConfig(objects=folder, out=out, workers=workers, rows_per_part=70))
+        files[workers] = {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
+        assert len(files[workers]) == -(-result.requests // 70)
+    assert files[1] == files[2], "same parts, byte for byte, on 1 and 2 workers"
+
+
+def _visible_tags(tags: dict, max_gsd: float, gsd: float) -> dict:
+    """The tags visible at ``gsd`` (a tag the filter does not know: the object's max_gsd)."""
+    from tag_filters import load_tag_filter
+
+    tf = load_tag_filter("default")
+    return {k: v for k, v in tags.items() if (tf.tag_max_gsd(k, v) or max_gsd) >= gsd * (1 - 1e-9)}
+
+
+@pytest.mark.parametrize("cap", [10_000, 5])
+def test_surroundings_match_a_brute_force_check(tmp_path, cap):
+    """Every tile's surroundings are exactly the objects inside it (bounds in the tile's CRS)
+    with a tag visible at its GSD, checked object by object; with a cap, as many as fit."""
+    rows = fx.city(300, seed=7, size_m=600.0)
+    out = tmp_path / "requests"
+    run_plan(PlanConfig(objects=objects(tmp_path, rows), out=out, max_surrounding=cap, seed=2))
+    reqs = read_requests(out)
+    checked = 0
+    for req in reqs:
+        tr = to_crs(req["crs"])
+        expected = []
+        for t, i, _, tags, max_gsd, geom in rows:
+            if (t, i) == (req["osm_type"], req["osm_id"]):
+                continue
+            xs, ys = tr.transform(*np.asarray(shapely.get_coordinates(geom)).T)
+            inside = (
+                min(xs) >= req["x_min"] and max(xs) <= req["x_max"]
+                and min(ys) >= req["y_min"] and max(ys) <= req["y_max"]
+            )  # fmt: skip
+            visible = _visible_tags(tags, max_gsd, req["gsd"])
+            if inside and visible:
+                expected.append(tuple(sorted(visible.items())))
+        got = [tuple(sorted(dict(m).items())) for m in req["surrounding_tags"]]
+        assert len(got) == min(cap, len(expected)), req["key"]
+        assert Counter(got) <= Counter(expected), req["key"]
+        checked += len(expected) > 0
+    assert checked > len(reqs) / 2

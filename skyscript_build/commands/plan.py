@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dry-run", action="store_true", help="print the fetch's cost, write nothing"
     )
+    parser.add_argument(
+        "--workers", type=int, default=0, help="threads (0: one per core); output is the same"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -75,6 +78,7 @@ def main(args: argparse.Namespace) -> int:
         max_requests=args.max_requests,
         tag_filter=args.tag_filter,
         dry_run=args.dry_run,
+        workers=args.workers,
     )
     result = run_plan(config)
     if config.dry_run:

@@ -27,6 +27,7 @@ import numpy as np
 import image_sources
 from image_sources import ImageSource
 
+from ..cluster import ClusterConfig
 from ..errors import ConfigError
 from ..files import remove_temp_files, write_json_atomic
 from ._choose import DUPLICATE, OVER_LIMIT, SAMPLED_OUT, choose_sources, frame, limit
@@ -74,6 +75,8 @@ class PlanConfig:
             at a tile's GSD.
         dry_run: estimate requests, pixels, disk and time per source; write nothing.
         rows_per_part: requests per output part file.
+        workers: threads for the geometry, the surroundings and writing the parts (0: one
+            per core); the output does not depend on it.
     """
 
     objects: Path
@@ -92,6 +95,7 @@ class PlanConfig:
     tag_filter: str = "default"
     dry_run: bool = False
     rows_per_part: int = 100_000
+    workers: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objects", Path(self.objects))
@@ -117,6 +121,8 @@ class PlanConfig:
             raise ConfigError(f"max_surrounding must be 0 or more, got {self.max_surrounding}")
         if self.max_requests is not None and self.max_requests < 1:
             raise ConfigError(f"max_requests must be at least 1, got {self.max_requests}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 (one per core) or more, got {self.workers}")
         if self.rows_per_part < 1:
             raise ConfigError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
         if len(self.years) > 2 or any(not 1900 <= y <= 2100 for y in self.years):
@@ -124,6 +130,10 @@ class PlanConfig:
         if len(self.years) == 2 and self.years[0] > self.years[1]:
             raise ConfigError(f"years {self.years[0]}-{self.years[1]} runs backwards")
         self.image_sources()  # unknown aliases and empty year ranges fail here
+
+    def n_workers(self) -> int:
+        """The threads to use: ``workers``, or one per core."""
+        return ClusterConfig(workers=self.workers).n_workers()
 
     @property
     def year_range(self) -> tuple[int | None, int | None]:
@@ -159,7 +169,7 @@ class PlanConfig:
         settings: dict[str, Any] = {
             f.name: str(getattr(self, f.name))
             for f in fields(self)
-            if f.name not in ("dry_run", "out", "objects")
+            if f.name not in ("dry_run", "out", "objects", "workers")
         }
         settings["sources"] = [s.fingerprint() for s in self.image_sources()]
         settings["tag_filter_file"] = hashlib.sha256(
@@ -299,7 +309,8 @@ def run_plan(config: PlanConfig) -> PlanResult:
     visible = np.maximum.reduceat(entry_gsd, objs.tag_offsets[:-1]) if len(objs) else entry_gsd
     objs.max_gsd = np.where(np.isfinite(objs.max_gsd), objs.max_gsd, visible)
     h = object_hash(config.seed, objs.kind, objs.element, objs.osm_id)
-    proj = ProjectedBounds(objs.geometry)
+    threads = config.n_workers()
+    proj = ProjectedBounds(objs.geometry, threads)
     point_px = min(max(config.point_px, config.min_px), config.max_px)
     px = (config.min_px, point_px, config.margin)
 
@@ -353,7 +364,7 @@ def run_plan(config: PlanConfig) -> PlanResult:
     if config.max_surrounding > 0 and len(idx):
         pair_req, pair_obj = surroundings(
             objs, visible, idx, epsg, gsd, frames.xy, frames.lonlat, proj, h,
-            config.max_surrounding,
+            config.max_surrounding, threads,
         )  # fmt: skip
     else:
         pair_req = pair_obj = np.zeros(0, dtype=np.int64)
@@ -373,7 +384,7 @@ def run_plan(config: PlanConfig) -> PlanResult:
         )  # fmt: skip
 
     _clear(config.out)
-    write_parts(build, len(idx), config.out, config.rows_per_part)
+    write_parts(build, len(idx), config.out, config.rows_per_part, threads)
     clock.lap("write")
     result.timings = clock.laps
     result.duration_s = time.perf_counter() - t0

@@ -17,6 +17,7 @@ from ._geo import (
     STREAM_SHIFT_Y,
     ProjectedBounds,
     lonlat_box,
+    thread_chunks,
     tile_pixels,
     uniform,
     utm_epsg,
@@ -89,7 +90,7 @@ def choose_sources(
         todo = np.flatnonzero(chosen < 0)
         if len(todo) == 0:
             break
-        todo = todo[_covered(source, objs, todo)]
+        todo = todo[_covered(source, objs, todo, proj.threads)]
         covered_any[todo] = True
         todo = todo[source.gsd <= objs.max_gsd[todo] * (1 + 1e-9)]
         fine_any[todo] = True
@@ -113,7 +114,7 @@ def choose_sources(
     return Choice(source=chosen, epsg=epsg, pixels=pixels, reason=reason)
 
 
-def _covered(source: ImageSource, objs: Objects, idx: np.ndarray) -> np.ndarray:
+def _covered(source: ImageSource, objs: Objects, idx: np.ndarray, threads: int = 1) -> np.ndarray:
     """Mask over ``idx``: the object lies entirely inside the source's coverage."""
     if source.is_global:
         return np.ones(len(idx), dtype=bool)
@@ -125,7 +126,10 @@ def _covered(source: ImageSource, objs: Objects, idx: np.ndarray) -> np.ndarray:
     if len(cand):
         coverage = source.coverage
         shapely.prepare(coverage)
-        out[cand] = shapely.contains(coverage, objs.geometry[idx[cand]])
+        geoms = objs.geometry[idx[cand]]
+        out[cand] = thread_chunks(
+            lambda s: shapely.contains(coverage, geoms[s]), len(geoms), threads
+        )
     return out
 
 
@@ -195,4 +199,4 @@ def frame(
         start = lo - slack * (0.5 + shift * (u - 0.5))
         start = np.minimum(np.maximum(start, hi - side), lo)
         out[:, axis], out[:, axis + 2] = start, start + side
-    return Frames(xy=out, lonlat=lonlat_box(epsg, out), pixels=pixels)
+    return Frames(xy=out, lonlat=lonlat_box(epsg, out, proj.threads), pixels=pixels)

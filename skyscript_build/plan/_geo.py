@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -52,16 +55,36 @@ def utm_epsg(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
     return np.where(lat >= 0, 32600, 32700) + zone
 
 
-@functools.lru_cache(maxsize=128)
+#: Rows per chunk of the threaded geometry functions (shapely and pyproj release the GIL).
+THREAD_CHUNK = 32_768
+
+
+def thread_chunks(fn: Callable[[slice], np.ndarray], n: int, threads: int) -> np.ndarray:
+    """``fn`` over consecutive slices of ``range(n)`` on ``threads`` threads, concatenated."""
+    if threads <= 1 or n <= THREAD_CHUNK:
+        return fn(slice(0, n))
+    slices = [slice(k, min(n, k + THREAD_CHUNK)) for k in range(0, n, THREAD_CHUNK)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return np.concatenate(list(pool.map(fn, slices)))
+
+
 def transformer(epsg: int, inverse: bool = False) -> Transformer:
-    """lon/lat -> EPSG:epsg (or back with ``inverse``), x/y order."""
+    """lon/lat -> EPSG:epsg (or back with ``inverse``), x/y order; one per thread (a pyproj
+    Transformer must not be shared between threads)."""
+    return _transformer(epsg, inverse, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=256)
+def _transformer(epsg: int, inverse: bool, thread: int) -> Transformer:
     if inverse:
         return Transformer.from_crs(epsg, 4326, always_xy=True)
     return Transformer.from_crs(4326, epsg, always_xy=True)
 
 
-def project_bounds(geoms: np.ndarray, epsg: int) -> np.ndarray:
+def project_bounds(geoms: np.ndarray, epsg: int, threads: int = 1) -> np.ndarray:
     """Exact bounds (N, 4) of ``geoms`` projected to EPSG:epsg (every vertex projected)."""
+    if threads > 1:
+        return thread_chunks(lambda s: project_bounds(geoms[s], epsg), len(geoms), threads)
     out = np.empty((len(geoms), 4), dtype=np.float64)
     if len(geoms) == 0:
         return out
@@ -81,8 +104,9 @@ def project_bounds(geoms: np.ndarray, epsg: int) -> np.ndarray:
 class ProjectedBounds:
     """Per-CRS projected bounds of the objects, computed on demand and kept."""
 
-    def __init__(self, geoms: np.ndarray) -> None:
+    def __init__(self, geoms: np.ndarray, threads: int = 1) -> None:
         self.geoms = geoms
+        self.threads = threads
         self._bounds: dict[int, np.ndarray] = {}
         self._done: dict[int, np.ndarray] = {}
 
@@ -106,7 +130,7 @@ class ProjectedBounds:
         bounds, done = self._arrays(code)
         todo = np.unique(index[~done[index]])
         if len(todo):
-            bounds[todo] = project_bounds(self.geoms[todo], code)
+            bounds[todo] = project_bounds(self.geoms[todo], code, self.threads)
             done[todo] = True
         return bounds[index]
 
@@ -120,7 +144,7 @@ class ProjectedBounds:
         near = (b[:, 2] >= w) & (b[:, 0] <= e) & (b[:, 3] >= s) & (b[:, 1] <= n)
         todo = np.flatnonzero(near & ~done)
         if len(todo):
-            bounds[todo] = project_bounds(self.geoms[todo], code)
+            bounds[todo] = project_bounds(self.geoms[todo], code, self.threads)
             done[todo] = True
         return bounds
 
@@ -139,12 +163,14 @@ def tile_pixels(
     return np.maximum(need, floor)
 
 
-def lonlat_box(epsg: np.ndarray, xy: np.ndarray) -> np.ndarray:
+def lonlat_box(epsg: np.ndarray, xy: np.ndarray, threads: int = 1) -> np.ndarray:
     """lon/lat bounds (N, 4) of projected boxes ``xy`` (N, 4), each in its ``epsg``.
 
     The four corners are projected back (edges of a tile are straight to well under a
     millimetre at these sizes).
     """
+    if threads > 1:
+        return thread_chunks(lambda s: lonlat_box(epsg[s], xy[s]), len(xy), threads)
     out = np.empty_like(xy)
     fx = np.array([0.0, 1.0, 1.0, 0.0])
     fy = np.array([0.0, 0.0, 1.0, 1.0])

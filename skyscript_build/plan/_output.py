@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -125,16 +126,21 @@ def build_table(
 
 
 def write_parts(
-    build: Callable[[int, int], pa.Table], rows: int, out: Path, rows_per_part: int
+    build: Callable[[int, int], pa.Table],
+    rows: int,
+    out: Path,
+    rows_per_part: int,
+    threads: int = 1,
 ) -> list[Path]:
     """Write ``part-NNNNN.parquet`` files (atomically), each with ``_stats/part-NNNNN.json``.
 
-    ``build(start, stop)`` makes the table of requests ``start:stop``, so only one part's
-    columns are in memory at a time.
+    ``build(start, stop)`` makes the table of requests ``start:stop``, so only the parts being
+    written (``threads`` at a time) are in memory. Part boundaries depend only on
+    ``rows_per_part``, never on ``threads``.
     """
-    paths = []
     n_parts = max(1, -(-rows // rows_per_part))
-    for k in range(n_parts):
+
+    def one(k: int) -> Path:
         part = build(k * rows_per_part, min(rows, (k + 1) * rows_per_part))
         path = out / f"part-{k:05d}.parquet"
         with atomic_path(path) as tmp:
@@ -147,5 +153,9 @@ def write_parts(
                 "by_source": {c["values"]: c["counts"] for c in counts},
             },
         )
-        paths.append(path)
-    return paths
+        return path
+
+    if threads <= 1 or n_parts == 1:
+        return [one(k) for k in range(n_parts)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(one, range(n_parts)))
