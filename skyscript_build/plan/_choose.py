@@ -17,7 +17,6 @@ from ._geo import (
     STREAM_SHIFT_Y,
     ProjectedBounds,
     lonlat_box,
-    thread_chunks,
     tile_pixels,
     uniform,
     utm_epsg,
@@ -90,7 +89,7 @@ def choose_sources(
         todo = np.flatnonzero(chosen < 0)
         if len(todo) == 0:
             break
-        todo = todo[_covered(source, objs, todo, proj.threads)]
+        todo = todo[_covered(source, objs, todo)]
         covered_any[todo] = True
         todo = todo[source.gsd <= objs.max_gsd[todo] * (1 + 1e-9)]
         fine_any[todo] = True
@@ -126,10 +125,8 @@ def _covered(source: ImageSource, objs: Objects, idx: np.ndarray, threads: int =
     if len(cand):
         coverage = source.coverage
         shapely.prepare(coverage)
-        geoms = objs.geometry[idx[cand]]
-        out[cand] = thread_chunks(
-            lambda s: shapely.contains(coverage, geoms[s]), len(geoms), threads
-        )
+        # Not on threads: a prepared GEOS geometry must not be used by two threads at once.
+        out[cand] = shapely.contains(coverage, objs.geometry[idx[cand]])
     return out
 
 
