@@ -197,6 +197,19 @@ def main() -> None:
             big, o1["rss"], o["rss"], p1["rss"], p["rss"], o1["seconds"], p1["seconds"]
         ),
     ]
+    met = o["objects"] / o["seconds"] >= p["objects"] / p["seconds"]
+    lines += [
+        "",
+        f"Goal (objects/s at least osmium-tool's, using both cores): {'met' if met else 'NOT met'}. "
+        "Our CPU seconds are the steadier measure on this shared machine: the two shards "
+        "(points + areas, lines) each decode the whole file and pass every candidate object "
+        "through Python, so with two free cores the wall time approaches half the CPU time. "
+        "osmium-tool's peak RSS depends on the id range, not the file size (its id sets): the "
+        "1x file has OSM's real 12-digit ids, the tiling renumbers them densely. Ours grows "
+        "from 1x to 100x by the 10,000-row batches (which a 0.7 MiB file never fills) and the "
+        "node index; it is the sum over the parent and two forked workers, shared pages "
+        "counted twice.",
+    ]
     body = "\n".join(lines)
     print(body)
     record("extract", "extract: skyscript-build extract vs osmium tags-filter + export", body)
