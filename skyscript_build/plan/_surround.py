@@ -27,9 +27,11 @@ from ._geo import STREAM_SURROUND, ProjectedBounds, uniform
 from ._objects import Objects
 
 #: Candidate pairs looked at in one chunk of tiles (bounds the memory of a chunk).
-CHUNK_PAIRS = 2_000_000
+CHUNK_PAIRS = 250_000
 #: Strips per (median) tile side: more strips, fewer wasted candidates, more searches.
 STRIPS_PER_TILE = 4
+#: Tiles per block (a block's tiles go through the levels together, on one thread).
+BLOCK_TILES = 16_384
 #: Priority levels: level m holds the members of priority below 2**-m.
 LEVELS = 6
 #: Guessed share of a tile's candidates that lie inside it, and the margin over the cap
@@ -112,26 +114,45 @@ def _group_pairs(
         sel = np.flatnonzero(priority < 0.5**m)
         levels.append(_Level(pb[sel], members[sel], priority[sel] * 2.0**m, focus, base))
     cols = [np.ascontiguousarray(boxes[:, k]) for k in range(4)]
-    level = np.zeros(len(boxes), dtype=np.int64)
+    blocks = [
+        np.arange(k, min(len(boxes), k + BLOCK_TILES)) for k in range(0, len(boxes), BLOCK_TILES)
+    ]
+
+    def block(tiles: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        return _block_pairs(levels, boxes, cols, tiles, cap)
+
+    for pieces in pool.map(block, blocks):
+        yield from pieces
+
+
+def _block_pairs(
+    levels: list[_Level],
+    boxes: np.ndarray,
+    cols: list[np.ndarray],
+    tiles: np.ndarray,
+    cap: int | None,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The capped pairs of some tiles of a group (see ``_group_pairs``), in pieces."""
+    level = np.zeros(len(tiles), dtype=np.int64)
     if cap and len(levels) > 1:
-        tile, _, length = levels[0].runs(boxes, np.arange(len(boxes)))
-        cand = np.bincount(tile, weights=length, minlength=len(boxes))
+        tile, _, length = levels[0].runs(boxes, tiles)
+        cand = np.bincount(tile - tiles[0], weights=length, minlength=len(tiles))
         ratio = INSIDE_GUESS * cand / (cap * CAP_MARGIN)
         level = np.clip(np.floor(np.log2(np.maximum(ratio, 1.0))), 0, len(levels) - 1)
         level = level.astype(np.int64)
+    out = []
     retry = np.zeros(0, dtype=np.int64)
     for m in range(len(levels) - 1, -1, -1):
-        todo = np.union1d(np.flatnonzero(level == m), retry)
+        todo = np.union1d(tiles[level == m], retry)
         retry = np.zeros(0, dtype=np.int64)
         if len(todo) == 0:
             continue
-        lvl = levels[m]
-        run_tile, run_start, run_len = lvl.runs(boxes, todo)
-        chunks = _chunks(run_tile, run_len)
-        work = [(run_tile[c], run_start[c], run_len[c]) for c in chunks]
-        for r, j, short in pool.map(lambda w, lvl=lvl, m=m: lvl.pairs(cols, *w, cap, m > 0), work):  # noqa: E501
+        run_tile, run_start, run_len = levels[m].runs(boxes, todo)
+        for c in _chunks(run_tile, run_len):
+            r, j, short = levels[m].pairs(cols, run_tile[c], run_start[c], run_len[c], cap, m > 0)
             retry = np.r_[retry, short]
-            yield r, j
+            out.append((r, j))
+    return out
 
 
 def _near(lonlat: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
