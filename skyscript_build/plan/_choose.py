@@ -17,6 +17,7 @@ from ._geo import (
     STREAM_SHIFT_Y,
     ProjectedBounds,
     lonlat_box,
+    thread_chunks,
     tile_pixels,
     uniform,
     utm_epsg,
@@ -89,7 +90,7 @@ def choose_sources(
         todo = np.flatnonzero(chosen < 0)
         if len(todo) == 0:
             break
-        todo = todo[_covered(source, objs, todo)]
+        todo = todo[_covered(source, objs, todo, proj.threads)]
         covered_any[todo] = True
         todo = todo[source.gsd <= objs.max_gsd[todo] * (1 + 1e-9)]
         fine_any[todo] = True
@@ -123,10 +124,16 @@ def _covered(source: ImageSource, objs: Objects, idx: np.ndarray, threads: int =
     out = np.zeros(len(idx), dtype=bool)
     cand = np.flatnonzero(inside_env)
     if len(cand):
-        coverage = source.coverage
-        shapely.prepare(coverage)
-        # Not on threads: a prepared GEOS geometry must not be used by two threads at once.
-        out[cand] = shapely.contains(coverage, objs.geometry[idx[cand]])
+        wkb = shapely.to_wkb(source.coverage)
+        geoms = objs.geometry[idx[cand]]
+
+        def contains(part: slice) -> np.ndarray:
+            # A prepared GEOS geometry must not be shared by threads: each chunk its own copy.
+            own = shapely.from_wkb(wkb)
+            shapely.prepare(own)
+            return shapely.contains(own, geoms[part])
+
+        out[cand] = thread_chunks(contains, len(geoms), threads)
     return out
 
 

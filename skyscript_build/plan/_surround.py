@@ -200,9 +200,7 @@ def _merge(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndar
     """Concatenate pieces (each sorted by tile, no tile in two pieces) into tile order."""
     if not pieces:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    counts = np.zeros(n, dtype=np.int64)
-    for r, _ in pieces:
-        counts += np.bincount(r, minlength=n)
+    counts = np.bincount(np.concatenate([r for r, _ in pieces]), minlength=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     out_r = np.repeat(np.arange(n, dtype=np.int64), counts)
@@ -216,9 +214,9 @@ def _merge(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndar
     return out_r, out_j
 
 
-def _search(key: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """``searchsorted(key, queries, "left")``, with the queries sorted first (much faster)."""
-    order = np.argsort(queries, kind="stable")
+def _search(key: np.ndarray, queries: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """``searchsorted(key, queries, "left")``, the queries taken in ``order`` (sorted, or
+    nearly: numpy's search starts from the previous answer, much faster on sorted queries)."""
     out = np.empty(len(queries), dtype=np.int64)
     out[order] = np.searchsorted(key, queries[order], "left")
     return out
@@ -263,8 +261,10 @@ class _Level:
         strip = ranges(s_lo, count) << _X_BITS
         lo = np.clip(np.floor((b[:, 0] - self.x_base) * 1000.0), 0, _X_SPAN).astype(np.int64)
         hi = np.clip(np.floor((b[:, 2] - self.x_base) * 1000.0) + 1, 0, _X_SPAN)
-        start = _search(self.key, strip + lo[which])
-        stop = _search(self.key, strip + hi.astype(np.int64)[which])
+        lo_key = strip + lo[which]
+        order = np.argsort(lo_key)
+        start = _search(self.key, lo_key, order)
+        stop = _search(self.key, strip + hi.astype(np.int64)[which], order)
         return tiles[which], start, stop - start
 
     def pairs(
