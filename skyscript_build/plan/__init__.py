@@ -369,6 +369,9 @@ def run_plan(config: PlanConfig) -> PlanResult:
     else:
         pair_req = pair_obj = np.zeros(0, dtype=np.int64)
     result.surrounding = len(pair_req)
+    # The geometries are done with (they are most of the memory): free them before writing.
+    objs.geometry = proj.geoms = np.zeros(0, dtype=object)
+    del proj
     clock.lap("surround")
     source_years = [
         tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
