@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -17,6 +19,24 @@ os.environ.setdefault("SKYSCRIPT_NO_PROGRESS", "1")
 def helsinki_pbf() -> Path:
     """The real OSM extract of central Helsinki ((c) OpenStreetMap contributors, ODbL)."""
     return REPO / "data" / "helsinki.osm.pbf"
+
+
+def load_fixture_script(name: str, filename: str = "data.py") -> ModuleType:
+    """Import ``tests/data/<name>/<filename>`` under a unique module name.
+
+    Every fixture folder has its own ``data.py``; importing them all as ``data`` would let the
+    first one loaded shadow the others within one pytest session.
+    """
+    path = REPO / "tests" / "data" / name / filename
+    module_name = f"fixture_{name}_{Path(filename).stem}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_cli(

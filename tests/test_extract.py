@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import geopandas as gpd
@@ -17,14 +16,15 @@ import osmium.filter
 import pyarrow.parquet as pq
 import pytest
 import shapely
+from conftest import load_fixture_script
 
 from skyscript_build.errors import ConfigError, InputError
 from skyscript_build.extract import OSM_CREDIT, ExtractConfig, run_extract
 from skyscript_build.extract._rules import is_area
 from tag_filters import load_tag_filter
 
-sys.path.insert(0, str(Path(__file__).parent / "data" / "extract"))
-from data import PROBLEMS_OPL, opl_to_pbf  # noqa: E402
+PROBLEMS_OPL = load_fixture_script("extract").PROBLEMS_OPL
+opl_to_pbf = load_fixture_script("extract").opl_to_pbf
 
 COLUMNS = ["osm_type", "osm_id", "osm_element", "tags", "max_gsd", "geometry"]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,13 +12,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import shapely
+from conftest import load_fixture_script
 from pyproj import Transformer
 
 import image_sources
 from skyscript_build.plan import MARKER, PlanConfig, run_plan
 
-sys.path.insert(0, str(Path(__file__).parent / "data" / "plan"))
-import data as fx  # noqa: E402  (the fixture script beside the test data)
+fx = load_fixture_script("plan")
 
 TOLERANCE_M = 1e-6
 
