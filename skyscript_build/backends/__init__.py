@@ -104,8 +104,6 @@ def clear_source_cache() -> None:
         _CONVERTED.clear()
 
 
-# ``source_info.cache_clear()`` (as with functools caches) is what run's Dask plugin calls.
-source_info.cache_clear = clear_source_cache  # type: ignore[attr-defined]
 
 
 def resolve_source(alias: str, collection: str = "") -> SourceInfo:
