@@ -104,8 +104,6 @@ def clear_source_cache() -> None:
         _CONVERTED.clear()
 
 
-
-
 def resolve_source(alias: str, collection: str = "") -> SourceInfo:
     """The source ``alias`` as ``image_sources`` has it now (see ``source_info``)."""
     try:
