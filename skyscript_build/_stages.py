@@ -42,11 +42,17 @@ class RunContext:
 
 @dataclass(frozen=True)
 class StageSpec:
-    """How to run one stage: its module, its entry function and its config builder."""
+    """How to run one stage: its module, its entry function and its config builder.
+
+    ``dask``: the stage runs its shards on the run's Dask client (the scheduler address in
+    ``RunContext``) when the pipeline uses Dask; the others run in this process (or a local
+    pool of their own).
+    """
 
     module: str
     entry: str
     build: Callable[[PipelineConfig, RunContext, Any], Any]
+    dask: bool = False
 
 
 def register_sources(definitions: Mapping[str, Mapping[str, Any]]) -> None:
@@ -122,7 +128,11 @@ def _fetch(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
 def _caption(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
     rules = p.caption.rules or p.caption.function
     return mod.CaptionConfig(
-        dataset=p.dataset_dir, out=p.captions_csv, rules=rules, workers=_workers(p)
+        dataset=p.dataset_dir,
+        out=p.captions_csv,
+        rules=rules,
+        workers=_workers(p),
+        scheduler=ctx.scheduler,
     )
 
 
@@ -147,8 +157,8 @@ def _report(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
 STAGE_SPECS: dict[str, StageSpec] = {
     "extract": StageSpec("skyscript_build.extract", "run_extract", _extract),
     "plan": StageSpec("skyscript_build.plan", "run_plan", _plan),
-    "fetch": StageSpec("skyscript_build.fetch", "run_fetch", _fetch),
-    "caption": StageSpec("skyscript_build.caption", "run_caption", _caption),
+    "fetch": StageSpec("skyscript_build.fetch", "run_fetch", _fetch, dask=True),
+    "caption": StageSpec("skyscript_build.caption", "run_caption", _caption, dask=True),
     "filter": StageSpec("skyscript_build.filter", "run_filter", _filter),
     "report": StageSpec("skyscript_build.report", "run_report", _report),
 }

@@ -47,12 +47,34 @@ class ClusterConfig:
         return self.scheduler is None and self.n_workers() == 1
 
 
+def _open_client(address: str) -> Any:
+    """This process's default Dask client when it is connected to ``address``, else None."""
+    from distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:
+        return None
+    if client.status != "running" or client.scheduler is None:
+        return None
+    return client if client.scheduler.address == address else None
+
+
 @contextlib.contextmanager
 def dask_client(config: ClusterConfig) -> Iterator[Any]:
-    """Yield a ``distributed.Client``: to ``config.scheduler`` or to a new LocalCluster."""
+    """Yield a ``distributed.Client``: to ``config.scheduler`` or to a new LocalCluster.
+
+    A client of this process already connected to ``config.scheduler`` (the one ``run`` holds
+    for all its stages) is reused, and left open.
+    """
     from distributed import Client, LocalCluster
 
     if config.scheduler:
+        existing = _open_client(config.scheduler)
+        if existing is not None:
+            log.debug("Dask: reusing the client of %s", config.scheduler)
+            yield existing
+            return
         client = Client(config.scheduler, timeout="30s")
         log.info("Dask: connected to %s (dashboard %s)", config.scheduler, client.dashboard_link)
         try:

@@ -4,8 +4,16 @@
 a frozen ``PipelineConfig``; ``run_pipeline(config)`` runs the stages in order (extract, plan,
 fetch, caption, filter, report), each from its own frozen config (``skyscript_build._stages``)
 and each resumable by itself. When the backend is the emulator, the run starts it for the fetch
-and stops it after; when the pipeline uses Dask, the run holds the cluster around the fetch
-and registers the pipeline's own image sources on its workers.
+and stops it after.
+
+Dask: when the pipeline uses Dask (``cluster.scheduler`` or ``--scheduler``: an existing
+cluster; ``cluster.workers`` other than 1: a LocalCluster), the run holds ONE client from the
+first stage that runs on Dask to the last (``StageSpec.dask``: fetch and caption), logs the
+dashboard link once, registers the pipeline's own image sources on the workers, and gives those
+stages the scheduler's address (their ``dask_client`` reuses the open client). Their shards are
+Dask tasks, retried on a lost worker. Extract and plan use their own local pools; filter scores
+with one model on one device in this process. On a cluster of several machines the build folder
+must be on a filesystem that every worker sees under the same path.
 
 Paths in a pipeline file are relative to the current directory (where ``skyscript-build run``
 or ``make`` runs), as on the command line; write ``${PIPELINE_DIR}/x`` for a path relative to
@@ -175,6 +183,16 @@ def _run_stage(config: PipelineConfig, stage: str, module: Any, ctx: RunContext)
     return StageOutcome(stage, stage_result, time.monotonic() - t0)
 
 
+def _open_dask(config: PipelineConfig, stack: contextlib.ExitStack) -> str:
+    """Open the run's Dask client (closed with ``stack``); its scheduler's address."""
+    client = stack.enter_context(dask_client(config.cluster))
+    if config.source_definitions:
+        from ._dask_plugins import SourcesPlugin
+
+        client.register_plugin(SourcesPlugin(config.source_definitions))
+    return str(client.scheduler.address)
+
+
 def run_pipeline(
     config: PipelineConfig,
     stages: Sequence[str] | None = None,
@@ -211,22 +229,20 @@ def run_pipeline(
     result = PipelineResult(config)
     config.build_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config.build_dir / "pipeline.json", config.to_dict())
-    ctx = RunContext(scheduler=config.cluster.scheduler)
-    for stage in chosen:
-        with contextlib.ExitStack() as stack:
-            if stage == "fetch":
-                if config.backend.type == "emulator":
+    on_dask = [] if config.cluster.inline else [s for s in chosen if STAGE_SPECS[s].dask]
+    address = config.cluster.scheduler
+    with contextlib.ExitStack() as dask_stack:
+        for stage in chosen:
+            if on_dask and stage == on_dask[0]:
+                address = _open_dask(config, dask_stack)
+            ctx = RunContext(scheduler=address if stage in on_dask else config.cluster.scheduler)
+            with contextlib.ExitStack() as stack:
+                if stage == "fetch" and config.backend.type == "emulator":
                     ctx = replace(ctx, emulator_url=stack.enter_context(_emulator(config)).url)
-                if not config.cluster.inline:
-                    client = stack.enter_context(dask_client(config.cluster))
-                    if config.source_definitions:
-                        from ._dask_plugins import SourcesPlugin
-
-                        client.register_plugin(SourcesPlugin(config.source_definitions))
-                    ctx = replace(ctx, scheduler=client.scheduler.address)
-            outcome = _run_stage(config, stage, modules[stage], ctx)
-        ctx = RunContext(scheduler=config.cluster.scheduler)
-        result.outcomes.append(outcome)
-        if on_stage is not None:
-            on_stage(outcome)
+                outcome = _run_stage(config, stage, modules[stage], ctx)
+            if on_dask and stage == on_dask[-1]:
+                dask_stack.close()  # the later stages need no cluster: free its memory
+            result.outcomes.append(outcome)
+            if on_stage is not None:
+                on_stage(outcome)
     return result

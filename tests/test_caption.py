@@ -467,3 +467,68 @@ def test_cli_module_function_rules(cli, dataset: Path, tmp_path: Path):
     assert r.returncode == 0, r.stderr
     df = _read_csv(out)
     assert df.title.str.startswith("tags: ").all() and (df.title_multi_objects == "").all()
+
+
+# --- on a Dask cluster (last: the cluster's threads stay up until the module ends) ------------
+
+
+@pytest.fixture(scope="module")
+def dask_cluster():
+    """A LocalCluster of two worker processes on 127.0.0.1 (real Dask processes)."""
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        yield cluster
+
+
+def test_chunks_run_on_dask_workers_same_bytes(dataset: Path, tmp_path: Path, dask_cluster):
+    rules = tmp_path / "r.yaml"  # rules of a file: built on each worker from the task
+    rules.write_text("joiners:\n  surrounded_by: ', next to '\n")
+    local = run_caption(
+        CaptionConfig(dataset=dataset, out=tmp_path / "local.csv", rules=str(rules), workers=1)
+    )
+    assert local.chunks_by_worker == {"local": 3}  # one chunk per meta folder
+    out = tmp_path / "dask.csv"
+    result = run_caption(
+        CaptionConfig(
+            dataset=dataset,
+            out=out,
+            rules=str(rules),
+            scheduler=dask_cluster.scheduler_address,
+            chunk_size=5,
+        )
+    )
+    assert out.read_bytes() == (tmp_path / "local.csv").read_bytes()
+    assert b", next to " in out.read_bytes()
+    workers = set(dask_cluster.scheduler_info["workers"])
+    assert len(workers) == 2
+    assert set(result.chunks_by_worker) <= workers  # every chunk ran on a cluster worker
+    assert sum(result.chunks_by_worker.values()) > 3
+    stats = json.loads(stats_path(out).read_text())
+    assert stats["chunks_by_worker"] == result.chunks_by_worker
+    assert (result.files, result.written, result.empty) == (local.files, local.written, local.empty)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "dask.csv",
+        "dask.stats.json",
+        "ds",
+        "local.csv",
+        "local.stats.json",
+        "r.yaml",
+    ]  # fmt: skip: no chunk folder left
+
+
+def test_cli_scheduler_flag(cli, dataset: Path, tmp_path: Path, dask_cluster):
+    out = tmp_path / "c.csv"
+    r = cli(
+        "caption", "--dataset", dataset, "--out", out, "--scheduler",
+        dask_cluster.scheduler_address, "--chunk-size", "4",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "captions written to" in r.stdout
+    assert f"on Dask ({dask_cluster.scheduler_address})" in r.stderr
+    local = tmp_path / "l.csv"
+    run_caption(CaptionConfig(dataset=dataset, out=local, workers=1))
+    assert out.read_bytes() == local.read_bytes()
+    assert "local" not in json.loads(stats_path(out).read_text())["chunks_by_worker"]

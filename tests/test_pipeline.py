@@ -237,3 +237,42 @@ def test_missing_stage_module_is_a_clear_error():
     with pytest.raises(ConfigError, match="^stage polish2 is not available in this version$"):
         stage_module("polish2", "skyscript_build.polish2")
     assert stage_module("report", "skyscript_build.report").run_report
+
+
+def test_run_holds_one_dask_client_for_its_dask_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    import importlib.util
+    import logging
+
+    from distributed import default_client
+
+    from skyscript_build.caption import CaptionConfig, run_caption
+
+    spec = importlib.util.spec_from_file_location(
+        "pipeline_caption_data", REPO / "tests" / "data" / "caption" / "data.py"
+    )
+    assert spec and spec.loader
+    data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data)
+    monkeypatch.chdir(tmp_path)
+    config = load_pipeline(write(tmp_path, MINIMAL + "cluster:\n  workers: 2\n"))
+    data.make_dataset(config.dataset_dir)
+    caplog.set_level(logging.INFO)
+    result = run_pipeline(config, stages=["caption", "report"])
+    caption = result.outcomes[0].result
+    # The chunks ran on the LocalCluster's worker processes, not here.
+    assert caption.chunks_by_worker and all(
+        w.startswith("tcp://127.0.0.1:") for w in caption.chunks_by_worker
+    )
+    local = tmp_path / "local.csv"
+    run_caption(CaptionConfig(dataset=config.dataset_dir, out=local, workers=1))
+    assert config.captions_csv.read_bytes() == local.read_bytes()
+    dashboards = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name.startswith("skyscript_build") and "dashboard" in r.getMessage()
+    ]
+    assert len(dashboards) == 1 and "local cluster of 2 workers" in dashboards[0]
+    with pytest.raises(ValueError):
+        default_client()  # closed after the last stage on Dask

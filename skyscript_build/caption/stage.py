@@ -1,8 +1,16 @@
 """The caption stage: a dataset's ``meta*/`` pickles -> ``SkyScript_captions.csv``.
 
 Works on our builds and on the released SkyScript meta files alike. Files are read with the
-safe reader (``skyscript_build.meta``), captioned in parallel worker processes, chunk by chunk,
-and the chunk CSVs are concatenated in order into the output, which appears atomically.
+safe reader (``skyscript_build.meta``), captioned chunk by chunk, and the chunk CSVs are
+concatenated in order into the output, which appears atomically. The chunks run in a pool of
+this machine's processes (``workers``), or, given a Dask scheduler (``scheduler``; what
+``skyscript-build run`` does on a cluster), as Dask tasks (``cluster.map_shards``: retried on
+a lost worker); the output is byte-identical either way.
+
+On a Dask cluster the workers read the meta files and write the chunk CSVs themselves, in a
+temporary folder beside the output CSV: the dataset folder and the output's folder must be
+visible to every worker under the same path (a shared filesystem), and a ``file.py:function``
+caption function must be importable there too.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -19,10 +28,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..cluster import ClusterConfig, dask_client, map_shards
 from ..errors import ConfigError, InputError
 from ..files import atomic_path, write_json_atomic
 from ..progress import progress_bar
@@ -57,6 +67,9 @@ class CaptionConfig:
         rules: a rules ``.yaml`` file, a bundled rules name (``default``), or a Python caption
             function as ``module:function`` / ``file.py:function``; ``None``: the default rules.
         workers: worker processes; 0 means one per core, 1 runs in this process.
+        scheduler: an existing Dask scheduler's address (``tcp://host:8786``): the chunks run
+            there as Dask tasks (``workers`` is then unused). The dataset and output folders
+            must be on a filesystem every worker sees under the same path.
         chunk_size: meta files per task (and per temporary chunk CSV). The output does not
             depend on it nor on ``workers``.
         force: caption again even when the CSV is up to date (same meta folders, unchanged
@@ -67,6 +80,7 @@ class CaptionConfig:
     out: Path | None = None
     rules: str | None = None
     workers: int = 0
+    scheduler: str | None = None
     chunk_size: int = 4096
     force: bool = False
 
@@ -80,6 +94,12 @@ class CaptionConfig:
             raise InputError(self.dataset, "not a folder; give the dataset folder holding meta*/")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ConfigError(f"workers must be a whole number >= 0, not {self.workers!r}")
+        if self.scheduler is not None and (
+            not isinstance(self.scheduler, str) or not self.scheduler.strip()
+        ):
+            raise ConfigError(
+                f"scheduler must be an address (tcp://host:8786), not {self.scheduler!r}"
+            )
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be a whole number >= 1, not {self.chunk_size!r}")
         if self.out_path.is_dir():
@@ -92,8 +112,13 @@ class CaptionConfig:
         return self.out if self.out is not None else self.dataset / DEFAULT_CSV_NAME
 
     def n_workers(self) -> int:
-        """Worker processes to use."""
+        """Worker processes to use (on this machine, without a scheduler)."""
         return self.workers if self.workers > 0 else max(1, os.cpu_count() or 1)
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        """Where the chunks run, for ``cluster.map_shards``."""
+        return ClusterConfig(workers=self.workers, scheduler=self.scheduler)
 
 
 @dataclass
@@ -109,6 +134,8 @@ class CaptionResult:
     examples: list[tuple[str, str, str]] = field(default_factory=list)
     seconds: float = 0.0
     up_to_date: bool = False
+    #: chunks per place they ran: a Dask worker's address, or ``local``
+    chunks_by_worker: dict[str, int] = field(default_factory=dict)
 
     @property
     def n_refused(self) -> int:
@@ -216,6 +243,16 @@ def _run_chunks(tasks: Iterable[Any], rules: Any, workers: int) -> Iterable[Chun
         pool.terminate()
 
 
+def _run_chunks_on_dask(tasks: Iterable[Any], rules: Any, config: CaptionConfig) -> list[Any]:
+    """Every chunk as a Dask task on ``config.scheduler`` (retried on a lost worker); the
+    results in chunk order."""
+    key = hashlib.sha256(pickle.dumps(rules)).hexdigest()[:16]
+    shards = [replace(task, rules=rules, rules_key=key) for task in tasks]
+    cluster = config.cluster
+    with dask_client(cluster) as client:
+        return map_shards(caption_chunk, shards, cluster, desc="caption", client=client)
+
+
 def run_caption(config: CaptionConfig) -> CaptionResult:
     """Caption every meta file of ``config.dataset`` into ``config.out_path``.
 
@@ -246,11 +283,12 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
         return result
     refused: Counter[str] = Counter()
     log.info(
-        "caption: %s meta folder(s) in %s, %d worker(s)",
+        "caption: %s meta folder(s) in %s, %s",
         ",".join(result.folders),
         config.dataset,
-        workers,
+        f"on Dask ({config.scheduler})" if config.scheduler else f"{workers} worker(s)",
     )
+    where: Counter[str] = Counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.*.chunks"):  # left by a killed run
         log.debug("caption: removing %s", stale)
@@ -258,10 +296,16 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
     tmp_dir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".chunks", dir=out.parent)
     try:
         tasks = iter_chunks(config.dataset, folders, config.chunk_size, tmp_dir)
+        chunks: Iterable[ChunkStats]
+        if config.scheduler:  # every chunk first (map_shards' bar), then the merge
+            chunks = _run_chunks_on_dask(tasks, rules, config)
+        else:  # merged as they come
+            chunks = _run_chunks(tasks, rules, workers)
         with atomic_path(out) as tmp_out, open(tmp_out, "wb") as f:
             f.write((",".join(CSV_HEADER) + "\n").encode("utf-8"))
-            with progress_bar(desc="caption", unit="files") as bar:
-                for stats in _run_chunks(tasks, rules, workers):
+            quiet: dict[str, Any] = {"disable": True} if config.scheduler else {}
+            with progress_bar(desc="caption", unit="files", **quiet) as bar:
+                for stats in chunks:
                     chunk = os.path.join(tmp_dir, f"chunk-{stats.index:07d}.csv")
                     with open(chunk, "rb") as part:
                         shutil.copyfileobj(part, f, 1 << 20)
@@ -270,6 +314,7 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
                     result.written += stats.written
                     result.empty += stats.empty
                     refused.update(stats.refused)
+                    where[stats.worker] += 1
                     for example in stats.examples:
                         if len(result.examples) < MAX_EXAMPLES:
                             if len(result.examples) < LOGGED_EXAMPLES:
@@ -279,6 +324,7 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     result.refused = dict(sorted(refused.items()))
+    result.chunks_by_worker = dict(sorted(where.items()))
     result.seconds = time.perf_counter() - start
     if result.files and not result.written:
         log.warning(
@@ -304,6 +350,7 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
                 for file, reason, detail in result.examples
             ],
             "seconds": round(result.seconds, 3),
+            "chunks_by_worker": result.chunks_by_worker,
             "fingerprint": print_,
             "csv": [out.stat().st_size, out.stat().st_mtime_ns],
         },

@@ -2,8 +2,10 @@
 
 The stage cuts each ``meta*/`` folder's sorted file list into chunks; a worker process reads
 a chunk's pickles with the safe reader, captions them and writes its rows, in order, to its own
-chunk CSV. The stage concatenates the chunk CSVs in chunk order, so the output does not depend
-on how many workers ran.
+chunk CSV (atomically, so a chunk retried after a lost worker never leaves half a file). The
+stage concatenates the chunk CSVs in chunk order, so the output does not depend on how many
+workers ran, nor where: a pool process of this machine or a Dask worker (a task that carries
+its rules, built once per worker).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import csv
 import io
 import logging
 import os
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import atomic_path
 from ..meta import MetaError, loads_meta, read_meta_bytes
 from .rules import CaptionFunc, CaptionRules, RuleCaptioner, make_captioner
 
@@ -50,18 +54,25 @@ class MetaFolder:
 
 @dataclass(frozen=True)
 class ChunkTask:
-    """One worker task: caption ``names`` (sorted) of ``folder`` into ``out``."""
+    """One worker task: caption ``names`` (sorted) of ``folder`` into ``out``.
+
+    ``rules`` (with ``rules_key``, which names them) is given to a task that runs where
+    ``init_worker`` was not called (a Dask worker); it is built there once per key.
+    """
 
     index: int
     root: str
     folder: MetaFolder
     names: tuple[str, ...]
     out: str
+    rules: CaptionRules | str | None = None
+    rules_key: str = ""
 
 
 @dataclass
 class ChunkStats:
-    """What one chunk did: files read, rows written, empty captions, refusals by reason."""
+    """What one chunk did: files read, rows written, empty captions, refusals by reason, and
+    where it ran (a Dask worker's address, or ``local``)."""
 
     index: int = 0
     files: int = 0
@@ -69,6 +80,7 @@ class ChunkStats:
     empty: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (file, reason, detail)
+    worker: str = "local"
 
 
 def _image_dir(meta_dir: str) -> str:
@@ -136,13 +148,27 @@ def iter_chunks(
 
 _captioner: CaptionFunc | None = None
 _custom = False
+_rules_key = ""
 
 
-def init_worker(rules: CaptionRules | str) -> None:
+def init_worker(rules: CaptionRules | str, key: str = "") -> None:
     """Build this process's caption function (once per worker, not per chunk)."""
-    global _captioner, _custom
+    global _captioner, _custom, _rules_key
     _captioner = make_captioner(rules)
     _custom = not isinstance(_captioner, RuleCaptioner)
+    _rules_key = key
+
+
+def _where() -> str:
+    """The Dask worker running this task (its address), or ``local``."""
+    if "distributed" not in sys.modules:  # a pool process or this one: never imported here
+        return "local"
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().address)
+    except ValueError:
+        return "local"
 
 
 def _check_text(value: object) -> str:
@@ -169,10 +195,12 @@ def csv_row(filepath: str, title: str, multi: str) -> str:
 
 def caption_chunk(task: ChunkTask) -> ChunkStats:
     """Caption one chunk of meta files into ``task.out``; a refused file is counted, not raised."""
+    if task.rules is not None and (_captioner is None or task.rules_key != _rules_key):
+        init_worker(task.rules, task.rules_key)
     if _captioner is None:
         raise RuntimeError("caption_chunk called before init_worker")
     captioner, custom = _captioner, _custom
-    stats = ChunkStats(index=task.index, files=len(task.names))
+    stats = ChunkStats(index=task.index, files=len(task.names), worker=_where())
     refused, examples = stats.refused, stats.examples
     image_prefix = task.folder.image_dir + "/"
     meta_prefix = task.folder.meta_dir + "/"
@@ -213,7 +241,7 @@ def caption_chunk(task: ChunkTask) -> ChunkStats:
     except UnicodeEncodeError:  # a lone surrogate (pickles may hold them): not valid UTF-8
         log.warning("%s: a caption holds invalid unicode; written with '?'", task.folder.meta_dir)
         data = text.encode("utf-8", "replace")
-    with open(task.out, "wb") as f:
+    with atomic_path(task.out) as tmp, open(tmp, "wb") as f:
         f.write(data)
     stats.written, stats.empty = written, empty
     return stats

@@ -25,6 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=0, help="worker processes; 0 = one per core (0)"
     )
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="an existing Dask scheduler (tcp://host:8786): the chunks run on its workers, "
+        "which must see the dataset folder (and --out's folder) under the same path",
+    )
     parser.add_argument("--chunk-size", type=int, default=4096, help="meta files per task (4096)")
     parser.add_argument(
         "--force",
@@ -42,6 +49,7 @@ def main(args: argparse.Namespace) -> int:
         out=args.out,
         rules=args.rules,
         workers=args.workers,
+        scheduler=args.scheduler,
         chunk_size=args.chunk_size,
         force=args.force,
     )
