@@ -311,3 +311,23 @@ def test_invalid_area_geometries_are_repaired_or_dropped():
     assert shapely.is_valid(geoms).all()
     assert shapely.get_type_id(geoms).tolist() == [6, 3]  # the bowtie is two triangles
     assert shapely.area(geoms[0]) == pytest.approx(0.5)
+
+
+def test_points_decoded_in_bulk_equal_osmium_s_nodes(
+    helsinki_pbf, helsinki_out, tmp_path, monkeypatch
+):
+    """The numpy DenseNodes reader and pyosmium's node handler give the same point rows."""
+    from skyscript_build.extract import _shards
+    from skyscript_build.extract._dense import Unsupported
+
+    def unsupported(*args, **kwargs):
+        raise Unsupported("forced for the test")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(_shards, "iter_point_blocks", unsupported)
+    out = tmp_path / "objects"
+    run_extract(ExtractConfig(helsinki_pbf, out, workers=1))
+    points = pq.read_table(out / "part-00000.parquet")
+    bulk = pq.read_table(helsinki_out[0] / "part-00000.parquet")
+    assert points.num_rows > 1000
+    assert points.equals(bulk)

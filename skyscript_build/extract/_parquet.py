@@ -211,7 +211,7 @@ def _only(geoms: np.ndarray, types: tuple[int, ...]) -> np.ndarray:
 _POINT_WKB = np.dtype([("order", "u1"), ("type", "<u4"), ("x", "<f8"), ("y", "<f8")])
 
 
-def _point_wkb(lons: list[float], lats: list[float]) -> pa.Array:
+def point_wkb(lons: Any, lats: Any) -> pa.Array:
     """Little-endian WKB points, built in bulk (21 bytes each)."""
     rows = np.empty(len(lons), dtype=_POINT_WKB)
     rows["order"] = 1
@@ -243,7 +243,7 @@ def batch_to_table(batch: Batch, dropped: Counter) -> pa.Table:
     n = len(batch)
     keep = np.ones(n, dtype=bool)
     if batch.osm_type == "n":
-        wkb = _point_wkb(batch.lons, batch.lats)
+        wkb = point_wkb(batch.lons, batch.lats)
     elif batch.osm_type == "w":
         wkb = _hex_to_binary(batch.geoms)
     else:
@@ -255,26 +255,45 @@ def batch_to_table(batch: Batch, dropped: Counter) -> pa.Table:
         if single.any():
             geoms[single] = shapely.get_geometry(geoms[single], 0)
         wkb = pa.array(shapely.to_wkb(geoms), pa.binary())
-    offsets = np.asarray(batch.tag_offsets, dtype=np.int32)
-    tags = pa.MapArray.from_arrays(
-        pa.array(offsets),
+    table = columns_to_table(
+        batch.osm_type,
+        pa.array(batch.osm_element, pa.string()),
+        pa.array(batch.ids, pa.int64()),
+        np.asarray(batch.tag_offsets, dtype=np.int32),
         pa.array(batch.tag_keys, pa.string()),
         pa.array(batch.tag_values, pa.string()),
-    )
-    table = pa.table(
-        [
-            pa.array([batch.osm_type] * n, pa.string()),
-            pa.array(batch.ids, pa.int64()),
-            pa.array(batch.osm_element, pa.string()),
-            tags,
-            pa.array(batch.max_gsd, pa.float64()),
-            wkb,
-        ],
-        schema=schema(),
+        pa.array(batch.max_gsd, pa.float64()),
+        wkb,
     )
     if not keep.all():
         table = table.filter(pa.array(keep))
     return table
+
+
+def columns_to_table(
+    osm_type: str,
+    element: pa.Array,
+    ids: Any,
+    tag_offsets: np.ndarray,
+    tag_keys: pa.Array,
+    tag_values: pa.Array,
+    max_gsd: Any,
+    wkb: pa.Array,
+) -> pa.Table:
+    """Columns (tags as offsets + keys + values) -> a table of the objects schema."""
+    n = len(wkb)
+    tags = pa.MapArray.from_arrays(pa.array(tag_offsets), tag_keys, tag_values)
+    return pa.table(
+        [
+            pa.array(np.full(n, osm_type, dtype=object), pa.string()),
+            pa.array(ids, pa.int64()),
+            element,
+            tags,
+            pa.array(max_gsd, pa.float64()),
+            wkb,
+        ],
+        schema=schema(),
+    )
 
 
 class PartWriter:

@@ -24,13 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import osmium
 import osmium.filter
 import osmium.geom
+import pyarrow as pa
 
 from tag_filters import TagFilter, load_tag_filter
 
-from ._parquet import Batch, PartWriter, batch_to_table
+from ._dense import PointBlock, Unsupported, iter_point_blocks
+from ._parquet import Batch, PartWriter, batch_to_table, columns_to_table, point_wkb
 from ._rules import closed_way_is_area
 
 __all__ = ["ShardSpec", "SHARDS", "SHARD_KINDS", "PART_PREFIX", "run_shard"]
@@ -291,7 +294,56 @@ class _RelationCounter:
             self.expected += 1
 
 
+def _points_table(blocks: list[PointBlock]) -> pa.Table:
+    offsets = [np.zeros(1, np.int32)]
+    base = 0
+    for b in blocks:
+        offsets.append(b.offsets[1:] + base)
+        base += int(b.offsets[-1])
+    n = sum(len(b) for b in blocks)
+    return columns_to_table(
+        "n",
+        pa.array(np.full(n, "node", dtype=object), pa.string()),
+        np.concatenate([b.ids for b in blocks]),
+        np.concatenate(offsets),
+        pa.concat_arrays([b.keys for b in blocks]),
+        pa.concat_arrays([b.values for b in blocks]),
+        np.concatenate([b.max_gsd for b in blocks]),
+        point_wkb(
+            np.concatenate([b.lons for b in blocks]), np.concatenate([b.lats for b in blocks])
+        ),
+    )
+
+
+def _dense_points(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> bool:
+    """Write the points decoded in bulk from DenseNodes; False (nothing kept) when the file
+    needs pyosmium's reader (see ``_dense``)."""
+    pending: list[PointBlock] = []
+    rows = invalid = 0
+    try:
+        for block in iter_point_blocks(spec.input, tf):
+            invalid += block.invalid
+            if len(block):
+                pending.append(block)
+                rows += len(block)
+            if rows >= spec.batch_rows:
+                sink.writer.write(_points_table(pending))
+                pending, rows = [], 0
+        if pending:
+            sink.writer.write(_points_table(pending))
+    except Unsupported as e:
+        log.info("extract: nodes through pyosmium (%s in %s)", e, spec.input)
+        sink.writer.abort()
+        return False
+    if invalid:
+        sink.dropped["invalid_location"] += invalid
+    return True
+
+
 def _points_areas(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) -> None:
+    dense = _dense_points(spec, tf, sinks["n"])
+    if not dense:
+        sinks["n"] = _Sink(spec, "n")
     manager = osmium.area.AreaManager()
     counter = _RelationCounter(tf)
     keys = tf.candidate_keys()
@@ -309,12 +361,17 @@ def _points_areas(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) -> No
     node_chain: list[Any] = [only_nodes, node_filter]
     if keys is not None:
         node_chain.append(osmium.filter.GeoInterfaceFilter(tags=sorted(keys)))
+    if dense:
+        node_chain = []
     with _location_index(spec) as index:
         locations = osmium.NodeLocationsForWays(index)
         locations.ignore_errors()
         second = manager.second_pass_handler(area_filter, areas)
         with osmium.io.Reader(spec.input, osmium.osm.NODE | osmium.osm.WAY) as reader:
-            osmium.apply(reader, locations, second, *node_chain, nodes)
+            if node_chain:
+                osmium.apply(reader, locations, second, *node_chain, nodes)
+            else:
+                osmium.apply(reader, locations, second)
     a = sinks["a"]
     missing = counter.expected - a.counts["relation_areas"] - a.dropped["broken_multipolygon"]
     if missing > 0:
