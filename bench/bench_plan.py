@@ -119,7 +119,7 @@ def synthetic_objects(folder: Path, copies: int = 10, seed: int = 0) -> int:
             rows_el += ["way"] * (n_area - PER_COPY["r"]) + ["relation"] * PER_COPY["r"]
     geometry = np.concatenate(geoms)
     n = len(geometry)
-    gsd = {}
+    gsd: dict[tuple, float] = {}
     max_gsd = np.array([gsd.setdefault(tuple(t.items()), tf.max_gsd(t) or 10.0) for t in tags])
     table = pa.table(
         {
@@ -291,7 +291,7 @@ def cores_available(seconds: float = 3.0) -> float:
     return (time.process_time() - cpu) / (time.perf_counter() - wall)
 
 
-def run_json(code: str, *args: str) -> dict:
+def run_json(code: str, *args: object) -> dict:
     proc = subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
         capture_output=True, text=True, env={**os.environ, "SKYSCRIPT_NO_PROGRESS": "1"},

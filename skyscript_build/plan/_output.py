@@ -18,6 +18,8 @@ from ._choose import ranges
 from ._objects import Objects
 
 MAP = pa.map_(pa.string(), pa.string())
+#: Requests per parquet row group (built and written one at a time).
+ROW_GROUP = 20_000
 SCHEMA = pa.schema(
     [
         ("key", pa.string()),
@@ -141,17 +143,19 @@ def write_parts(
     n_parts = max(1, -(-rows // rows_per_part))
 
     def one(k: int) -> Path:
-        part = build(k * rows_per_part, min(rows, (k + 1) * rows_per_part))
+        start, stop = k * rows_per_part, min(rows, (k + 1) * rows_per_part)
         path = out / f"part-{k:05d}.parquet"
-        with atomic_path(path) as tmp:
-            pq.write_table(part, tmp, compression="zstd")
-        counts = pc.value_counts(part["alias"]).to_pylist()
+        by_source: dict[str, int] = {}
+        with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as w:
+            # Row groups built one at a time: memory is one row group's, not the part's.
+            for lo in range(start, max(stop, start + 1), ROW_GROUP):
+                table = build(lo, min(stop, lo + ROW_GROUP))
+                w.write_table(table)
+                for c in pc.value_counts(table["alias"]).to_pylist():
+                    by_source[c["values"]] = by_source.get(c["values"], 0) + c["counts"]
         write_json_atomic(
             out / "_stats" / f"part-{k:05d}.json",
-            {
-                "rows": part.num_rows,
-                "by_source": {c["values"]: c["counts"] for c in counts},
-            },
+            {"rows": stop - start, "by_source": by_source},
         )
         return path
 

@@ -82,7 +82,7 @@ def surroundings(
                 pb = proj.get(np.full(len(members), code, dtype=np.int64), members)
                 for r, j in _group_pairs(pb, members, priority[members], xy[tiles],
                                          focus[tiles], cap, pool):  # fmt: skip
-                    pieces.append((tiles[r], j))
+                    pieces.append((tiles[r].astype(np.int32), j.astype(np.int32)))
             bar.update(len(tiles))
     bar.close()
     return _merge(pieces, len(focus))
@@ -199,12 +199,12 @@ def _chunks(run_tile: np.ndarray, run_len: np.ndarray) -> list[slice]:
 def _merge(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate pieces (each sorted by tile, no tile in two pieces) into tile order."""
     if not pieces:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
     counts = np.bincount(np.concatenate([r for r, _ in pieces]), minlength=n)
     offsets = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    out_r = np.repeat(np.arange(n, dtype=np.int64), counts)
-    out_j = np.empty(int(offsets[-1]), dtype=np.int64)
+    out_r = np.repeat(np.arange(n, dtype=np.int32), counts)
+    out_j = np.empty(int(offsets[-1]), dtype=np.int32)
     for r, j in pieces:
         if len(r) == 0:
             continue
