@@ -353,7 +353,7 @@ def main() -> None:
     peer_rate = peer["objects"] / peer["seconds"]
     print("peer:", json.dumps(peer), flush=True)
     load_after = os.getloadavg()
-    cores = f"{cores_before:.1f} before ours, {cores_available():.1f} after the peer"
+    cores = f"{cores_before:.1f} of the 2 cores before ours, {cores_available():.1f} after the peer"
     pairs = ours["surrounding"] / max(1, ours["requests"])
     load = ", ".join(f"{x:.1f}" for x in (*load_before, *load_after))
     body = f"""
@@ -361,7 +361,7 @@ Objects: {ours["objects"]:,} — {origin}.
 All sources of the catalog (the objects are in Finland: FI at 0.5 m, S2 for areas too large
 for a 1024 px FI tile); seed 0; defaults (256-1024 px, points 512 px, at most 50 surrounding
 objects). The machine has 2 cores shared with other helpers' work: load average (1, 5, 15 min)
-before and after the benchmark {load}; two numpy threads sorting got {cores} cores. So
+before and after the benchmark {load}; two numpy threads sorting got {cores}. So
 wall-clock rates are pessimistic and noisy; the CPU rate (CPU seconds of the whole process, all
 threads) is the steady one. The peer is a
 per-object Python loop (shapely per geometry, pyproj per object, STRtree.query per tile, the
