@@ -132,6 +132,8 @@ def test_second_run_reuses_everything(demo: dict):
     assert "extract: already done" in out
     assert "0 tiles fetched" in out
     assert "caption: up to date" in out
+    stats = json.loads((demo["build"] / "dataset" / "SkyScript_captions.stats.json").read_text())
+    assert stats["chunks_by_worker"] and "local" not in stats["chunks_by_worker"]  # on Dask
     assert "0 scored" in out
     assert tree_digest(demo["build"] / "dataset") == demo["digest"]
 
@@ -321,6 +323,15 @@ def test_cluster_run_matches_local_run_and_survives_a_lost_worker(demo: dict, da
     assert shards == -(-MAX_REQUESTS // SHARD_SIZE)
     assert done_at_kill < shards, "the worker was killed after the fetch had finished"
     assert f"connected to {dask_cluster['address']}" in err
+    assert err.count("dashboard") == 1  # one client for the whole run
+    # The caption chunks ran on the cluster's surviving worker (w1), not in the client.
+    from distributed import Client
+
+    with Client(dask_cluster["address"], timeout="30s") as client:
+        alive = {w["name"]: a for a, w in client.scheduler_info()["workers"].items()}
+    assert set(alive) == {"w1"}
+    stats = json.loads((dataset / "SkyScript_captions.stats.json").read_text())
+    assert set(stats["chunks_by_worker"]) == {alive["w1"]}
     local = demo["digest"]
     remote = tree_digest(dataset)
     # The same file set, byte-identical CSVs, images and meta files.
