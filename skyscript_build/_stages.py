@@ -80,7 +80,11 @@ def _workers(p: PipelineConfig) -> int:
 
 def _extract(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
     return mod.ExtractConfig(
-        input=p.input, out=p.objects_dir, tag_filter=p.tag_filter, workers=_workers(p)
+        input=p.input,
+        out=p.objects_dir,
+        tag_filter=p.tag_filter,
+        workers=_workers(p),
+        scheduler=ctx.scheduler,
     )
 
 

@@ -331,3 +331,16 @@ def test_points_decoded_in_bulk_equal_osmium_s_nodes(
     bulk = pq.read_table(helsinki_out[0] / "part-00000.parquet")
     assert points.num_rows > 1000
     assert points.equals(bulk)
+
+
+def test_shards_on_a_dask_scheduler_give_the_same_bytes(helsinki_pbf, helsinki_out, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as c:
+        out = tmp_path / "objects"
+        result = run_extract(ExtractConfig(helsinki_pbf, out, scheduler=c.scheduler_address))
+    assert result.objects == helsinki_out[1].objects
+    for name in helsinki_out[1].parts:
+        assert (out / name).read_bytes() == (helsinki_out[0] / name).read_bytes(), name

@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force", action="store_true", help="extract again even if OUT is up to date"
     )
+    parser.add_argument(
+        "--scheduler", default=None, help="address of a Dask scheduler to run the shards on"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -56,6 +59,7 @@ def main(args: argparse.Namespace) -> int:
         index_dir=args.index_dir,
         rows_per_part=args.rows_per_part,
         force=args.force,
+        scheduler=args.scheduler,
     )
     result = run_extract(config)
     print(result.summary())

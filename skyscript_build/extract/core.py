@@ -27,6 +27,7 @@ from typing import Any
 
 from tag_filters import get_tag_filter_path, load_tag_filter
 
+from ..cluster import ClusterConfig, map_shards
 from ..errors import ConfigError, InputError
 from ..files import remove_temp_files, write_json_atomic
 from ..progress import progress_bar
@@ -63,6 +64,9 @@ class ExtractConfig:
         rows_per_part: the most rows in one parquet part.
         batch_rows: rows converted to Arrow at a time (bounds memory).
         force: extract again even when ``out`` holds a finished extract of the same input.
+        scheduler: address of a Dask scheduler (``tcp://host:8786``): the shards run there as
+            Dask tasks (the input and ``out`` must be on a file system the workers share);
+            None runs them here or in a local process pool (``workers``).
     """
 
     input: Path
@@ -74,6 +78,7 @@ class ExtractConfig:
     rows_per_part: int = 1_000_000
     batch_rows: int = 10_000
     force: bool = False
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input", Path(self.input))
@@ -235,14 +240,18 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
             )
         )
     log.info(
-        "extract: %s -> %s (%d shards to do, %d workers, node index %s)",
+        "extract: %s -> %s (%d shards to do, %s, node index %s)",
         config.input,
         out,
         len(todo),
-        config.n_workers(),
+        f"on Dask {config.scheduler}" if config.scheduler else f"{config.n_workers()} workers",
         index,
     )
-    new_stats = _run_shards(todo, config.n_workers())
+    if config.scheduler and todo:
+        cluster = ClusterConfig(scheduler=config.scheduler)
+        new_stats = map_shards(run_shard, todo, cluster, desc="extract")
+    else:
+        new_stats = _run_shards(todo, config.n_workers())
     errors = [s for s in new_stats if "error" in s]
     if errors:
         for i in range(len(SHARDS)):
