@@ -94,7 +94,8 @@ def closed_way_is_area(obj: Any, keys: list[str], values: list[str]) -> bool:
     Decides from the ``area`` tag and the groundable tags alone when they suffice (almost
     always: a building, a landuse) and reads all the tags only for the rest.
     """
-    flag = obj.tags.get("area")
+    data = getattr(obj, "_pyosmium_data", None)  # the C++ accessor skips a TagList wrapper
+    flag = data.tags_get_value_by_key("area", None) if data is not None else obj.tags.get("area")
     if flag == "yes":
         return True
     if flag == "no":

@@ -228,8 +228,9 @@ def _lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
                 picked = pick(w)
                 if picked is None:
                     continue
-                nodes = w.nodes
-                closed = w.is_closed() and len(nodes) >= 4
+                data = w._pyosmium_data  # C++ accessors: no Python wrapper per call
+                size = data.nodes().size(data)
+                closed = size >= 4 and data.is_closed()
                 if closed and closed_way_is_area(w, picked[0], picked[1]):
                     sink.counts["expected_way_areas"] += 1
                     continue
@@ -237,9 +238,9 @@ def _lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
                     # UNIQUE drops repeated points (and raises when fewer than two are left)
                     # but also skips a missing node silently: when points went missing, ALL
                     # tells a repeated point from a missing node (it raises on the latter).
-                    geom = wkb.create_linestring(nodes)
-                    if (len(geom) - 18) // 32 < len(nodes):
-                        wkb.create_linestring(nodes, all_nodes)
+                    geom = wkb.create_linestring(w)
+                    if (len(geom) - 18) // 32 < size:
+                        wkb.create_linestring(w, all_nodes)
                 except osmium.InvalidLocationError:
                     sink.dropped["missing_nodes"] += 1
                     continue
