@@ -16,6 +16,7 @@ caption function must be importable there too.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import multiprocessing
@@ -27,7 +28,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from .rules import CaptionRules, resolve_rules
 from .worker import (
     CSV_HEADER,
     ChunkStats,
+    ChunkTask,
     MetaFolder,
     caption_chunk,
     find_meta_folders,
@@ -243,14 +245,19 @@ def _run_chunks(tasks: Iterable[Any], rules: Any, workers: int) -> Iterable[Chun
         pool.terminate()
 
 
-def _run_chunks_on_dask(tasks: Iterable[Any], rules: Any, config: CaptionConfig) -> list[Any]:
-    """Every chunk as a Dask task on ``config.scheduler`` (retried on a lost worker); the
+def _run_chunks_on_dask(
+    tasks: Iterable[ChunkTask], rules: Any, config: CaptionConfig
+) -> Iterator[ChunkStats]:
+    """Every chunk as a Dask task on ``config.scheduler`` (retried on a lost worker), one meta
+    folder at a time (the client holds one folder's file names, as the local path); the
     results in chunk order."""
     key = hashlib.sha256(pickle.dumps(rules)).hexdigest()[:16]
-    shards = [replace(task, rules=rules, rules_key=key) for task in tasks]
     cluster = config.cluster
     with dask_client(cluster) as client:
-        return map_shards(caption_chunk, shards, cluster, desc="caption", client=client)
+        for folder, group in itertools.groupby(tasks, key=lambda t: t.folder):
+            shards = [replace(task, rules=rules, rules_key=key) for task in group]
+            desc = f"caption {folder.meta_dir}"
+            yield from map_shards(caption_chunk, shards, cluster, desc=desc, client=client)
 
 
 def run_caption(config: CaptionConfig) -> CaptionResult:
@@ -297,7 +304,7 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
     try:
         tasks = iter_chunks(config.dataset, folders, config.chunk_size, tmp_dir)
         chunks: Iterable[ChunkStats]
-        if config.scheduler:  # every chunk first (map_shards' bar), then the merge
+        if config.scheduler:  # a folder's chunks (map_shards' bar), then their merge
             chunks = _run_chunks_on_dask(tasks, rules, config)
         else:  # merged as they come
             chunks = _run_chunks(tasks, rules, workers)
