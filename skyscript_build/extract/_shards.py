@@ -2,9 +2,11 @@
 
 - ``lines``: ways that are not areas (open ways; closed ways the area rule calls lines), with a
   node-location index; writes ``part-01NNN``.
-- ``points_areas``: a first pass over the relations (multipolygons to assemble), then one pass
-  over nodes and ways in which osmium assembles areas (closed ways and multipolygon relations,
-  ``part-02NNN``) while the same pass turns tagged nodes into points (``part-00NNN``).
+- ``points_areas``: tagged nodes become points (``part-00NNN``) decoded in bulk with numpy
+  straight from the PBF's DenseNodes blocks (``_dense``; pyosmium's node handler when a file
+  needs it); then a first pass over the relations (multipolygons to assemble) and one pass over
+  nodes and ways in which osmium assembles areas (closed ways and multipolygon relations,
+  ``part-02NNN``).
 
 Each reader lets osmium's C++ filters drop objects without a candidate key before any Python
 runs, keeps an object when one of its tags is groundable, and writes rows through a

@@ -1,7 +1,8 @@
 """Config, result and orchestration of the extract stage.
 
-Work is cut into three shards (points, lines, areas) that read the file independently, so two
-or three processes share the work. Each shard writes its parts atomically and then its stats
+Work is cut into two shards (points + areas, lines; see ``_shards``) that read the file
+independently, so two processes share the work: a local process pool, or Dask tasks when a
+scheduler is given. Each shard writes its parts atomically and then its stats
 (``_stats/shard-NN.json``); ``_extract.json``, written last, marks the whole extract finished
 and records the input's size and mtime and a hash of the settings. A rerun with the same input
 and settings does nothing; a rerun after a crash redoes only the shards without stats.
