@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .cluster import ClusterConfig
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -44,15 +45,22 @@ class RunContext:
 class StageSpec:
     """How to run one stage: its module, its entry function and its config builder.
 
-    ``dask``: the stage runs its shards on the run's Dask client (the scheduler address in
-    ``RunContext``) when the pipeline uses Dask; the others run in this process (or a local
-    pool of their own).
+    ``dask``: when the stage runs its shards on the run's Dask client (the scheduler address
+    in ``RunContext``): ``always`` when the run uses Dask at all (a LocalCluster too),
+    ``scheduler`` only on an existing cluster (``--scheduler``; locally its own pool is
+    faster), ``never``: in this process (or a local pool of its own).
     """
 
     module: str
     entry: str
     build: Callable[[PipelineConfig, RunContext, Any], Any]
-    dask: bool = False
+    dask: str = "never"
+
+    def on_dask(self, cluster: ClusterConfig) -> bool:
+        """Whether the stage runs on the run's Dask client, given where the run's shards go."""
+        if cluster.inline:
+            return False
+        return self.dask == "always" or (self.dask == "scheduler" and bool(cluster.scheduler))
 
 
 def register_sources(definitions: Mapping[str, Mapping[str, Any]]) -> None:
@@ -159,10 +167,10 @@ def _report(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
 
 
 STAGE_SPECS: dict[str, StageSpec] = {
-    "extract": StageSpec("skyscript_build.extract", "run_extract", _extract),
+    "extract": StageSpec("skyscript_build.extract", "run_extract", _extract, dask="scheduler"),
     "plan": StageSpec("skyscript_build.plan", "run_plan", _plan),
-    "fetch": StageSpec("skyscript_build.fetch", "run_fetch", _fetch, dask=True),
-    "caption": StageSpec("skyscript_build.caption", "run_caption", _caption, dask=True),
+    "fetch": StageSpec("skyscript_build.fetch", "run_fetch", _fetch, dask="always"),
+    "caption": StageSpec("skyscript_build.caption", "run_caption", _caption, dask="always"),
     "filter": StageSpec("skyscript_build.filter", "run_filter", _filter),
     "report": StageSpec("skyscript_build.report", "run_report", _report),
 }

@@ -8,11 +8,12 @@ and stops it after.
 
 Dask: when the pipeline uses Dask (``cluster.scheduler`` or ``--scheduler``: an existing
 cluster; ``cluster.workers`` other than 1: a LocalCluster), the run holds ONE client from the
-first stage that runs on Dask to the last (``StageSpec.dask``: fetch and caption), logs the
-dashboard link once, registers the pipeline's own image sources on the workers, and gives those
-stages the scheduler's address (their ``dask_client`` reuses the open client). Their shards are
-Dask tasks, retried on a lost worker. Extract and plan use their own local pools; filter scores
-with one model on one device in this process. On a cluster of several machines the build folder
+first stage that runs on Dask to the last (``StageSpec.dask``: fetch and caption always,
+extract only on an existing cluster), logs the dashboard link once, registers the pipeline's
+own image sources on the workers, and gives those stages the scheduler's address (their
+``dask_client`` reuses the open client). Their shards are Dask tasks, retried on a lost worker.
+Plan, and extract without a scheduler, use their own local pools; filter scores with one model
+on one device in this process. On a cluster of several machines the build folder
 must be on a filesystem that every worker sees under the same path.
 
 Paths in a pipeline file are relative to the current directory (where ``skyscript-build run``
@@ -229,7 +230,7 @@ def run_pipeline(
     result = PipelineResult(config)
     config.build_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(config.build_dir / "pipeline.json", config.to_dict())
-    on_dask = [] if config.cluster.inline else [s for s in chosen if STAGE_SPECS[s].dask]
+    on_dask = [s for s in chosen if STAGE_SPECS[s].on_dask(config.cluster)]
     address = config.cluster.scheduler
     with contextlib.ExitStack() as dask_stack:
         for stage in chosen:

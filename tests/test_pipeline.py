@@ -276,3 +276,16 @@ def test_run_holds_one_dask_client_for_its_dask_stages(
     assert len(dashboards) == 1 and "local cluster of 2 workers" in dashboards[0]
     with pytest.raises(ValueError):
         default_client()  # closed after the last stage on Dask
+
+
+def test_which_stages_run_on_the_runs_dask_client():
+    from skyscript_build._stages import STAGE_SPECS
+    from skyscript_build.cluster import ClusterConfig
+
+    def on_dask(cluster: ClusterConfig) -> list[str]:
+        return [s for s in STAGES if STAGE_SPECS[s].on_dask(cluster)]
+
+    assert on_dask(ClusterConfig(workers=1)) == []
+    assert on_dask(ClusterConfig(workers=2)) == ["fetch", "caption"]  # a LocalCluster
+    remote = ClusterConfig(scheduler="tcp://127.0.0.1:8786")
+    assert on_dask(remote) == ["extract", "fetch", "caption"]
