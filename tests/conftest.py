@@ -65,13 +65,7 @@ def cli():
 @pytest.fixture(scope="session")
 def emulator_collections(tmp_path_factory) -> Path:
     """collections.yaml of small seeded GeoTIFFs (tests/data/emulator/data.py)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "emulator_test_data", REPO / "tests" / "data" / "emulator" / "data.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_fixture_script("emulator")
     return module.make_collections(tmp_path_factory.mktemp("emulator_data"))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import threading
 import time
@@ -13,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import rasterio
+from conftest import load_fixture_script
 from rasterio.windows import from_bounds
 
 from skyscript_build.backends import BackendConfig, TileRequest, close_backends, get_backend
@@ -25,15 +25,8 @@ from skyscript_build.quality import QualityConfig, check_tile
 DATA = Path(__file__).parent / "data" / "fetch"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"fetch_fixture_{name}", DATA / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fixture_data = _load("data")
-tileserver = _load("tileserver")
+fixture_data = load_fixture_script("fetch")
+tileserver = load_fixture_script("fetch", "tileserver.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import load_fixture_script
 
 from skyscript_build.caption import (
     CaptionConfig,
@@ -29,12 +29,7 @@ from skyscript_build.caption.worker import csv_row, find_meta_folders
 from skyscript_build.errors import ConfigError, InputError
 from skyscript_build.meta import MetaError, dumps_meta, load_meta, loads_meta, make_meta
 
-_spec = importlib.util.spec_from_file_location(
-    "caption_data", Path(__file__).parent / "data" / "caption" / "data.py"
-)
-assert _spec and _spec.loader
-data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(data)
+data = load_fixture_script("caption")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pickle
 import tarfile
@@ -11,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import load_fixture_script
 from PIL import Image
 
 from skyscript_build.backends import close_backends
@@ -20,9 +20,7 @@ from skyscript_build.fetch_writer import MANIFEST_SCHEMA
 from skyscript_build.meta import load_meta
 
 DATA = Path(__file__).parent / "data" / "fetch"
-_spec = importlib.util.spec_from_file_location("fetch_fixture_data", DATA / "data.py")
-fixture_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_data)
+fixture_data = load_fixture_script("fetch")
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_fixture_script
 from PIL import Image
 
 import skyscript_build.emulator.pixels as emulator_pixels
@@ -27,9 +27,7 @@ from skyscript_build.meta import load_meta
 
 DATA = Path(__file__).parent / "data" / "fetch"
 REPO = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("fetch_fixture_data", DATA / "data.py")
-fixture_data = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture_data)
+fixture_data = load_fixture_script("fetch")
 
 
 @pytest.fixture(autouse=True)

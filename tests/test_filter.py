@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import load_fixture_script
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -38,12 +38,7 @@ from skyscript_build.filter.selection import (  # noqa: E402
 )
 from skyscript_build.meta import load_meta  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location(
-    "filter_fixture", Path(__file__).parent / "data" / "filter" / "data.py"
-)
-assert _spec and _spec.loader
-fixture = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fixture)
+fixture = load_fixture_script("filter")
 
 N = 40
 
@@ -238,7 +233,7 @@ def test_a_crash_mid_run_keeps_the_scored_batches(dataset, checkpoint):
     root, csv = dataset
     df = pd.read_csv(csv)
     loaded = load_model("tiny-random", str(checkpoint), device="cpu")
-    seen = []
+    seen: list[int] = []
 
     def crash(n: int) -> None:
         seen.append(n)

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import load_fixture_script
 
 from skyscript_build.errors import ConfigError
 from skyscript_build.pipeline import (
     STAGES,
+    StageOutcome,
     load_pipeline,
     run_pipeline,
     select_stages,
@@ -197,7 +199,7 @@ def test_stage_selection_keeps_pipeline_order(tmp_path: Path):
 def test_run_only_report_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.chdir(tmp_path)
     config = load_pipeline(write(tmp_path, MINIMAL))  # its input does not exist: not needed
-    seen = []
+    seen: list[StageOutcome] = []
     result = run_pipeline(config, stages=["report"], on_stage=seen.append)
     assert [o.stage for o in result.outcomes] == ["report"] == [o.stage for o in seen]
     assert (config.report_dir / "index.html").is_file()
@@ -242,19 +244,13 @@ def test_missing_stage_module_is_a_clear_error():
 def test_run_holds_one_dask_client_for_its_dask_stages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
-    import importlib.util
     import logging
 
     from distributed import default_client
 
     from skyscript_build.caption import CaptionConfig, run_caption
 
-    spec = importlib.util.spec_from_file_location(
-        "pipeline_caption_data", REPO / "tests" / "data" / "caption" / "data.py"
-    )
-    assert spec and spec.loader
-    data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(data)
+    data = load_fixture_script("caption")
     monkeypatch.chdir(tmp_path)
     config = load_pipeline(write(tmp_path, MINIMAL + "cluster:\n  workers: 2\n"))
     data.make_dataset(config.dataset_dir)

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
 from _chromium import check_page_in_chromium, needs_chromium
+from conftest import load_fixture_script
 from PIL import Image
 
 from skyscript_build.report import ReportConfig, run_report
 
-# The fixture script, loaded under its own name (other tests' scripts are also "data.py").
-_spec = importlib.util.spec_from_file_location(
-    "report_fixture_data", Path(__file__).parent / "data" / "report" / "data.py"
-)
-assert _spec is not None and _spec.loader is not None
-_fixture = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_fixture)
-make_build = _fixture.make_build
+make_build = load_fixture_script("report").make_build
 
 
 @pytest.fixture(scope="module")

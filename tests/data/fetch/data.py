@@ -17,6 +17,8 @@ import yaml
 from pyproj import Transformer
 from rasterio.transform import from_origin
 
+from skyscript_build.plan import SCHEMA as PLAN_SCHEMA
+
 CRS = "EPSG:3067"
 ORIGIN = (385000.0, 6672500.0)  # central Helsinki, ETRS-TM35FIN metres (west, north)
 GSD = 0.5
@@ -25,31 +27,8 @@ COLLECTION = "Finland/SMK/V/50cm"
 ALIAS = "FI"
 TIME = "2019-06-15T10:30:00Z"
 
-REQUESTS_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("osm_type", pa.string()),
-        ("osm_id", pa.int64()),
-        ("osm_element", pa.string()),
-        ("alias", pa.string()),
-        ("collection", pa.string()),
-        ("gsd", pa.float64()),
-        ("years", pa.list_(pa.int32())),
-        ("crs", pa.string()),
-        ("x_min", pa.float64()),
-        ("y_min", pa.float64()),
-        ("x_max", pa.float64()),
-        ("y_max", pa.float64()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("west", pa.float64()),
-        ("south", pa.float64()),
-        ("east", pa.float64()),
-        ("north", pa.float64()),
-        ("center_tags", pa.map_(pa.string(), pa.string())),
-        ("surrounding_tags", pa.list_(pa.map_(pa.string(), pa.string()))),
-    ]
-)
+#: docs/architecture.md's requests schema: the plan stage's own, so the two cannot drift.
+REQUESTS_SCHEMA = PLAN_SCHEMA
 
 
 def write_raster(path: Path, seed: int = 0, time: str = TIME, size: int = SIZE) -> Path:
