@@ -16,10 +16,7 @@ Plan, and extract without a scheduler, use their own local pools; filter scores 
 on one device in this process. On a cluster of several machines the build folder
 must be on a filesystem that every worker sees under the same path.
 
-Paths in a pipeline file are relative to the current directory (where ``skyscript-build run``
-or ``make`` runs), as on the command line; write ``${PIPELINE_DIR}/x`` for a path relative to
-the pipeline file itself. ``${NAME}`` is replaced by the environment variable ``NAME`` (an
-error when it is unset) and ``${NAME:-default}`` by its value or ``default``.
+How paths and ``${VARIABLES}`` in a pipeline file resolve: ``skyscript_build.pipeline_config``.
 """
 
 from __future__ import annotations
@@ -33,35 +30,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import pipeline_config as _pipeline_config
 from ._stages import STAGE_SPECS, RunContext, stage_module
 from .cluster import dask_client
 from .errors import ConfigError
 from .files import write_json_atomic
-from .pipeline_config import (
-    BACKEND_TYPES,
-    DEMO_COLLECTIONS,
-    STAGES,
-    BackendSettings,
-    CaptionSettings,
-    FetchSettings,
-    FilterSettings,
-    OutputSettings,
-    PipelineConfig,
-    PlanSettings,
-    load_pipeline,
-)
+from .pipeline_config import *  # noqa: F403  (the pipeline file's names, re-exported)
+from .pipeline_config import DEMO_COLLECTIONS, STAGES, PipelineConfig
 
 __all__ = [
-    "STAGES",
-    "BACKEND_TYPES",
-    "PlanSettings",
-    "BackendSettings",
-    "FetchSettings",
-    "OutputSettings",
-    "CaptionSettings",
-    "FilterSettings",
-    "PipelineConfig",
-    "load_pipeline",
+    *_pipeline_config.__all__,
     "StageOutcome",
     "PipelineResult",
     "select_stages",
