@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..caption.worker import CSV_HEADER as CAPTION_COLUMNS  # the caption stage's CSV
 from ..errors import ConfigError, InputError
 from ..files import atomic_path, write_json_atomic
 from .models import (
@@ -58,7 +59,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CAPTION_COLUMNS = ("filepath", "title", "title_multi_objects")
 SPLIT_BY = ("random", "geo")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
