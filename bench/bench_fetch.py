@@ -57,14 +57,7 @@ GSD = 0.5
 
 def write_requests(folder: Path, n: int, px: int, seed: int = 0) -> Path:
     """``n`` seeded requests of ``px`` x ``px`` tiles inside the orthophoto, in 4 parts."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "fetch_fixture_data", REPO / "tests/data/fetch/data.py"
-    )
-    fixture = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(fixture)  # type: ignore[union-attr]
-    schema = fixture.REQUESTS_SCHEMA  # docs/architecture.md's requests schema
+    from skyscript_build.plan import SCHEMA as schema  # the plan stage's requests schema
 
     if folder.exists():
         shutil.rmtree(folder)
