@@ -344,3 +344,72 @@ def test_shards_on_a_dask_scheduler_give_the_same_bytes(helsinki_pbf, helsinki_o
     assert result.objects == helsinki_out[1].objects
     for name in helsinki_out[1].parts:
         assert (out / name).read_bytes() == (helsinki_out[0] / name).read_bytes(), name
+
+
+def _lines_both_ways(pbf: Path, out: Path, monkeypatch) -> tuple[dict, dict]:
+    """Run the lines shard through the numpy reader, then through pyosmium: (stats, stats)."""
+    from skyscript_build.extract import _shards
+
+    stats = {}
+    for mode in ("bulk", "pyosmium"):
+        if mode == "pyosmium":
+            monkeypatch.setattr(_shards, "_fast_lines", lambda *a: False)
+        spec = _shards.ShardSpec(
+            shard=1,
+            input=str(pbf),
+            out_dir=str(out / mode),
+            tag_filter="default",
+            rows_per_part=700,
+            batch_rows=300,
+            location_index="flex_mem",
+            index_dir=str(out / "index"),
+        )
+        (out / mode).mkdir(parents=True)
+        stats[mode] = _shards.run_shard(spec)
+        stats[mode].pop("seconds")
+    return stats["bulk"], stats["pyosmium"]
+
+
+def test_lines_decoded_in_bulk_equal_osmium_s_ways(helsinki_pbf, tmp_path, monkeypatch):
+    """The numpy Way reader and pyosmium's give the same parts, byte for byte, and counts
+    (small parts and batches, so that batch and part boundaries fall inside blocks)."""
+    bulk, slow = _lines_both_ways(helsinki_pbf, tmp_path, monkeypatch)
+    assert bulk == slow
+    assert bulk["rows"]["w"] > 3000 and len(bulk["parts"]) > 4
+    assert bulk["counts"]["expected_way_areas"] > 1000
+    for name in bulk["parts"]:
+        a = (tmp_path / "bulk" / name).read_bytes()
+        assert a == (tmp_path / "pyosmium" / name).read_bytes(), name
+
+
+EDGE_WAYS_OPL = "\n".join(
+    [f"n{i} v1 x{24 + i * 0.001:.3f} y60.1" for i in range(1, 8)]
+    + [
+        "n8 v1 x24.001 y60.1",  # the location of n1 under another id
+        "w1 v1 Thighway=residential Nn1,n1,n2,n2,n3",  # repeated points dropped
+        "w2 v1 Thighway=residential Nn99,n1,n2",  # a leading missing node
+        "w3 v1 Thighway=residential Nn1,n99,n2",  # a missing node after a located one
+        "w4 v1 Thighway=residential Nn1,n8,n1",  # one distinct location: too few points
+        "w5 v1 Thighway=residential Nn99,n1",  # too few points and a missing node
+        "w6 v1 Thighway=residential Nn1",  # one node
+        "w7 v1 Thighway=residential,area=yes Nn1,n2,n3,n1",  # a closed way that is an area
+        "w8 v1 Tbarrier=fence,landuse=grass Nn1,n2,n3,n1",  # an area by its non-groundable tag
+        "w9 v1 Tbarrier=fence,area=no Nn1,n2,n3,n1",  # a ring-shaped line
+        "w10 v1 Tname=x Nn1,n2",  # nothing groundable
+        "w11 v1 Tbuilding=yes,highway=service Nn4,n5,n6,n7",  # open: a line
+    ]
+)
+
+
+def test_lines_in_bulk_follow_osmium_s_point_rules(tmp_path, monkeypatch):
+    """Repeated points, missing nodes (leading or not), too few points, closed ways: the numpy
+    reader keeps, drops and counts each way exactly as the pyosmium reader does."""
+    pbf = opl_to_pbf(EDGE_WAYS_OPL + "\n", tmp_path / "edge.osm.pbf")
+    bulk, slow = _lines_both_ways(pbf, tmp_path, monkeypatch)
+    assert bulk == slow
+    assert bulk["dropped"] == {"missing_nodes": 2, "too_few_nodes": 3}
+    table = pq.read_table(tmp_path / "bulk" / bulk["parts"][0])
+    assert table["osm_id"].to_pylist() == [1, 9, 11]
+    for name in bulk["parts"]:
+        a = (tmp_path / "bulk" / name).read_bytes()
+        assert a == (tmp_path / "pyosmium" / name).read_bytes(), name

@@ -1,7 +1,9 @@
 """The two shard readers, which split the work about evenly between two processes.
 
-- ``lines``: ways that are not areas (open ways; closed ways the area rule calls lines), with a
-  node-location index; writes ``part-01NNN``.
+- ``lines``: ways that are not areas (open ways; closed ways the area rule calls lines);
+  writes ``part-01NNN``. Decoded in bulk with numpy straight from the PBF (``_ways``: node
+  locations from the DenseNodes blocks, Way messages parsed across a whole group at once);
+  pyosmium with a node-location index when a file needs it.
 - ``points_areas``: tagged nodes become points (``part-00NNN``) decoded in bulk with numpy
   straight from the PBF's DenseNodes blocks (``_dense``; pyosmium's node handler when a file
   needs it); then a first pass over the relations (multipolygons to assemble) and one pass over
@@ -37,6 +39,7 @@ from tag_filters import TagFilter, load_tag_filter
 from ._dense import PointBlock, Unsupported, iter_point_blocks
 from ._parquet import Batch, PartWriter, batch_to_table, columns_to_table, point_wkb
 from ._rules import closed_way_is_area
+from ._ways import iter_line_tables
 
 __all__ = ["ShardSpec", "SHARDS", "SHARD_KINDS", "PART_PREFIX", "run_shard"]
 
@@ -210,7 +213,33 @@ class _NodeHandler:
         self.sink.maybe_flush()
 
 
+def _fast_lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> bool:
+    """Write the lines decoded in bulk (``_ways``); False (nothing kept) when the file needs
+    pyosmium's reader."""
+    counts: Counter = Counter()
+    dropped: Counter = Counter()
+    try:
+        for table in iter_line_tables(
+            spec.input, tf, spec.batch_rows, columns_to_table, counts, dropped
+        ):
+            sink.writer.write(table)
+    except Unsupported as e:
+        log.info("extract: ways through pyosmium (%s in %s)", e, spec.input)
+        sink.writer.abort()
+        return False
+    sink.counts.update(+counts)
+    sink.dropped.update(+dropped)
+    return True
+
+
 def _lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
+    if _fast_lines(spec, tf, sink):
+        return
+    sink.writer = PartWriter(Path(spec.out_dir), PART_PREFIX["w"], spec.rows_per_part)
+    _slow_lines(spec, tf, sink)
+
+
+def _slow_lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
     pick = _tag_picker(tf)
     wkb = osmium.geom.WKBFactory()
     all_nodes = osmium.geom.use_nodes.ALL
