@@ -325,6 +325,7 @@ def test_points_decoded_in_bulk_equal_osmium_s_nodes(
         yield  # pragma: no cover
 
     monkeypatch.setattr(_shards, "iter_point_blocks", unsupported)
+    monkeypatch.setattr(_shards, "_fast_points_lines", lambda *a: False)
     out = tmp_path / "objects"
     run_extract(ExtractConfig(helsinki_pbf, out, workers=1))
     points = pq.read_table(out / "part-00000.parquet")
@@ -347,13 +348,14 @@ def test_shards_on_a_dask_scheduler_give_the_same_bytes(helsinki_pbf, helsinki_o
 
 
 def _lines_both_ways(pbf: Path, out: Path, monkeypatch) -> tuple[dict, dict]:
-    """Run the lines shard through the numpy reader, then through pyosmium: (stats, stats)."""
+    """Run the points + lines shard through the numpy reader, then through pyosmium (points
+    through ``_dense``): (stats, stats)."""
     from skyscript_build.extract import _shards
 
     stats = {}
     for mode in ("bulk", "pyosmium"):
         if mode == "pyosmium":
-            monkeypatch.setattr(_shards, "_fast_lines", lambda *a: False)
+            monkeypatch.setattr(_shards, "_fast_points_lines", lambda *a: False)
         spec = _shards.ShardSpec(
             shard=1,
             input=str(pbf),
@@ -408,7 +410,8 @@ def test_lines_in_bulk_follow_osmium_s_point_rules(tmp_path, monkeypatch):
     bulk, slow = _lines_both_ways(pbf, tmp_path, monkeypatch)
     assert bulk == slow
     assert bulk["dropped"] == {"missing_nodes": 2, "too_few_nodes": 3}
-    table = pq.read_table(tmp_path / "bulk" / bulk["parts"][0])
+    assert bulk["rows"] == {"n": 0, "w": 3}  # no tagged node: an empty points part
+    table = pq.read_table(tmp_path / "bulk" / "part-01000.parquet")
     assert table["osm_id"].to_pylist() == [1, 9, 11]
     for name in bulk["parts"]:
         a = (tmp_path / "bulk" / name).read_bytes()

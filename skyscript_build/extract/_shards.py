@@ -1,12 +1,11 @@
 """The two shard readers, which split the work about evenly between two processes.
 
-- ``lines``: ways that are not areas (open ways; closed ways the area rule calls lines);
-  writes ``part-01NNN``. Decoded in bulk with numpy straight from the PBF (``_ways``: node
-  locations from the DenseNodes blocks, Way messages parsed across a whole group at once);
-  pyosmium with a node-location index when a file needs it.
-- ``points_areas``: tagged nodes become points (``part-00NNN``) decoded in bulk with numpy
-  straight from the PBF's DenseNodes blocks (``_dense``; pyosmium's node handler when a file
-  needs it); then a first pass over the relations (multipolygons to assemble) and one pass over
+- ``points_lines``: tagged nodes become points (``part-00NNN``) and ways that are not areas
+  (open ways; closed ways the area rule calls lines) become lines (``part-01NNN``), both
+  decoded in bulk with numpy straight from the PBF (``_ways``: node locations and points from
+  the DenseNodes blocks, Way messages parsed across a whole group at once); pyosmium (with a
+  node-location index) when a file needs it.
+- ``areas``: a first pass over the relations (multipolygons to assemble) and one pass over
   nodes and ways in which osmium assembles areas (closed ways and multipolygon relations,
   ``part-02NNN``).
 
@@ -39,14 +38,14 @@ from tag_filters import TagFilter, load_tag_filter
 from ._dense import PointBlock, Unsupported, iter_point_blocks
 from ._parquet import Batch, PartWriter, batch_to_table, columns_to_table, point_wkb
 from ._rules import closed_way_is_area
-from ._ways import iter_line_tables
+from ._ways import iter_points_and_lines
 
 __all__ = ["ShardSpec", "SHARDS", "SHARD_KINDS", "PART_PREFIX", "run_shard"]
 
 log = logging.getLogger(__name__)
 
 #: Shard index -> what it reads. The layout never depends on the worker count.
-SHARDS = ("points_areas", "lines")
+SHARDS = ("areas", "points_lines")
 #: Output kind -> the part number prefix of its files.
 PART_PREFIX = {"n": 0, "w": 1, "a": 2}
 
@@ -213,30 +212,79 @@ class _NodeHandler:
         self.sink.maybe_flush()
 
 
-def _fast_lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> bool:
-    """Write the lines decoded in bulk (``_ways``); False (nothing kept) when the file needs
-    pyosmium's reader."""
+class _PointBlocks:
+    """Collects point blocks and writes them as tables of about ``batch_rows`` rows."""
+
+    def __init__(self, spec: ShardSpec, sink: _Sink) -> None:
+        self.spec, self.sink = spec, sink
+        self.pending: list[PointBlock] = []
+        self.rows = self.invalid = 0
+
+    def add(self, block: PointBlock) -> None:
+        self.invalid += block.invalid
+        if len(block):
+            self.pending.append(block)
+            self.rows += len(block)
+        if self.rows >= self.spec.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.sink.writer.write(_points_table(self.pending))
+            self.pending, self.rows = [], 0
+
+    def done(self) -> None:
+        self.flush()
+        if self.invalid:
+            self.sink.dropped["invalid_location"] += self.invalid
+
+
+def _fast_points_lines(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) -> bool:
+    """Write the points and lines decoded in bulk (``_ways``); False (nothing kept) when the
+    file needs pyosmium's reader."""
     counts: Counter = Counter()
     dropped: Counter = Counter()
+    points = _PointBlocks(spec, sinks["n"])
     try:
-        for table in iter_line_tables(
+        for kind, item in iter_points_and_lines(
             spec.input, tf, spec.batch_rows, columns_to_table, counts, dropped
         ):
-            sink.writer.write(table)
+            if kind == "n":
+                points.add(item)
+            else:
+                points.flush()
+                sinks["w"].writer.write(item)
+        points.done()
     except Unsupported as e:
-        log.info("extract: ways through pyosmium (%s in %s)", e, spec.input)
-        sink.writer.abort()
+        log.info("extract: nodes and ways through pyosmium (%s in %s)", e, spec.input)
+        for sink in sinks.values():
+            sink.writer.abort()
         return False
-    sink.counts.update(+counts)
-    sink.dropped.update(+dropped)
+    sinks["w"].counts.update(+counts)
+    sinks["w"].dropped.update(+dropped)
     return True
 
 
-def _lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
-    if _fast_lines(spec, tf, sink):
+def _points_lines(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) -> None:
+    if _fast_points_lines(spec, tf, sinks):
         return
-    sink.writer = PartWriter(Path(spec.out_dir), PART_PREFIX["w"], spec.rows_per_part)
-    _slow_lines(spec, tf, sink)
+    for kind in sinks:
+        sinks[kind] = _Sink(spec, kind)
+    if not _dense_points(spec, tf, sinks["n"]):
+        sinks["n"] = _Sink(spec, "n")
+        _slow_points(spec, tf, sinks["n"])
+    _slow_lines(spec, tf, sinks["w"])
+
+
+def _slow_points(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
+    keys = tf.candidate_keys()
+    nodes = _NodeHandler(tf, sink, geo=keys is not None)
+    # In C++: cut a node's tags to the candidate keys and give its coordinates as a dict.
+    node_chain: list[Any] = [osmium.filter.EntityFilter(osmium.osm.NODE), _key_filter(tf)]
+    if keys is not None:
+        node_chain.append(osmium.filter.GeoInterfaceFilter(tags=sorted(keys)))
+    with osmium.io.Reader(spec.input, osmium.osm.NODE) as reader:
+        osmium.apply(reader, *node_chain, nodes)
 
 
 def _slow_lines(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
@@ -350,69 +398,42 @@ def _points_table(blocks: list[PointBlock]) -> pa.Table:
 def _dense_points(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> bool:
     """Write the points decoded in bulk from DenseNodes; False (nothing kept) when the file
     needs pyosmium's reader (see ``_dense``)."""
-    pending: list[PointBlock] = []
-    rows = invalid = 0
+    points = _PointBlocks(spec, sink)
     try:
         for block in iter_point_blocks(spec.input, tf):
-            invalid += block.invalid
-            if len(block):
-                pending.append(block)
-                rows += len(block)
-            if rows >= spec.batch_rows:
-                sink.writer.write(_points_table(pending))
-                pending, rows = [], 0
-        if pending:
-            sink.writer.write(_points_table(pending))
+            points.add(block)
+        points.done()
     except Unsupported as e:
         log.info("extract: nodes through pyosmium (%s in %s)", e, spec.input)
         sink.writer.abort()
         return False
-    if invalid:
-        sink.dropped["invalid_location"] += invalid
     return True
 
 
-def _points_areas(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) -> None:
-    dense = _dense_points(spec, tf, sinks["n"])
-    if not dense:
-        sinks["n"] = _Sink(spec, "n")
+def _areas(spec: ShardSpec, tf: TagFilter, sink: _Sink) -> None:
     manager = osmium.area.AreaManager()
     counter = _RelationCounter(tf)
-    keys = tf.candidate_keys()
     # Keep references to every osmium object in a chain: osmium does not.
     relation_filter = _key_filter(tf)
     with osmium.io.Reader(spec.input, osmium.osm.RELATION) as reader:
         osmium.apply(reader, relation_filter, counter, manager.first_pass_handler())
-    sinks["a"].counts["expected_relation_areas"] = counter.expected
-    areas = _AreaHandler(tf, sinks["a"])
-    nodes = _NodeHandler(tf, sinks["n"], geo=keys is not None)
+    sink.counts["expected_relation_areas"] = counter.expected
+    areas = _AreaHandler(tf, sink)
     area_filter = _key_filter(tf)
-    only_nodes = osmium.filter.EntityFilter(osmium.osm.NODE)
-    node_filter = _key_filter(tf)
-    # In C++: cut a node's tags to the candidate keys and give its coordinates as a dict.
-    node_chain: list[Any] = [only_nodes, node_filter]
-    if keys is not None:
-        node_chain.append(osmium.filter.GeoInterfaceFilter(tags=sorted(keys)))
-    if dense:
-        node_chain = []
     with _location_index(spec) as index:
         locations = osmium.NodeLocationsForWays(index)
         locations.ignore_errors()
         second = manager.second_pass_handler(area_filter, areas)
         with osmium.io.Reader(spec.input, osmium.osm.NODE | osmium.osm.WAY) as reader:
-            if node_chain:
-                osmium.apply(reader, locations, second, *node_chain, nodes)
-            else:
-                osmium.apply(reader, locations, second)
-    a = sinks["a"]
-    missing = counter.expected - a.counts["relation_areas"] - a.dropped["broken_multipolygon"]
+            osmium.apply(reader, locations, second)
+    missing = counter.expected - sink.counts["relation_areas"] - sink.dropped["broken_multipolygon"]
     if missing > 0:
-        a.dropped["broken_multipolygon"] += missing
+        sink.dropped["broken_multipolygon"] += missing
 
 
-_READERS = {"points_areas": _points_areas, "lines": _lines}
+_READERS = {"areas": _areas, "points_lines": _points_lines}
 #: Shard -> the output kinds it writes.
-SHARD_KINDS = {"points_areas": ("n", "a"), "lines": ("w",)}
+SHARD_KINDS = {"areas": ("a",), "points_lines": ("n", "w")}
 
 
 def run_shard(spec: ShardSpec) -> dict[str, Any]:

@@ -15,16 +15,26 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from tag_filters import TagFilter
 
-from ._dense import Unsupported, _blobs, _fields, _Judge, _packed_varints, _signed, _zigzag_delta
+from ._dense import (
+    Unsupported,
+    _blobs,
+    _dense_points,
+    _fields,
+    _Judge,
+    _packed_varints,
+    _signed,
+    _zigzag_delta,
+)
 from ._rules import is_area
 
-__all__ = ["iter_line_tables"]
+__all__ = ["iter_points_and_lines"]
 
 _LIMIT_X, _LIMIT_Y = 1_800_000_000, 900_000_000
 
@@ -211,8 +221,8 @@ class _Ways:
 class _LineBuilder:
     """Judges the ways of a block and builds the kept lines' columns."""
 
-    def __init__(self, tf: TagFilter, nodes: _Nodes, counts: Counter, dropped: Counter) -> None:
-        self.judge = _Judge(tf)
+    def __init__(self, judge: _Judge, nodes: _Nodes, counts: Counter, dropped: Counter) -> None:
+        self.judge = judge
         self.nodes = nodes
         self.counts = counts
         self.dropped = dropped
@@ -349,19 +359,22 @@ class _LineBuilder:
         }
 
 
-def iter_line_tables(
+def iter_points_and_lines(
     path: str,
     tf: TagFilter,
     batch_rows: int,
     to_table: Callable[..., pa.Table],
     counts: Counter,
     dropped: Counter,
-) -> Iterator[pa.Table]:
-    """The lines of ``path`` as tables of exactly ``batch_rows`` rows (the last one fewer).
+) -> Iterator[tuple[str, Any]]:
+    """The points and lines of ``path``: ``("n", PointBlock)`` per block with any (as
+    ``_dense.iter_point_blocks``), then ``("w", table)`` of exactly ``batch_rows`` rows (the
+    last one fewer).
 
     ``to_table`` is ``_parquet.columns_to_table``. Raises ``Unsupported`` for files it does not
-    decode (possibly after some tables were yielded: the caller discards them).
+    decode (possibly after some items were yielded: the caller discards them).
     """
+    judge = _Judge(tf)
     nodes = _Nodes()
     build: _LineBuilder | None = None
     pending: list[dict] = []
@@ -374,13 +387,17 @@ def iter_line_tables(
             if field == 2:
                 if build is not None:
                     raise Unsupported("nodes after ways (an unsorted file)")
-                nodes.add(block, next(_fields(block, *group))[1], meta)
+                dense = next(_fields(block, *group))[1]
+                nodes.add(block, dense, meta)
+                points = _dense_points(block, dense, _table(block, strings), meta, judge)
+                if points is not None and (len(points) or points.invalid):
+                    yield "n", points
                 continue
             if field != 3:
                 continue
             if build is None:
                 nodes.freeze()
-                build = _LineBuilder(tf, nodes, counts, dropped)
+                build = _LineBuilder(judge, nodes, counts, dropped)
             cols = build(block, strings, group)
             if cols is None:
                 continue
@@ -390,12 +407,12 @@ def iter_line_tables(
                 merged = _merge(pending)
                 start = 0
                 while rows - start >= batch_rows:
-                    yield _to_table(_cut(merged, start, start + batch_rows), to_table)
+                    yield "w", _to_table(_cut(merged, start, start + batch_rows), to_table)
                     start += batch_rows
                 pending = [_cut(merged, start, rows)] if rows > start else []
                 rows -= start
     if rows:
-        yield _to_table(_merge(pending), to_table)
+        yield "w", _to_table(_merge(pending), to_table)
 
 
 def _merge(pending: list[dict]) -> dict:

@@ -1,6 +1,6 @@
 """Config, result and orchestration of the extract stage.
 
-Work is cut into two shards (points + areas, lines; see ``_shards``) that read the file
+Work is cut into two shards (areas; points + lines; see ``_shards``) that read the file
 independently, so two processes share the work: a local process pool, or Dask tasks when a
 scheduler is given. Each shard writes its parts atomically and then its stats
 (``_stats/shard-NN.json``); ``_extract.json``, written last, marks the whole extract finished
@@ -181,7 +181,7 @@ def _result_from(out: Path, stats: list[dict[str, Any]], seconds: float) -> Extr
             result.by_type[_KIND_NAMES[kind]] = rows
         result.parts.extend(s["parts"])
     result.repaired = dropped.pop("repaired_geometry", 0)
-    # Closed ways the lines shard handed to the area shard but osmium could not assemble.
+    # Closed ways the points + lines shard left to the areas shard but osmium could not assemble.
     broken = counts["expected_way_areas"] - counts["way_areas"] - dropped["broken_area"]
     if broken > 0:
         dropped["broken_area"] += broken
