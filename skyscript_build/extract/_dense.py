@@ -169,15 +169,22 @@ class _Judge:
 
 
 def _dense_points(
-    block: bytes, dense: tuple[int, int], table: list[str], meta: dict[str, int], judge: _Judge
+    block: bytes,
+    dense: tuple[int, int],
+    table: list[str],
+    meta: dict[str, int],
+    judge: _Judge,
+    decoded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> PointBlock | None:
+    """The points of one DenseNodes group; ``decoded``: its (ids, lats, lons) when the
+    caller already decoded them (raw delta-decoded values)."""
     spans: dict[int, tuple[int, int]] = {}
     for field, value in _fields(block, *dense):
         if field in (1, 8, 9, 10):
             spans[field] = value
     if 1 not in spans:
         return None
-    ids = _zigzag_delta(_packed_varints(block, spans[1]))
+    ids = decoded[0] if decoded is not None else _zigzag_delta(_packed_varints(block, spans[1]))
     n = ids.size
     kv = _packed_varints(block, spans[10]) if 10 in spans else np.zeros(0, np.uint64)
     if kv.size == 0:
@@ -219,8 +226,11 @@ def _dense_points(
     offsets = np.zeros(nodes.size + 1, np.int32)
     np.cumsum(counts, out=offsets[1:])
     best = np.maximum.reduceat(gsd, first)
-    lat_raw = _zigzag_delta(_packed_varints(block, spans[8]))[nodes]
-    lon_raw = _zigzag_delta(_packed_varints(block, spans[9]))[nodes]
+    if decoded is not None:
+        lat_raw, lon_raw = decoded[1][nodes], decoded[2][nodes]
+    else:
+        lat_raw = _zigzag_delta(_packed_varints(block, spans[8]))[nodes]
+        lon_raw = _zigzag_delta(_packed_varints(block, spans[9]))[nodes]
     gran = meta["granularity"]
     # osmium: (offset + granularity * value) / 100 in C++ integer division (toward zero).
     x = _div100(meta["lon_offset"] + gran * lon_raw)

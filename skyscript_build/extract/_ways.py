@@ -79,13 +79,16 @@ class _Nodes:
         self.xs: list[np.ndarray] = []
         self.ys: list[np.ndarray] = []
 
-    def add(self, block: bytes, dense: tuple[int, int], meta: dict[str, int]) -> None:
+    def add(
+        self, block: bytes, dense: tuple[int, int], meta: dict[str, int]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Add a DenseNodes group; return its (ids, lats, lons) as decoded (raw values)."""
         spans: dict[int, tuple[int, int]] = {}
         for field, value in _fields(block, *dense):
             if field in (1, 8, 9):
                 spans[field] = value
         if 1 not in spans:
-            return
+            return None
         ids = _zigzag_delta(_packed_varints(block, spans[1]))
         lat = _zigzag_delta(_packed_varints(block, spans[8]))
         lon = _zigzag_delta(_packed_varints(block, spans[9]))
@@ -99,6 +102,7 @@ class _Nodes:
         self.ids.append(ids)
         self.xs.append(x.astype(np.int32))
         self.ys.append(y.astype(np.int32))
+        return ids, lat, lon
 
     def freeze(self) -> None:
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
@@ -111,6 +115,12 @@ class _Nodes:
             if (np.diff(ids) == 0).any():
                 raise Unsupported("duplicate node ids")
         self.id_arr, self.x_arr, self.y_arr = ids, xs, ys
+        # Ids packed densely (a renumbered file): one array lookup instead of a binary search.
+        self.direct: np.ndarray | None = None
+        self.base = int(ids[0]) if ids.size else 0
+        if ids.size and int(ids[-1]) - self.base < 4 * ids.size:
+            self.direct = np.full(int(ids[-1]) - self.base + 2, -1, np.int32)
+            self.direct[ids - self.base] = np.arange(ids.size, dtype=np.int32)
 
     def lookup(self, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found, x, y) of node ids (x, y meaningless where not found)."""
@@ -118,9 +128,16 @@ class _Nodes:
         if ids.size == 0:
             z = np.zeros(refs.size, np.int32)
             return np.zeros(refs.size, bool), z, z
-        at = np.searchsorted(ids, refs)
-        at[at >= ids.size] = ids.size - 1
-        found = ids[at] == refs
+        if self.direct is not None:
+            rel = refs - self.base
+            rel[(rel < 0) | (rel >= self.direct.size)] = self.direct.size - 1  # -1 there
+            at = self.direct[rel]
+            found = at >= 0
+            at[~found] = 0
+        else:
+            at = np.searchsorted(ids, refs)
+            at[at >= ids.size] = ids.size - 1
+            found = ids[at] == refs
         return found, self.x_arr[at], self.y_arr[at]
 
 
@@ -286,10 +303,10 @@ class _LineBuilder:
                 kept_way[w] = False
         # Geometry: osmium's UNIQUE rule (repeated locations dropped, leading missing nodes
         # skipped, a missing node after a located one is an error), then the ALL check.
-        found, x, y = self.nodes.lookup(refs)
         ref_way = np.repeat(np.arange(n), rcount)
         sel = kept_way[ref_way]
-        found_s, x_s, y_s, way_s = found[sel], x[sel], y[sel], ref_way[sel]
+        found_s, x_s, y_s = self.nodes.lookup(refs[sel])
+        way_s = ref_way[sel]
         sel_counts = rcount[kept_way]
         sstart = np.repeat(np.concatenate(([0], np.cumsum(sel_counts)[:-1])), sel_counts)
         located_before = np.concatenate(([0], np.cumsum(found_s)))[:-1]
@@ -388,8 +405,9 @@ def iter_points_and_lines(
                 if build is not None:
                     raise Unsupported("nodes after ways (an unsorted file)")
                 dense = next(_fields(block, *group))[1]
-                nodes.add(block, dense, meta)
-                points = _dense_points(block, dense, _table(block, strings), meta, judge)
+                decoded = nodes.add(block, dense, meta)
+                table = _table(block, strings)
+                points = _dense_points(block, dense, table, meta, judge, decoded)
                 if points is not None and (len(points) or points.invalid):
                     yield "n", points
                 continue
