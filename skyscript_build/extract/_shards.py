@@ -266,7 +266,10 @@ def _fast_points_lines(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) 
 
 
 def _points_lines(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) -> None:
-    if _fast_points_lines(spec, tf, sinks):
+    # The bulk reader keeps every node location in memory (16 bytes a node): with a node index
+    # on disk (big inputs) the ways go through pyosmium.
+    on_disk = spec.location_index.endswith("_file_array")
+    if not on_disk and _fast_points_lines(spec, tf, sinks):
         return
     for kind in sinks:
         sinks[kind] = _Sink(spec, kind)
