@@ -103,6 +103,8 @@ def _plan(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
         sources=p.sources,
         seed=p.seed,
         tag_filter=p.tag_filter,
+        workers=_workers(p),
+        scheduler=ctx.scheduler,
         **p.plan.given(),
     )
 
@@ -168,6 +170,8 @@ def _report(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
 
 STAGE_SPECS: dict[str, StageSpec] = {
     "extract": StageSpec("skyscript_build.extract", "run_extract", _extract, dask="scheduler"),
+    # plan's shards go to ctx.scheduler when the run has one (reusing the run's client), else
+    # to a LocalCluster of its own for large plans; small plans stay in this process.
     "plan": StageSpec("skyscript_build.plan", "run_plan", _plan),
     "fetch": StageSpec("skyscript_build.fetch", "run_fetch", _fetch, dask="always"),
     "caption": StageSpec("skyscript_build.caption", "run_caption", _caption, dask="always"),

@@ -299,14 +299,18 @@ def test_real_helsinki_objects(tmp_path, cli, helsinki_pbf):
     assert sum(len(r["surrounding_tags"]) > 0 for r in reqs) > len(reqs) / 2
 
 
-def test_output_does_not_depend_on_workers(tmp_path):
+def test_output_does_not_depend_on_workers(tmp_path, monkeypatch):
+    # Even a small plan's shards go to a local Dask cluster on 2 workers.
+    monkeypatch.setattr("skyscript_build.plan.MIN_DASK_REQUESTS", 0)
     folder = objects(tmp_path, fx.city(400, seed=6, size_m=800.0))
     files = {}
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         result = run_plan(PlanConfig(objects=folder, out=out, workers=workers, rows_per_part=70))
         files[workers] = {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
-        assert len(files[workers]) == -(-result.requests // 70)
+        # Parts are cut per spatial shard (grid cell), each shard into parts of <= 70 rows.
+        assert len(files[workers]) >= -(-result.requests // 70)
+        assert sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) == 400
     assert files[1] == files[2], "same parts, byte for byte, on 1 and 2 workers"
 
 
@@ -346,3 +350,20 @@ def test_surroundings_match_a_brute_force_check(tmp_path, cap):
         assert Counter(got) <= Counter(expected), req["key"]
         checked += len(expected) > 0
     assert checked > len(reqs) / 2
+
+
+@pytest.mark.parametrize("cap", [10_000, 5])
+def test_sharded_plan_equals_the_unsharded_one(tmp_path, cap):
+    """Shards of a fine grid (objects and tiles straddle many cell borders) give the same
+    rows as one shard holding everything: keys, boxes, centre and surrounding tags."""
+    folder = objects(tmp_path, fx.city(300, seed=7, size_m=600.0))
+    rows = {}
+    for deg in (360.0, 0.0015):
+        out = tmp_path / f"shard-{deg}"
+        run_plan(PlanConfig(objects=folder, out=out, shard_deg=deg, max_surrounding=cap, seed=3))
+        rows[deg] = sorted(read_requests(out), key=lambda r: r["key"])
+        parts = len(list(out.glob("part-*.parquet")))
+        assert parts == 1 if deg == 360.0 else parts > 4
+    assert len(rows[360.0]) > 100
+    assert sum(len(r["surrounding_tags"]) for r in rows[360.0]) > 0
+    assert rows[0.0015] == rows[360.0]

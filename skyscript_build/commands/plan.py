@@ -54,8 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true", help="print the fetch's cost, write nothing"
     )
     parser.add_argument(
-        "--workers", type=int, default=0, help="threads (0: one per core); output is the same"
+        "--workers",
+        type=int,
+        default=0,
+        help="worker processes for the shards (0: one per core); output is the same",
     )
+    parser.add_argument(
+        "--shard-deg", type=float, default=0.05, help="side of a shard's grid cell (degrees)"
+    )
+    parser.add_argument("--scheduler", default=None, help="Dask scheduler address for shards")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
         tag_filter=args.tag_filter,
         dry_run=args.dry_run,
         workers=args.workers,
+        shard_deg=args.shard_deg,
+        scheduler=args.scheduler,
     )
     result = run_plan(config)
     if config.dry_run:

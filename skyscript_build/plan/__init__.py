@@ -27,15 +27,15 @@ import numpy as np
 import image_sources
 from image_sources import ImageSource
 
-from ..cluster import ClusterConfig
+from ..cluster import ClusterConfig, map_shards
 from ..errors import ConfigError
 from ..files import remove_temp_files, write_json_atomic
 from ._choose import DUPLICATE, OVER_LIMIT, SAMPLED_OUT, choose_sources, frame, limit
 from ._choose import sample_by_tag as _sample_by_tag
 from ._geo import ProjectedBounds, object_hash
 from ._objects import Objects, object_parts, read_objects
-from ._output import SCHEMA, build_table, write_parts
-from ._surround import surroundings
+from ._output import SCHEMA, write_parts
+from ._shards import ShardTask, halo_members, run_shard, shard_cells, subset
 
 __all__ = ["PlanConfig", "PlanResult", "run_plan", "SCHEMA", "JPEG_BYTES_PER_PIXEL", "MARKER"]
 
@@ -47,8 +47,10 @@ JPEG_BYTES_PER_PIXEL = 0.35
 #: with ``_`` are skipped by parquet dataset readers (``pd.read_parquet("requests")``).
 MARKER = "_plan.json"
 STATS_DIR = "_stats"
+#: Fewer requests than this run their shards in this process unless a scheduler is given.
+MIN_DASK_REQUESTS = 100_000
 #: Bumped when the rules change, so that an older plan is not reused.
-_RULES_VERSION = 1
+_RULES_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,11 @@ class PlanConfig:
             at a tile's GSD.
         dry_run: estimate requests, pixels, disk and time per source; write nothing.
         rows_per_part: requests per output part file.
-        workers: threads for the geometry, the surroundings and writing the parts (0: one
-            per core); the output does not depend on it.
+        workers: worker processes for the shards (0: one per core; 1: in this process),
+            and threads for the global choice and framing; the output does not depend on it.
+        shard_deg: side (degrees) of the lon/lat grid cells that shard the surroundings and
+            the parts (a shard: the requests whose tile centre is in one cell).
+        scheduler: address of an existing Dask scheduler to run the shards on.
     """
 
     objects: Path
@@ -96,6 +101,8 @@ class PlanConfig:
     dry_run: bool = False
     rows_per_part: int = 100_000
     workers: int = 0
+    shard_deg: float = 0.05
+    scheduler: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objects", Path(self.objects))
@@ -123,6 +130,8 @@ class PlanConfig:
             raise ConfigError(f"max_requests must be at least 1, got {self.max_requests}")
         if self.workers < 0:
             raise ConfigError(f"workers must be 0 (one per core) or more, got {self.workers}")
+        if not 0 < self.shard_deg <= 360:
+            raise ConfigError(f"shard_deg must be in (0, 360] degrees, got {self.shard_deg}")
         if self.rows_per_part < 1:
             raise ConfigError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
         if len(self.years) > 2 or any(not 1900 <= y <= 2100 for y in self.years):
@@ -169,7 +178,7 @@ class PlanConfig:
         settings: dict[str, Any] = {
             f.name: str(getattr(self, f.name))
             for f in fields(self)
-            if f.name not in ("dry_run", "out", "objects", "workers")
+            if f.name not in ("dry_run", "out", "objects", "workers", "scheduler")
         }
         settings["sources"] = [s.fingerprint() for s in self.image_sources()]
         settings["tag_filter_file"] = hashlib.sha256(
@@ -361,34 +370,18 @@ def run_plan(config: PlanConfig) -> PlanResult:
     epsg = choice.epsg[idx]
     frames = frame(objs, idx, epsg, gsd, pixels, proj, h, config.shift)
     clock.lap("frame")
-    if config.max_surrounding > 0 and len(idx):
-        pair_req, pair_obj = surroundings(
-            objs, visible, idx, epsg, gsd, frames.xy, frames.lonlat, proj, h,
-            config.max_surrounding, threads,
-        )  # fmt: skip
-    else:
-        pair_req = pair_obj = np.zeros(0, dtype=np.int64)
-    result.surrounding = len(pair_req)
-    # The geometries are done with (they are most of the memory): free them before writing.
-    objs.geometry = proj.geoms = np.zeros(0, dtype=object)
-    del proj
-    clock.lap("surround")
     source_years = [
         tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
     ]
-
-    def build(start: int, stop: int) -> Any:
-        lo, hi = np.searchsorted(pair_req, [start, stop])
-        part = slice(start, stop)
-        return build_table(
-            objs, sources, source_years, idx[part], src[part], epsg[part], frames.xy[part],
-            frames.lonlat[part], pixels[part], entry_gsd, pair_req[lo:hi] - start,
-            pair_obj[lo:hi],
-        )  # fmt: skip
-
     _clear(config.out)
-    write_parts(build, len(idx), config.out, config.rows_per_part, threads)
-    clock.lap("write")
+    if not len(idx):
+        write_parts(lambda a, b: SCHEMA.empty_table(), 0, config.out, config.rows_per_part)
+    else:
+        frames_src = (src, epsg, gsd, pixels, frames)
+        result.surrounding = _run_shards(
+            config, objs, visible, entry_gsd, h, idx, frames_src, sources, source_years, proj
+        )
+    clock.lap("surround+write")
     result.timings = clock.laps
     result.duration_s = time.perf_counter() - t0
     record = asdict(result)
@@ -400,6 +393,56 @@ def run_plan(config: PlanConfig) -> PlanResult:
 
 
 _RESULT_FIELDS = {f.name for f in fields(PlanResult)}
+
+
+def _run_shards(
+    config: PlanConfig,
+    objs: Objects,
+    visible: np.ndarray,
+    entry_gsd: np.ndarray,
+    h: np.ndarray,
+    idx: np.ndarray,
+    framed: tuple,
+    sources: list[ImageSource],
+    source_years: list[tuple[int, ...]],
+    proj: ProjectedBounds,
+) -> int:
+    """Run the spatial shards (inline, or on Dask); returns the surrounding objects found."""
+    src, epsg, gsd, pixels, frames = framed
+    number, order = shard_cells(frames.lonlat, config.shard_deg)
+    n_shards = int(number.max()) + 1
+    ends = np.searchsorted(number[order], np.arange(1, n_shards + 1))
+    starts = np.r_[0, ends[:-1]]
+    n_parts = -(-(ends - starts) // config.rows_per_part)
+    first_part = np.r_[0, np.cumsum(n_parts)[:-1]]
+    threads = proj.threads
+    cluster = ClusterConfig(workers=config.workers, scheduler=config.scheduler)
+    # Small plans stay in this process: starting a local cluster costs more than it saves.
+    small = len(idx) < MIN_DASK_REQUESTS or n_shards == 1
+    inline = cluster.inline or (small and not config.scheduler)
+    log.info("plan: %d shards of %.3g degrees", n_shards, config.shard_deg)
+
+    def task(k: int) -> ShardTask:
+        rows = order[starts[k] : ends[k]]
+        members = np.union1d(halo_members(objs, visible, gsd[rows], frames.lonlat[rows]), idx[rows])
+        sub, entries = subset(objs, members)
+        return ShardTask(
+            number=k, first_part=int(first_part[k]), objs=sub, visible=visible[members],
+            entry_gsd=entry_gsd[entries], h=h[members],
+            focus=np.searchsorted(members, idx[rows]), src=src[rows], epsg=epsg[rows],
+            pixels=pixels[rows], xy=frames.xy[rows], lonlat=frames.lonlat[rows],
+            sources=sources, source_years=source_years, cap=config.max_surrounding,
+            out=config.out, rows_per_part=config.rows_per_part,
+            threads=threads if inline else 1, projected=proj.take(members),
+        )  # fmt: skip
+
+    if inline:
+        results = [run_shard(task(k)) for k in range(n_shards)]
+    else:
+        results = map_shards(
+            run_shard, [task(k) for k in range(n_shards)], cluster, desc="plan: shards"
+        )
+    return sum(r["surrounding"] for r in results)
 
 
 class _Clock:

@@ -104,11 +104,20 @@ def project_bounds(geoms: np.ndarray, epsg: int, threads: int = 1) -> np.ndarray
 class ProjectedBounds:
     """Per-CRS projected bounds of the objects, computed on demand and kept."""
 
-    def __init__(self, geoms: np.ndarray, threads: int = 1) -> None:
+    def __init__(
+        self,
+        geoms: np.ndarray,
+        threads: int = 1,
+        known: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+    ) -> None:
         self.geoms = geoms
         self.threads = threads
-        self._bounds: dict[int, np.ndarray] = {}
-        self._done: dict[int, np.ndarray] = {}
+        self._bounds: dict[int, np.ndarray] = {k: b for k, (b, _) in (known or {}).items()}
+        self._done: dict[int, np.ndarray] = {k: d for k, (_, d) in (known or {}).items()}
+
+    def take(self, index: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """The bounds computed so far for objects ``index`` (per EPSG: bounds, done mask)."""
+        return {k: (b[index], self._done[k][index]) for k, b in self._bounds.items()}
 
     def get(self, epsg: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Bounds (len(index), 4) of objects ``index``, each in its ``epsg`` (same length)."""

@@ -10,8 +10,9 @@ spatial tree, no GEOS call and no Python loop per tile; chunks of tiles run on t
 releases the GIL), and the result does not depend on the chunking or the thread count.
 
 Where a tile has more than ``cap`` surrounding objects, a seeded random subset is kept: every
-object has a priority drawn from its hash, the tile keeps each candidate with a probability
-that leaves a little over ``cap`` on average, then the first ``cap`` in the index's order.
+object has a priority drawn from its hash and the tile keeps the ``cap`` of lowest priority;
+a tile lists its objects in object order. A tile's result depends only on the tile and the
+objects, never on the grouping, chunking, threads or shards.
 """
 
 from __future__ import annotations
@@ -292,12 +293,12 @@ class _Level:
         keep &= cand != self.focus[tile]
         cand, tile = cand[keep], tile[keep]
         short = np.zeros(0, dtype=np.int64)
-        if cap is None or len(run_tile) == 0:
+        if len(run_tile) == 0:
             return tile, self.members[cand], short
         first = int(run_tile[0])
         n = int(run_tile[-1]) - first + 1
         local = tile - first
-        if may_retry:
+        if cap is not None and may_retry:
             counts = np.bincount(local, minlength=n)
             has_runs = np.zeros(n, dtype=bool)
             has_runs[run_tile - first] = True
@@ -306,26 +307,25 @@ class _Level:
                 short = np.flatnonzero(few) + first
                 ok = ~few[local]
                 cand, tile, local = cand[ok], tile[ok], local[ok]
-        mask = _cap(local, self.priority[cand], n, cap)
-        return tile[mask], self.members[cand[mask]], short
+        sel = _cap(local, self.priority[cand], self.members[cand], n, cap)
+        return tile[sel], self.members[cand[sel]], short
 
 
-def _cap(r: np.ndarray, prio: np.ndarray, n: int, cap: int) -> np.ndarray:
-    """Mask over pairs (sorted by ``r``): at most ``cap`` per tile, a seeded random subset.
+def _cap(
+    r: np.ndarray, prio: np.ndarray, member: np.ndarray, n: int, cap: int | None
+) -> np.ndarray:
+    """Indices of the pairs (tile ``r``, object ``member``) to keep, sorted by (tile, object).
 
-    ``prio`` is each pair's object priority (uniform in [0, 1)).
+    A tile keeps the ``cap`` of its objects with the lowest priority (``prio``, seeded per
+    object): the same objects whatever else is in the index, so the result does not depend on
+    how tiles are grouped or sharded. The order within a tile is the objects' order.
     """
-    counts = np.bincount(r, minlength=n)
-    if counts.max(initial=0) <= cap:
-        return np.ones(len(r), dtype=bool)
-    # Keep each candidate with a probability that leaves a few more than cap on average ...
-    p = np.minimum(1.0, (cap + 3.0 * np.sqrt(cap) + 3.0) / np.maximum(counts, 1))
-    keep = prio < p[r]
-    # ... then the first cap of those, in the index's order.
-    rk = r[keep]
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rk, minlength=n), out=starts[1:])
-    rank = np.arange(len(rk)) - starts[rk]
-    kept = np.flatnonzero(keep)
-    keep[kept[rank >= cap]] = False
-    return keep
+    sel = np.arange(len(r))
+    if cap is not None and np.bincount(r, minlength=n).max(initial=0) > cap:
+        order = np.lexsort((member, prio, r))
+        rs = r[order]
+        starts = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rs, minlength=n), out=starts[1:])
+        sel = order[np.arange(len(rs)) - starts[rs] < cap]
+    key = (r[sel].astype(np.int64) << 32) | member[sel].astype(np.int64)
+    return sel[np.argsort(key)]

@@ -1,0 +1,147 @@
+"""Spatial shards of the plan: the surroundings and the parquet parts, one task per shard.
+
+Requests are grouped by the cell of a fixed lon/lat grid (``shard_deg``) their tile's centre
+falls in; a shard is one non-empty cell, numbered in (row, column) order. A shard task gets its
+requests and the objects that can surround them (every object visible at one of the shard's
+GSDs whose bounds lie in the padded union of the shard's tiles of that GSD: the halo is taken
+from the tiles themselves, so a tile of any size is served), finds the surroundings and writes
+its own parts (atomically, each with its stats). Shards and part numbers depend on the grid
+only, never on the worker count, and a tile's surroundings do not depend on its shard, so the
+rows equal the unsharded plan's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from image_sources import ImageSource
+
+from ._choose import ranges
+from ._geo import ProjectedBounds
+from ._objects import Objects
+from ._output import build_table, write_parts
+from ._surround import surroundings
+
+#: Pad of a shard's halo box, as a fraction of its extent (plus an absolute 1e-6 degrees):
+#: a tile's lon/lat box is its projected square's, whose edges may bow slightly outwards.
+HALO_PAD = 1e-3
+
+
+@dataclass
+class ShardTask:
+    """One shard: its requests (indices into ``objs``) and the objects around them."""
+
+    number: int
+    first_part: int
+    objs: Objects
+    visible: np.ndarray
+    entry_gsd: np.ndarray
+    h: np.ndarray
+    focus: np.ndarray
+    src: np.ndarray
+    epsg: np.ndarray
+    pixels: np.ndarray
+    xy: np.ndarray
+    lonlat: np.ndarray
+    sources: Sequence[ImageSource]
+    source_years: Sequence[tuple[int, ...]]
+    cap: int
+    out: Path
+    rows_per_part: int
+    threads: int
+    projected: dict[int, tuple[np.ndarray, np.ndarray]]
+
+
+def shard_cells(lonlat: np.ndarray, shard_deg: float) -> tuple[np.ndarray, np.ndarray]:
+    """The shard number of every tile (its centre's grid cell, ranked in row order) and the
+    rows of each shard in order (a stable sort: the input order within a shard)."""
+    cx = (lonlat[:, 0] + lonlat[:, 2]) / 2
+    cy = (lonlat[:, 1] + lonlat[:, 3]) / 2
+    col = np.floor((cx + 180.0) / shard_deg).astype(np.int64)
+    row = np.floor((cy + 90.0) / shard_deg).astype(np.int64)
+    cell = row * (int(360.0 / shard_deg) + 2) + col
+    _, number = np.unique(cell, return_inverse=True)
+    return number.reshape(-1), np.argsort(number, kind="stable")
+
+
+def halo_members(
+    objs: Objects, visible: np.ndarray, gsd: np.ndarray, lonlat: np.ndarray
+) -> np.ndarray:
+    """Sorted indices of the objects that may surround some of the tiles ``lonlat``: visible at
+    a tile's GSD and inside the padded union box of the tiles of that GSD."""
+    b = objs.bounds
+    keep = np.zeros(len(objs), dtype=bool)
+    for g in np.unique(gsd):
+        box = lonlat[gsd == g]
+        w, s = float(box[:, 0].min()), float(box[:, 1].min())
+        e, n = float(box[:, 2].max()), float(box[:, 3].max())
+        pad_x, pad_y = (e - w) * HALO_PAD + 1e-6, (n - s) * HALO_PAD + 1e-6
+        keep |= (
+            (visible >= g * (1 - 1e-9))
+            & (b[:, 0] >= w - pad_x) & (b[:, 2] <= e + pad_x)
+            & (b[:, 1] >= s - pad_y) & (b[:, 3] <= n + pad_y)
+        )  # fmt: skip
+    return np.flatnonzero(keep)
+
+
+def subset(objs: Objects, rows: np.ndarray) -> tuple[Objects, np.ndarray]:
+    """The objects ``rows`` (sorted), as their own ``Objects`` (tags re-offset), and the
+    indices of their tag entries in ``objs``."""
+    starts = objs.tag_offsets[rows]
+    lengths = objs.tag_offsets[rows + 1] - starts
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    entries = ranges(starts, lengths)
+    take = pa.array(entries, type=pa.int64())
+    return Objects(
+        osm_type=objs.osm_type[rows],
+        osm_id=objs.osm_id[rows],
+        osm_element=objs.osm_element[rows],
+        kind=objs.kind[rows],
+        element=objs.element[rows],
+        geometry=objs.geometry[rows],
+        bounds=objs.bounds[rows],
+        max_gsd=objs.max_gsd[rows],
+        tag_offsets=offsets,
+        tag_keys=objs.tag_keys.take(take),
+        tag_values=objs.tag_values.take(take),
+        tag_code=objs.tag_code[entries],
+        tag_names=[],
+        dropped={},
+    ), entries
+
+
+def run_shard(task: ShardTask) -> dict[str, Any]:
+    """Find one shard's surroundings and write its parts; returns its counts."""
+    objs = task.objs
+    gsd = np.array([s.gsd for s in task.sources], dtype=np.float64)[task.src]
+    if task.cap > 0 and len(task.focus):
+        proj = ProjectedBounds(objs.geometry, task.threads, task.projected)
+        pair_req, pair_obj = surroundings(
+            objs, task.visible, task.focus, task.epsg, gsd, task.xy, task.lonlat, proj,
+            task.h, task.cap, task.threads,
+        )  # fmt: skip
+        del proj
+    else:
+        pair_req = pair_obj = np.zeros(0, dtype=np.int64)
+    objs.geometry = np.zeros(0, dtype=object)
+
+    def build(start: int, stop: int) -> Any:
+        lo, hi = np.searchsorted(pair_req, [start, stop])
+        part = slice(start, stop)
+        return build_table(
+            objs, task.sources, task.source_years, task.focus[part], task.src[part],
+            task.epsg[part], task.xy[part], task.lonlat[part], task.pixels[part],
+            task.entry_gsd, pair_req[lo:hi] - start, pair_obj[lo:hi],
+        )  # fmt: skip
+
+    parts = write_parts(
+        build, len(task.focus), task.out, task.rows_per_part, task.threads, task.first_part
+    )
+    return {"shard": task.number, "parts": len(parts), "surrounding": int(len(pair_req))}
