@@ -347,7 +347,9 @@ def test_shards_on_a_dask_scheduler_give_the_same_bytes(helsinki_pbf, helsinki_o
         assert (out / name).read_bytes() == (helsinki_out[0] / name).read_bytes(), name
 
 
-def _lines_both_ways(pbf: Path, out: Path, monkeypatch) -> tuple[dict, dict]:
+def _lines_both_ways(
+    pbf: Path, out: Path, monkeypatch, index: str = "flex_mem"
+) -> tuple[dict, dict]:
     """Run the points + lines shard through the numpy reader, then through pyosmium (points
     through ``_dense``): (stats, stats)."""
     from skyscript_build.extract import _shards
@@ -363,7 +365,7 @@ def _lines_both_ways(pbf: Path, out: Path, monkeypatch) -> tuple[dict, dict]:
             tag_filter="default",
             rows_per_part=700,
             batch_rows=300,
-            location_index="flex_mem",
+            location_index=index,
             index_dir=str(out / "index"),
         )
         (out / mode).mkdir(parents=True)
@@ -403,11 +405,13 @@ EDGE_WAYS_OPL = "\n".join(
 )
 
 
-def test_lines_in_bulk_follow_osmium_s_point_rules(tmp_path, monkeypatch):
+@pytest.mark.parametrize("index", ["flex_mem", "sparse_file_array"])
+def test_lines_in_bulk_follow_osmium_s_point_rules(tmp_path, monkeypatch, index):
     """Repeated points, missing nodes (leading or not), too few points, closed ways: the numpy
-    reader keeps, drops and counts each way exactly as the pyosmium reader does."""
+    reader keeps, drops and counts each way exactly as the pyosmium reader does (node
+    locations in memory, or in temporary files with an on-disk node index)."""
     pbf = opl_to_pbf(EDGE_WAYS_OPL + "\n", tmp_path / "edge.osm.pbf")
-    bulk, slow = _lines_both_ways(pbf, tmp_path, monkeypatch)
+    bulk, slow = _lines_both_ways(pbf, tmp_path, monkeypatch, index)
     assert bulk == slow
     assert bulk["dropped"] == {"missing_nodes": 2, "too_few_nodes": 3}
     assert bulk["rows"] == {"n": 0, "w": 3}  # no tagged node: an empty points part

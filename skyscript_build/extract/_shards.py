@@ -247,7 +247,14 @@ def _fast_points_lines(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) 
     points = _PointBlocks(spec, sinks["n"])
     try:
         for kind, item in iter_points_and_lines(
-            spec.input, tf, spec.batch_rows, columns_to_table, counts, dropped
+            spec.input,
+            tf,
+            spec.batch_rows,
+            columns_to_table,
+            counts,
+            dropped,
+            # Node locations take 16 bytes a node: on disk with an on-disk node index.
+            spec.index_dir if spec.location_index.endswith("_file_array") else None,
         ):
             if kind == "n":
                 points.add(item)
@@ -266,10 +273,7 @@ def _fast_points_lines(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) 
 
 
 def _points_lines(spec: ShardSpec, tf: TagFilter, sinks: dict[str, _Sink]) -> None:
-    # The bulk reader keeps every node location in memory (16 bytes a node): with a node index
-    # on disk (big inputs) the ways go through pyosmium.
-    on_disk = spec.location_index.endswith("_file_array")
-    if not on_disk and _fast_points_lines(spec, tf, sinks):
+    if _fast_points_lines(spec, tf, sinks):
         return
     for kind in sinks:
         sinks[kind] = _Sink(spec, kind)

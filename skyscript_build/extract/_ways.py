@@ -13,8 +13,10 @@ duplicate node ids) raises ``Unsupported``; the caller then reads the shard thro
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,12 +74,26 @@ def _table(block: bytes, strings: tuple[int, int]) -> list[str]:
 
 
 class _Nodes:
-    """All node locations of a file: sorted ids and osmium's 1e-7 degree integers."""
+    """All node locations of a file: sorted ids and osmium's 1e-7 degree integers.
 
-    def __init__(self) -> None:
+    In memory (16 bytes a node), or, with ``spill_dir``, in unnamed temporary files there,
+    memory-mapped (the file must then list its nodes by id, as sorted files do).
+    """
+
+    def __init__(self, spill_dir: str | None = None) -> None:
         self.ids: list[np.ndarray] = []
         self.xs: list[np.ndarray] = []
         self.ys: list[np.ndarray] = []
+        self.spill: list[Any] = []
+        if spill_dir is not None:
+            Path(spill_dir).mkdir(parents=True, exist_ok=True)
+            self.spill = [tempfile.TemporaryFile(dir=spill_dir) for _ in range(4)]  # noqa: SIM115
+        self.count = 0
+        self.last = -(1 << 63)
+
+    def close(self) -> None:
+        for f in self.spill:
+            f.close()
 
     def add(
         self, block: bytes, dense: tuple[int, int], meta: dict[str, int]
@@ -99,17 +115,36 @@ class _Nodes:
         y = _div100(meta["lat_offset"] + gran * lat)
         if (np.abs(x) > _LIMIT_X).any() or (np.abs(y) > _LIMIT_Y).any():
             raise Unsupported("a node location out of range")
-        self.ids.append(ids)
-        self.xs.append(x.astype(np.int32))
-        self.ys.append(y.astype(np.int32))
+        if self.spill:
+            if ids.size and (ids[0] <= self.last or (ids.size > 1 and (np.diff(ids) <= 0).any())):
+                raise Unsupported("nodes not sorted by id")
+            for f, a in zip(
+                self.spill, (ids, x.astype(np.int32), y.astype(np.int32)), strict=False
+            ):
+                f.write(a.tobytes())
+        else:
+            self.ids.append(ids)
+            self.xs.append(x.astype(np.int32))
+            self.ys.append(y.astype(np.int32))
+        if ids.size:
+            self.last = int(ids[-1])
+            self.count += ids.size
         return ids, lat, lon
 
+    def _mapped(self, i: int, dtype: Any) -> np.ndarray:
+        self.spill[i].flush()
+        return np.memmap(self.spill[i], dtype=dtype, mode="r", shape=(self.count,))
+
     def freeze(self) -> None:
-        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
-        xs = np.concatenate(self.xs) if self.xs else np.zeros(0, np.int32)
-        ys = np.concatenate(self.ys) if self.ys else np.zeros(0, np.int32)
+        if self.spill and self.count:
+            ids = self._mapped(0, np.int64)
+            xs, ys = self._mapped(1, np.int32), self._mapped(2, np.int32)
+        else:
+            ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
+            xs = np.concatenate(self.xs) if self.xs else np.zeros(0, np.int32)
+            ys = np.concatenate(self.ys) if self.ys else np.zeros(0, np.int32)
         self.ids, self.xs, self.ys = [], [], []
-        if ids.size > 1 and not (np.diff(ids) > 0).all():
+        if not self.spill and ids.size > 1 and not (np.diff(ids) > 0).all():
             order = np.argsort(ids, kind="stable")
             ids, xs, ys = ids[order], xs[order], ys[order]
             if (np.diff(ids) == 0).any():
@@ -119,8 +154,17 @@ class _Nodes:
         self.direct: np.ndarray | None = None
         self.base = int(ids[0]) if ids.size else 0
         if ids.size and int(ids[-1]) - self.base < 4 * ids.size:
-            self.direct = np.full(int(ids[-1]) - self.base + 2, -1, np.int32)
-            self.direct[ids - self.base] = np.arange(ids.size, dtype=np.int32)
+            size = int(ids[-1]) - self.base + 2
+            if self.spill:
+                self.direct = np.memmap(self.spill[3], dtype=np.int32, mode="w+", shape=(size,))
+                self.direct.fill(-1)
+            else:
+                self.direct = np.full(size, -1, np.int32)
+            for start in range(0, ids.size, 1 << 22):  # bounded temporaries
+                chunk = np.asarray(ids[start : start + (1 << 22)])
+                self.direct[chunk - self.base] = np.arange(
+                    start, start + chunk.size, dtype=np.int32
+                )
 
     def lookup(self, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(found, x, y) of node ids (x, y meaningless where not found)."""
@@ -383,16 +427,33 @@ def iter_points_and_lines(
     to_table: Callable[..., pa.Table],
     counts: Counter,
     dropped: Counter,
+    spill_dir: str | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """The points and lines of ``path``: ``("n", PointBlock)`` per block with any (as
     ``_dense.iter_point_blocks``), then ``("w", table)`` of exactly ``batch_rows`` rows (the
     last one fewer).
 
     ``to_table`` is ``_parquet.columns_to_table``. Raises ``Unsupported`` for files it does not
-    decode (possibly after some items were yielded: the caller discards them).
+    decode (possibly after some items were yielded: the caller discards them). ``spill_dir``:
+    keep the node locations in temporary files there rather than in memory.
     """
     judge = _Judge(tf)
-    nodes = _Nodes()
+    nodes = _Nodes(spill_dir)
+    try:
+        yield from _points_and_lines(path, nodes, judge, batch_rows, to_table, counts, dropped)
+    finally:
+        nodes.close()
+
+
+def _points_and_lines(
+    path: str,
+    nodes: _Nodes,
+    judge: _Judge,
+    batch_rows: int,
+    to_table: Callable[..., pa.Table],
+    counts: Counter,
+    dropped: Counter,
+) -> Iterator[tuple[str, Any]]:
     build: _LineBuilder | None = None
     pending: list[dict] = []
     rows = 0
