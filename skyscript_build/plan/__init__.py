@@ -421,6 +421,12 @@ def _run_shards(
     small = len(idx) < MIN_DASK_REQUESTS or n_shards == 1
     inline = cluster.inline or (small and not config.scheduler)
     log.info("plan: %d shards of %.3g degrees", n_shards, config.shard_deg)
+    # Every bounds a shard needs (objects visible at a tile's GSD, in its CRS) computed here,
+    # once: the shards get bounds, not geometries.
+    for code in np.unique(epsg):
+        finest = float(gsd[epsg == code].min())
+        need = np.flatnonzero(visible >= finest * (1 - 1e-9))
+        proj.get(np.full(len(need), code, dtype=np.int64), need)
 
     def task(k: int) -> ShardTask:
         rows = order[starts[k] : ends[k]]

@@ -55,6 +55,8 @@ class ShardTask:
     out: Path
     rows_per_part: int
     threads: int
+    #: Per EPSG code: the members' projected bounds and which of them are computed (every
+    #: member visible at a tile's GSD in the tile's CRS is).
     projected: dict[int, tuple[np.ndarray, np.ndarray]]
 
 
@@ -91,8 +93,8 @@ def halo_members(
 
 
 def subset(objs: Objects, rows: np.ndarray) -> tuple[Objects, np.ndarray]:
-    """The objects ``rows`` (sorted), as their own ``Objects`` (tags re-offset), and the
-    indices of their tag entries in ``objs``."""
+    """The objects ``rows`` (sorted), as their own ``Objects`` (tags re-offset; no geometry),
+    and the indices of their tag entries in ``objs``."""
     starts = objs.tag_offsets[rows]
     lengths = objs.tag_offsets[rows + 1] - starts
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
@@ -105,7 +107,7 @@ def subset(objs: Objects, rows: np.ndarray) -> tuple[Objects, np.ndarray]:
         osm_element=objs.osm_element[rows],
         kind=objs.kind[rows],
         element=objs.element[rows],
-        geometry=objs.geometry[rows],
+        geometry=np.zeros(0, dtype=object),  # shards use the projected bounds given
         bounds=objs.bounds[rows],
         max_gsd=objs.max_gsd[rows],
         tag_offsets=offsets,
@@ -130,7 +132,6 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
         del proj
     else:
         pair_req = pair_obj = np.zeros(0, dtype=np.int64)
-    objs.geometry = np.zeros(0, dtype=object)
 
     def build(start: int, stop: int) -> Any:
         lo, hi = np.searchsorted(pair_req, [start, stop])

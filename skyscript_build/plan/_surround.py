@@ -42,6 +42,9 @@ CAP_MARGIN = 1.15
 #: Bits of the millimetre x offset in the sort key (the strip number sits above them).
 _X_BITS = 36
 _X_SPAN = 1 << _X_BITS
+#: Bits of the tile (within a block) and of the priority in the cap's sort key.
+_R_BITS = 15
+_P_BITS = 62 - _R_BITS
 
 
 def surroundings(
@@ -307,25 +310,35 @@ class _Level:
                 short = np.flatnonzero(few) + first
                 ok = ~few[local]
                 cand, tile, local = cand[ok], tile[ok], local[ok]
-        sel = _cap(local, self.priority[cand], self.members[cand], n, cap)
-        return tile[sel], self.members[cand[sel]], short
+        r, j = _cap(local, self.priority[cand], self.members[cand], n, cap)
+        return r + first, j, short
 
 
 def _cap(
     r: np.ndarray, prio: np.ndarray, member: np.ndarray, n: int, cap: int | None
-) -> np.ndarray:
-    """Indices of the pairs (tile ``r``, object ``member``) to keep, sorted by (tile, object).
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (tile ``r``, object ``member``) kept, sorted by (tile, object).
 
     A tile keeps the ``cap`` of its objects with the lowest priority (``prio``, seeded per
-    object): the same objects whatever else is in the index, so the result does not depend on
-    how tiles are grouped or sharded. The order within a tile is the objects' order.
+    object; ties broken by the object): the same objects whatever else is in the index, so the
+    result does not depend on how tiles are grouped or sharded. Within a tile, object order.
     """
-    sel = np.arange(len(r))
+    r = r.astype(np.int64)
+    member = member.astype(np.int64)
     if cap is not None and np.bincount(r, minlength=n).max(initial=0) > cap:
-        order = np.lexsort((member, prio, r))
+        if n < 1 << _R_BITS:
+            # One int64 sort key: the tile above the priority's top bits.
+            key = (r << _P_BITS) | (prio * float(1 << _P_BITS)).astype(np.int64)
+            order = np.argsort(key)
+            ks = key[order]
+            if (ks[1:] == ks[:-1]).any():  # equal priorities (rare): sort by object too
+                order = np.lexsort((member, prio, r))
+        else:
+            order = np.lexsort((member, prio, r))
         rs = r[order]
         starts = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(np.bincount(rs, minlength=n), out=starts[1:])
         sel = order[np.arange(len(rs)) - starts[rs] < cap]
-    key = (r[sel].astype(np.int64) << 32) | member[sel].astype(np.int64)
-    return sel[np.argsort(key)]
+        r, member = r[sel], member[sel]
+    key = np.sort((r << 32) | member)
+    return key >> 32, key & 0xFFFFFFFF
