@@ -4,9 +4,11 @@ For every object: the image source (the finest that covers it, is fine enough fo
 ``max_gsd`` and gives a tile of ``min_px``..``max_px`` pixels), the year (the latest the source
 has within ``years``), a square tile in a projected CRS (the source's own or the local UTM
 zone) shifted off-centre by a seeded random amount, and the surrounding objects inside the tile
-that are groundable at its GSD. Per-tag quotas (``per_tag_cap``) balance the tags. Everything is
-vectorised with numpy and shapely 2 array functions; the output is byte-identical for the same
-objects, settings and seed. ``dry_run`` estimates the fetch's cost and writes nothing.
+that are groundable at its GSD. Per-tag quotas (``per_tag_cap``) balance the tags. Choice,
+sampling and framing run in one global pass; the surroundings and the parts run in spatial shards
+(``_shards``: a fixed lon/lat grid, in process or on Dask). Everything is vectorised with numpy
+and shapely 2 array functions; the output is byte-identical for the same objects, settings and
+seed, whatever the worker count. ``dry_run`` estimates the fetch's cost and writes nothing.
 
     >>> result = run_plan(PlanConfig(objects=Path("build/x/objects"), out=Path("build/x/requests")))
     >>> print(result.summary())
@@ -378,10 +380,15 @@ def run_plan(config: PlanConfig) -> PlanResult:
         write_parts(lambda a, b: SCHEMA.empty_table(), 0, config.out, config.rows_per_part)
     else:
         frames_src = (src, epsg, gsd, pixels, frames)
-        result.surrounding = _run_shards(
+        shards = _run_shards(
             config, objs, visible, entry_gsd, h, idx, frames_src, sources, source_years, proj
         )
+        result.surrounding = sum(r["surrounding"] for r in shards)
     clock.lap("surround+write")
+    if len(idx):
+        # CPU seconds of the shards themselves (on Dask: in the workers), per phase.
+        for phase in ("surround", "write"):
+            clock.laps[f"shards_cpu_{phase}"] = round(sum(r[f"cpu_{phase}"] for r in shards), 4)
     result.timings = clock.laps
     result.duration_s = time.perf_counter() - t0
     record = asdict(result)
@@ -406,8 +413,8 @@ def _run_shards(
     sources: list[ImageSource],
     source_years: list[tuple[int, ...]],
     proj: ProjectedBounds,
-) -> int:
-    """Run the spatial shards (inline, or on Dask); returns the surrounding objects found."""
+) -> list[dict[str, Any]]:
+    """Run the spatial shards (inline, or on Dask); returns their counts and CPU times."""
     src, epsg, gsd, pixels, frames = framed
     number, order = shard_cells(frames.lonlat, config.shard_deg)
     n_shards = int(number.max()) + 1
@@ -423,14 +430,17 @@ def _run_shards(
     log.info("plan: %d shards of %.3g degrees", n_shards, config.shard_deg)
     # Every bounds a shard needs (objects visible at a tile's GSD, in its CRS) computed here,
     # once: the shards get bounds, not geometries.
-    for code in np.unique(epsg):
+    for code in np.unique(epsg) if config.max_surrounding > 0 else []:
         finest = float(gsd[epsg == code].min())
         need = np.flatnonzero(visible >= finest * (1 - 1e-9))
         proj.get(np.full(len(need), code, dtype=np.int64), need)
 
     def task(k: int) -> ShardTask:
         rows = order[starts[k] : ends[k]]
-        members = np.union1d(halo_members(objs, visible, gsd[rows], frames.lonlat[rows]), idx[rows])
+        members = idx[rows]
+        if config.max_surrounding > 0:
+            halo = halo_members(objs, visible, gsd[rows], frames.lonlat[rows])
+            members = np.union1d(halo, members)
         sub, entries = subset(objs, members)
         return ShardTask(
             number=k, first_part=int(first_part[k]), objs=sub, visible=visible[members],
@@ -448,7 +458,7 @@ def _run_shards(
         results = map_shards(
             run_shard, [task(k) for k in range(n_shards)], cluster, desc="plan: shards"
         )
-    return sum(r["surrounding"] for r in results)
+    return results
 
 
 class _Clock:

@@ -12,6 +12,7 @@ rows equal the unsharded plan's.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ def subset(objs: Objects, rows: np.ndarray) -> tuple[Objects, np.ndarray]:
 def run_shard(task: ShardTask) -> dict[str, Any]:
     """Find one shard's surroundings and write its parts; returns its counts."""
     objs = task.objs
+    cpu0 = time.process_time()
     gsd = np.array([s.gsd for s in task.sources], dtype=np.float64)[task.src]
     if task.cap > 0 and len(task.focus):
         proj = ProjectedBounds(objs.geometry, task.threads, task.projected)
@@ -132,6 +134,7 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
         del proj
     else:
         pair_req = pair_obj = np.zeros(0, dtype=np.int64)
+    cpu1 = time.process_time()
 
     def build(start: int, stop: int) -> Any:
         lo, hi = np.searchsorted(pair_req, [start, stop])
@@ -145,4 +148,10 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
     parts = write_parts(
         build, len(task.focus), task.out, task.rows_per_part, task.threads, task.first_part
     )
-    return {"shard": task.number, "parts": len(parts), "surrounding": int(len(pair_req))}
+    return {
+        "shard": task.number,
+        "parts": len(parts),
+        "surrounding": int(len(pair_req)),
+        "cpu_surround": cpu1 - cpu0,
+        "cpu_write": time.process_time() - cpu1,
+    }
