@@ -269,6 +269,27 @@ def _only_valid(b: PointBlock, valid: np.ndarray) -> PointBlock:
     )
 
 
+def data_block_parts(
+    block: bytes,
+) -> tuple[tuple[int, int], dict[str, int], list[tuple[int, int]]]:
+    """The string-table span, coordinate settings and primitive-group spans of an OSMData block."""
+    strings = (0, 0)
+    meta = {"granularity": 100, "lat_offset": 0, "lon_offset": 0}
+    groups: list[tuple[int, int]] = []
+    for field, value in _fields(block):
+        if field == 1:
+            strings = value
+        elif field == 2:
+            groups.append(value)
+        elif field == 17:
+            meta["granularity"] = value
+        elif field == 19:
+            meta["lat_offset"] = _signed(value)
+        elif field == 20:
+            meta["lon_offset"] = _signed(value)
+    return strings, meta, groups
+
+
 def iter_point_blocks(path: str, tf: TagFilter) -> Iterator[PointBlock]:
     """The groundable tagged nodes of ``path``, one ``PointBlock`` per PBF block with any."""
     judge = _Judge(tf)
@@ -281,20 +302,7 @@ def iter_point_blocks(path: str, tf: TagFilter) -> Iterator[PointBlock]:
             continue
         if kind != "OSMData":
             continue
-        strings = (0, 0)
-        meta = {"granularity": 100, "lat_offset": 0, "lon_offset": 0}
-        groups: list[tuple[int, int]] = []
-        for field, value in _fields(block):
-            if field == 1:
-                strings = value
-            elif field == 2:
-                groups.append(value)
-            elif field == 17:
-                meta["granularity"] = value
-            elif field == 19:
-                meta["lat_offset"] = _signed(value)
-            elif field == 20:
-                meta["lon_offset"] = _signed(value)
+        strings, meta, groups = data_block_parts(block)
         table: list[str] | None = None
         past_nodes = False
         for group in groups:

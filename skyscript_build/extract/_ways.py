@@ -31,8 +31,8 @@ from ._dense import (
     _fields,
     _Judge,
     _packed_varints,
-    _signed,
     _zigzag_delta,
+    data_block_parts,
 )
 from ._rules import is_area
 
@@ -50,21 +50,7 @@ def _blocks(path: str) -> Iterator[tuple[bytes, tuple[int, int], dict[str, int],
     for kind, block in _blobs(path):
         if kind != "OSMData":
             continue
-        strings = (0, 0)
-        meta = {"granularity": 100, "lat_offset": 0, "lon_offset": 0}
-        groups: list[tuple[int, int]] = []
-        for field, value in _fields(block):
-            if field == 1:
-                strings = value
-            elif field == 2:
-                groups.append(value)
-            elif field == 17:
-                meta["granularity"] = value
-            elif field == 19:
-                meta["lat_offset"] = _signed(value)
-            elif field == 20:
-                meta["lon_offset"] = _signed(value)
-        yield block, strings, meta, groups
+        yield block, *data_block_parts(block)
 
 
 def _table(block: bytes, strings: tuple[int, int]) -> list[str]:
