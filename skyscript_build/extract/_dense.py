@@ -199,22 +199,10 @@ def _dense_points(
         raise Unsupported("odd DenseNodes keys_vals")
     kidx, vidx = kv[entries[0::2]], kv[entries[1::2]]
     pair_node = node_of[entries[0::2]]
-    if kidx.max(initial=0) >= len(table) or vidx.max(initial=0) >= len(table):
-        raise Unsupported("a string index past the string table")
-    # Judge each distinct candidate (key, value) string pair of the block once.
-    candidate = np.fromiter((judge.is_candidate(s) for s in table), bool, len(table))
-    cand = np.flatnonzero(candidate[kidx])
-    if cand.size == 0:
+    judged = judge_tags(judge, table, kidx, vidx)
+    if judged is None:
         return None
-    width = len(table)
-    pairs, inverse = np.unique(kidx[cand] * width + vidx[cand], return_inverse=True)
-    verdict = [judge(table[p // width], table[p % width]) for p in pairs.tolist()]
-    ok = np.array([v[0] for v in verdict], bool)[inverse]
-    gsd = np.array([v[1] for v in verdict], np.float64)[inverse]
-    keep = cand[ok]
-    if keep.size == 0:
-        return None
-    gsd = gsd[ok]
+    keep, gsd = judged
     pnode = pair_node[keep]
     # Sort the tags of a node by key (string order), nodes in file order.
     order_keys = sorted(set(kidx[keep].tolist()), key=table.__getitem__)
@@ -288,6 +276,30 @@ def data_block_parts(
         elif field == 20:
             meta["lon_offset"] = _signed(value)
     return strings, meta, groups
+
+
+def judge_tags(
+    judge: _Judge, table: list[str], kidx: np.ndarray, vidx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(indices, max GSDs) of the groundable tags among a block's (key, value) index pairs.
+
+    Each distinct candidate string pair of the block is judged once; None when none is kept.
+    """
+    if kidx.max(initial=0) >= len(table) or vidx.max(initial=0) >= len(table):
+        raise Unsupported("a string index past the string table")
+    candidate = np.fromiter((judge.is_candidate(s) for s in table), bool, len(table))
+    cand = np.flatnonzero(candidate[kidx])
+    if cand.size == 0:
+        return None
+    width = len(table)
+    pairs, inverse = np.unique(kidx[cand] * width + vidx[cand], return_inverse=True)
+    verdict = [judge(table[p // width], table[p % width]) for p in pairs.tolist()]
+    ok = np.array([v[0] for v in verdict], bool)[inverse]
+    gsd = np.array([v[1] for v in verdict], np.float64)[inverse]
+    keep = cand[ok]
+    if keep.size == 0:
+        return None
+    return keep, gsd[ok]
 
 
 def iter_point_blocks(path: str, tf: TagFilter) -> Iterator[PointBlock]:

@@ -33,6 +33,7 @@ from ._dense import (
     _packed_varints,
     _zigzag_delta,
     data_block_parts,
+    judge_tags,
 )
 from ._rules import is_area
 
@@ -288,23 +289,11 @@ class _LineBuilder:
         table = _table(block, strings)
         kidx = kidx.astype(np.int64)
         vidx = vidx.astype(np.int64)
-        if kidx.max(initial=0) >= len(table) or vidx.max(initial=0) >= len(table):
-            raise Unsupported("a string index past the string table")
+        judged = judge_tags(self.judge, table, kidx, vidx)
+        if judged is None:
+            return None
+        keep, gsd = judged
         tag_way = np.repeat(np.arange(n), kcount)
-        judge = self.judge
-        candidate = np.fromiter((judge.is_candidate(s) for s in table), bool, len(table))
-        cand = np.flatnonzero(candidate[kidx])
-        if cand.size == 0:
-            return None
-        width = len(table)
-        pairs, inverse = np.unique(kidx[cand] * width + vidx[cand], return_inverse=True)
-        verdict = [judge(table[q // width], table[q % width]) for q in pairs.tolist()]
-        ok = np.array([v[0] for v in verdict], bool)[inverse]
-        gsd_all = np.array([v[1] for v in verdict], np.float64)[inverse]
-        keep = cand[ok]
-        if keep.size == 0:
-            return None
-        gsd = gsd_all[ok]
         kept_way = np.zeros(n, bool)
         kept_way[tag_way[keep]] = True
         # Refs of every way (delta coded within a way).
