@@ -116,6 +116,39 @@ def test_outside_every_coverage_is_skipped_and_counted(tmp_path, cli):
     assert result.requests == 0 and result.skipped == {"no-source-fine-enough": 1}
 
 
+def test_coverage_grid_agrees_with_geos_near_a_concave_border():
+    """The grid of cells wholly inside a coverage (no GEOS call for most objects) decides
+    exactly as shapely.contains, for objects on, near and across a concave border."""
+    from skyscript_build.plan._choose import _covered
+    from skyscript_build.plan._objects import Objects
+
+    # A U-shaped coverage: the notch puts a concave border through the middle.
+    u_shape = shapely.Polygon([(0, 0), (3, 0), (3, 3), (2, 3), (2, 1), (1, 1), (1, 3), (0, 3)])
+    source = image_sources.source_from_dict(
+        {"alias": "UU", "gsd": 1.0, "years": [2020], "coverage": u_shape.wkt}
+    )
+    rng = np.random.default_rng(4)
+    x, y = rng.uniform(-0.2, 3.2, 3000), rng.uniform(-0.2, 3.2, 3000)
+    size = rng.choice([0.0, 1e-4, 0.01, 0.3], 3000)
+    geoms = np.concatenate(
+        [
+            shapely.points(x[:1000], y[:1000]),
+            shapely.box(x[1000:], y[1000:], x[1000:] + size[1000:], y[1000:] + size[1000:]),
+        ]
+    )
+    n = len(geoms)
+    objs = Objects(
+        osm_type=np.full(n, "a"), osm_id=np.arange(n), osm_element=np.full(n, "way"),
+        kind=np.full(n, 3, dtype=np.int8), element=np.full(n, 2, dtype=np.int8),
+        geometry=geoms, bounds=shapely.bounds(geoms), max_gsd=np.full(n, 1.0),
+        tag_offsets=np.arange(n + 1), tag_keys=None, tag_values=None,
+        tag_code=np.zeros(n, dtype=np.int32), tag_names=[], dropped={},
+    )  # fmt: skip
+    got = _covered(source, objs, np.arange(n), threads=2)
+    assert np.array_equal(got, shapely.contains(u_shape, geoms))
+    assert 0.2 * n < got.sum() < 0.9 * n  # both answers are well represented
+
+
 def test_shift_is_seeded_and_output_byte_identical(tmp_path):
     rows = fx.city(200, seed=2)
     folder = objects(tmp_path, rows)
@@ -299,19 +332,28 @@ def test_real_helsinki_objects(tmp_path, cli, helsinki_pbf):
     assert sum(len(r["surrounding_tags"]) > 0 for r in reqs) > len(reqs) / 2
 
 
-def test_output_does_not_depend_on_workers(tmp_path, monkeypatch):
-    # Even a small plan's shards go to a local Dask cluster on 2 workers.
-    monkeypatch.setattr("skyscript_build.plan.MIN_DASK_REQUESTS", 0)
+def test_output_does_not_depend_on_workers(tmp_path):
+    """Shards on 1 thread, on 2 threads and as tasks on 2 Dask worker processes."""
+    from distributed import LocalCluster
+
     folder = objects(tmp_path, fx.city(400, seed=6, size_m=800.0))
     files = {}
-    for workers in (1, 2):
-        out = tmp_path / f"w{workers}"
-        result = run_plan(PlanConfig(objects=folder, out=out, workers=workers, rows_per_part=70))
-        files[workers] = {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
-        # Parts are cut per spatial shard (grid cell), each shard into parts of <= 70 rows.
-        assert len(files[workers]) >= -(-result.requests // 70)
-        assert sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) == 400
-    assert files[1] == files[2], "same parts, byte for byte, on 1 and 2 workers"
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        for name, workers, scheduler in (
+            ("1", 1, None), ("2", 2, None), ("dask", 1, cluster.scheduler_address)
+        ):  # fmt: skip
+            out = tmp_path / name
+            config = PlanConfig(
+                objects=folder, out=out, workers=workers, scheduler=scheduler, rows_per_part=70
+            )
+            result = run_plan(config)
+            files[name] = {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))}
+            # Parts are cut per spatial shard (grid cell), each shard into parts of <= 70 rows.
+            assert len(files[name]) >= -(-result.requests // 70)
+            assert sum(pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")) == 400
+    assert files["1"] == files["2"] == files["dask"], "same parts, byte for byte"
 
 
 def _visible_tags(tags: dict, max_gsd: float, gsd: float) -> dict:
@@ -367,3 +409,61 @@ def test_sharded_plan_equals_the_unsharded_one(tmp_path, cap):
     assert len(rows[360.0]) > 100
     assert sum(len(r["surrounding_tags"]) for r in rows[360.0]) > 0
     assert rows[0.0015] == rows[360.0]
+
+
+@pytest.mark.parametrize("cap", [1, 7, 60, None])
+def test_surroundings_kernel_keeps_the_lowest_priorities(cap):
+    """The surroundings kernel against a brute force: the objects inside each tile (bounds
+    within the box, its own object left out, visible at its GSD), and over the cap the ``cap``
+    of lowest seeded priority, equal priorities broken by the lower object; in object order.
+    Dense clusters put hundreds of objects in a tile (the sparse priority levels and their
+    retries), sparse ones a few."""
+    from skyscript_build.plan._geo import STREAM_SURROUND, ProjectedBounds, uniform
+    from skyscript_build.plan._objects import Objects
+    from skyscript_build.plan._surround import surroundings
+
+    rng = np.random.default_rng(11)
+    n = 6000
+    centre = np.where(rng.random(n) < 0.7, rng.normal(50, 3, n), rng.uniform(0, 100, n))
+    x = np.where(rng.random(n) < 0.5, centre, rng.uniform(0, 100, n))
+    y = rng.normal(50, 3, n) * (x == centre) + rng.uniform(0, 100, n) * (x != centre)
+    size = rng.choice([0.0, 0.05, 0.5, 3.0], n)
+    bounds = np.column_stack([x, y, x + size, y + size])
+    h = rng.integers(0, 2**63, n).astype(np.uint64)
+    h[1::7] = h[0]  # equal priorities: ties broken by the object
+    visible_gsd = rng.choice([0.5, 10.0], n)
+    objs = Objects(
+        osm_type=np.full(n, "a"), osm_id=np.arange(n), osm_element=np.full(n, "way"),
+        kind=np.full(n, 3, dtype=np.int8), element=np.full(n, 2, dtype=np.int8),
+        geometry=np.zeros(0, dtype=object), bounds=bounds, max_gsd=visible_gsd,
+        tag_offsets=np.arange(n + 1), tag_keys=None, tag_values=None,
+        tag_code=np.zeros(n, dtype=np.int32), tag_names=[], dropped={},
+    )  # fmt: skip
+    focus = rng.choice(n, 900, replace=False)
+    side = rng.choice([2.0, 8.0, 30.0], len(focus))
+    shift = rng.uniform(0, 1, (len(focus), 2)) * np.maximum(side[:, None] - size[focus, None], 0)
+    xy = np.column_stack([x[focus] - shift[:, 0], y[focus] - shift[:, 1]])
+    xy = np.column_stack([xy, xy + side[:, None]])
+    gsd = rng.choice([0.5, 10.0], len(focus))
+    epsg = np.full(len(focus), 3067)
+    proj = ProjectedBounds(objs.geometry, 1, {3067: (bounds, np.ones(n, dtype=bool))})
+
+    pair_req, pair_obj = surroundings(
+        objs, visible_gsd, focus, epsg, gsd, xy, xy, proj, h, cap, threads=2
+    )
+    priority = uniform(h, STREAM_SURROUND)
+    over_cap = 0
+    for r in range(len(focus)):
+        b = xy[r]
+        inside = np.flatnonzero(
+            (bounds[:, 0] >= b[0]) & (bounds[:, 2] <= b[2])
+            & (bounds[:, 1] >= b[1]) & (bounds[:, 3] <= b[3])
+            & (visible_gsd >= gsd[r]) & (np.arange(n) != focus[r])
+        )  # fmt: skip
+        if cap is not None and len(inside) > cap:
+            over_cap += 1
+            inside = np.sort(inside[np.lexsort((inside, priority[inside]))[:cap]])
+        assert np.array_equal(pair_obj[pair_req == r], inside), r
+    assert np.all(np.diff(pair_req) >= 0)
+    if cap is not None and cap < 60:
+        assert over_cap > len(focus) / 4

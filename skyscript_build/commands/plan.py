@@ -57,12 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=0,
-        help="worker processes for the shards (0: one per core); output is the same",
+        help="threads (0: one per core); the output is the same for any number",
     )
     parser.add_argument(
         "--shard-deg", type=float, default=0.05, help="side of a shard's grid cell (degrees)"
     )
-    parser.add_argument("--scheduler", default=None, help="Dask scheduler address for shards")
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of a Dask scheduler to run the shards on (default: threads here)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from image_sources import ImageSource
 from ..cluster import ClusterConfig, map_shards
 from ..errors import ConfigError
 from ..files import remove_temp_files, write_json_atomic
+from ..progress import progress_bar
 from ._choose import DUPLICATE, OVER_LIMIT, SAMPLED_OUT, choose_sources, frame, limit
 from ._choose import sample_by_tag as _sample_by_tag
 from ._geo import ProjectedBounds, object_hash
@@ -49,8 +51,6 @@ JPEG_BYTES_PER_PIXEL = 0.35
 #: with ``_`` are skipped by parquet dataset readers (``pd.read_parquet("requests")``).
 MARKER = "_plan.json"
 STATS_DIR = "_stats"
-#: Fewer requests than this run their shards in this process unless a scheduler is given.
-MIN_DASK_REQUESTS = 100_000
 #: Bumped when the rules change, so that an older plan is not reused.
 _RULES_VERSION = 2
 
@@ -79,11 +79,12 @@ class PlanConfig:
             at a tile's GSD.
         dry_run: estimate requests, pixels, disk and time per source; write nothing.
         rows_per_part: requests per output part file.
-        workers: worker processes for the shards (0: one per core; 1: in this process),
-            and threads for the global choice and framing; the output does not depend on it.
+        workers: threads (0: one per core) for the global pass and the shards; the output
+            does not depend on it.
         shard_deg: side (degrees) of the lon/lat grid cells that shard the surroundings and
             the parts (a shard: the requests whose tile centre is in one cell).
-        scheduler: address of an existing Dask scheduler to run the shards on.
+        scheduler: address of an existing Dask scheduler to run the shards on (as Dask
+            tasks); without it the shards run on threads in this process.
     """
 
     objects: Path
@@ -423,10 +424,11 @@ def _run_shards(
     n_parts = -(-(ends - starts) // config.rows_per_part)
     first_part = np.r_[0, np.cumsum(n_parts)[:-1]]
     threads = proj.threads
-    cluster = ClusterConfig(workers=config.workers, scheduler=config.scheduler)
-    # Small plans stay in this process: starting a local cluster costs more than it saves.
-    small = len(idx) < MIN_DASK_REQUESTS or n_shards == 1
-    inline = cluster.inline or (small and not config.scheduler)
+    # Without a scheduler the shards run on threads here (the surroundings kernel and the
+    # parquet writer release the GIL): a local Dask cluster would only add the shipping of
+    # every shard's arrays to its processes. Few shards: threads inside each shard instead.
+    inline = config.scheduler is None
+    per_shard = max(1, threads // n_shards) if inline else 1
     log.info("plan: %d shards of %.3g degrees", n_shards, config.shard_deg)
     # Every bounds a shard needs (objects visible at a tile's GSD, in its CRS) computed here,
     # once: the shards get bounds, not geometries.
@@ -449,15 +451,21 @@ def _run_shards(
             pixels=pixels[rows], xy=frames.xy[rows], lonlat=frames.lonlat[rows],
             sources=sources, source_years=source_years, cap=config.max_surrounding,
             out=config.out, rows_per_part=config.rows_per_part,
-            threads=threads if inline else 1, projected=proj.take(members),
+            threads=per_shard, projected=proj.take(members),
         )  # fmt: skip
 
-    if inline:
-        results = [run_shard(task(k)) for k in range(n_shards)]
-    else:
-        results = map_shards(
-            run_shard, [task(k) for k in range(n_shards)], cluster, desc="plan: shards"
-        )
+    if not inline:
+        cluster = ClusterConfig(scheduler=config.scheduler)
+        tasks = [task(k) for k in range(n_shards)]
+        return map_shards(run_shard, tasks, cluster, desc="plan: shards")
+    with (
+        ThreadPoolExecutor(max_workers=max(1, threads // per_shard)) as pool,
+        progress_bar(total=n_shards, desc="plan: shards", unit="shard") as bar,
+    ):
+        results = []
+        for r in pool.map(lambda k: run_shard(task(k)), range(n_shards)):
+            results.append(r)
+            bar.update(1)
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -114,8 +115,16 @@ def choose_sources(
     return Choice(source=chosen, epsg=epsg, pixels=pixels, reason=reason)
 
 
+#: Cells per side of the grid that classifies a coverage polygon (see ``_inside_cells``).
+COVERAGE_GRID = 128
+
+
 def _covered(source: ImageSource, objs: Objects, idx: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Mask over ``idx``: the object lies entirely inside the source's coverage."""
+    """Mask over ``idx``: the object lies entirely inside the source's coverage.
+
+    An object whose bounds lie in grid cells wholly inside the coverage is covered (no GEOS
+    call: most objects, far from a border); the others are tested against the polygon.
+    """
     if source.is_global:
         return np.ones(len(idx), dtype=bool)
     w, s, e, n = source.coverage.bounds
@@ -123,8 +132,22 @@ def _covered(source: ImageSource, objs: Objects, idx: np.ndarray, threads: int =
     inside_env = (b[:, 0] >= w) & (b[:, 1] >= s) & (b[:, 2] <= e) & (b[:, 3] <= n)
     out = np.zeros(len(idx), dtype=bool)
     cand = np.flatnonzero(inside_env)
+    if len(cand) == 0:
+        return out
+    wkb = shapely.to_wkb(source.coverage)
+    sums, cell_w, cell_h = _inside_cells(wkb)
+    bc = b[cand]
+    last = COVERAGE_GRID - 1
+    i0 = np.clip(((bc[:, 0] - w) / cell_w).astype(np.int64), 0, last)
+    i1 = np.clip(((bc[:, 2] - w) / cell_w).astype(np.int64), 0, last) + 1
+    j0 = np.clip(((bc[:, 1] - s) / cell_h).astype(np.int64), 0, last)
+    j1 = np.clip(((bc[:, 3] - s) / cell_h).astype(np.int64), 0, last) + 1
+    # Sure when every cell the object's bounds touch is wholly inside (2-D prefix sums).
+    inside = sums[j1, i1] - sums[j0, i1] - sums[j1, i0] + sums[j0, i0]
+    sure = inside == (i1 - i0) * (j1 - j0)
+    out[cand[sure]] = True
+    cand = cand[~sure]
     if len(cand):
-        wkb = shapely.to_wkb(source.coverage)
         geoms = objs.geometry[idx[cand]]
 
         def contains(part: slice) -> np.ndarray:
@@ -135,6 +158,27 @@ def _covered(source: ImageSource, objs: Objects, idx: np.ndarray, threads: int =
 
         out[cand] = thread_chunks(contains, len(geoms), threads)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _inside_cells(wkb: bytes) -> tuple[np.ndarray, float, float]:
+    """A COVERAGE_GRID x COVERAGE_GRID grid over the coverage's bounds: the 2-D prefix sums
+    (rows, then columns; one leading zero row and column) of the cells wholly inside it, and
+    the cell's width and height in degrees."""
+    coverage = shapely.from_wkb(wkb)
+    shapely.prepare(coverage)
+    w, s, e, n = coverage.bounds
+    cell_w, cell_h = (e - w) / COVERAGE_GRID, (n - s) / COVERAGE_GRID
+    x = w + cell_w * np.arange(COVERAGE_GRID)
+    y = s + cell_h * np.arange(COVERAGE_GRID)
+    gx, gy = np.meshgrid(x, y)
+    # Cells grown by a hair, so that rounding in the lookup never trusts a border cell.
+    pad_x, pad_y = cell_w * 1e-6, cell_h * 1e-6
+    cells = shapely.box(gx - pad_x, gy - pad_y, gx + cell_w + pad_x, gy + cell_h + pad_y)
+    full = shapely.contains(coverage, cells).astype(np.int64)
+    sums = np.zeros((COVERAGE_GRID + 1, COVERAGE_GRID + 1), dtype=np.int64)
+    sums[1:, 1:] = full.cumsum(axis=0).cumsum(axis=1)
+    return sums, cell_w, cell_h
 
 
 def sample_by_tag(objs: Objects, idx: np.ndarray, h: np.ndarray, cap: int) -> np.ndarray:

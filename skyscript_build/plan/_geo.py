@@ -137,7 +137,9 @@ class ProjectedBounds:
 
     def _get_one(self, code: int, index: np.ndarray) -> np.ndarray:
         bounds, done = self._arrays(code)
-        todo = np.unique(index[~done[index]])
+        need = np.zeros(len(done), dtype=bool)
+        need[index[~done[index]]] = True
+        todo = np.flatnonzero(need)  # unique and sorted, without sorting
         if len(todo):
             bounds[todo] = project_bounds(self.geoms[todo], code, self.threads)
             done[todo] = True

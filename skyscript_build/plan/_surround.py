@@ -1,50 +1,44 @@
-"""Surrounding objects of each tile: a sorted strip index, vectorised bounds checks and caps.
+"""Surrounding objects of each tile: a sorted strip index walked by a compiled kernel.
 
 A surrounding object of a tile is any other object that lies entirely inside the tile (its
 bounds in the tile's CRS within the box) and has a tag visible at the tile's GSD. Tiles are
 handled in groups of one CRS and one GSD. The group's members (objects visible at the GSD and
 near one of its tiles) are sorted by (strip of their lower edge, left edge): the members whose
-lower-left corner lies in a tile are then one contiguous run per strip the tile spans, found
-with ``searchsorted``; plain numpy comparisons of the bounds keep the ones entirely inside. No
-spatial tree, no GEOS call and no Python loop per tile; chunks of tiles run on threads (numpy
-releases the GIL), and the result does not depend on the chunking or the thread count.
+lower-left corner lies in a tile are then one run per strip the tile spans, found by binary
+search. A numba kernel (no GIL, blocks of tiles on threads) walks the runs and checks the
+bounds; the result does not depend on the blocks or the thread count.
 
 Where a tile has more than ``cap`` surrounding objects, a seeded random subset is kept: every
-object has a priority drawn from its hash and the tile keeps the ``cap`` of lowest priority;
-a tile lists its objects in object order. A tile's result depends only on the tile and the
-objects, never on the grouping, chunking, threads or shards.
+object has a priority drawn from its hash and the tile keeps the ``cap`` of lowest priority
+(ties: the lower object index); a tile lists its objects in object order. A tile's result
+depends only on the tile and the objects, never on the grouping, blocks, threads or shards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 
+import numba
 import numpy as np
 
-from ..progress import progress_bar
-from ._choose import ranges
 from ._geo import STREAM_SURROUND, ProjectedBounds, uniform
 from ._objects import Objects
 
-#: Candidate pairs looked at in one chunk of tiles (bounds the memory of a chunk).
-CHUNK_PAIRS = 250_000
 #: Strips per (median) tile side: more strips, fewer wasted candidates, more searches.
 STRIPS_PER_TILE = 4
-#: Tiles per block (a block's tiles go through the levels together, on one thread).
+#: Tiles per block (one kernel call, on one thread).
 BLOCK_TILES = 16_384
-#: Priority levels: level m holds the members of priority below 2**-m.
-LEVELS = 6
-#: Guessed share of a tile's candidates that lie inside it, and the margin over the cap
-#: wanted in a level before it is used (a wrong guess only costs a retry).
-INSIDE_GUESS = 0.75
-CAP_MARGIN = 1.15
-#: Bits of the millimetre x offset in the sort key (the strip number sits above them).
-_X_BITS = 36
-_X_SPAN = 1 << _X_BITS
-#: Bits of the tile (within a block) and of the priority in the cap's sort key.
-_R_BITS = 15
-_P_BITS = 62 - _R_BITS
+#: Pairs one kernel call returns at most (unless one tile has more).
+OUT_PAIRS = 1 << 22
+#: Priority levels of the index: level m holds the members of priority below 2**-m.
+LEVELS = 8
+#: Guessed share of a tile's run members that lie inside it, and the margin over the cap
+#: wanted in a level before it is used (a wrong guess only costs a second scan).
+INSIDE_GUESS = 0.7
+CAP_MARGIN = 1.2
+#: Most strips of one group's index (bounds the index's memory for tiny tiles).
+MAX_STRIPS = 1 << 22
 
 
 def surroundings(
@@ -60,7 +54,8 @@ def surroundings(
     cap: int | None,
     threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (request, object) of the surrounding objects of every tile, sorted by request.
+    """Pairs (request, object) of the surrounding objects of every tile, sorted by request
+    and, within a request, by object.
 
     Args:
         objs: all objects (their lon/lat ``bounds``).
@@ -69,94 +64,31 @@ def surroundings(
         proj: projected bounds of the objects (computed here where missing).
         h: per-object seeded hash (the cap's priorities).
         cap: most surrounding objects per tile (None: all).
-        threads: chunks of tiles checked at once.
+        threads: blocks of tiles checked at once.
     """
     priority = uniform(h, STREAM_SURROUND)
     b = objs.bounds
     cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    limit = np.iinfo(np.int64).max if cap is None else int(cap)
     pieces: list[tuple[np.ndarray, np.ndarray]] = []
     groups = sorted(set(zip(epsg.tolist(), gsd.tolist(), strict=True)))
-    bar = progress_bar(total=len(focus), desc="plan: surroundings", unit="tile")
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    with ThreadPoolExecutor(max_workers=threads) if threads > 1 else nullcontext() as pool:
         for code, g in groups:
             tiles = np.flatnonzero((epsg == code) & (gsd == g))
             visible = np.flatnonzero(visible_gsd >= g * (1 - 1e-9))
             members = visible[_near(lonlat[tiles], cx[visible], cy[visible])]
             if len(members):
                 pb = proj.get(np.full(len(members), code, dtype=np.int64), members)
-                for r, j in _group_pairs(pb, members, priority[members], xy[tiles],
-                                         focus[tiles], cap, pool):  # fmt: skip
-                    pieces.append((tiles[r].astype(np.int32), j.astype(np.int32)))
-            bar.update(len(tiles))
-    bar.close()
+                levels = LEVELS if limit < len(members) else 1
+                index = _StripIndex(pb, members, priority[members], xy[tiles], levels)
+
+                def block(t: np.ndarray, index: _StripIndex = index) -> tuple:
+                    r, j = index.pairs(xy[t], focus[t], limit)
+                    return t[r], j  # the block's tile numbers are local to it
+
+                blocks = [tiles[k : k + BLOCK_TILES] for k in range(0, len(tiles), BLOCK_TILES)]
+                pieces.extend(pool.map(block, blocks) if pool else map(block, blocks))
     return _merge(pieces, len(focus))
-
-
-def _group_pairs(
-    pb: np.ndarray,
-    members: np.ndarray,
-    priority: np.ndarray,
-    boxes: np.ndarray,
-    focus: np.ndarray,
-    cap: int | None,
-    pool: ThreadPoolExecutor,
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The capped pairs (tile, object) of one (CRS, GSD) group, in pieces sorted by tile.
-
-    Each tile is looked up in the sparsest priority level that is expected to hold ``cap``
-    of its surrounding objects (estimated from its candidates in the full level), and in the
-    next denser level when it does not; the result depends only on the tile's own objects.
-    """
-    sides = boxes[:, 2] - boxes[:, 0]
-    y_span = float(pb[:, 1].max() - pb[:, 1].min())
-    # At most 2**26 strips, so that the strip number fits above the x bits.
-    height = max(float(np.median(sides)) / STRIPS_PER_TILE, y_span / 2**26, 1e-3)
-    n_strips = int(y_span / height) + 1
-    base = (float(pb[:, 0].min()), float(pb[:, 1].min()), height, n_strips)
-    levels = []
-    for m in range(LEVELS if cap else 1):
-        sel = np.flatnonzero(priority < 0.5**m)
-        levels.append(_Level(pb[sel], members[sel], priority[sel] * 2.0**m, focus, base))
-    cols = [np.ascontiguousarray(boxes[:, k]) for k in range(4)]
-    blocks = [
-        np.arange(k, min(len(boxes), k + BLOCK_TILES)) for k in range(0, len(boxes), BLOCK_TILES)
-    ]
-
-    def block(tiles: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        return _block_pairs(levels, boxes, cols, tiles, cap)
-
-    for pieces in pool.map(block, blocks):
-        yield from pieces
-
-
-def _block_pairs(
-    levels: list[_Level],
-    boxes: np.ndarray,
-    cols: list[np.ndarray],
-    tiles: np.ndarray,
-    cap: int | None,
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The capped pairs of some tiles of a group (see ``_group_pairs``), in pieces."""
-    level = np.zeros(len(tiles), dtype=np.int64)
-    if cap and len(levels) > 1:
-        tile, _, length = levels[0].runs(boxes, tiles)
-        cand = np.bincount(tile - tiles[0], weights=length, minlength=len(tiles))
-        ratio = INSIDE_GUESS * cand / (cap * CAP_MARGIN)
-        level = np.clip(np.floor(np.log2(np.maximum(ratio, 1.0))), 0, len(levels) - 1)
-        level = level.astype(np.int64)
-    out = []
-    retry = np.zeros(0, dtype=np.int64)
-    for m in range(len(levels) - 1, -1, -1):
-        todo = np.union1d(tiles[level == m], retry)
-        retry = np.zeros(0, dtype=np.int64)
-        if len(todo) == 0:
-            continue
-        run_tile, run_start, run_len = levels[m].runs(boxes, todo)
-        for c in _chunks(run_tile, run_len):
-            r, j, short = levels[m].pairs(cols, run_tile[c], run_start[c], run_len[c], cap, m > 0)
-            retry = np.r_[retry, short]
-            out.append((r, j))
-    return out
 
 
 def _near(lonlat: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
@@ -189,17 +121,6 @@ def _near(lonlat: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
     return out
 
 
-def _chunks(run_tile: np.ndarray, run_len: np.ndarray) -> list[slice]:
-    """Slices of runs (sorted by tile), whole tiles each, of about CHUNK_PAIRS candidates."""
-    if len(run_tile) == 0:
-        return []
-    ends = np.flatnonzero(np.r_[run_tile[1:] != run_tile[:-1], True]) + 1
-    upto = np.cumsum(run_len)[ends - 1] // CHUNK_PAIRS
-    cuts = ends[np.flatnonzero(np.diff(upto) > 0)]
-    bounds = [0, *cuts.tolist(), len(run_tile)]
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-
-
 def _merge(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate pieces (each sorted by tile, no tile in two pieces) into tile order."""
     if not pieces:
@@ -218,127 +139,181 @@ def _merge(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndar
     return out_r, out_j
 
 
-def _search(key: np.ndarray, queries: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """``searchsorted(key, queries, "left")``, the queries taken in ``order`` (sorted, or
-    nearly: numpy's search starts from the previous answer, much faster on sorted queries)."""
-    out = np.empty(len(queries), dtype=np.int64)
-    out[order] = np.searchsorted(key, queries[order], "left")
-    return out
+class _StripIndex:
+    """A group's members, per priority level, sorted by (strip of y_min, x_min).
 
-
-class _Level:
-    """Members (all, or those of priority below 2**-m) sorted by (strip of y_min, x_min mm)."""
+    Level m holds the members of priority below 2**-m (level 0: all), so that a tile with
+    many more than ``cap`` objects inside looks only at a sparse level that still holds its
+    ``cap`` of lowest priority. The levels are concatenated; ``strip_start[m, s]`` is the first
+    row of strip ``s`` of level ``m``.
+    """
 
     def __init__(
         self,
         pb: np.ndarray,
         members: np.ndarray,
         priority: np.ndarray,
-        focus: np.ndarray,
-        base: tuple[float, float, float, int],
+        boxes: np.ndarray,
+        levels: int,
     ) -> None:
-        self.x_base, self.y_base, self.height, self.n_strips = base
+        sides = boxes[:, 2] - boxes[:, 0]
+        self.y_base = float(pb[:, 1].min())
+        y_span = float(pb[:, 1].max()) - self.y_base
+        self.height = max(float(np.median(sides)) / STRIPS_PER_TILE, y_span / MAX_STRIPS, 1e-3)
+        n_strips = int(y_span / self.height) + 1
         strip = np.floor((pb[:, 1] - self.y_base) / self.height).astype(np.int64)
-        xq = np.clip(np.floor((pb[:, 0] - self.x_base) * 1000.0), 0, _X_SPAN - 1)
-        key = (strip << _X_BITS) | xq.astype(np.int64)
-        order = np.argsort(key, kind="stable")
-        self.key = key[order]
-        self.cols = [np.ascontiguousarray(pb[order, k]) for k in range(4)]
-        self.members = members[order]
-        self.priority = priority[order]
-        # The sorted position of each tile's own object (-1: not a member).
-        size = int(max(members.max(initial=0), focus.max(initial=0))) + 1
-        position = np.full(size, -1, dtype=np.int64)
-        position[self.members] = np.arange(len(self.members))
-        self.focus = position[focus]
-
-    def runs(self, boxes: np.ndarray, tiles: np.ndarray) -> tuple:
-        """Per (tile, strip) of ``tiles``: (tile, start, length) of the run of sorted members
-        whose lower-left corner may lie in the tile (x to a millimetre)."""
-        b = boxes[tiles]
-        s_lo = np.floor((b[:, 1] - self.y_base) / self.height).astype(np.int64)
-        s_hi = np.floor((b[:, 3] - self.y_base) / self.height).astype(np.int64)
-        s_lo = np.clip(s_lo, 0, self.n_strips)
-        s_hi = np.clip(s_hi, -1, self.n_strips - 1)
-        count = np.maximum(s_hi - s_lo + 1, 0)
-        which = np.repeat(np.arange(len(tiles)), count)
-        strip = ranges(s_lo, count) << _X_BITS
-        lo = np.clip(np.floor((b[:, 0] - self.x_base) * 1000.0), 0, _X_SPAN).astype(np.int64)
-        hi = np.clip(np.floor((b[:, 2] - self.x_base) * 1000.0) + 1, 0, _X_SPAN)
-        lo_key = strip + lo[which]
-        order = np.argsort(lo_key)
-        start = _search(self.key, lo_key, order)
-        stop = _search(self.key, strip + hi.astype(np.int64)[which], order)
-        return tiles[which], start, stop - start
+        order = np.lexsort((pb[:, 0], strip))
+        rows = [order[priority[order] < 0.5**m] for m in range(levels)]
+        self.strip_start = np.zeros((levels, n_strips + 1), dtype=np.int64)
+        first = 0
+        for m, level in enumerate(rows):
+            counts = np.bincount(strip[level], minlength=n_strips)
+            self.strip_start[m, 0] = first
+            np.cumsum(counts, out=self.strip_start[m, 1:])
+            self.strip_start[m, 1:] += first
+            first += len(level)
+        every = np.concatenate(rows)
+        self.x0, self.y0, self.x1, self.y1 = (np.ascontiguousarray(pb[every, k]) for k in range(4))
+        self.members = np.ascontiguousarray(members[every], dtype=np.int64)
+        self.priority = np.ascontiguousarray(priority[every])
+        self.n_members = len(members)
 
     def pairs(
-        self,
-        boxes: list[np.ndarray],
-        run_tile: np.ndarray,
-        run_start: np.ndarray,
-        run_len: np.ndarray,
-        cap: int | None,
-        may_retry: bool,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tile, object) pairs of the runs' tiles, sorted by tile: inside the box, not the
-        tile's own object, capped; and the tiles with fewer than ``cap`` (to retry denser)."""
-        cand = ranges(run_start, run_len)
-        x0, y0, x1, y1 = self.cols
-        # x first (most candidates pass), then y on the survivors only.
-        bx0, by0, bx1, by1 = boxes
-        keep = x1[cand] <= np.repeat(bx1[run_tile], run_len)
-        keep &= x0[cand] >= np.repeat(bx0[run_tile], run_len)
-        sel = np.flatnonzero(keep)
-        cand = cand[sel]
-        tile = np.repeat(run_tile, run_len)[sel]
-        keep = y1[cand] <= by1[tile]
-        keep &= y0[cand] >= by0[tile]
-        keep &= cand != self.focus[tile]
-        cand, tile = cand[keep], tile[keep]
-        short = np.zeros(0, dtype=np.int64)
-        if len(run_tile) == 0:
-            return tile, self.members[cand], short
-        first = int(run_tile[0])
-        n = int(run_tile[-1]) - first + 1
-        local = tile - first
-        if cap is not None and may_retry:
-            counts = np.bincount(local, minlength=n)
-            has_runs = np.zeros(n, dtype=bool)
-            has_runs[run_tile - first] = True
-            few = has_runs & (counts < cap)
-            if few.any():
-                short = np.flatnonzero(few) + first
-                ok = ~few[local]
-                cand, tile, local = cand[ok], tile[ok], local[ok]
-        r, j = _cap(local, self.priority[cand], self.members[cand], n, cap)
-        return r + first, j, short
+        self, boxes: np.ndarray, focus: np.ndarray, cap: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(tile, object) pairs of ``boxes`` (tile numbers local to them), capped."""
+        bx0, by0, bx1, by1 = (np.ascontiguousarray(boxes[:, k]) for k in range(4))
+        focus = focus.astype(np.int64)
+        most = min(cap, self.n_members)  # surrounding objects of one tile, at most
+        size = max(min(len(boxes) * min(most, 64), OUT_PAIRS), most)
+        pieces, start = [], 0
+        while start < len(boxes):
+            r, j, start = _tiles_pairs(
+                self.x0, self.y0, self.x1, self.y1, self.members, self.priority,
+                self.strip_start, self.y_base, self.height, bx0, by0, bx1, by1, focus, cap,
+                start, size,
+            )  # fmt: skip
+            pieces.append((r, j))
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate([r for r, _ in pieces]), np.concatenate([j for _, j in pieces])
 
 
-def _cap(
-    r: np.ndarray, prio: np.ndarray, member: np.ndarray, n: int, cap: int | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs (tile ``r``, object ``member``) kept, sorted by (tile, object).
+@numba.njit(nogil=True, cache=True, inline="always")
+def _strips(by0: float, by1: float, y_base: float, height: float, n_strips: int) -> tuple:
+    lo = min(max(int(np.floor((by0 - y_base) / height)), 0), n_strips)
+    hi = min(max(int(np.floor((by1 - y_base) / height)), -1), n_strips - 1)
+    return lo, hi
 
-    A tile keeps the ``cap`` of its objects with the lowest priority (``prio``, seeded per
-    object; ties broken by the object): the same objects whatever else is in the index, so the
-    result does not depend on how tiles are grouped or sharded. Within a tile, object order.
+
+@numba.njit(nogil=True, cache=True)
+def _tiles_pairs(
+    x0, y0, x1, y1, members, priority, strip_start, y_base, height, bx0, by0, bx1, by1, focus,
+    cap, start, size,
+):  # fmt: skip
+    """The pairs (tile, object) of tiles ``start:`` of ``b*``: the members inside each tile
+    (its own object left out), at most ``cap`` (the lowest priorities, ties by object), sorted
+    by tile then object; at most ``size`` pairs, whole tiles. Returns them and the first tile
+    not done.
+
+    A tile starts at the sparsest level expected to hold ``cap`` of its objects (from the
+    length of its runs in level 0) and goes one level denser while it finds fewer. A max-heap
+    holds the lowest ``cap`` found so far.
     """
-    r = r.astype(np.int64)
-    member = member.astype(np.int64)
-    if cap is not None and np.bincount(r, minlength=n).max(initial=0) > cap:
-        if n < 1 << _R_BITS:
-            # One int64 sort key: the tile above the priority's top bits.
-            key = (r << _P_BITS) | (prio * float(1 << _P_BITS)).astype(np.int64)
-            order = np.argsort(key)
-            ks = key[order]
-            if (ks[1:] == ks[:-1]).any():  # equal priorities (rare): sort by object too
-                order = np.lexsort((member, prio, r))
-        else:
-            order = np.lexsort((member, prio, r))
-        rs = r[order]
-        starts = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rs, minlength=n), out=starts[1:])
-        sel = order[np.arange(len(rs)) - starts[rs] < cap]
-        r, member = r[sel], member[sel]
-    key = np.sort((r << 32) | member)
-    return key >> 32, key & 0xFFFFFFFF
+    n_levels, n_strips = strip_start.shape[0], strip_start.shape[1] - 1
+    n_members = strip_start[0, n_strips] - strip_start[0, 0]
+    out_r = np.empty(size, dtype=np.int64)
+    out_j = np.empty(size, dtype=np.int64)
+    n_out = 0
+    heap_p = np.empty(min(cap, n_members), dtype=np.float64)
+    heap_m = np.empty(min(cap, n_members), dtype=np.int64)
+    for t in range(start, len(bx0)):
+        lo, hi = _strips(by0[t], by1[t], y_base, height, n_strips)
+        level = 0
+        if n_levels > 1 and cap < n_members:
+            runs = 0
+            for s in range(lo, hi + 1):
+                a, b = strip_start[0, s], strip_start[0, s + 1]
+                runs += np.searchsorted(x0[a:b], bx1[t], "right")
+                runs -= np.searchsorted(x0[a:b], bx0[t])
+            expected = INSIDE_GUESS * runs / (cap * CAP_MARGIN)
+            while level + 1 < n_levels and expected >= 2.0 ** (level + 1):
+                level += 1
+        while True:
+            n = 0
+            for s in range(lo, hi + 1):
+                a, b = strip_start[level, s], strip_start[level, s + 1]
+                i = a + np.searchsorted(x0[a:b], bx0[t])
+                while i < b and x0[i] <= bx1[t]:
+                    inside = x1[i] <= bx1[t] and y0[i] >= by0[t] and y1[i] <= by1[t]
+                    if inside and members[i] != focus[t]:
+                        p, m = priority[i], members[i]
+                        if n < cap:
+                            _heap_push(heap_p, heap_m, n, p, m)
+                            n += 1
+                        elif p < heap_p[0] or (p == heap_p[0] and m < heap_m[0]):
+                            _heap_replace_top(heap_p, heap_m, n, p, m)
+                    i += 1
+            if n >= cap or level == 0:
+                break
+            level -= 1  # too few at this level: the next denser one holds more
+        if n_out + n > size:
+            return out_r[:n_out], out_j[:n_out], t  # full: tile t again in the next call
+        _sort(heap_m, n)
+        out_r[n_out : n_out + n] = t
+        out_j[n_out : n_out + n] = heap_m[:n]
+        n_out += n
+    return out_r[:n_out], out_j[:n_out], len(bx0)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _sort(a, n):
+    """Sort ``a[:n]`` in place (insertion sort for the usual few: numba's sort is slow there)."""
+    if n > 64:
+        a[:n].sort()
+        return
+    for i in range(1, n):
+        v = a[i]
+        j = i - 1
+        while j >= 0 and a[j] > v:
+            a[j + 1] = a[j]
+            j -= 1
+        a[j + 1] = v
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _above(p, m, q, k):
+    """(p, m) sorts after (q, k)."""
+    return p > q or (p == q and m > k)
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _heap_push(heap_p, heap_m, n, p, m):
+    """Add (p, m) to the max-heap of ``n`` entries."""
+    i = n
+    while i > 0:
+        parent = (i - 1) // 2
+        if not _above(p, m, heap_p[parent], heap_m[parent]):
+            break
+        heap_p[i], heap_m[i] = heap_p[parent], heap_m[parent]
+        i = parent
+    heap_p[i], heap_m[i] = p, m
+
+
+@numba.njit(nogil=True, cache=True, inline="always")
+def _heap_replace_top(heap_p, heap_m, n, p, m):
+    """Replace the largest entry of the max-heap of ``n`` entries by (p, m)."""
+    i = 0
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            break
+        if child + 1 < n and _above(
+            heap_p[child + 1], heap_m[child + 1], heap_p[child], heap_m[child]
+        ):
+            child += 1
+        if not _above(heap_p[child], heap_m[child], p, m):
+            break
+        heap_p[i], heap_m[i] = heap_p[child], heap_m[child]
+        i = child
+    heap_p[i], heap_m[i] = p, m
