@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,8 @@ from ._choose import sample_by_tag as _sample_by_tag
 from ._geo import ProjectedBounds, object_hash
 from ._objects import Objects, object_parts, read_objects
 from ._output import SCHEMA, write_parts
-from ._shards import ShardTask, halo_members, run_shard, shard_cells, subset
+from ._shards import HaloIndex, ShardTask, halo_members, run_shard, shard_cells, subset
+from ._surround import warm_up
 
 __all__ = ["PlanConfig", "PlanResult", "run_plan", "SCHEMA", "JPEG_BYTES_PER_PIXEL", "MARKER"]
 
@@ -272,10 +275,13 @@ def _entry_gsd(objs: Objects, tag_filter: str) -> np.ndarray:
 
     tf = load_tag_filter(tag_filter)
     owner = objs.entry_owner
-    codes, first = np.unique(objs.tag_code, return_index=True)
+    # One entry of each code (every entry of a code has the same key and value).
+    some = np.full(len(objs.tag_names), -1, dtype=np.int64)
+    some[objs.tag_code] = np.arange(len(objs.tag_code))
+    codes = np.flatnonzero(some >= 0)
+    keys = objs.tag_keys.take(some[codes]).to_pylist()
+    values = objs.tag_values.take(some[codes]).to_pylist()
     per_code = np.full(len(objs.tag_names), np.nan)
-    keys = objs.tag_keys.take(first).to_pylist()
-    values = objs.tag_values.take(first).to_pylist()
     for code, k, v in zip(codes, keys, values, strict=True):
         g = tf.tag_max_gsd(k, v)
         per_code[code] = np.nan if g is None else g
@@ -309,6 +315,9 @@ def run_plan(config: PlanConfig) -> PlanResult:
             log.info("plan: %s is up to date (settings %s)", config.out, settings_hash)
             return result
 
+    if not config.dry_run and config.max_surrounding > 0:
+        # numba's start-up (~0.5 s) overlaps the reading instead of delaying the first shard.
+        threading.Thread(target=warm_up, name="plan-numba-warm-up", daemon=True).start()
     clock = _Clock()
     objs = read_objects(config.objects)
     clock.lap("read")
@@ -437,11 +446,13 @@ def _run_shards(
         need = np.flatnonzero(visible >= finest * (1 - 1e-9))
         proj.get(np.full(len(need), code, dtype=np.int64), need)
 
+    halo_index = HaloIndex(objs.bounds, config.shard_deg) if config.max_surrounding > 0 else None
+
     def task(k: int) -> ShardTask:
         rows = order[starts[k] : ends[k]]
         members = idx[rows]
-        if config.max_surrounding > 0:
-            halo = halo_members(objs, visible, gsd[rows], frames.lonlat[rows])
+        if halo_index is not None:
+            halo = halo_members(halo_index, visible, gsd[rows], frames.lonlat[rows])
             members = np.union1d(halo, members)
         sub, entries = subset(objs, members)
         return ShardTask(
@@ -462,11 +473,16 @@ def _run_shards(
         ThreadPoolExecutor(max_workers=max(1, threads // per_shard)) as pool,
         progress_bar(total=n_shards, desc="plan: shards", unit="shard") as bar,
     ):
-        results = []
-        for r in pool.map(lambda k: run_shard(task(k)), range(n_shards)):
-            results.append(r)
+        # Largest shards first, so that no big one is left running alone at the end.
+        largest_first = np.argsort(starts - ends, kind="stable").tolist()
+        futures = {k: pool.submit(_task_and_run, task, k) for k in largest_first}
+        for _ in as_completed(futures.values()):
             bar.update(1)
-    return results
+    return [futures[k].result() for k in range(n_shards)]
+
+
+def _task_and_run(task: Callable[[int], ShardTask], k: int) -> dict[str, Any]:
+    return run_shard(task(k))
 
 
 class _Clock:

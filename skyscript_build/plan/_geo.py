@@ -64,8 +64,14 @@ def thread_chunks(fn: Callable[[slice], np.ndarray], n: int, threads: int) -> np
     if threads <= 1 or n <= THREAD_CHUNK:
         return fn(slice(0, n))
     slices = [slice(k, min(n, k + THREAD_CHUNK)) for k in range(0, n, THREAD_CHUNK)]
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        return np.concatenate(list(pool.map(fn, slices)))
+    return np.concatenate(list(_pool(threads).map(fn, slices)))
+
+
+@functools.lru_cache(maxsize=8)
+def _pool(threads: int) -> ThreadPoolExecutor:
+    """A lasting pool per thread count: its threads keep their pyproj transformers (making
+    one costs up to 50 ms). Its tasks must not wait on the same pool."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"plan-geo-{threads}")
 
 
 def transformer(epsg: int, inverse: bool = False) -> Transformer:

@@ -73,24 +73,50 @@ def shard_cells(lonlat: np.ndarray, shard_deg: float) -> tuple[np.ndarray, np.nd
     return number.reshape(-1), np.argsort(number, kind="stable")
 
 
+class HaloIndex:
+    """The objects' lon/lat bounds sorted by (row of a lat grid holding their south edge, west
+    edge), so that the objects inside a box are a few runs found by binary search: each
+    shard's halo costs a look at its own neighbourhood, not at every object."""
+
+    def __init__(self, bounds: np.ndarray, row_deg: float) -> None:
+        self.row_deg = row_deg
+        row = np.floor((bounds[:, 1] + 90.0) / row_deg).astype(np.int64)
+        self.order = np.lexsort((bounds[:, 0], row))
+        self.rows = row[self.order]
+        self.bounds = bounds[self.order]
+
+    def inside(self, w: float, s: float, e: float, n: float) -> np.ndarray:
+        """Sorted indices of the objects whose bounds lie inside (w, s, e, n)."""
+        first = int(np.floor((s + 90.0) / self.row_deg))
+        last = int(np.floor((n + 90.0) / self.row_deg))
+        lo, hi = np.searchsorted(self.rows, [first, last + 1])
+        # Within each row, the objects with a west edge in [w, e].
+        row_ends = np.searchsorted(self.rows[lo:hi], np.arange(first, last + 1), "right") + lo
+        row_starts = np.r_[lo, row_ends[:-1]]
+        pieces = []
+        for a, b in zip(row_starts.tolist(), row_ends.tolist(), strict=True):
+            x = self.bounds[a:b, 0]
+            pieces.append(np.arange(a + np.searchsorted(x, w), a + np.searchsorted(x, e, "right")))
+        cand = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        bc = self.bounds[cand]
+        ok = (bc[:, 2] <= e) & (bc[:, 1] >= s) & (bc[:, 3] <= n)
+        return np.sort(self.order[cand[ok]])
+
+
 def halo_members(
-    objs: Objects, visible: np.ndarray, gsd: np.ndarray, lonlat: np.ndarray
+    index: HaloIndex, visible: np.ndarray, gsd: np.ndarray, lonlat: np.ndarray
 ) -> np.ndarray:
     """Sorted indices of the objects that may surround some of the tiles ``lonlat``: visible at
     a tile's GSD and inside the padded union box of the tiles of that GSD."""
-    b = objs.bounds
-    keep = np.zeros(len(objs), dtype=bool)
+    found = []
     for g in np.unique(gsd):
         box = lonlat[gsd == g]
         w, s = float(box[:, 0].min()), float(box[:, 1].min())
         e, n = float(box[:, 2].max()), float(box[:, 3].max())
         pad_x, pad_y = (e - w) * HALO_PAD + 1e-6, (n - s) * HALO_PAD + 1e-6
-        keep |= (
-            (visible >= g * (1 - 1e-9))
-            & (b[:, 0] >= w - pad_x) & (b[:, 2] <= e + pad_x)
-            & (b[:, 1] >= s - pad_y) & (b[:, 3] <= n + pad_y)
-        )  # fmt: skip
-    return np.flatnonzero(keep)
+        near = index.inside(w - pad_x, s - pad_y, e + pad_x, n + pad_y)
+        found.append(near[visible[near] >= g * (1 - 1e-9)])
+    return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
 
 
 def subset(objs: Objects, rows: np.ndarray) -> tuple[Objects, np.ndarray]:

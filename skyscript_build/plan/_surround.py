@@ -139,6 +139,14 @@ def _merge(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndar
     return out_r, out_j
 
 
+def warm_up() -> None:
+    """Compile the kernel (or load it from numba's cache) on a tiny input: about half a second
+    of numba's start-up that a caller can overlap with other work."""
+    tile = np.array([[0.0, 0.0, 2.0, 2.0]])
+    index = _StripIndex(tile / 2, np.zeros(1, np.int64), np.zeros(1), tile, 2)
+    index.pairs(tile, np.ones(1, np.int64), 1)
+
+
 class _StripIndex:
     """A group's members, per priority level, sorted by (strip of y_min, x_min).
 
@@ -194,9 +202,12 @@ class _StripIndex:
                 start, size,
             )  # fmt: skip
             pieces.append((r, j))
-        if len(pieces) == 1:
-            return pieces[0]
-        return np.concatenate([r for r, _ in pieces]), np.concatenate([j for _, j in pieces])
+        r = np.concatenate([r for r, _ in pieces])
+        j = np.concatenate([j for _, j in pieces])
+        # Each tile's objects in object order: one sort of (tile, object) keys (numpy's sort
+        # is several times faster than sorting each tile's few objects in the kernel).
+        key = np.sort((r << 32) | j)
+        return key >> 32, key & 0xFFFFFFFF
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
@@ -212,21 +223,21 @@ def _tiles_pairs(
     cap, start, size,
 ):  # fmt: skip
     """The pairs (tile, object) of tiles ``start:`` of ``b*``: the members inside each tile
-    (its own object left out), at most ``cap`` (the lowest priorities, ties by object), sorted
-    by tile then object; at most ``size`` pairs, whole tiles. Returns them and the first tile
+    (its own object left out), at most ``cap`` (the lowest priorities, ties by object), by
+    tile; at most ``size`` pairs, whole tiles. Returns them and the first tile
     not done.
 
     A tile starts at the sparsest level expected to hold ``cap`` of its objects (from the
-    length of its runs in level 0) and goes one level denser while it finds fewer. A max-heap
-    holds the lowest ``cap`` found so far.
+    length of its runs in level 0) and goes one level denser while it finds fewer; over the cap,
+    a quickselect keeps the lowest.
     """
     n_levels, n_strips = strip_start.shape[0], strip_start.shape[1] - 1
     n_members = strip_start[0, n_strips] - strip_start[0, 0]
     out_r = np.empty(size, dtype=np.int64)
     out_j = np.empty(size, dtype=np.int64)
     n_out = 0
-    heap_p = np.empty(min(cap, n_members), dtype=np.float64)
-    heap_m = np.empty(min(cap, n_members), dtype=np.int64)
+    found_p = np.empty(n_members, dtype=np.float64)
+    found_m = np.empty(n_members, dtype=np.int64)
     for t in range(start, len(bx0)):
         lo, hi = _strips(by0[t], by1[t], y_base, height, n_strips)
         level = 0
@@ -247,73 +258,51 @@ def _tiles_pairs(
                 while i < b and x0[i] <= bx1[t]:
                     inside = x1[i] <= bx1[t] and y0[i] >= by0[t] and y1[i] <= by1[t]
                     if inside and members[i] != focus[t]:
-                        p, m = priority[i], members[i]
-                        if n < cap:
-                            _heap_push(heap_p, heap_m, n, p, m)
-                            n += 1
-                        elif p < heap_p[0] or (p == heap_p[0] and m < heap_m[0]):
-                            _heap_replace_top(heap_p, heap_m, n, p, m)
+                        found_p[n], found_m[n] = priority[i], members[i]
+                        n += 1
                     i += 1
             if n >= cap or level == 0:
                 break
             level -= 1  # too few at this level: the next denser one holds more
+        if n > cap:
+            _select(found_p, found_m, n, cap)
+            n = cap
         if n_out + n > size:
             return out_r[:n_out], out_j[:n_out], t  # full: tile t again in the next call
-        _sort(heap_m, n)
         out_r[n_out : n_out + n] = t
-        out_j[n_out : n_out + n] = heap_m[:n]
+        out_j[n_out : n_out + n] = found_m[:n]
         n_out += n
     return out_r[:n_out], out_j[:n_out], len(bx0)
 
 
 @numba.njit(nogil=True, cache=True, inline="always")
-def _sort(a, n):
-    """Sort ``a[:n]`` in place (insertion sort for the usual few: numba's sort is slow there)."""
-    if n > 64:
-        a[:n].sort()
-        return
-    for i in range(1, n):
-        v = a[i]
-        j = i - 1
-        while j >= 0 and a[j] > v:
-            a[j + 1] = a[j]
-            j -= 1
-        a[j + 1] = v
+def _less(p, m, q, k):
+    """(p, m) sorts before (q, k)."""
+    return p < q or (p == q and m < k)
 
 
-@numba.njit(nogil=True, cache=True, inline="always")
-def _above(p, m, q, k):
-    """(p, m) sorts after (q, k)."""
-    return p > q or (p == q and m > k)
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _heap_push(heap_p, heap_m, n, p, m):
-    """Add (p, m) to the max-heap of ``n`` entries."""
-    i = n
-    while i > 0:
-        parent = (i - 1) // 2
-        if not _above(p, m, heap_p[parent], heap_m[parent]):
+@numba.njit(nogil=True, cache=True)
+def _select(prio, member, n, k):
+    """Reorder ``prio[:n]``, ``member[:n]`` so that the ``k`` smallest (priority, member)
+    come first (quickselect, Hoare's partition; members are distinct)."""
+    lo, hi = 0, n - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        pivot_p, pivot_m = prio[mid], member[mid]
+        i, j = lo, hi
+        while i <= j:
+            while _less(prio[i], member[i], pivot_p, pivot_m):
+                i += 1
+            while _less(pivot_p, pivot_m, prio[j], member[j]):
+                j -= 1
+            if i <= j:
+                prio[i], prio[j] = prio[j], prio[i]
+                member[i], member[j] = member[j], member[i]
+                i += 1
+                j -= 1
+        if k - 1 <= j:
+            hi = j
+        elif k - 1 >= i:
+            lo = i
+        else:
             break
-        heap_p[i], heap_m[i] = heap_p[parent], heap_m[parent]
-        i = parent
-    heap_p[i], heap_m[i] = p, m
-
-
-@numba.njit(nogil=True, cache=True, inline="always")
-def _heap_replace_top(heap_p, heap_m, n, p, m):
-    """Replace the largest entry of the max-heap of ``n`` entries by (p, m)."""
-    i = 0
-    while True:
-        child = 2 * i + 1
-        if child >= n:
-            break
-        if child + 1 < n and _above(
-            heap_p[child + 1], heap_m[child + 1], heap_p[child], heap_m[child]
-        ):
-            child += 1
-        if not _above(heap_p[child], heap_m[child], p, m):
-            break
-        heap_p[i], heap_m[i] = heap_p[child], heap_m[child]
-        i = child
-    heap_p[i], heap_m[i] = p, m
