@@ -264,6 +264,54 @@ def test_rerun_reuses_and_changed_settings_replan(tmp_path):
     assert pq.read_table(out).num_rows == other.requests, "the folder reads as one dataset"
 
 
+def test_a_crashed_plan_resumes_with_the_shards_it_finished(tmp_path, monkeypatch, cli):
+    """A shard fails mid-run: the rerun with the same settings runs only the shards without
+    their done file and gives the same bytes as a clean run; other settings start over."""
+    import skyscript_build.plan as plan
+
+    folder = objects(tmp_path, fx.city(400, seed=6, size_m=800.0))
+    clean = tmp_path / "clean"
+    run_plan(PlanConfig(objects=folder, out=clean, shard_deg=0.002, rows_per_part=40))
+    n_shards = len(list((clean / "_stats").glob("shard-*.json")))
+    assert n_shards >= 4
+
+    out = tmp_path / "requests"
+    config = PlanConfig(objects=folder, out=out, shard_deg=0.002, rows_per_part=40, workers=2)
+    real_run_shard = plan.run_shard
+    ran: list[int] = []
+
+    def failing_run_shard(task):
+        if task.number == 2:
+            raise OSError("disk full (simulated)")
+        ran.append(task.number)
+        return real_run_shard(task)
+
+    monkeypatch.setattr(plan, "run_shard", failing_run_shard)
+    with pytest.raises(OSError, match="simulated"):
+        run_plan(config)
+    assert not (out / MARKER).exists(), "an unfinished plan never looks finished"
+    assert len(ran) == n_shards - 1
+
+    ran.clear()
+    monkeypatch.setattr(
+        plan, "run_shard", lambda task: ran.append(task.number) or real_run_shard(task)
+    )
+    result = run_plan(config)
+    assert ran == [2], "only the shard that failed runs again"
+    assert result.resumed_shards == n_shards - 1
+    assert "resumed" in result.summary()
+    assert not (out / plan.PENDING).exists()
+    same = {p.name: p.read_bytes() for p in sorted(clean.glob("part-*.parquet"))}
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))} == same
+
+    # Other settings: every shard runs again, no part of the earlier run is kept.
+    (out / MARKER).unlink()
+    (out / plan.PENDING).write_text(json.dumps({"settings_hash": "other"}))
+    ran.clear()
+    run_plan(PlanConfig(objects=folder, out=out, shard_deg=0.002, rows_per_part=40, seed=9))
+    assert sorted(ran) == list(range(len(list((out / "_stats").glob("shard-*.json")))))
+
+
 def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, cli):
     swiss = [(t, i + 100_000, e, tags, g, geom) for t, i, e, tags, g, geom in fx.switzerland()]
     folder = objects(tmp_path, fx.city(50, seed=5) + swiss)

@@ -41,7 +41,15 @@ from ._choose import sample_by_tag as _sample_by_tag
 from ._geo import ProjectedBounds, object_hash
 from ._objects import Objects, object_parts, read_objects
 from ._output import SCHEMA, write_parts
-from ._shards import HaloIndex, ShardTask, halo_members, run_shard, shard_cells, subset
+from ._shards import (
+    HaloIndex,
+    ShardTask,
+    halo_members,
+    run_shard,
+    shard_cells,
+    shard_done_path,
+    subset,
+)
 from ._surround import warm_up
 
 __all__ = ["PlanConfig", "PlanResult", "run_plan", "SCHEMA", "JPEG_BYTES_PER_PIXEL", "MARKER"]
@@ -53,6 +61,9 @@ JPEG_BYTES_PER_PIXEL = 0.35
 #: Written last into the requests folder: the settings hash and the counts. Names starting
 #: with ``_`` are skipped by parquet dataset readers (``pd.read_parquet("requests")``).
 MARKER = "_plan.json"
+#: Written before the first shard, removed after the marker: an unfinished run's settings
+#: hash, so that a rerun with the same settings keeps the shards it finished.
+PENDING = "_plan.pending.json"
 STATS_DIR = "_stats"
 #: Bumped when the rules change, so that an older plan is not reused.
 _RULES_VERSION = 2
@@ -216,6 +227,7 @@ class PlanResult:
     dry_run: bool = False
     reused: bool = False
     settings_hash: str = ""
+    resumed_shards: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -233,6 +245,8 @@ class PlanResult:
             text += f"; already planned with these settings, nothing to do -> {self.out}"
         elif not self.dry_run:
             text += f" in {self.duration_s:.1f} s -> {self.out}"
+            if self.resumed_shards:
+                text += f" (resumed: {self.resumed_shards:,} shards were already written)"
         return text
 
     def estimate_lines(self) -> list[str]:
@@ -385,15 +399,17 @@ def run_plan(config: PlanConfig) -> PlanResult:
     source_years = [
         tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
     ]
-    _clear(config.out)
+    resume = _prepare(config.out, settings_hash)
     if not len(idx):
         write_parts(lambda a, b: SCHEMA.empty_table(), 0, config.out, config.rows_per_part)
     else:
         frames_src = (src, epsg, gsd, pixels, frames)
         shards = _run_shards(
-            config, objs, visible, entry_gsd, h, idx, frames_src, sources, source_years, proj
-        )
+            config, objs, visible, entry_gsd, h, idx, frames_src, sources, source_years, proj,
+            resume,
+        )  # fmt: skip
         result.surrounding = sum(r["surrounding"] for r in shards)
+        result.resumed_shards = sum(bool(r.get("resumed")) for r in shards)
     clock.lap("surround+write")
     if len(idx):
         # CPU seconds of the shards themselves (on Dask: in the workers), per phase.
@@ -405,6 +421,7 @@ def run_plan(config: PlanConfig) -> PlanResult:
     record.pop("reused")
     record.pop("dry_run")
     write_json_atomic(marker, record)
+    (config.out / PENDING).unlink(missing_ok=True)
     log.info("plan: wrote %d requests to %s", len(idx), config.out)
     return result
 
@@ -423,8 +440,10 @@ def _run_shards(
     sources: list[ImageSource],
     source_years: list[tuple[int, ...]],
     proj: ProjectedBounds,
+    resume: bool,
 ) -> list[dict[str, Any]]:
-    """Run the spatial shards (inline, or on Dask); returns their counts and CPU times."""
+    """Run the spatial shards (on threads, or on Dask); returns their counts and CPU times.
+    With ``resume``, a shard an earlier run of the same settings finished is not run again."""
     src, epsg, gsd, pixels, frames = framed
     number, order = shard_cells(frames.lonlat, config.shard_deg)
     n_shards = int(number.max()) + 1
@@ -465,20 +484,31 @@ def _run_shards(
             threads=per_shard, projected=proj.take(members),
         )  # fmt: skip
 
+    done: dict[int, dict[str, Any]] = {}
+    for k in range(n_shards) if resume else []:
+        path = shard_done_path(config.out, k)
+        if path.exists():
+            done[k] = {**json.loads(path.read_text()), "resumed": True}
+    todo = [k for k in range(n_shards) if k not in done]
+    if done:
+        log.info("plan: resuming, %d of %d shards were already written", len(done), n_shards)
     if not inline:
         cluster = ClusterConfig(scheduler=config.scheduler)
-        tasks = [task(k) for k in range(n_shards)]
-        return map_shards(run_shard, tasks, cluster, desc="plan: shards")
+        tasks = [task(k) for k in todo]
+        ran = dict(
+            zip(todo, map_shards(run_shard, tasks, cluster, desc="plan: shards"), strict=True)
+        )
+        return [done[k] if k in done else ran[k] for k in range(n_shards)]
     with (
         ThreadPoolExecutor(max_workers=max(1, threads // per_shard)) as pool,
-        progress_bar(total=n_shards, desc="plan: shards", unit="shard") as bar,
+        progress_bar(total=len(todo), desc="plan: shards", unit="shard") as bar,
     ):
         # Largest shards first, so that no big one is left running alone at the end.
-        largest_first = np.argsort(starts - ends, kind="stable").tolist()
+        largest_first = [k for k in np.argsort(starts - ends, kind="stable").tolist() if k in todo]
         futures = {k: pool.submit(_task_and_run, task, k) for k in largest_first}
         for _ in as_completed(futures.values()):
             bar.update(1)
-    return [futures[k].result() for k in range(n_shards)]
+    return [done[k] if k in done else futures[k].result() for k in range(n_shards)]
 
 
 def _task_and_run(task: Callable[[int], ShardTask], k: int) -> dict[str, Any]:
@@ -506,13 +536,22 @@ def _count(skipped: dict[str, int], reason: str, n: int) -> None:
         skipped[reason] = skipped.get(reason, 0) + n
 
 
-def _clear(out: Path) -> None:
-    """Remove a previous plan's files (marker first, so a crash never looks finished)."""
+def _prepare(out: Path, settings_hash: str) -> bool:
+    """Make ``out`` ready for the shards; True when it holds an unfinished run of the same
+    settings (its finished shards are kept), else every earlier plan file is removed."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).unlink(missing_ok=True)
-    for path in [*sorted(out.glob("part-*")), *sorted((out / STATS_DIR).glob("part-*"))]:
-        path.unlink()
+    (out / MARKER).unlink(missing_ok=True)  # first, so that a crash never looks finished
     remove_temp_files(out)
+    pending = out / PENDING
+    try:
+        if json.loads(pending.read_text()).get("settings_hash") == settings_hash:
+            return True
+    except (OSError, ValueError):
+        pass
+    for path in [*sorted(out.glob("part-*")), *sorted((out / STATS_DIR).glob("*.json"))]:
+        path.unlink()
+    write_json_atomic(pending, {"settings_hash": settings_hash})
+    return False
 
 
 def describe(config: PlanConfig) -> dict[str, Any]:

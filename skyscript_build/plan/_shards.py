@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from image_sources import ImageSource
 
+from ..files import write_json_atomic
 from ._choose import ranges
 from ._geo import ProjectedBounds
 from ._objects import Objects
@@ -174,10 +175,17 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
     parts = write_parts(
         build, len(task.focus), task.out, task.rows_per_part, task.threads, task.first_part
     )
-    return {
+    result = {
         "shard": task.number,
         "parts": len(parts),
         "surrounding": int(len(pair_req)),
         "cpu_surround": cpu1 - cpu0,
         "cpu_write": time.thread_time() - cpu1,
     }
+    write_json_atomic(shard_done_path(task.out, task.number), result)  # last: the shard is done
+    return result
+
+
+def shard_done_path(out: Path, number: int) -> Path:
+    """The file a shard writes after all its parts (its counts): a rerun skips the shard."""
+    return out / "_stats" / f"shard-{number:05d}.json"
