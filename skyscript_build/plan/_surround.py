@@ -125,18 +125,34 @@ def _merge(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndar
     """Concatenate pieces (each sorted by tile, no tile in two pieces) into tile order."""
     if not pieces:
         return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
-    counts = np.bincount(np.concatenate([r for r, _ in pieces]), minlength=n)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    out_r = np.repeat(np.arange(n, dtype=np.int32), counts)
-    out_j = np.empty(int(offsets[-1]), dtype=np.int32)
+    firsts = [int(r[0]) for r, _ in pieces if len(r)]
+    lasts = [int(r[-1]) for r, _ in pieces if len(r)]
+    if all(a > b for a, b in zip(firsts[1:], lasts[:-1], strict=True)):
+        # Already in tile order (one group, or groups that do not interleave): concatenate.
+        return np.concatenate([r for r, _ in pieces]), np.concatenate([j for _, j in pieces])
+    counts = np.zeros(n, dtype=np.int64)
+    for r, _ in pieces:
+        _count(r, counts)
+    next_slot = np.zeros(n, dtype=np.int64)
+    np.cumsum(counts[:-1], out=next_slot[1:])
+    out_j = np.empty(int(counts.sum()), dtype=np.int64)
     for r, j in pieces:
-        if len(r) == 0:
-            continue
-        first = np.flatnonzero(np.r_[True, r[1:] != r[:-1]])
-        rank = np.arange(len(r)) - np.repeat(first, np.diff(np.r_[first, len(r)]))
-        out_j[offsets[r] + rank] = j
-    return out_r, out_j
+        _scatter(r, j, next_slot, out_j)
+    return np.repeat(np.arange(n, dtype=np.int64), counts), out_j
+
+
+@numba.njit(nogil=True, cache=True)
+def _count(r, counts):
+    for i in range(len(r)):
+        counts[r[i]] += 1
+
+
+@numba.njit(nogil=True, cache=True)
+def _scatter(r, j, next_slot, out_j):
+    """Put each ``j[i]`` at the next free slot of tile ``r[i]`` (keeps a piece's order)."""
+    for i in range(len(r)):
+        out_j[next_slot[r[i]]] = j[i]
+        next_slot[r[i]] += 1
 
 
 def warm_up() -> None:
