@@ -462,6 +462,9 @@ def run_fetch(config: FetchConfig) -> FetchResult:
             shards = list_shards(config, limits, sources)
             pending = [s for s in shards if not _shard_finished(s)]
             results = map_shards(fetch_shard, pending, cluster, desc="fetch", client=client)
+    # A worker lost in the middle of writing a file leaves its temporary name behind (the
+    # retried shard wrote the file itself); every shard is done now, so nothing else is writing.
+    remove_temp_files(config.out)
     result = _summarise(config, len(shards) - len(pending), results, time.monotonic() - t0)
     result.startup_seconds = startup
     return result

@@ -129,6 +129,25 @@ def test_missing_files_of_an_unfinished_shard_are_refetched(fx, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
+def test_no_temporary_file_of_a_lost_writer_is_left(fx, tmp_path, monkeypatch):
+    """A writer killed during the run (a lost Dask worker) leaves a temporary file that the
+    shard's retry does not reuse: the finished dataset has none."""
+    import skyscript_build.fetch as fetch
+
+    out = tmp_path / "ds"
+    real_fetch_shard = fetch.fetch_shard
+
+    def shard_with_a_lost_writer(shard, *args, **kw):
+        result = real_fetch_shard(shard, *args, **kw)
+        (out / "images2" / ".n1_FI_19.jpg.lost.tmp").write_bytes(b"half")
+        return result
+
+    monkeypatch.setattr(fetch, "fetch_shard", shard_with_a_lost_writer)
+    run_fetch(_config(fx, out))
+    assert list(out.glob("images*/*.jpg"))
+    assert not list(out.rglob("*.tmp"))
+
+
 def test_webdataset_format(fx, tmp_path):
     out = tmp_path / "wds"
     result = run_fetch(_config(fx, out, format="webdataset", shard_size=5))
