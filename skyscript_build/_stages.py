@@ -171,7 +171,7 @@ def _report(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
 STAGE_SPECS: dict[str, StageSpec] = {
     "extract": StageSpec("skyscript_build.extract", "run_extract", _extract, dask="scheduler"),
     # plan's shards go to ctx.scheduler when the run has one (reusing the run's client), else
-    # to a LocalCluster of its own for large plans; small plans stay in this process.
+    # they run on threads in this process (never a LocalCluster of its own).
     "plan": StageSpec("skyscript_build.plan", "run_plan", _plan),
     "fetch": StageSpec("skyscript_build.fetch", "run_fetch", _fetch, dask="always"),
     "caption": StageSpec("skyscript_build.caption", "run_caption", _caption, dask="always"),

@@ -175,6 +175,7 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
     parts = write_parts(
         build, len(task.focus), task.out, task.rows_per_part, task.threads, task.first_part
     )
+    pa.default_memory_pool().release_unused()  # arrow's allocator keeps freed pages else
     result = {
         "shard": task.number,
         "parts": len(parts),

@@ -124,7 +124,7 @@ def _near(lonlat: np.ndarray, cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
 def _merge(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate pieces (each sorted by tile, no tile in two pieces) into tile order."""
     if not pieces:
-        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32)
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     firsts = [int(r[0]) for r, _ in pieces if len(r)]
     lasts = [int(r[-1]) for r, _ in pieces if len(r)]
     if all(a > b for a, b in zip(firsts[1:], lasts[:-1], strict=True)):
@@ -160,7 +160,8 @@ def warm_up() -> None:
     of numba's start-up that a caller can overlap with other work."""
     tile = np.array([[0.0, 0.0, 2.0, 2.0]])
     index = _StripIndex(tile / 2, np.zeros(1, np.int64), np.zeros(1), tile, 2)
-    index.pairs(tile, np.ones(1, np.int64), 1)
+    r, j = index.pairs(tile, np.ones(1, np.int64), 1)
+    _merge([(r + 1, j), (r, j)], 2)  # interleaved pieces: the scatter kernels
 
 
 class _StripIndex:
