@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 import image_sources
 from image_sources import ImageSource
@@ -39,7 +38,7 @@ from ..files import remove_temp_files, write_json_atomic
 from ..progress import progress_bar
 from ._choose import DUPLICATE, OVER_LIMIT, SAMPLED_OUT, choose_sources, frame, limit
 from ._choose import sample_by_tag as _sample_by_tag
-from ._geo import ProjectedBounds, object_hash
+from ._geo import ProjectedBounds, give_back_memory, object_hash
 from ._objects import Objects, object_parts, read_objects
 from ._output import SCHEMA, write_parts
 from ._shards import (
@@ -335,9 +334,7 @@ def run_plan(config: PlanConfig) -> PlanResult:
         threading.Thread(target=warm_up, name="plan-numba-warm-up", daemon=True).start()
     clock = _Clock()
     objs = read_objects(config.objects)
-    # Arrow's allocator keeps what reading freed (the parquet pages, the WKB: 1/3 of the
-    # peak) unless asked to give it back.
-    pa.default_memory_pool().release_unused()
+    give_back_memory()  # the parquet pages and the WKB
     clock.lap("read")
     log.info("plan: %d objects from %s", len(objs), config.objects)
     result = PlanResult(objects=len(objs) + sum(objs.dropped.values()), out=str(config.out))
@@ -471,7 +468,7 @@ def _run_shards(
         proj.get(np.full(len(need), code, dtype=np.int64), need)
     # Nothing needs the geometries any more: freed before the shards' peak.
     objs.geometry = proj.geoms = np.zeros(0, dtype=object)
-    pa.default_memory_pool().release_unused()
+    give_back_memory()
 
     halo_index = (
         HaloIndex(objs.bounds, config.shard_deg / 4) if config.max_surrounding > 0 else None

@@ -94,8 +94,10 @@ def read_objects(folder: Path) -> Objects:
             table = pq.read_table(part, columns=list(REQUIRED_COLUMNS))
         except (OSError, pa.ArrowException) as e:
             raise InputError(part, f"cannot read ({e})") from None
-        tables.append(table.combine_chunks())
+        tables.append(table)
+    # One copy into contiguous arrays (not one per part and another for all of them).
     table = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
+    del tables
     return _to_objects(table, folder)
 
 

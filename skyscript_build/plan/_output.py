@@ -18,8 +18,10 @@ from ._choose import ranges
 from ._objects import Objects
 
 MAP = pa.map_(pa.string(), pa.string())
-#: Requests per parquet row group (built and written one at a time).
-ROW_GROUP = 20_000
+#: Requests per parquet row group (built and written one at a time): a row group's tag maps
+#: (about 50 per request) are a shard's largest piece of memory; 20 000 cost 200 MB more peak
+#: RSS on the 10x10 tiling than 5 000, for 1.5 % smaller files.
+ROW_GROUP = 5_000
 SCHEMA = pa.schema(
     [
         ("key", pa.string()),
