@@ -208,7 +208,9 @@ def lonlat_box(epsg: np.ndarray, xy: np.ndarray, threads: int = 1) -> np.ndarray
 
 def give_back_memory() -> None:
     """Return freed memory to the system: arrow's allocator and glibc's malloc both keep what
-    was freed (after reading, a third of the peak; the geometries, a fifth) unless asked."""
+    was freed (after reading, a third of the peak; the geometries, a fifth) unless asked.
+    Not for hot paths: after ``malloc_trim`` new allocations fault their pages in again (per
+    shard it cost 20 % of the surroundings' time)."""
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()

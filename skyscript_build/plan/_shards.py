@@ -25,7 +25,7 @@ from image_sources import ImageSource
 
 from ..files import write_json_atomic
 from ._choose import ranges
-from ._geo import ProjectedBounds, give_back_memory
+from ._geo import ProjectedBounds
 from ._objects import Objects
 from ._output import build_table, write_parts
 from ._surround import surroundings
@@ -175,7 +175,7 @@ def run_shard(task: ShardTask) -> dict[str, Any]:
     parts = write_parts(
         build, len(task.focus), task.out, task.rows_per_part, task.threads, task.first_part
     )
-    give_back_memory()
+    pa.default_memory_pool().release_unused()  # arrow's allocator keeps freed pages else
     result = {
         "shard": task.number,
         "parts": len(parts),
