@@ -75,32 +75,33 @@ def shard_cells(lonlat: np.ndarray, shard_deg: float) -> tuple[np.ndarray, np.nd
 
 
 class HaloIndex:
-    """The objects' lon/lat bounds sorted by (row of a lat grid holding their south edge, west
-    edge), so that the objects inside a box are a few runs found by binary search: each
-    shard's halo costs a look at its own neighbourhood, not at every object."""
+    """The objects' lon/lat bounds sorted by one key, (row of a lat grid holding their south
+    edge, west edge to 2**-32 of the globe), so that the objects inside a box are one run of
+    keys per row, found by binary search: each shard's halo costs a look at its own
+    neighbourhood, not at every object."""
 
     def __init__(self, bounds: np.ndarray, row_deg: float) -> None:
         self.row_deg = row_deg
-        row = np.floor((bounds[:, 1] + 90.0) / row_deg).astype(np.int64)
-        self.order = np.lexsort((bounds[:, 0], row))
-        self.rows = row[self.order]
+        self.key = self._keys(np.floor((bounds[:, 1] + 90.0) / row_deg), bounds[:, 0])
+        self.order = np.argsort(self.key)
+        self.key = self.key[self.order]
         self.bounds = bounds[self.order]
+
+    @staticmethod
+    def _keys(row: np.ndarray, lon: np.ndarray) -> np.ndarray:
+        x = np.clip(np.floor((lon + 180.0) * (2.0**32 / 360.0)), 0, 2.0**32 - 1)
+        return (row.astype(np.int64) << 32) | x.astype(np.int64)
 
     def inside(self, w: float, s: float, e: float, n: float) -> np.ndarray:
         """Sorted indices of the objects whose bounds lie inside (w, s, e, n)."""
         first = int(np.floor((s + 90.0) / self.row_deg))
         last = int(np.floor((n + 90.0) / self.row_deg))
-        lo, hi = np.searchsorted(self.rows, [first, last + 1])
-        # Within each row, the objects with a west edge in [w, e].
-        row_ends = np.searchsorted(self.rows[lo:hi], np.arange(first, last + 1), "right") + lo
-        row_starts = np.r_[lo, row_ends[:-1]]
-        pieces = []
-        for a, b in zip(row_starts.tolist(), row_ends.tolist(), strict=True):
-            x = self.bounds[a:b, 0]
-            pieces.append(np.arange(a + np.searchsorted(x, w), a + np.searchsorted(x, e, "right")))
-        cand = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+        rows = np.arange(first, last + 1, dtype=np.float64)
+        lo = np.searchsorted(self.key, self._keys(rows, np.full(len(rows), w)), "left")
+        hi = np.searchsorted(self.key, self._keys(rows, np.full(len(rows), e)), "right")
+        cand = ranges(lo, hi - lo)
         bc = self.bounds[cand]
-        ok = (bc[:, 2] <= e) & (bc[:, 1] >= s) & (bc[:, 3] <= n)
+        ok = (bc[:, 0] >= w) & (bc[:, 2] <= e) & (bc[:, 1] >= s) & (bc[:, 3] <= n)
         return np.sort(self.order[cand[ok]])
 
 
