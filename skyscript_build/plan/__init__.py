@@ -42,8 +42,8 @@ from ._geo import ProjectedBounds, give_back_memory, object_hash
 from ._objects import Objects, object_parts, read_objects
 from ._output import SCHEMA, write_parts
 from ._shards import (
-    HaloIndex,
     ShardTask,
+    halo_indexes,
     halo_members,
     run_shard,
     shard_cells,
@@ -470,16 +470,18 @@ def _run_shards(
     objs.geometry = proj.geoms = np.zeros(0, dtype=object)
     give_back_memory()
 
-    halo_index = (
-        HaloIndex(objs.bounds, config.shard_deg / 4) if config.max_surrounding > 0 else None
+    # Per tile GSD, the objects visible at it in a lon/lat index (for the shards' halos).
+    halo = (
+        halo_indexes(objs.bounds, visible, gsd, config.shard_deg / 4)
+        if config.max_surrounding
+        else {}
     )
 
     def task(k: int) -> ShardTask:
         rows = order[starts[k] : ends[k]]
         members = idx[rows]
-        if halo_index is not None:
-            halo = halo_members(halo_index, visible, gsd[rows], frames.lonlat[rows])
-            members = np.union1d(halo, members)
+        if halo:
+            members = np.union1d(halo_members(halo, gsd[rows], frames.lonlat[rows]), members)
         sub, entries = subset(objs, members)
         return ShardTask(
             number=k, first_part=int(first_part[k]), objs=sub, visible=visible[members],

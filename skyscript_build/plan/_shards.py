@@ -80,12 +80,14 @@ class HaloIndex:
     keys per row, found by binary search: each shard's halo costs a look at its own
     neighbourhood, not at every object."""
 
-    def __init__(self, bounds: np.ndarray, row_deg: float) -> None:
+    def __init__(self, bounds: np.ndarray, row_deg: float, ids: np.ndarray) -> None:
+        """``bounds`` of the objects ``ids``; ``inside`` answers with ``ids``."""
         self.row_deg = row_deg
         self.key = self._keys(np.floor((bounds[:, 1] + 90.0) / row_deg), bounds[:, 0])
-        self.order = np.argsort(self.key)
-        self.key = self.key[self.order]
-        self.bounds = bounds[self.order]
+        order = np.argsort(self.key)
+        self.order = ids[order]
+        self.key = self.key[order]
+        self.bounds = bounds[order]
 
     @staticmethod
     def _keys(row: np.ndarray, lon: np.ndarray) -> np.ndarray:
@@ -105,19 +107,31 @@ class HaloIndex:
         return np.sort(self.order[cand[ok]])
 
 
+def halo_indexes(
+    bounds: np.ndarray, visible: np.ndarray, gsds: np.ndarray, row_deg: float
+) -> dict[float, HaloIndex]:
+    """A ``HaloIndex`` per tile GSD of the objects visible at it (sparse for coarse GSDs)."""
+    out = {}
+    for g in np.unique(gsds).tolist():
+        rows = np.flatnonzero(visible >= g * (1 - 1e-9))
+        out[g] = HaloIndex(bounds[rows], row_deg, rows)
+    return out
+
+
 def halo_members(
-    index: HaloIndex, visible: np.ndarray, gsd: np.ndarray, lonlat: np.ndarray
+    indexes: dict[float, HaloIndex], gsd: np.ndarray, lonlat: np.ndarray
 ) -> np.ndarray:
     """Sorted indices of the objects that may surround some of the tiles ``lonlat``: visible at
     a tile's GSD and inside the padded union box of the tiles of that GSD."""
     found = []
-    for g in np.unique(gsd):
+    for g in np.unique(gsd).tolist():
         box = lonlat[gsd == g]
         w, s = float(box[:, 0].min()), float(box[:, 1].min())
         e, n = float(box[:, 2].max()), float(box[:, 3].max())
         pad_x, pad_y = (e - w) * HALO_PAD + 1e-6, (n - s) * HALO_PAD + 1e-6
-        near = index.inside(w - pad_x, s - pad_y, e + pad_x, n + pad_y)
-        found.append(near[visible[near] >= g * (1 - 1e-9)])
+        found.append(indexes[g].inside(w - pad_x, s - pad_y, e + pad_x, n + pad_y))
+    if len(found) == 1:
+        return found[0]
     return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
 
 
