@@ -351,8 +351,7 @@ def run_plan(config: PlanConfig) -> PlanResult:
     px = (config.min_px, point_px, config.margin)
 
     choice = choose_sources(objs, sources, proj, px, config.max_px)
-    reasons, counts = np.unique(choice.reason[choice.source < 0].astype(str), return_counts=True)
-    skipped.update({str(r): int(c) for r, c in zip(reasons, counts, strict=True)})
+    skipped.update({reason: n for reason, n in choice.skipped.items() if n})
     idx = np.flatnonzero(choice.source >= 0)
     if config.per_tag_cap is not None and len(idx):
         keep = _sample_by_tag(objs, idx, h, config.per_tag_cap)

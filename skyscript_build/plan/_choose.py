@@ -58,12 +58,12 @@ def source_epsg(source: ImageSource) -> int | None:
 
 @dataclass
 class Choice:
-    """The chosen source per object (-1: none) and the reason for every skipped object."""
+    """The chosen source per object (-1: none) and how many objects were skipped, by reason."""
 
     source: np.ndarray
     epsg: np.ndarray
     pixels: np.ndarray
-    reason: np.ndarray  # object dtype: None or a reason string
+    skipped: dict[str, int]
 
 
 def choose_sources(
@@ -107,12 +107,13 @@ def choose_sources(
         chosen[sel] = k
         epsg[sel] = codes[fits]
         pixels[sel] = side_px[fits]
-    reason = np.full(n, None, dtype=object)
     none = chosen < 0
-    reason[none & ~covered_any] = OUTSIDE
-    reason[none & covered_any & ~fine_any] = TOO_COARSE
-    reason[none & fine_any] = TOO_LARGE
-    return Choice(source=chosen, epsg=epsg, pixels=pixels, reason=reason)
+    skipped = {
+        OUTSIDE: int((none & ~covered_any).sum()),
+        TOO_COARSE: int((none & covered_any & ~fine_any).sum()),
+        TOO_LARGE: int((none & fine_any).sum()),
+    }
+    return Choice(source=chosen, epsg=epsg, pixels=pixels, skipped=skipped)
 
 
 #: Cells per side of the grid that classifies a coverage polygon (see ``_inside_cells``).
