@@ -38,7 +38,7 @@ from ..files import remove_temp_files, write_json_atomic
 from ..progress import progress_bar
 from ._choose import DUPLICATE, OVER_LIMIT, SAMPLED_OUT, choose_sources, frame, limit
 from ._choose import sample_by_tag as _sample_by_tag
-from ._geo import ProjectedBounds, give_back_memory, object_hash
+from ._geo import ProjectedBounds, distinct, give_back_memory, object_hash
 from ._objects import Objects, object_parts, read_objects
 from ._output import SCHEMA, write_parts
 from ._shards import (
@@ -461,7 +461,7 @@ def _run_shards(
     log.info("plan: %d shards of %.3g degrees", n_shards, config.shard_deg)
     # Every bounds a shard needs (objects visible at a tile's GSD, in its CRS) computed here,
     # once: the shards get bounds, not geometries.
-    for code in np.unique(epsg) if config.max_surrounding > 0 else []:
+    for code in distinct(epsg) if config.max_surrounding > 0 else []:
         finest = float(gsd[epsg == code].min())
         need = np.flatnonzero(visible >= finest * (1 - 1e-9))
         proj.get(np.full(len(need), code, dtype=np.int64), need)
@@ -480,7 +480,8 @@ def _run_shards(
         rows = order[starts[k] : ends[k]]
         members = idx[rows]
         if halo:
-            members = np.union1d(halo_members(halo, gsd[rows], frames.lonlat[rows]), members)
+            near = halo_members(halo, gsd[rows], frames.lonlat[rows])
+            members = distinct(np.concatenate([near, members]))
         sub, entries = subset(objs, members)
         return ShardTask(
             number=k, first_part=int(first_part[k]), objs=sub, visible=visible[members],

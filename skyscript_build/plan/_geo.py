@@ -57,6 +57,15 @@ def utm_epsg(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
     return np.where(lat >= 0, 32600, 32700) + zone
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """The distinct values, sorted: ``np.unique`` by one sort (numpy 2.4's hash-based
+    ``np.unique`` took 30x longer on our index arrays)."""
+    values = np.sort(values, axis=None)
+    if len(values) < 2:
+        return values
+    return values[np.r_[True, values[1:] != values[:-1]]]
+
+
 #: Rows per chunk of the threaded geometry functions (shapely and pyproj release the GIL).
 THREAD_CHUNK = 32_768
 
@@ -132,7 +141,7 @@ class ProjectedBounds:
         out = np.empty((len(index), 4), dtype=np.float64)
         if len(index) == 0:
             return out
-        for code in np.unique(epsg):
+        for code in distinct(epsg):
             sel = np.flatnonzero(epsg == code)
             out[sel] = self._get_one(int(code), index[sel])
         return out
@@ -193,7 +202,7 @@ def lonlat_box(epsg: np.ndarray, xy: np.ndarray, threads: int = 1) -> np.ndarray
     out = np.empty_like(xy)
     fx = np.array([0.0, 1.0, 1.0, 0.0])
     fy = np.array([0.0, 0.0, 1.0, 1.0])
-    for code in np.unique(epsg):
+    for code in distinct(epsg):
         sel = np.flatnonzero(epsg == code)
         b = xy[sel]
         px = b[:, [0]] + (b[:, [2]] - b[:, [0]]) * fx

@@ -25,7 +25,7 @@ from image_sources import ImageSource
 
 from ..files import write_json_atomic
 from ._choose import ranges
-from ._geo import ProjectedBounds
+from ._geo import ProjectedBounds, distinct
 from ._objects import Objects
 from ._output import build_table, write_parts
 from ._surround import surroundings
@@ -70,8 +70,12 @@ def shard_cells(lonlat: np.ndarray, shard_deg: float) -> tuple[np.ndarray, np.nd
     col = np.floor((cx + 180.0) / shard_deg).astype(np.int64)
     row = np.floor((cy + 90.0) / shard_deg).astype(np.int64)
     cell = row * (int(360.0 / shard_deg) + 2) + col
-    _, number = np.unique(cell, return_inverse=True)
-    return number.reshape(-1), np.argsort(number, kind="stable")
+    order = np.argsort(cell, kind="stable")
+    in_order = cell[order]
+    rank = np.cumsum(np.r_[True, in_order[1:] != in_order[:-1]]) - 1
+    number = np.empty(len(cell), dtype=np.int64)
+    number[order] = rank
+    return number, order
 
 
 class HaloIndex:
@@ -112,7 +116,7 @@ def halo_indexes(
 ) -> dict[float, HaloIndex]:
     """A ``HaloIndex`` per tile GSD of the objects visible at it (sparse for coarse GSDs)."""
     out = {}
-    for g in np.unique(gsds).tolist():
+    for g in distinct(gsds).tolist():
         rows = np.flatnonzero(visible >= g * (1 - 1e-9))
         out[g] = HaloIndex(bounds[rows], row_deg, rows)
     return out
@@ -124,7 +128,7 @@ def halo_members(
     """Sorted indices of the objects that may surround some of the tiles ``lonlat``: visible at
     a tile's GSD and inside the padded union box of the tiles of that GSD."""
     found = []
-    for g in np.unique(gsd).tolist():
+    for g in distinct(gsd).tolist():
         box = lonlat[gsd == g]
         w, s = float(box[:, 0].min()), float(box[:, 1].min())
         e, n = float(box[:, 2].max()), float(box[:, 3].max())
@@ -132,7 +136,7 @@ def halo_members(
         found.append(indexes[g].inside(w - pad_x, s - pad_y, e + pad_x, n + pad_y))
     if len(found) == 1:
         return found[0]
-    return np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+    return distinct(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
 
 
 def subset(objs: Objects, rows: np.ndarray) -> tuple[Objects, np.ndarray]:
