@@ -513,7 +513,9 @@ def _run_shards(
         progress_bar(total=len(todo), desc="plan: shards", unit="shard") as bar,
     ):
         # Largest shards first, so that no big one is left running alone at the end.
-        largest_first = [k for k in np.argsort(starts - ends, kind="stable").tolist() if k in todo]
+        largest_first = [
+            k for k in np.argsort(starts - ends, kind="stable").tolist() if k not in done
+        ]
         futures = {k: pool.submit(_task_and_run, task, k) for k in largest_first}
         for _ in as_completed(futures.values()):
             bar.update(1)
