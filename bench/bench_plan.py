@@ -403,7 +403,9 @@ objects): {ours["requests"]:,} requests with {ours["surrounding"]:,} surrounding
 ({pairs:.0f} per tile). Load average (1, 5, 15 min) before and after the benchmark {load}; two
 numpy threads sorting got {cores}. The peer is a per-object Python loop (shapely per geometry,
 pyproj per object, STRtree.query per tile, the tag filter per neighbour) on
-{peer["objects"]:,} sampled objects, CPU time.
+{peer["objects"]:,} sampled objects, CPU time. Wall-clock figures on this shared 2-core
+machine vary by 10-20 % from run to run (hence the median of 5 for the goal); the peer's rate
+also shows how fast the machine was during this run.
 
 | run | objects/s | peak RSS |
 |---|---|---|
