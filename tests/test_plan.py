@@ -264,7 +264,7 @@ def test_rerun_reuses_and_changed_settings_replan(tmp_path):
     assert pq.read_table(out).num_rows == other.requests, "the folder reads as one dataset"
 
 
-def test_a_crashed_plan_resumes_with_the_shards_it_finished(tmp_path, monkeypatch, cli):
+def test_a_crashed_plan_resumes_with_the_shards_it_finished(tmp_path, monkeypatch):
     """A shard fails mid-run: the rerun with the same settings runs only the shards without
     their done file and gives the same bytes as a clean run; other settings start over."""
     import skyscript_build.plan as plan
