@@ -204,11 +204,7 @@ def _dense_points(
         return None
     keep, gsd = judged
     pnode = pair_node[keep]
-    # Sort the tags of a node by key (string order), nodes in file order.
-    order_keys = sorted(set(kidx[keep].tolist()), key=table.__getitem__)
-    rank = np.zeros(len(table), np.int64)
-    rank[order_keys] = np.arange(len(order_keys))
-    order = np.lexsort((rank[kidx[keep]], pnode))
+    order = by_owner_then_key(table, kidx[keep], pnode)
     keep, gsd, pnode = keep[order], gsd[order], pnode[order]
     nodes, first, counts = np.unique(pnode, return_index=True, return_counts=True)
     offsets = np.zeros(nodes.size + 1, np.int32)
@@ -300,6 +296,14 @@ def judge_tags(
     if keep.size == 0:
         return None
     return keep, gsd[ok]
+
+
+def by_owner_then_key(table: list[str], keys: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """The order of tag entries by owner (node or way, in file order), then by key string."""
+    order_keys = sorted(set(keys.tolist()), key=table.__getitem__)
+    rank = np.zeros(len(table), np.int64)
+    rank[order_keys] = np.arange(len(order_keys))
+    return np.lexsort((rank[keys], owner))
 
 
 def iter_point_blocks(path: str, tf: TagFilter) -> Iterator[PointBlock]:

@@ -32,6 +32,7 @@ from ._dense import (
     _Judge,
     _packed_varints,
     _zigzag_delta,
+    by_owner_then_key,
     data_block_parts,
     judge_tags,
 )
@@ -377,10 +378,7 @@ class _LineBuilder:
         tmask = out[tag_way[keep]]
         tkeep, tgsd = keep[tmask], gsd[tmask]
         tway = tag_way[tkeep]
-        order_keys = sorted(set(kidx[tkeep].tolist()), key=table.__getitem__)
-        rank = np.zeros(len(table), np.int64)
-        rank[order_keys] = np.arange(len(order_keys))
-        order = np.lexsort((rank[kidx[tkeep]], tway))
+        order = by_owner_then_key(table, kidx[tkeep], tway)
         tkeep, tgsd, tway = tkeep[order], tgsd[order], tway[order]
         ways_out, first, tcounts = np.unique(tway, return_index=True, return_counts=True)
         best = np.maximum.reduceat(tgsd, first)
