@@ -1,0 +1,262 @@
+"""One way to run a stage's shards, and one way to mark a shard finished.
+
+Every stage cuts its work into shards: picklable descriptions with a ``name`` that is unique
+within the stage and stable across runs. ``run_shards`` applies a module-level function to
+each and returns the results in shard order:
+
+- inline (one after the other, in this process), on threads or on processes of this machine,
+  or as Dask tasks on a scheduler (``ClusterConfig.scheduler``, or an open client), retried
+  on a lost worker;
+- with a ``markers`` folder, a shard that returns is marked finished by
+  ``<markers>/<name>.done.json`` (its result and the run's ``fingerprint``), written where
+  the shard ran, after its own outputs. A rerun with the same fingerprint reads the result
+  back instead of running the shard again, so a killed run (or a killed worker) resumes the
+  same way in every stage. A shard whose result says ``"incomplete": true`` (a fetch shard
+  with tiles to retry, say) is not marked, and runs again next time.
+
+A shard function writes its outputs atomically (``files.atomic_path``), so that a shard
+retried after a crash never meets half a file of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .cluster import ClusterConfig, dask_client
+from .files import write_json_atomic
+from .progress import progress_bar
+
+__all__ = ["Local", "RunnerConfig", "run_shards", "finished_result", "marker_path", "clear_markers"]
+
+log = logging.getLogger(__name__)
+
+#: How shards run without a scheduler: one after the other here, on threads (work that
+#: releases the GIL: numpy, numba, arrow, I/O), or on worker processes (pure Python work).
+Local = Literal["inline", "threads", "processes"]
+MARKER_SUFFIX = ".done.json"
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Where and how a stage's shards run.
+
+    Attributes:
+        cluster: workers (0: one per core) and an optional Dask scheduler address.
+        local: without a scheduler, ``threads`` or ``processes`` (one per worker); with one
+            worker, shards run inline.
+        markers: folder of the finished shards' markers; None keeps no markers.
+        fingerprint: settings hash of the run: a marker of another fingerprint is stale.
+        desc: the progress bar's label.
+    """
+
+    cluster: ClusterConfig = ClusterConfig()
+    local: Local = "processes"
+    markers: Path | None = None
+    fingerprint: str = ""
+    desc: str = "shards"
+
+
+def marker_path(markers: Path, name: str) -> Path:
+    """The file that marks shard ``name`` finished."""
+    return Path(markers) / f"{name}{MARKER_SUFFIX}"
+
+
+def finished_result(markers: Path | None, name: str, fingerprint: str) -> dict[str, Any] | None:
+    """The result a finished shard recorded, or None when it must run (again)."""
+    if markers is None:
+        return None
+    try:
+        record = json.loads(marker_path(markers, name).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return None
+    result = record.get("result")
+    return result if isinstance(result, dict) else None
+
+
+def clear_markers(markers: Path) -> int:
+    """Remove every shard marker of ``markers``; return how many."""
+    count = 0
+    for path in Path(markers).glob(f"*{MARKER_SUFFIX}"):
+        path.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def run_and_mark(
+    func: Callable[[Any], dict[str, Any]], shard: Any, markers: str | None, fingerprint: str
+) -> dict[str, Any]:
+    """Run one shard and mark it finished (module level: what a worker runs)."""
+    result = func(shard)
+    if markers is not None and not result.get("incomplete"):
+        write_json_atomic(
+            marker_path(Path(markers), shard.name), {"fingerprint": fingerprint, "result": result}
+        )
+    return result
+
+
+def run_shards(
+    func: Callable[[Any], dict[str, Any]],
+    shards: Sequence[Any],
+    config: RunnerConfig,
+    *,
+    client: Any = None,
+    priority: Sequence[float] | None = None,
+    on_result: Callable[[int, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``func`` on every shard not finished yet; the results of all, in shard order.
+
+    Args:
+        func: module-level function of one shard returning a JSON-able dict.
+        shards: shard descriptions, each with a ``name``.
+        config: where they run and where their markers go.
+        client: an open ``distributed.Client`` to use (else ``config.cluster`` decides).
+        priority: per shard, higher starts first (the largest shards, say); default: in order.
+        on_result: called with (shard index, result) as each shard finishes (in this process).
+    """
+    names = [s.name for s in shards]
+    if len(set(names)) != len(names):
+        raise ValueError("shard names must be unique")
+    results: list[dict[str, Any] | None] = [None] * len(shards)
+    todo: list[int] = []
+    for i, shard in enumerate(shards):
+        done = finished_result(config.markers, shard.name, config.fingerprint)
+        if done is not None:
+            results[i] = {**done, "already_done": True}
+        else:
+            todo.append(i)
+    if len(todo) < len(shards):
+        log.info(
+            "%s: %d of %d shards already done", config.desc, len(shards) - len(todo), len(shards)
+        )
+    if priority is not None:
+        todo.sort(key=lambda i: -priority[i])
+    if todo:
+        markers = None if config.markers is None else str(config.markers)
+        if config.markers is not None:
+            Path(config.markers).mkdir(parents=True, exist_ok=True)
+        run = _on_dask if (client is not None or config.cluster.scheduler) else _on_this_machine
+        run(func, shards, todo, results, config, markers, client, on_result)
+    return [r for r in results if r is not None]
+
+
+def _on_this_machine(
+    func: Callable[[Any], dict[str, Any]],
+    shards: Sequence[Any],
+    todo: list[int],
+    results: list[dict[str, Any] | None],
+    config: RunnerConfig,
+    markers: str | None,
+    client: Any,
+    on_result: Callable[[int, dict[str, Any]], None] | None,
+) -> None:
+    workers = min(config.cluster.n_workers(), len(todo))
+    fp = config.fingerprint
+    with progress_bar(total=len(todo), desc=config.desc, unit="shard") as bar:
+        if workers <= 1 or config.local == "inline":
+            for i in todo:
+                results[i] = run_and_mark(func, shards[i], markers, fp)
+                if on_result is not None:
+                    on_result(i, results[i])  # type: ignore[arg-type]
+                bar.update(1)
+            return
+        pool: Executor
+        if config.local == "threads":
+            pool = ThreadPoolExecutor(workers, thread_name_prefix=config.desc)
+        else:
+            pool = ProcessPoolExecutor(workers, mp_context=_process_context())
+        with pool:
+            futures = {pool.submit(run_and_mark, func, shards[i], markers, fp): i for i in todo}
+            for future in as_completed(futures):
+                i = futures[future]
+                try:
+                    results[i] = future.result()
+                except BrokenProcessPool as e:
+                    raise RuntimeError(f"{config.desc}: a worker process died ({e})") from e
+                if on_result is not None:
+                    on_result(i, results[i])  # type: ignore[arg-type]
+                bar.update(1)
+
+
+def _process_context() -> Any:
+    """fork (workers start in milliseconds) unless threads run here (a Dask client, say),
+    which fork would copy mid-lock: then forkserver."""
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and _only_main_thread():
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def _only_main_thread() -> bool:
+    try:
+        from tqdm._monitor import TMonitor
+    except ImportError:  # pragma: no cover - tqdm moved it
+        TMonitor = ()  # type: ignore[assignment,misc]  # noqa: N806
+    main = threading.main_thread()
+    return all(t is main or isinstance(t, TMonitor) for t in threading.enumerate()) and (
+        os.name == "posix"
+    )
+
+
+def _on_dask(
+    func: Callable[[Any], dict[str, Any]],
+    shards: Sequence[Any],
+    todo: list[int],
+    results: list[dict[str, Any] | None],
+    config: RunnerConfig,
+    markers: str | None,
+    client: Any,
+    on_result: Callable[[int, dict[str, Any]], None] | None,
+) -> None:
+    if client is None:
+        with dask_client(config.cluster) as own:
+            _on_client(own, func, shards, todo, results, config, markers, on_result)
+    else:
+        _on_client(client, func, shards, todo, results, config, markers, on_result)
+
+
+def _on_client(
+    client: Any,
+    func: Callable[[Any], dict[str, Any]],
+    shards: Sequence[Any],
+    todo: list[int],
+    results: list[dict[str, Any] | None],
+    config: RunnerConfig,
+    markers: str | None,
+    on_result: Callable[[int, dict[str, Any]], None] | None,
+) -> None:
+    from distributed import as_completed as dask_completed
+
+    futures = {}
+    for rank, i in enumerate(todo):
+        future = client.submit(
+            run_and_mark,
+            func,
+            shards[i],
+            markers,
+            config.fingerprint,
+            key=f"{config.desc}-{shards[i].name}-{uuid.uuid4().hex[:12]}",
+            pure=False,
+            retries=config.cluster.retries,
+            priority=len(todo) - rank,
+        )
+        futures[future] = i
+    with progress_bar(total=len(futures), desc=config.desc, unit="shard") as bar:
+        for future in dask_completed(list(futures)):
+            i = futures[future]
+            results[i] = future.result()
+            if on_result is not None:
+                on_result(i, results[i])  # type: ignore[arg-type]
+            bar.update(1)
