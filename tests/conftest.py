@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -90,3 +92,77 @@ def demo_orthophoto(tmp_path_factory, helsinki_pbf) -> Path:
 
     out = tmp_path_factory.mktemp("demo_data")
     return render_orthophoto(OrthophotoConfig(pbf=helsinki_pbf, out=out)).collections
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as stderr:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path):
+    """``dask scheduler`` and two ``dask worker`` processes (no nanny) on 127.0.0.1, each
+    limited to 1.5 GiB, as the planet-scale docs ask of a cluster's workers."""
+    dask = str(Path(sys.executable).parent / "dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [
+        _start(
+            [
+                dask,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-dashboard",
+                "--scheduler-file",
+                str(scheduler_file),
+            ],
+            tmp_path / "scheduler.log",
+        )
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+            assert time.monotonic() < deadline, "the Dask scheduler did not start"
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        workers = [
+            _start(
+                [
+                    dask,
+                    "worker",
+                    address,
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--no-dashboard",
+                    "--name",
+                    f"w{i}",
+                    "--memory-limit",
+                    "1.5GiB",
+                ],
+                tmp_path / f"worker{i}.log",
+            )
+            for i in range(2)
+        ]
+        procs += workers
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield {"address": address, "workers": workers}
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

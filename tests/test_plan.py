@@ -55,6 +55,27 @@ def assert_box_holds(req: dict, geom: shapely.Geometry) -> None:
     assert req["y_min"] - t <= y0 and y1 <= req["y_max"] + t, req["key"]
 
 
+def _objects(bounds: np.ndarray, max_gsd: np.ndarray):
+    """Areas with these boxes (for the functions that read only boxes and GSDs)."""
+    from skyscript_build.plan._objects import Objects
+
+    n = len(bounds)
+    return Objects(
+        kind=np.full(n, 3, dtype=np.int8), element=np.full(n, 2, dtype=np.int8),
+        osm_id=np.arange(n), bounds=bounds, max_gsd=max_gsd, tag_offsets=np.arange(n + 1),
+        tag_keys=None, tag_values=None, dropped={},
+    )  # fmt: skip
+
+
+def projected_box(geom: shapely.Geometry, crs: str) -> tuple[float, float, float, float]:
+    """The bounds of an object's lon/lat box in ``crs``, as the plan takes them: the box's
+    corners and the middles of its edges, projected."""
+    w, s, e, n = geom.bounds
+    fx_, fy_ = [0, 0.5, 1, 1, 1, 0.5, 0, 0], [0, 0, 0, 0.5, 1, 1, 1, 0.5]
+    xs, ys = to_crs(crs).transform([w + (e - w) * f for f in fx_], [s + (n - s) * f for f in fy_])
+    return min(xs), min(ys), max(xs), max(ys)
+
+
 def test_boxes_hold_objects_pixels_in_range_and_keys(tmp_path):
     swiss = [(t, i + 100_000, e, tags, g, geom) for t, i, e, tags, g, geom in fx.switzerland()]
     rows = fx.city(300, seed=1) + swiss
@@ -120,7 +141,6 @@ def test_coverage_grid_agrees_with_geos_near_a_concave_border():
     """The grid of cells wholly inside a coverage (no GEOS call for most objects) decides
     exactly as shapely.contains, for objects on, near and across a concave border."""
     from skyscript_build.plan._choose import _covered
-    from skyscript_build.plan._objects import Objects
 
     # A U-shaped coverage: the notch puts a concave border through the middle.
     u_shape = shapely.Polygon([(0, 0), (3, 0), (3, 3), (2, 3), (2, 1), (1, 1), (1, 3), (0, 3)])
@@ -136,17 +156,10 @@ def test_coverage_grid_agrees_with_geos_near_a_concave_border():
             shapely.box(x[1000:], y[1000:], x[1000:] + size[1000:], y[1000:] + size[1000:]),
         ]
     )
-    n = len(geoms)
-    objs = Objects(
-        osm_type=np.full(n, "a"), osm_id=np.arange(n), osm_element=np.full(n, "way"),
-        kind=np.full(n, 3, dtype=np.int8), element=np.full(n, 2, dtype=np.int8),
-        geometry=geoms, bounds=shapely.bounds(geoms), max_gsd=np.full(n, 1.0),
-        tag_offsets=np.arange(n + 1), tag_keys=None, tag_values=None,
-        tag_code=np.zeros(n, dtype=np.int32), tag_names=[], dropped={},
-    )  # fmt: skip
-    got = _covered(source, objs, np.arange(n), threads=2)
+    objs = _objects(shapely.bounds(geoms), np.full(len(geoms), 1.0))
+    got = _covered(source, objs, np.arange(len(geoms)), threads=2)
     assert np.array_equal(got, shapely.contains(u_shape, geoms))
-    assert 0.2 * n < got.sum() < 0.9 * n  # both answers are well represented
+    assert 0.2 * len(got) < got.sum() < 0.9 * len(got)  # both answers are well represented
 
 
 def test_shift_is_seeded_and_output_byte_identical(tmp_path):
@@ -155,7 +168,7 @@ def test_shift_is_seeded_and_output_byte_identical(tmp_path):
     runs = {}
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         run_plan(PlanConfig(objects=folder, out=tmp_path / name, seed=seed))
-        runs[name] = (tmp_path / name / "part-00000.parquet").read_bytes()
+        runs[name] = [p.read_bytes() for p in sorted((tmp_path / name).glob("part-*.parquet"))]
     assert runs["a"] == runs["b"], "same objects + seed -> byte-identical parquet"
     assert runs["a"] != runs["c"]
     a, c = read_requests(tmp_path / "a"), read_requests(tmp_path / "c")
@@ -233,22 +246,48 @@ def test_surroundings_inside_and_groundable_at_the_tiles_gsd(tmp_path):
 
 
 def test_sampling_caps_common_tags_and_keeps_rare_ones(tmp_path):
-    rows = fx.city(600, seed=4)
+    """Per-tag quotas: a rare tag keeps every object, a common one about ``cap`` (each of its
+    objects is kept with probability cap / count, from the seeded hash)."""
+    rows = fx.city(1500, seed=4)
     folder = objects(tmp_path, rows)
     tags_of = {f"{r[0]}{r[1]}": next(iter(r[3].items())) for r in rows}
     totals = Counter(tags_of.values())
-    cap = 25
+    cap = 60
     result = run_plan(PlanConfig(objects=folder, out=tmp_path / "a", per_tag_cap=cap, seed=1))
     kept = Counter(tags_of[f"{r['osm_type']}{r['osm_id']}"] for r in read_requests(tmp_path / "a"))
     for tag, total in totals.items():
-        assert kept[tag] == min(total, cap), tag
-    assert any(t > cap for t in totals.values()) and any(t <= cap for t in totals.values())
+        if total <= cap:
+            assert kept[tag] == total, tag
+        else:  # binomial(total, cap / total): within four standard deviations
+            assert abs(kept[tag] - cap) <= 4 * np.sqrt(cap), (tag, total, kept[tag])
+    assert any(t > 3 * cap for t in totals.values()) and any(t <= cap for t in totals.values())
     assert result.skipped["sampled-out"] == sum(totals.values()) - sum(kept.values())
     # Deterministic with the seed, different with another seed.
     run_plan(PlanConfig(objects=folder, out=tmp_path / "b", per_tag_cap=cap, seed=1))
     run_plan(PlanConfig(objects=folder, out=tmp_path / "c", per_tag_cap=cap, seed=2))
     ids = {k: {r["key"] for r in read_requests(tmp_path / k)} for k in "abc"}
     assert ids["a"] == ids["b"] != ids["c"]
+
+
+def test_sampling_and_limit_do_not_depend_on_the_partitions(tmp_path):
+    """The quotas and the max_requests cut are decided per object from global numbers: one
+    partition, many small ones, and many read units (scan tasks) give the same requests."""
+    rows = fx.city(1500, seed=8)
+    folder = tmp_path / "objects"
+    for part in range(3):  # three parts: several scan tasks
+        fx.write_objects(folder, rows[part::3], part=part)
+    keys = {}
+    for name, deg, target in (("one", 360.0, 10**6), ("grid", 0.004, 10**6), ("split", 0.02, 40)):
+        out = tmp_path / name
+        result = run_plan(
+            PlanConfig(objects=folder, out=out, per_tag_cap=80, max_requests=200, seed=5,
+                       shard_deg=deg, partition_objects=target)
+        )  # fmt: skip
+        assert result.requests == 200
+        keys[name] = sorted(r["key"] for r in read_requests(out))
+        parts = len(list(out.glob("part-*.parquet")))
+        assert parts == 1 if name == "one" else parts > 8, (name, parts)
+    assert keys["one"] == keys["grid"] == keys["split"]
 
 
 def test_rerun_reuses_and_changed_settings_replan(tmp_path):
@@ -259,57 +298,59 @@ def test_rerun_reuses_and_changed_settings_replan(tmp_path):
     assert again.reused and again.requests == first.requests
     other = run_plan(PlanConfig(objects=folder, out=out, max_px=600, rows_per_part=30))
     assert not other.reused
-    assert len(list(out.glob("part-*.parquet"))) == -(-other.requests // 30)
+    rows = [pq.read_metadata(p).num_rows for p in out.glob("part-*.parquet")]
+    assert sum(rows) == other.requests and max(rows) == 30
     assert all(r["width"] <= 600 for r in read_requests(out))
     assert pq.read_table(out).num_rows == other.requests, "the folder reads as one dataset"
 
 
-def test_a_crashed_plan_resumes_with_the_shards_it_finished(tmp_path, monkeypatch):
-    """A shard fails mid-run: the rerun with the same settings runs only the shards without
-    their done file and gives the same bytes as a clean run; other settings start over."""
+def test_a_crashed_plan_resumes_with_the_partitions_it_finished(tmp_path, monkeypatch):
+    """A partition fails mid-run: the rerun with the same settings runs only the partitions
+    not marked done and gives the same bytes as a clean run; other settings start over."""
     import skyscript_build.plan as plan
 
     folder = objects(tmp_path, fx.city(400, seed=6, size_m=800.0))
     clean = tmp_path / "clean"
-    run_plan(PlanConfig(objects=folder, out=clean, shard_deg=0.002, rows_per_part=40))
-    n_shards = len(list((clean / "_stats").glob("shard-*.json")))
-    assert n_shards >= 4
+    run_plan(PlanConfig(objects=folder, out=clean, shard_deg=0.004, rows_per_part=40))
+    assert not (clean / plan.WORK_DIR).exists(), "the scan files are gone once finished"
+    n_parts = len(list((clean / "_shards").glob("*.done.json")))
+    assert n_parts >= 4
 
     out = tmp_path / "requests"
-    config = PlanConfig(objects=folder, out=out, shard_deg=0.002, rows_per_part=40, workers=2)
-    real_run_shard = plan.run_shard
+    config = PlanConfig(objects=folder, out=out, shard_deg=0.004, rows_per_part=40, workers=2)
+    real_run_partition = plan.run_partition
     ran: list[int] = []
 
-    def failing_run_shard(task):
+    def failing(task):
         if task.number == 2:
             raise OSError("disk full (simulated)")
         ran.append(task.number)
-        return real_run_shard(task)
+        return real_run_partition(task)
 
-    monkeypatch.setattr(plan, "run_shard", failing_run_shard)
+    monkeypatch.setattr(plan, "run_partition", failing)
     with pytest.raises(OSError, match="simulated"):
         run_plan(config)
     assert not (out / MARKER).exists(), "an unfinished plan never looks finished"
-    assert len(ran) == n_shards - 1
+    assert len(ran) == n_parts - 1
 
     ran.clear()
     monkeypatch.setattr(
-        plan, "run_shard", lambda task: ran.append(task.number) or real_run_shard(task)
+        plan, "run_partition", lambda task: ran.append(task.number) or real_run_partition(task)
     )
     result = run_plan(config)
-    assert ran == [2], "only the shard that failed runs again"
-    assert result.resumed_shards == n_shards - 1
+    assert ran == [2], "only the partition that failed runs again"
+    assert result.resumed_shards == n_parts - 1
     assert "resumed" in result.summary()
     assert not (out / plan.PENDING).exists()
     same = {p.name: p.read_bytes() for p in sorted(clean.glob("part-*.parquet"))}
     assert {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))} == same
 
-    # Other settings: every shard runs again, no part of the earlier run is kept.
+    # Other settings: every partition runs again, no part of the earlier run is kept.
     (out / MARKER).unlink()
     (out / plan.PENDING).write_text(json.dumps({"settings_hash": "other"}))
     ran.clear()
-    run_plan(PlanConfig(objects=folder, out=out, shard_deg=0.002, rows_per_part=40, seed=9))
-    assert sorted(ran) == list(range(len(list((out / "_stats").glob("shard-*.json")))))
+    run_plan(PlanConfig(objects=folder, out=out, shard_deg=0.004, rows_per_part=40, seed=9))
+    assert sorted(ran) == list(range(len(list((out / "_shards").glob("*.done.json")))))
 
 
 def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, cli):
@@ -321,7 +362,8 @@ def test_dry_run_prints_the_cost_and_writes_nothing(tmp_path, cli):
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["source", "requests", "megapixels", "disk", "time"]
     table = {line.split()[0]: line.split() for line in lines[1:-1]}
-    assert set(table) == {"CH", "FI", "S2"} and table["FI"][1] == "50"
+    assert set(table) == {"CH", "FI", "S2", "total"} and table["FI"][1] == "50"
+    assert table["total"][1] == "55"
     assert "would request 55 images" in lines[-1]
     assert not out.exists()
 
@@ -414,23 +456,23 @@ def _visible_tags(tags: dict, max_gsd: float, gsd: float) -> dict:
 
 @pytest.mark.parametrize("cap", [10_000, 5])
 def test_surroundings_match_a_brute_force_check(tmp_path, cap):
-    """Every tile's surroundings are exactly the objects inside it (bounds in the tile's CRS)
-    with a tag visible at its GSD, checked object by object; with a cap, as many as fit."""
+    """Every tile's surroundings are exactly the objects inside it (their lon/lat box
+    projected into the tile's CRS) with a tag visible at its GSD, checked object by object;
+    with a cap, as many as fit."""
     rows = fx.city(300, seed=7, size_m=600.0)
     out = tmp_path / "requests"
     run_plan(PlanConfig(objects=objects(tmp_path, rows), out=out, max_surrounding=cap, seed=2))
     reqs = read_requests(out)
     checked = 0
     for req in reqs:
-        tr = to_crs(req["crs"])
         expected = []
         for t, i, _, tags, max_gsd, geom in rows:
             if (t, i) == (req["osm_type"], req["osm_id"]):
                 continue
-            xs, ys = tr.transform(*np.asarray(shapely.get_coordinates(geom)).T)
+            x0, y0, x1, y1 = projected_box(geom, req["crs"])
             inside = (
-                min(xs) >= req["x_min"] and max(xs) <= req["x_max"]
-                and min(ys) >= req["y_min"] and max(ys) <= req["y_max"]
+                x0 >= req["x_min"] and x1 <= req["x_max"]
+                and y0 >= req["y_min"] and y1 <= req["y_max"]
             )  # fmt: skip
             visible = _visible_tags(tags, max_gsd, req["gsd"])
             if inside and visible:
@@ -467,7 +509,6 @@ def test_surroundings_kernel_keeps_the_lowest_priorities(cap):
     Dense clusters put hundreds of objects in a tile (the sparse priority levels and their
     retries), sparse ones a few."""
     from skyscript_build.plan._geo import STREAM_SURROUND, ProjectedBounds, uniform
-    from skyscript_build.plan._objects import Objects
     from skyscript_build.plan._surround import surroundings
 
     rng = np.random.default_rng(11)
@@ -480,13 +521,7 @@ def test_surroundings_kernel_keeps_the_lowest_priorities(cap):
     h = rng.integers(0, 2**63, n).astype(np.uint64)
     h[1::7] = h[0]  # equal priorities: ties broken by the object
     visible_gsd = rng.choice([0.5, 10.0], n)
-    objs = Objects(
-        osm_type=np.full(n, "a"), osm_id=np.arange(n), osm_element=np.full(n, "way"),
-        kind=np.full(n, 3, dtype=np.int8), element=np.full(n, 2, dtype=np.int8),
-        geometry=np.zeros(0, dtype=object), bounds=bounds, max_gsd=visible_gsd,
-        tag_offsets=np.arange(n + 1), tag_keys=None, tag_values=None,
-        tag_code=np.zeros(n, dtype=np.int32), tag_names=[], dropped={},
-    )  # fmt: skip
+    objs = _objects(bounds, visible_gsd)
     focus = rng.choice(n, 900, replace=False)
     side = rng.choice([2.0, 8.0, 30.0], len(focus))
     shift = rng.uniform(0, 1, (len(focus), 2)) * np.maximum(side[:, None] - size[focus, None], 0)
@@ -494,7 +529,7 @@ def test_surroundings_kernel_keeps_the_lowest_priorities(cap):
     xy = np.column_stack([xy, xy + side[:, None]])
     gsd = rng.choice([0.5, 10.0], len(focus))
     epsg = np.full(len(focus), 3067)
-    proj = ProjectedBounds(objs.geometry, 1, {3067: (bounds, np.ones(n, dtype=bool))})
+    proj = ProjectedBounds(bounds, 1, {3067: bounds})  # already "projected"
 
     pair_req, pair_obj = surroundings(
         objs, visible_gsd, focus, epsg, gsd, xy, xy, proj, h, cap, threads=2
@@ -515,3 +550,43 @@ def test_surroundings_kernel_keeps_the_lowest_priorities(cap):
     assert np.all(np.diff(pair_req) >= 0)
     if cap is not None and cap < 60:
         assert over_cap > len(focus) / 4
+
+
+def test_a_worker_killed_mid_plan_on_dask(tmp_path, dask_cluster):
+    """On a real scheduler and two workers (1.5 GiB each), one worker is killed while the
+    partitions run: the run (or, if it fails, its rerun) ends with the parts of a local run."""
+    import subprocess
+    import sys
+    import time
+
+    folder = objects(tmp_path, fx.city(4000, seed=9, size_m=3000.0))
+    local = tmp_path / "local"
+    run_plan(PlanConfig(objects=folder, out=local, shard_deg=0.004, workers=1))
+    out = tmp_path / "dask"
+    args = [
+        sys.executable, "-m", "skyscript_build.cli", "plan", "--objects", str(folder),
+        "--out", str(out), "--shard-deg", "0.004", "--scheduler", dask_cluster["address"],
+    ]  # fmt: skip
+    run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "_shards").glob("*.done.json")):
+            assert run.poll() is None, run.communicate()
+            assert time.monotonic() < deadline, "no partition finished"
+            time.sleep(0.02)
+        dask_cluster["workers"][0].kill()
+        done_at_kill = len(list((out / "_shards").glob("*.done.json")))
+        stdout, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    if run.returncode != 0:  # the scheduler gave up on a task: the rerun resumes
+        again = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+    else:
+        assert "plan: planned" in stdout, err[-3000:]
+    parts = {p.name: p.read_bytes() for p in sorted(local.glob("part-*.parquet"))}
+    assert len(parts) > 10
+    assert done_at_kill < len(parts), "the worker was killed after the plan had finished"
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("part-*.parquet"))} == parts

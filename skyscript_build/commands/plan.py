@@ -60,12 +60,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="threads (0: one per core); the output is the same for any number",
     )
     parser.add_argument(
-        "--shard-deg", type=float, default=0.05, help="side of a shard's grid cell (degrees)"
+        "--shard-deg",
+        type=float,
+        default=0.05,
+        help="side (degrees) of the grid blocks that partition the objects for the second pass",
+    )
+    parser.add_argument(
+        "--partition-objects",
+        type=int,
+        default=200_000,
+        help="a block with more objects is cut into quarters (bounds a task's memory)",
     )
     parser.add_argument(
         "--scheduler",
         default=None,
-        help="address of a Dask scheduler to run the shards on (default: threads here)",
+        help="address of a Dask scheduler to run the tasks on (default: threads here)",
     )
 
 
@@ -91,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
         dry_run=args.dry_run,
         workers=args.workers,
         shard_deg=args.shard_deg,
+        partition_objects=args.partition_objects,
         scheduler=args.scheduler,
     )
     result = run_plan(config)

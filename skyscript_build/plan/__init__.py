@@ -4,11 +4,22 @@ For every object: the image source (the finest that covers it, is fine enough fo
 ``max_gsd`` and gives a tile of ``min_px``..``max_px`` pixels), the year (the latest the source
 has within ``years``), a square tile in a projected CRS (the source's own or the local UTM
 zone) shifted off-centre by a seeded random amount, and the surrounding objects inside the tile
-that are groundable at its GSD. Per-tag quotas (``per_tag_cap``) balance the tags. Choice,
-sampling and framing run in one global pass; the surroundings and the parts run in spatial shards
-(``_shards``: a fixed lon/lat grid, in process or on Dask). Everything is vectorised with numpy
-and shapely 2 array functions; the output is byte-identical for the same objects, settings and
-seed, whatever the worker count. ``dry_run`` estimates the fetch's cost and writes nothing.
+that are groundable at its GSD. Per-tag quotas (``per_tag_cap``) balance the tags.
+
+The plan runs in two passes, in memory set by the size of a task, never by the input's:
+
+1. ``_scan``: one task per few row groups of the objects reads only their small columns (ids,
+   tags, box, ``max_gsd``), chooses the sources and writes the objects, sorted by the cell of a
+   fixed lon/lat grid, into the work folder, with per-tag and per-cell counts;
+2. ``_partition``: one task per spatial partition (a ``shard_deg`` block of the grid, or a
+   quarter of one where it holds more than ``partition_objects`` objects) decides the requests
+   from the global tag counts and the seed alone, frames the tiles, reads the halo of objects
+   around it, finds the surroundings and writes its parts.
+
+Both run through ``runner.run_shards``: on threads here, or as Dask tasks on ``scheduler``;
+each finished task is marked, so a killed run resumes. The rows are byte-identical for the same
+objects, settings and seed, whatever the workers or the partitions. ``dry_run`` estimates the
+fetch's cost and writes nothing.
 
     >>> result = run_plan(PlanConfig(objects=Path("build/x/objects"), out=Path("build/x/requests")))
     >>> print(result.summary())
@@ -16,40 +27,34 @@ seed, whatever the worker count. ``dry_run`` estimates the fetch's cost and writ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import shutil
+import tempfile
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.compute as pc
 
 import image_sources
 from image_sources import ImageSource
 
-from ..cluster import ClusterConfig, map_shards
+from ..cluster import ClusterConfig, dask_client
 from ..errors import ConfigError
-from ..files import remove_temp_files, write_json_atomic
-from ..progress import progress_bar
-from ._choose import DUPLICATE, OVER_LIMIT, SAMPLED_OUT, choose_sources, frame, limit
-from ._choose import sample_by_tag as _sample_by_tag
-from ._geo import ProjectedBounds, distinct, give_back_memory, object_hash
-from ._objects import Objects, object_parts, read_objects
-from ._output import SCHEMA, write_parts
-from ._shards import (
-    ShardTask,
-    halo_indexes,
-    halo_members,
-    run_shard,
-    shard_cells,
-    shard_done_path,
-    subset,
-)
+from ..files import atomic_path, remove_temp_files, write_json_atomic, write_parquet_atomic
+from ..runner import RunnerConfig, clear_markers, run_shards
+from ._geo import distinct, give_back_memory
+from ._objects import object_parts, read_units
+from ._output import SCHEMA
+from ._partition import LIMIT_BINS, PartitionSettings, PartitionTask, plan_partitions, run_partition
+from ._scan import Grid, ScanSettings, ScanTask, run_scan, scan_path, sum_counts
 from ._surround import warm_up
 
 __all__ = ["PlanConfig", "PlanResult", "run_plan", "SCHEMA", "JPEG_BYTES_PER_PIXEL", "MARKER"]
@@ -65,8 +70,10 @@ MARKER = "_plan.json"
 #: hash, so that a rerun with the same settings keeps the shards it finished.
 PENDING = "_plan.pending.json"
 STATS_DIR = "_stats"
+#: The scan files and counts of a run (removed once the plan is finished).
+WORK_DIR = "_work"
 #: Bumped when the rules change, so that an older plan is not reused.
-_RULES_VERSION = 2
+_RULES_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -93,12 +100,14 @@ class PlanConfig:
             at a tile's GSD.
         dry_run: estimate requests, pixels, disk and time per source; write nothing.
         rows_per_part: requests per output part file.
-        workers: threads (0: one per core) for the global pass and the shards; the output
+        workers: threads (0: one per core) that run the tasks of both passes; the output
             does not depend on it.
-        shard_deg: side (degrees) of the lon/lat grid cells that shard the surroundings and
-            the parts (a shard: the requests whose tile centre is in one cell).
-        scheduler: address of an existing Dask scheduler to run the shards on (as Dask
-            tasks); without it the shards run on threads in this process.
+        shard_deg: side (degrees) of the blocks of the lon/lat grid that partition the
+            objects (by the centre of their box) for the second pass.
+        partition_objects: a block holding more objects than this is cut into quarters (and
+            so on, down to an eighth of ``shard_deg``): this bounds a task's memory.
+        scheduler: address of an existing Dask scheduler to run the tasks on; without it
+            they run on threads in this process.
     """
 
     objects: Path
@@ -119,6 +128,7 @@ class PlanConfig:
     rows_per_part: int = 100_000
     workers: int = 0
     shard_deg: float = 0.05
+    partition_objects: int = 200_000
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
@@ -151,6 +161,8 @@ class PlanConfig:
             raise ConfigError(f"shard_deg must be in (0, 360] degrees, got {self.shard_deg}")
         if self.rows_per_part < 1:
             raise ConfigError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
+        if self.partition_objects < 1:
+            raise ConfigError(f"partition_objects must be at least 1, got {self.partition_objects}")
         if len(self.years) > 2 or any(not 1900 <= y <= 2100 for y in self.years):
             raise ConfigError(f"years must be (first, last) or (year,), got {self.years}")
         if len(self.years) == 2 and self.years[0] > self.years[1]:
@@ -195,7 +207,8 @@ class PlanConfig:
         settings: dict[str, Any] = {
             f.name: str(getattr(self, f.name))
             for f in fields(self)
-            if f.name not in ("dry_run", "out", "objects", "workers", "scheduler")
+            if f.name
+            not in ("dry_run", "out", "objects", "workers", "scheduler", "partition_objects")
         }
         settings["sources"] = [s.fingerprint() for s in self.image_sources()]
         settings["tag_filter_file"] = hashlib.sha256(
@@ -228,6 +241,8 @@ class PlanResult:
     reused: bool = False
     settings_hash: str = ""
     resumed_shards: int = 0
+    scan_tasks: int = 0
+    partitions: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
@@ -246,17 +261,25 @@ class PlanResult:
         elif not self.dry_run:
             text += f" in {self.duration_s:.1f} s -> {self.out}"
             if self.resumed_shards:
-                text += f" (resumed: {self.resumed_shards:,} shards were already written)"
+                text += f" (resumed: {self.resumed_shards:,} partitions were already done)"
         return text
 
     def estimate_lines(self) -> list[str]:
         """The dry-run table: requests, megapixels, disk and time per source."""
         lines = [f"{'source':<8}{'requests':>12}{'megapixels':>14}{'disk':>12}{'time':>12}"]
+        total = {"requests": 0.0, "megapixels": 0.0, "bytes": 0.0, "seconds": 0.0}
         for alias, v in self.by_source.items():
             lines.append(
                 f"{alias:<8}{int(v['requests']):>12,}{v['megapixels']:>14,.1f}"
                 f"{_bytes(v['bytes']):>12}{_duration(v['seconds']):>12}"
             )
+            for k in total:
+                total[k] += v[k]
+        # Sources have separate quotas but share the project's: the time adds up.
+        lines.append(
+            f"{'total':<8}{int(total['requests']):>12,}{total['megapixels']:>14,.1f}"
+            f"{_bytes(total['bytes']):>12}{_duration(total['seconds']):>12}"
+        )
         return lines
 
 
@@ -283,28 +306,6 @@ def _objects_fingerprint(folder: Path) -> str:
     return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts)
 
 
-def _entry_gsd(objs: Objects, tag_filter: str) -> np.ndarray:
-    """The coarsest GSD each tag entry is visible at (the object's max_gsd when unknown)."""
-    from tag_filters import load_tag_filter
-
-    tf = load_tag_filter(tag_filter)
-    owner = objs.entry_owner
-    # One entry of each code (every entry of a code has the same key and value).
-    some = np.full(len(objs.tag_names), -1, dtype=np.int64)
-    some[objs.tag_code] = np.arange(len(objs.tag_code))
-    codes = np.flatnonzero(some >= 0)
-    keys = objs.tag_keys.take(some[codes]).to_pylist()
-    values = objs.tag_values.take(some[codes]).to_pylist()
-    per_code = np.full(len(objs.tag_names), np.nan)
-    for code, k, v in zip(codes, keys, values, strict=True):
-        g = tf.tag_max_gsd(k, v)
-        per_code[code] = np.nan if g is None else g
-    gsd = per_code[objs.tag_code]
-    unknown = np.isnan(gsd)
-    gsd[unknown] = objs.max_gsd[owner[unknown]]
-    return gsd
-
-
 def run_plan(config: PlanConfig) -> PlanResult:
     """Plan the requests for ``config.objects`` into ``config.out`` (see the module doc).
 
@@ -313,222 +314,209 @@ def run_plan(config: PlanConfig) -> PlanResult:
         ConfigError: bad settings (unknown source, empty pixel range, ...).
     """
     t0 = time.perf_counter()
-    sources = config.image_sources()
-    fingerprint = _objects_fingerprint(config.objects)
-    settings_hash = config.settings_hash(fingerprint)
-    marker = config.out / MARKER
-    if not config.dry_run and marker.exists():
-        try:
-            stored = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            stored = {}
-        if stored.get("settings_hash") == settings_hash:
-            result = PlanResult(**{k: v for k, v in stored.items() if k in _RESULT_FIELDS})
-            result.reused, result.dry_run = True, False
-            result.duration_s = time.perf_counter() - t0
-            log.info("plan: %s is up to date (settings %s)", config.out, settings_hash)
-            return result
-
+    sources = tuple(config.image_sources())
+    settings_hash = config.settings_hash(_objects_fingerprint(config.objects))
+    reused = None if config.dry_run else _finished(config.out, settings_hash)
+    if reused is not None:
+        reused.duration_s = time.perf_counter() - t0
+        log.info("plan: %s is up to date (settings %s)", config.out, settings_hash)
+        return reused
+    units = read_units(config.objects)  # bad parts fail here, before anything is written
     if not config.dry_run and config.max_surrounding > 0:
-        # numba's start-up (~0.5 s) overlaps the reading instead of delaying the first shard.
+        # numba's start-up (~0.5 s) overlaps the scan instead of delaying the first partition.
         threading.Thread(target=warm_up, name="plan-numba-warm-up", daemon=True).start()
     clock = _Clock()
-    objs = read_objects(config.objects)
-    give_back_memory()  # the parquet pages and the WKB
-    clock.lap("read")
-    log.info("plan: %d objects from %s", len(objs), config.objects)
-    result = PlanResult(objects=len(objs) + sum(objs.dropped.values()), out=str(config.out))
-    result.dry_run, result.settings_hash = config.dry_run, settings_hash
-    skipped = dict(objs.dropped)
-
-    entry_gsd = _entry_gsd(objs, config.tag_filter)
-    visible = np.maximum.reduceat(entry_gsd, objs.tag_offsets[:-1]) if len(objs) else entry_gsd
-    objs.max_gsd = np.where(np.isfinite(objs.max_gsd), objs.max_gsd, visible)
-    h = object_hash(config.seed, objs.kind, objs.element, objs.osm_id)
-    threads = config.n_workers()
-    proj = ProjectedBounds(objs.geometry, threads)
-    point_px = min(max(config.point_px, config.min_px), config.max_px)
-    px = (config.min_px, point_px, config.margin)
-
-    choice = choose_sources(objs, sources, proj, px, config.max_px)
-    skipped.update({reason: n for reason, n in choice.skipped.items() if n})
-    idx = np.flatnonzero(choice.source >= 0)
-    if config.per_tag_cap is not None and len(idx):
-        keep = _sample_by_tag(objs, idx, h, config.per_tag_cap)
-        _count(skipped, SAMPLED_OUT, int((~keep).sum()))
-        idx = idx[keep]
-    src = choice.source[idx]
-    if len(idx) > 1:
-        dup = np.r_[
-            False,
-            (objs.kind[idx[1:]] == objs.kind[idx[:-1]])
-            & (objs.osm_id[idx[1:]] == objs.osm_id[idx[:-1]])
-            & (src[1:] == src[:-1]),
-        ]
-        _count(skipped, DUPLICATE, int(dup.sum()))
-        idx, src = idx[~dup], src[~dup]
-    if config.max_requests is not None:
-        keep = limit(idx, h, config.max_requests)
-        _count(skipped, OVER_LIMIT, int((~keep).sum()))
-        idx, src = idx[keep], src[keep]
-    result.skipped = skipped
-    result.requests = len(idx)
-    clock.lap("choose")
-    pixels = choice.pixels[idx]
-    gsd = np.array([s.gsd for s in sources], dtype=np.float64)[src] if len(idx) else np.zeros(0)
-    for k, source in enumerate(sources):
-        mine = src == k
-        n = int(mine.sum())
-        if n == 0:
-            continue
-        mpx = float((pixels[mine].astype(np.float64) ** 2).sum()) / 1e6
-        result.by_source[source.alias] = {
-            "requests": n,
-            "megapixels": mpx,
-            "bytes": mpx * 1e6 * JPEG_BYTES_PER_PIXEL,
-            "seconds": n / source.quota.rate(),
-        }
+    result = PlanResult(out=str(config.out), dry_run=config.dry_run, settings_hash=settings_hash)
     if config.dry_run:
-        result.duration_s = time.perf_counter() - t0
-        result.timings = clock.laps
-        return result
-
-    epsg = choice.epsg[idx]
-    frames = frame(objs, idx, epsg, gsd, pixels, proj, h, config.shift)
-    clock.lap("frame")
-    source_years = [
-        tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
-    ]
-    resume = _prepare(config.out, settings_hash)
-    if not len(idx):
-        write_parts(lambda a, b: SCHEMA.empty_table(), 0, config.out, config.rows_per_part)
+        base = config.out.parent if config.out.parent.is_dir() else None
+        work = Path(tempfile.mkdtemp(prefix=".plan-dry-run-", dir=base))
     else:
-        frames_src = (src, epsg, gsd, pixels, frames)
-        shards = _run_shards(
-            config, objs, visible, entry_gsd, h, idx, frames_src, sources, source_years, proj,
-            resume,
-        )  # fmt: skip
-        result.surrounding = sum(r["surrounding"] for r in shards)
-        result.resumed_shards = sum(bool(r.get("resumed")) for r in shards)
-    clock.lap("surround+write")
-    if len(idx):
-        # CPU seconds of the shards themselves (on Dask: in the workers), per phase.
-        for phase in ("surround", "write"):
-            clock.laps[f"shards_cpu_{phase}"] = round(sum(r[f"cpu_{phase}"] for r in shards), 4)
+        _prepare(config.out, settings_hash)
+        work = config.out / WORK_DIR
+    try:
+        with _runner_client(config) as client:
+            _plan(config, sources, units, work, settings_hash, client, clock, result)
+    finally:
+        if config.dry_run:
+            shutil.rmtree(work, ignore_errors=True)
     result.timings = clock.laps
     result.duration_s = time.perf_counter() - t0
+    if config.dry_run:
+        return result
     record = asdict(result)
     record.pop("reused")
     record.pop("dry_run")
-    write_json_atomic(marker, record)
+    write_json_atomic(config.out / MARKER, record)
     (config.out / PENDING).unlink(missing_ok=True)
-    log.info("plan: wrote %d requests to %s", len(idx), config.out)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("plan: wrote %d requests to %s", result.requests, config.out)
+    return result
+
+
+def _plan(
+    config: PlanConfig,
+    sources: tuple[ImageSource, ...],
+    units: list,
+    work: Path,
+    settings_hash: str,
+    client: Any,
+    clock: _Clock,
+    result: PlanResult,
+) -> None:
+    """The two passes (see the module doc); fills ``result``."""
+    grid = Grid(config.shard_deg, tuple(sorted({s.gsd for s in sources})))
+    on_dask = client is not None
+    threads = 1 if on_dask else config.n_workers()
+    runner = RunnerConfig(
+        cluster=ClusterConfig(workers=config.workers, scheduler=config.scheduler),
+        local="threads",
+        markers=work / "_shards",
+        fingerprint=settings_hash,
+        desc="plan: scan",
+    )
+    point_px = min(max(config.point_px, config.min_px), config.max_px)
+    scan = ScanSettings(
+        work=str(work), grid=grid, sources=sources, px=(config.min_px, point_px, config.margin),
+        max_px=config.max_px, tag_filter=config.tag_filter, threads=1,
+    )  # fmt: skip
+    names = [f"scan-{i:05d}" for i in range(len(units))]
+    tasks = [ScanTask(name, unit, scan) for name, unit in zip(names, units, strict=True)]
+    scanned = run_shards(run_scan, tasks, runner, client=client)
+    clock.lap("scan")
+    skipped: dict[str, int] = {}
+    for r in scanned:
+        for reason, n in {**r["dropped"], **r["skipped"]}.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    result.objects = sum(r["objects"] + sum(r["dropped"].values()) for r in scanned)
+    tag_counts = None
+    if config.per_tag_cap is not None:
+        counts = sum_counts([scan_path(work, n, "tags.parquet") for n in names], "tag", "count")
+        common = counts.filter(pc.greater(counts["count"], config.per_tag_cap))
+        tag_counts = work / "tag_counts.parquet"
+        write_parquet_atomic(common.sort_by("tag"), tag_counts)
+    give_back_memory()  # what the scan tasks freed, before the partitions' peak
+    relation_keys = work / "relation_keys.npy"
+    keys = [np.load(scan_path(work, n, "relations.npy")) for n in names]
+    with atomic_path(relation_keys) as tmp, open(tmp, "wb") as f:
+        np.save(f, distinct(np.concatenate(keys)) if keys else np.zeros(0, np.int64))
+    del keys
+    cells = [scan_path(work, n, "cells.parquet") for n in names]
+    rects = plan_partitions(grid, cells, config.partition_objects)
+    source_years = tuple(
+        tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
+    )
+    shared = PartitionSettings(
+        out=str(config.out), grid=grid, scans=tuple(str(scan_path(work, n)) for n in names),
+        sources=sources, source_years=source_years, seed=config.seed, shift=config.shift,
+        per_tag_cap=config.per_tag_cap, tag_counts=None if tag_counts is None else str(tag_counts),
+        relation_keys=str(relation_keys),
+        max_surrounding=config.max_surrounding, rows_per_part=config.rows_per_part,
+        threads=threads,
+    )  # fmt: skip
+    parts = [PartitionTask(f"p{k:05d}", k, rect, shared) for k, rect in enumerate(rects)]
+    clock.lap("partitions")
+    cut = None
+    if config.max_requests is not None:
+        cut = _limit_cut(parts, config.max_requests, runner, client)
+        clock.lap("limit")
+    parts = [replace(p, limit_cut=cut, mode="decide" if config.dry_run else "write") for p in parts]
+    done = run_shards(
+        run_partition, parts, replace(
+            runner, markers=None if config.dry_run else config.out / "_shards",
+            desc="plan: partitions",
+        ), client=client, priority=[r[2] * r[3] for r in rects],
+    )  # fmt: skip
+    clock.lap("partitions" if config.dry_run else "surround+write")
+    for r in done:
+        for reason, n in r["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        for alias, v in r["by_source"].items():
+            mine = result.by_source.setdefault(alias, {"requests": 0, "megapixels": 0.0})
+            mine["requests"] += v["requests"]
+            mine["megapixels"] += v["megapixels"]
+    result.requests = sum(r["requests"] for r in done)
+    result.surrounding = sum(r.get("surrounding", 0) for r in done)
+    result.resumed_shards = sum(bool(r.get("already_done")) for r in done)
+    result.partitions = len(parts)
+    result.scan_tasks = len(tasks)
+    result.skipped = {k: v for k, v in sorted(skipped.items()) if v}
+    quota = {s.alias: s.quota.rate() for s in sources}
+    result.by_source = {
+        alias: {
+            **v,
+            "bytes": v["megapixels"] * 1e6 * JPEG_BYTES_PER_PIXEL,
+            "seconds": v["requests"] / quota[alias],
+        }
+        for alias, v in sorted(
+            result.by_source.items(), key=lambda kv: _source_rank(sources, kv[0])
+        )
+    }
+    for phase in ("frame", "surround", "write"):
+        clock.laps[f"partitions_cpu_{phase}"] = round(
+            sum(r.get(f"cpu_{phase}", 0) for r in done), 4
+        )
+    clock.laps["scan_cpu"] = round(sum(r["cpu"] for r in scanned), 4)
+
+
+def _source_rank(sources: tuple[ImageSource, ...], alias: str) -> int:
+    return [s.alias for s in sources].index(alias)
+
+
+def _limit_cut(
+    parts: list[PartitionTask], most: int, runner: RunnerConfig, client: Any
+) -> float | None:
+    """The number below which exactly ``most`` requests rank (None: all fit), found in two
+    rounds over the partitions: a histogram of the ranking numbers, then the values in the bin
+    where the cut falls."""
+    total = np.zeros(LIMIT_BINS, dtype=np.int64)
+
+    def add(_: int, r: dict[str, Any]) -> None:
+        np.add.at(total, r.pop("bins"), r.pop("counts"))
+
+    quiet = replace(runner, markers=None, desc="plan: max-requests")
+    run_shards(run_partition, [replace(p, mode="histogram") for p in parts], quiet,
+               client=client, on_result=add)  # fmt: skip
+    if total.sum() <= most:
+        return None
+    cumulative = np.cumsum(total)
+    b = int(np.searchsorted(cumulative, most))  # the bin holding the most-th number
+    before = int(cumulative[b - 1]) if b else 0
+    values = run_shards(
+        run_partition, [replace(p, mode="values", limit_bin=b) for p in parts], quiet, client=client
+    )
+    in_bin = np.sort(np.concatenate([r["values"] for r in values]))
+    return float(np.nextafter(in_bin[most - before - 1], np.inf))
+
+
+@contextlib.contextmanager
+def _runner_client(config: PlanConfig) -> Iterator[Any]:
+    """One Dask client for the whole plan when a scheduler is given, else None."""
+    if config.scheduler is None:
+        yield None
+        return
+    with dask_client(ClusterConfig(scheduler=config.scheduler)) as client:
+        yield client
+
+
+def _finished(out: Path, settings_hash: str) -> PlanResult | None:
+    """The result a finished plan of the same settings recorded in ``out``, or None."""
+    try:
+        stored = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("settings_hash") != settings_hash:
+        return None
+    result = PlanResult(**{k: v for k, v in stored.items() if k in _RESULT_FIELDS})
+    result.reused, result.dry_run = True, False
     return result
 
 
 _RESULT_FIELDS = {f.name for f in fields(PlanResult)}
 
 
-def _run_shards(
-    config: PlanConfig,
-    objs: Objects,
-    visible: np.ndarray,
-    entry_gsd: np.ndarray,
-    h: np.ndarray,
-    idx: np.ndarray,
-    framed: tuple,
-    sources: list[ImageSource],
-    source_years: list[tuple[int, ...]],
-    proj: ProjectedBounds,
-    resume: bool,
-) -> list[dict[str, Any]]:
-    """Run the spatial shards (on threads, or on Dask); returns their counts and CPU times.
-    The objects' geometries are dropped once the projected bounds the shards need are known.
-    With ``resume``, a shard an earlier run of the same settings finished is not run again."""
-    src, epsg, gsd, pixels, frames = framed
-    number, order = shard_cells(frames.lonlat, config.shard_deg)
-    n_shards = int(number.max()) + 1
-    ends = np.searchsorted(number[order], np.arange(1, n_shards + 1))
-    starts = np.r_[0, ends[:-1]]
-    n_parts = -(-(ends - starts) // config.rows_per_part)
-    first_part = np.r_[0, np.cumsum(n_parts)[:-1]]
-    threads = proj.threads
-    # Without a scheduler the shards run on threads here (the surroundings kernel and the
-    # parquet writer release the GIL): a local Dask cluster would only add the shipping of
-    # every shard's arrays to its processes. Few shards: threads inside each shard instead.
-    inline = config.scheduler is None
-    per_shard = max(1, threads // n_shards) if inline else 1
-    log.info("plan: %d shards of %.3g degrees", n_shards, config.shard_deg)
-    # Every bounds a shard needs (objects visible at a tile's GSD, in its CRS) computed here,
-    # once: the shards get bounds, not geometries.
-    for code in distinct(epsg) if config.max_surrounding > 0 else []:
-        finest = float(gsd[epsg == code].min())
-        need = np.flatnonzero(visible >= finest * (1 - 1e-9))
-        proj.get(np.full(len(need), code, dtype=np.int64), need)
-    # Nothing needs the geometries any more: freed before the shards' peak.
-    objs.geometry = proj.geoms = np.zeros(0, dtype=object)
-    give_back_memory()
-
-    # Per tile GSD, the objects visible at it in a lon/lat index (for the shards' halos).
-    halo = (
-        halo_indexes(objs.bounds, visible, gsd, config.shard_deg / 4)
-        if config.max_surrounding
-        else {}
-    )
-
-    def task(k: int) -> ShardTask:
-        rows = order[starts[k] : ends[k]]
-        members = idx[rows]
-        if halo:
-            near = halo_members(halo, gsd[rows], frames.lonlat[rows])
-            members = distinct(np.concatenate([near, members]))
-        sub, entries = subset(objs, members)
-        return ShardTask(
-            number=k, first_part=int(first_part[k]), objs=sub, visible=visible[members],
-            entry_gsd=entry_gsd[entries], h=h[members],
-            focus=np.searchsorted(members, idx[rows]), src=src[rows], epsg=epsg[rows],
-            pixels=pixels[rows], xy=frames.xy[rows], lonlat=frames.lonlat[rows],
-            sources=sources, source_years=source_years, cap=config.max_surrounding,
-            out=config.out, rows_per_part=config.rows_per_part,
-            threads=per_shard, projected=proj.take(members),
-        )  # fmt: skip
-
-    done: dict[int, dict[str, Any]] = {}
-    for k in range(n_shards) if resume else []:
-        path = shard_done_path(config.out, k)
-        if path.exists():
-            done[k] = {**json.loads(path.read_text()), "resumed": True}
-    todo = [k for k in range(n_shards) if k not in done]
-    if done:
-        log.info("plan: resuming, %d of %d shards were already written", len(done), n_shards)
-    if not inline:
-        cluster = ClusterConfig(scheduler=config.scheduler)
-        tasks = [task(k) for k in todo]
-        ran = dict(
-            zip(todo, map_shards(run_shard, tasks, cluster, desc="plan: shards"), strict=True)
-        )
-        return [done[k] if k in done else ran[k] for k in range(n_shards)]
-    with (
-        ThreadPoolExecutor(max_workers=max(1, threads // per_shard)) as pool,
-        progress_bar(total=len(todo), desc="plan: shards", unit="shard") as bar,
-    ):
-        # Largest shards first, so that no big one is left running alone at the end.
-        largest_first = [
-            k for k in np.argsort(starts - ends, kind="stable").tolist() if k not in done
-        ]
-        futures = {k: pool.submit(_task_and_run, task, k) for k in largest_first}
-        for _ in as_completed(futures.values()):
-            bar.update(1)
-    return [done[k] if k in done else futures[k].result() for k in range(n_shards)]
-
-
-def _task_and_run(task: Callable[[int], ShardTask], k: int) -> dict[str, Any]:
-    return run_shard(task(k))
-
-
 class _Clock:
-    """Seconds spent per phase (read, choose, frame, surround, write): wall clock, and the
-    process's CPU time under ``cpu_<phase>`` (steadier on a shared machine)."""
+    """Seconds spent per phase: wall clock, and the process's CPU time under ``cpu_<phase>``
+    (steadier on a shared machine)."""
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
@@ -542,14 +530,9 @@ class _Clock:
         self._last, self._last_cpu = now, cpu
 
 
-def _count(skipped: dict[str, int], reason: str, n: int) -> None:
-    if n:
-        skipped[reason] = skipped.get(reason, 0) + n
-
-
 def _prepare(out: Path, settings_hash: str) -> bool:
-    """Make ``out`` ready for the shards; True when it holds an unfinished run of the same
-    settings (its finished shards are kept), else every earlier plan file is removed."""
+    """Make ``out`` ready for the passes; True when it holds an unfinished run of the same
+    settings (its finished tasks are kept), else every earlier plan file is removed."""
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)  # first, so that a crash never looks finished
     remove_temp_files(out)
@@ -561,10 +544,7 @@ def _prepare(out: Path, settings_hash: str) -> bool:
         pass
     for path in [*sorted(out.glob("part-*")), *sorted((out / STATS_DIR).glob("*.json"))]:
         path.unlink()
+    clear_markers(out / "_shards")
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     write_json_atomic(pending, {"settings_hash": settings_hash})
     return False
-
-
-def describe(config: PlanConfig) -> dict[str, Any]:
-    """The settings as plain values (for logs and the report)."""
-    return {f.name: getattr(config, f.name) for f in fields(config)}

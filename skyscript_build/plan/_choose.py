@@ -1,4 +1,8 @@
-"""Source choice, tag-balanced sampling and tile framing, vectorised over all objects."""
+"""Source choice, tag-balanced sampling and tile framing, vectorised over many objects.
+
+Every decision here is one object's own, given its tags, box and hash and a few global
+numbers (the per-tag counts, the request cut): any partition of the objects decides alike.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import shapely
 
 from image_sources import ImageSource
@@ -18,6 +24,7 @@ from ._geo import (
     STREAM_SHIFT_Y,
     ProjectedBounds,
     lonlat_box,
+    ranges,
     thread_chunks,
     tile_pixels,
     uniform,
@@ -32,16 +39,6 @@ TOO_LARGE = "too-large"
 SAMPLED_OUT = "sampled-out"
 OVER_LIMIT = "over-max-requests"
 DUPLICATE = "duplicate-key"
-
-
-def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenated ``arange(s, s + n)`` for every (s, n), without a Python loop."""
-    lengths = lengths.astype(np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(lengths)
-    return np.repeat(starts.astype(np.int64) - (ends - lengths), lengths) + np.arange(total)
 
 
 def source_epsg(source: ImageSource) -> int | None:
@@ -121,10 +118,10 @@ COVERAGE_GRID = 128
 
 
 def _covered(source: ImageSource, objs: Objects, idx: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Mask over ``idx``: the object lies entirely inside the source's coverage.
+    """Mask over ``idx``: the object's box lies entirely inside the source's coverage.
 
-    An object whose bounds lie in grid cells wholly inside the coverage is covered (no GEOS
-    call: most objects, far from a border); the others are tested against the polygon.
+    A box in grid cells wholly inside the coverage is covered (no GEOS call: most objects, far
+    from a border); the others are tested against the polygon.
     """
     if source.is_global:
         return np.ones(len(idx), dtype=bool)
@@ -149,15 +146,29 @@ def _covered(source: ImageSource, objs: Objects, idx: np.ndarray, threads: int =
     out[cand[sure]] = True
     cand = cand[~sure]
     if len(cand):
-        geoms = objs.geometry[idx[cand]]
+        boxes = box_geometries(b[cand])
 
         def contains(part: slice) -> np.ndarray:
             # A prepared GEOS geometry must not be shared by threads: each chunk its own copy.
             own = shapely.from_wkb(wkb)
             shapely.prepare(own)
-            return shapely.contains(own, geoms[part])
+            return shapely.contains(own, boxes[part])
 
-        out[cand] = thread_chunks(contains, len(geoms), threads)
+        out[cand] = thread_chunks(contains, len(boxes), threads)
+    return out
+
+
+def box_geometries(b: np.ndarray) -> np.ndarray:
+    """Shapely geometries of lon/lat boxes (N, 4): a point or a segment where the box is flat
+    (a degenerate polygon would not be valid)."""
+    flat_x, flat_y = b[:, 0] == b[:, 2], b[:, 1] == b[:, 3]
+    out = shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3])
+    point = flat_x & flat_y
+    out[point] = shapely.points(b[point, 0], b[point, 1])
+    line = flat_x ^ flat_y
+    if line.any():
+        coords = np.stack([b[line][:, [0, 1]], b[line][:, [2, 3]]], axis=1)
+        out[line] = shapely.linestrings(coords)
     return out
 
 
@@ -182,36 +193,47 @@ def _inside_cells(wkb: bytes) -> tuple[np.ndarray, float, float]:
     return sums, cell_w, cell_h
 
 
-def sample_by_tag(objs: Objects, idx: np.ndarray, h: np.ndarray, cap: int) -> np.ndarray:
-    """Mask over ``idx``: per-tag quotas, every tag keeps up to ``cap`` objects.
-
-    Objects are ranked per ``key=value`` tag in a seeded random order; an object is kept when
-    it ranks below ``cap`` for at least one of its tags. A tag with at most ``cap`` objects
-    (rare) keeps them all; a common tag keeps ``cap`` plus those kept for a rarer co-tag.
-    """
+def sampling_threshold(
+    objs: Objects, idx: np.ndarray, counts: dict[str, int], cap: int
+) -> np.ndarray:
+    """Per object of ``idx``: the largest ``cap / count`` over its ``key=value`` tags, where
+    ``counts`` holds the global count of every tag seen on more than ``cap`` candidates (a
+    tag it lacks is rare: threshold 1 or more, the object is kept)."""
     starts = objs.tag_offsets[idx]
     lengths = objs.tag_offsets[idx + 1] - starts
     entries = ranges(starts, lengths)
-    owner = np.repeat(np.arange(len(idx)), lengths)
-    tag = objs.tag_code[entries]
-    r = uniform(h[idx], STREAM_SAMPLE)[owner]
-    order = np.lexsort((owner, r, tag))
-    tag_sorted = tag[order]
-    first = np.flatnonzero(np.r_[True, tag_sorted[1:] != tag_sorted[:-1]])
-    group_start = np.repeat(first, np.diff(np.r_[first, len(order)]))
-    rank = np.arange(len(order)) - group_start
-    kept_entries = order[rank < cap]
-    return np.bincount(owner[kept_entries], minlength=len(idx)) > 0
+    if not counts or len(entries) == 0:
+        return np.full(len(idx), np.inf)
+    take = pa.array(entries, type=pa.int64())
+    names = pc.binary_join_element_wise(objs.tag_keys.take(take), objs.tag_values.take(take), "=")
+    common = pa.array(sorted(counts))
+    slot = pc.index_in(names, value_set=common).to_numpy(zero_copy_only=False)
+    per_entry = np.full(len(entries), np.inf)
+    known = ~np.isnan(slot)
+    totals = np.array([counts[t] for t in common.to_pylist()], dtype=np.float64)
+    per_entry[known] = cap / totals[slot[known].astype(np.int64)]
+    # Every object has at least one tag: its entries are one run from its first.
+    first = np.cumsum(lengths) - lengths
+    return np.maximum.reduceat(per_entry, first)
 
 
-def limit(idx: np.ndarray, h: np.ndarray, max_requests: int) -> np.ndarray:
-    """Mask over ``idx``: a seeded random ``max_requests`` of them."""
-    if len(idx) <= max_requests:
-        return np.ones(len(idx), dtype=bool)
-    r = uniform(h[idx], STREAM_LIMIT)
-    keep = np.zeros(len(idx), dtype=bool)
-    keep[np.argsort(r, kind="stable")[:max_requests]] = True
-    return keep
+def sample_by_tag(
+    objs: Objects, idx: np.ndarray, h: np.ndarray, counts: dict[str, int], cap: int
+) -> np.ndarray:
+    """Mask over ``idx``: per-tag quotas of about ``cap`` objects.
+
+    An object is kept when its seeded random number is below ``cap / count`` for one of its
+    tags (``count``: the tag's objects among all candidates of the plan). A tag on at most
+    ``cap`` candidates (rare) keeps them all; a common tag keeps about ``cap``, plus those kept
+    for a rarer co-tag. The decision needs only the object and the global counts, so it does
+    not depend on how the objects are partitioned.
+    """
+    return uniform(h[idx], STREAM_SAMPLE) < sampling_threshold(objs, idx, counts, cap)
+
+
+def limit_numbers(h: np.ndarray) -> np.ndarray:
+    """The seeded random number that ranks requests for ``max_requests`` (lowest kept)."""
+    return uniform(h, STREAM_LIMIT)
 
 
 @dataclass

@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import shapely
 from pyproj import Transformer
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -49,6 +48,16 @@ def uniform(h: np.ndarray, stream: int) -> np.ndarray:
     with np.errstate(over="ignore"):
         x = mix64(h ^ (np.uint64(stream) * _GOLDEN))
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for every (s, n), without a Python loop."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(lengths)
+    return np.repeat(starts.astype(np.int64) - (ends - lengths), lengths) + np.arange(total)
 
 
 def utm_epsg(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
@@ -98,43 +107,54 @@ def _transformer(epsg: int, inverse: bool, thread: int) -> Transformer:
     return Transformer.from_crs(4326, epsg, always_xy=True)
 
 
-def project_bounds(geoms: np.ndarray, epsg: int, threads: int = 1) -> np.ndarray:
-    """Exact bounds (N, 4) of ``geoms`` projected to EPSG:epsg (every vertex projected)."""
+#: Where a lon/lat box is sampled when projected: its corners and the middles of its edges
+#: (fractions of its width and height). A parallel bows in a projected grid; with the middles
+#: the error on a 30 km box at 60 degrees is about 7 m, on a 1 km box well under a millimetre.
+_BOX_FX = np.array([0.0, 0.5, 1.0, 1.0, 1.0, 0.5, 0.0, 0.0])
+_BOX_FY = np.array([0.0, 0.0, 0.0, 0.5, 1.0, 1.0, 1.0, 0.5])
+
+
+def project_bounds(lonlat: np.ndarray, epsg: int, threads: int = 1) -> np.ndarray:
+    """Bounds (N, 4) in EPSG:epsg of lon/lat boxes ``lonlat`` (N, 4: west, south, east,
+    north): the box's corners and edge middles projected (a point: itself)."""
     if threads > 1:
-        return thread_chunks(lambda s: project_bounds(geoms[s], epsg), len(geoms), threads)
-    out = np.empty((len(geoms), 4), dtype=np.float64)
-    if len(geoms) == 0:
+        return thread_chunks(lambda s: project_bounds(lonlat[s], epsg), len(lonlat), threads)
+    out = np.empty((len(lonlat), 4), dtype=np.float64)
+    if len(lonlat) == 0:
         return out
-    coords, index = shapely.get_coordinates(geoms, return_index=True)
-    x, y = transformer(epsg).transform(coords[:, 0], coords[:, 1])
-    x = np.asarray(x, dtype=np.float64)
-    y = np.asarray(y, dtype=np.float64)
-    starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
-    owners = index[starts]
-    out[owners, 0] = np.minimum.reduceat(x, starts)
-    out[owners, 1] = np.minimum.reduceat(y, starts)
-    out[owners, 2] = np.maximum.reduceat(x, starts)
-    out[owners, 3] = np.maximum.reduceat(y, starts)
+    to = transformer(epsg)
+    point = (lonlat[:, 0] == lonlat[:, 2]) & (lonlat[:, 1] == lonlat[:, 3])
+    if point.any():  # most objects: one point to project, not eight
+        x, y = to.transform(lonlat[point, 0], lonlat[point, 1])
+        out[point, 0] = out[point, 2] = x
+        out[point, 1] = out[point, 3] = y
+    box = ~point
+    if box.any():
+        w, s, e, n = (lonlat[box][:, [k]] for k in range(4))
+        x, y = to.transform((w + (e - w) * _BOX_FX).ravel(), (s + (n - s) * _BOX_FY).ravel())
+        x = np.asarray(x, dtype=np.float64).reshape(-1, len(_BOX_FX))
+        y = np.asarray(y, dtype=np.float64).reshape(-1, len(_BOX_FX))
+        out[box, 0], out[box, 1] = x.min(axis=1), y.min(axis=1)
+        out[box, 2], out[box, 3] = x.max(axis=1), y.max(axis=1)
     return out
 
 
 class ProjectedBounds:
-    """Per-CRS projected bounds of the objects, computed on demand and kept."""
+    """Per-CRS projected bounds of the objects' lon/lat boxes, computed on demand and kept.
+
+    The plan frames tiles and finds surroundings from the objects' boxes alone (the extract's
+    ``bbox`` column), never their geometries: an object lies inside a tile when its projected
+    box does.
+    """
 
     def __init__(
-        self,
-        geoms: np.ndarray,
-        threads: int = 1,
-        known: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
+        self, lonlat: np.ndarray, threads: int = 1, known: dict[int, np.ndarray] | None = None
     ) -> None:
-        self.geoms = geoms
+        """``known``: bounds already projected, per EPSG code (every object's)."""
+        self.lonlat = lonlat
         self.threads = threads
-        self._bounds: dict[int, np.ndarray] = {k: b for k, (b, _) in (known or {}).items()}
-        self._done: dict[int, np.ndarray] = {k: d for k, (_, d) in (known or {}).items()}
-
-    def take(self, index: np.ndarray) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """The bounds computed so far for objects ``index`` (per EPSG: bounds, done mask)."""
-        return {k: (b[index], self._done[k][index]) for k, b in self._bounds.items()}
+        self._bounds: dict[int, np.ndarray] = dict(known or {})
+        self._done = {k: np.ones(len(lonlat), dtype=bool) for k in self._bounds}
 
     def get(self, epsg: np.ndarray, index: np.ndarray) -> np.ndarray:
         """Bounds (len(index), 4) of objects ``index``, each in its ``epsg`` (same length)."""
@@ -146,35 +166,18 @@ class ProjectedBounds:
             out[sel] = self._get_one(int(code), index[sel])
         return out
 
-    def _arrays(self, code: int) -> tuple[np.ndarray, np.ndarray]:
-        if code not in self._bounds:
-            self._bounds[code] = np.full((len(self.geoms), 4), np.nan)
-            self._done[code] = np.zeros(len(self.geoms), dtype=bool)
-        return self._bounds[code], self._done[code]
-
     def _get_one(self, code: int, index: np.ndarray) -> np.ndarray:
-        bounds, done = self._arrays(code)
+        if code not in self._bounds:
+            self._bounds[code] = np.full((len(self.lonlat), 4), np.nan)
+            self._done[code] = np.zeros(len(self.lonlat), dtype=bool)
+        bounds, done = self._bounds[code], self._done[code]
         need = np.zeros(len(done), dtype=bool)
         need[index[~done[index]]] = True
         todo = np.flatnonzero(need)  # unique and sorted, without sorting
         if len(todo):
-            bounds[todo] = project_bounds(self.geoms[todo], code, self.threads)
+            bounds[todo] = project_bounds(self.lonlat[todo], code, self.threads)
             done[todo] = True
         return bounds[index]
-
-    def region(self, code: int, lonlat_bounds: np.ndarray, envelope: tuple) -> np.ndarray:
-        """Bounds (N, 4) in EPSG:code, computed (at least) for every object whose lon/lat
-        bounds (``lonlat_bounds``, N x 4) intersect ``envelope`` (w, s, e, n); NaN elsewhere.
-        """
-        bounds, done = self._arrays(code)
-        w, s, e, n = envelope
-        b = lonlat_bounds
-        near = (b[:, 2] >= w) & (b[:, 0] <= e) & (b[:, 3] >= s) & (b[:, 1] <= n)
-        todo = np.flatnonzero(near & ~done)
-        if len(todo):
-            bounds[todo] = project_bounds(self.geoms[todo], code, self.threads)
-            done[todo] = True
-        return bounds
 
 
 def tile_pixels(

@@ -1,7 +1,9 @@
-"""Reading the extract stage's ``objects/part-*.parquet`` into flat numpy arrays.
+"""Reading the extract stage's ``objects/part-*.parquet``: the small columns only.
 
-Tags stay flat (one entry per tag, with per-object offsets) so that choosing, sampling and
-writing never loop over objects in Python.
+The plan never needs an object's geometry, only its lon/lat box (the extract's ``bbox``
+column; computed from the WKB for objects folders written without it). Parts are read in
+units of whole row groups (``read_units``), so that a scan task holds a bounded slice of the
+input. Tags stay flat (one entry per tag, with per-object offsets), in the object's own order.
 """
 
 from __future__ import annotations
@@ -17,49 +19,55 @@ import pyarrow.parquet as pq
 import shapely
 
 from ..errors import InputError
+from ._geo import ranges
 
 log = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("osm_type", "osm_id", "osm_element", "tags", "max_gsd", "geometry")
+#: Integer codes of ``osm_type`` and ``osm_element``; object order is (kind, osm_id, element).
+TYPE_NAMES = np.array(["", "n", "w", "a"])
+ELEMENT_NAMES = np.array(["", "node", "way", "relation"])
 _TYPE_CODES = {"n": 1, "w": 2, "a": 3}
 _ELEMENT_CODES = {"node": 1, "way": 2, "relation": 3}
+#: Rows of one read unit (whole row groups, at least one).
+UNIT_ROWS = 262_144
 
 
 @dataclass
 class Objects:
-    """The objects, sorted by (osm_type, osm_id, osm_element).
+    """Objects as flat arrays.
 
     Attributes:
-        osm_type, osm_element: numpy arrays of str.
-        osm_id: int64 array.
-        kind: int8 code of ``osm_type`` (1 point, 2 line, 3 area); ``element``: likewise.
-        geometry: shapely geometries (lon/lat).
-        bounds: (N, 4) lon/lat bounds.
+        kind: int8 code of ``osm_type`` (1 point, 2 line, 3 area); ``element``: of
+            ``osm_element`` (1 node, 2 way, 3 relation).
+        osm_id: int64.
+        bounds: (N, 4) lon/lat boxes (west, south, east, north).
         max_gsd: float64 (inf when unknown).
         tag_offsets: (N + 1) offsets into the tag entries.
         tag_keys, tag_values: pyarrow string arrays, one entry per tag.
-        tag_code: int32 id of each entry's ``key=value`` (dense, sorted by text).
-        tag_names: the ``key=value`` text of each code.
         dropped: objects left out while reading, by reason.
     """
 
-    osm_type: np.ndarray
-    osm_id: np.ndarray
-    osm_element: np.ndarray
     kind: np.ndarray
     element: np.ndarray
-    geometry: np.ndarray
+    osm_id: np.ndarray
     bounds: np.ndarray
     max_gsd: np.ndarray
     tag_offsets: np.ndarray
     tag_keys: pa.Array
     tag_values: pa.Array
-    tag_code: np.ndarray
-    tag_names: list[str]
     dropped: dict[str, int]
 
     def __len__(self) -> int:
         return len(self.osm_id)
+
+    @property
+    def osm_type(self) -> np.ndarray:
+        return TYPE_NAMES[self.kind]
+
+    @property
+    def osm_element(self) -> np.ndarray:
+        return ELEMENT_NAMES[self.element]
 
     @property
     def entry_owner(self) -> np.ndarray:
@@ -79,110 +87,133 @@ def object_parts(folder: Path) -> list[Path]:
     return parts
 
 
-def read_objects(folder: Path) -> Objects:
-    """Read every part of ``folder``; a part without the objects columns is an InputError."""
-    tables = []
+@dataclass(frozen=True)
+class ReadUnit:
+    """Whole row groups of one part: what one scan task reads."""
+
+    part: str
+    row_groups: tuple[int, ...]
+    rows: int
+
+
+def read_units(folder: Path, unit_rows: int = UNIT_ROWS) -> list[ReadUnit]:
+    """Cut every part of ``folder`` into units of whole row groups of about ``unit_rows``.
+
+    Reads only the parts' footers; a part that is not an objects file is an InputError.
+    """
+    units = []
     for part in object_parts(folder):
         try:
-            schema = pq.read_schema(part)
+            meta = pq.read_metadata(part)
         except (OSError, pa.ArrowException) as e:
             raise InputError(part, f"not a readable parquet file ({e})") from None
-        missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+        names = meta.schema.to_arrow_schema().names
+        missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise InputError(part, f"not an objects file: missing column(s) {', '.join(missing)}")
-        try:
-            table = pq.read_table(part, columns=list(REQUIRED_COLUMNS))
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(part, f"cannot read ({e})") from None
-        tables.append(table)
-    # One copy into contiguous arrays (not one per part and another for all of them).
-    table = pa.concat_tables(tables, promote_options="permissive").combine_chunks()
-    del tables
-    return _to_objects(table, folder)
+        groups: list[int] = []
+        rows = 0
+        for g in range(meta.num_row_groups):
+            n = meta.row_group(g).num_rows
+            if groups and rows + n > unit_rows:
+                units.append(ReadUnit(str(part), tuple(groups), rows))
+                groups, rows = [], 0
+            groups.append(g)
+            rows += n
+        if groups or not units or units[-1].part != str(part):
+            units.append(ReadUnit(str(part), tuple(groups), rows))
+    return units
 
 
-def _flat_tags(column: pa.ChunkedArray | pa.Array, folder: Path) -> tuple:
+def read_unit(unit: ReadUnit) -> Objects:
+    """The objects of one unit, in file order (objects without tags or a box are dropped)."""
+    part = Path(unit.part)
+    try:
+        pf = pq.ParquetFile(part)
+        has_bbox = "bbox" in pf.schema_arrow.names
+        columns = [c for c in REQUIRED_COLUMNS if c != "geometry" or not has_bbox]
+        table = pf.read_row_groups(
+            list(unit.row_groups), columns=[*columns, *(["bbox"] if has_bbox else [])]
+        )
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(part, f"cannot read ({e})") from None
+    return _to_objects(table, part)
+
+
+def _flat_tags(column: pa.ChunkedArray | pa.Array, part: Path) -> tuple:
     tags = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if pa.types.is_map(tags.type):
-        offsets = tags.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
         keys, values = tags.keys, tags.items
     elif pa.types.is_list(tags.type) and pa.types.is_struct(tags.type.value_type):
-        offsets = tags.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
         keys, values = tags.values.field(0), tags.values.field(1)
     else:
-        raise InputError(folder, f"the tags column is {tags.type}, expected map<string,string>")
+        raise InputError(part, f"the tags column is {tags.type}, expected map<string,string>")
+    offsets = tags.offsets.to_numpy(zero_copy_only=False).astype(np.int64)
     # Offsets of a sliced array start past 0: rebase onto the flat children.
     start, end = int(offsets[0]), int(offsets[-1])
     keys = keys.slice(start, end - start).cast(pa.string())
     values = values.slice(start, end - start).cast(pa.string())
-    offsets = offsets - start
-    if tags.null_count:
-        # A null map has equal offsets already; nothing to fix.
-        pass
-    return offsets, keys, values
+    return offsets - start, keys, values
 
 
-def _to_objects(table: pa.Table, folder: Path) -> Objects:
-    dropped: dict[str, int] = {}
-    osm_type = table["osm_type"].to_numpy(zero_copy_only=False).astype(str)
-    osm_element = table["osm_element"].to_numpy(zero_copy_only=False).astype(str)
-    osm_id = table["osm_id"].to_numpy(zero_copy_only=False).astype(np.int64)
-    kind = np.array([_TYPE_CODES.get(t, 0) for t in np.unique(osm_type)], dtype=np.int8)
-    kind = kind[np.searchsorted(np.unique(osm_type), osm_type)]
-    uniq_el = np.unique(osm_element)
-    element = np.array([_ELEMENT_CODES.get(e, 0) for e in uniq_el], dtype=np.int8)
-    element = element[np.searchsorted(uniq_el, osm_element)]
-    bad_type = kind == 0
-    if bad_type.any():
-        bad = sorted(set(osm_type[bad_type]))[:3]
-        raise InputError(folder, f"osm_type must be n, w or a; found {', '.join(bad)}")
-    max_gsd = pc.fill_null(table["max_gsd"].combine_chunks().cast(pa.float64()), np.inf)
-    max_gsd = max_gsd.to_numpy(zero_copy_only=False).copy()
-    max_gsd[~np.isfinite(max_gsd)] = np.inf
+def _codes(column: pa.ChunkedArray, codes: dict[str, int], part: Path, name: str) -> np.ndarray:
+    encoded = column.combine_chunks().dictionary_encode()
+    names = encoded.dictionary.to_pylist()
+    bad = [n for n in names if n not in codes]
+    if bad:
+        expected = ", ".join(codes)
+        raise InputError(part, f"{name} must be one of {expected}; found {', '.join(bad[:3])}")
+    table = np.array([codes[n] for n in names], dtype=np.int8)
+    indices = encoded.indices.to_numpy(zero_copy_only=False)
+    return table[indices] if len(names) else np.zeros(0, dtype=np.int8)
+
+
+def _bounds(table: pa.Table, part: Path) -> np.ndarray:
+    if "bbox" in table.column_names:
+        box = table["bbox"].combine_chunks()
+        fields = ("xmin", "ymin", "xmax", "ymax")
+        try:
+            cols = [pc.fill_null(box.field(f), np.nan) for f in fields]
+        except KeyError:
+            raise InputError(part, "the bbox column lacks xmin, ymin, xmax or ymax") from None
+        return np.column_stack([c.to_numpy(zero_copy_only=False) for c in cols]).astype(np.float64)
     wkb = table["geometry"].combine_chunks()
     try:
         geometry = shapely.from_wkb(wkb.to_numpy(zero_copy_only=False), on_invalid="ignore")
     except shapely.errors.GEOSException as e:
-        raise InputError(folder, f"the geometry column is not WKB ({e})") from None
-    offsets, keys, values = _flat_tags(table["tags"], folder)
+        raise InputError(part, f"the geometry column is not WKB ({e})") from None
+    return shapely.bounds(geometry)
 
-    ok = ~(shapely.is_missing(geometry) | shapely.is_empty(geometry))
+
+def _to_objects(table: pa.Table, part: Path) -> Objects:
+    kind = _codes(table["osm_type"], _TYPE_CODES, part, "osm_type")
+    element = _codes(table["osm_element"], _ELEMENT_CODES, part, "osm_element")
+    osm_id = table["osm_id"].to_numpy().astype(np.int64)
+    max_gsd = pc.fill_null(table["max_gsd"].combine_chunks().cast(pa.float64()), np.inf)
+    max_gsd = max_gsd.to_numpy(zero_copy_only=False).copy()
+    max_gsd[~np.isfinite(max_gsd)] = np.inf
+    bounds = _bounds(table, part)
+    offsets, keys, values = _flat_tags(table["tags"], part)
     n_tags = np.diff(offsets)
-    ok &= n_tags > 0
+    ok = np.isfinite(bounds).all(axis=1) & (n_tags > 0)
+    dropped = {} if ok.all() else {"no-geometry-or-tags": int((~ok).sum())}
     if not ok.all():
-        dropped["no-geometry-or-tags"] = int((~ok).sum())
-    order = np.lexsort((element, osm_id, kind))
-    order = order[ok[order]]
-
-    # Reorder the flat tags with the objects.
-    starts, lengths = offsets[order], n_tags[order]
-    new_offsets = np.zeros(len(order) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=new_offsets[1:])
-    entry_index = np.repeat(starts - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
-    take = pa.array(entry_index)
-    keys, values = keys.take(take), values.take(take)
-    names = pc.binary_join_element_wise(keys, values, "=")
-    encoded = names.dictionary_encode()
-    dict_names = encoded.dictionary.to_pylist()
-    # Dense codes sorted by text, so codes do not depend on the order objects came in.
-    rank = np.argsort(np.argsort(np.array(dict_names, dtype=object)))
-    tag_code = rank[encoded.indices.to_numpy(zero_copy_only=False)].astype(np.int32)
-    tag_names = sorted(dict_names)
-
-    geometry = geometry[order]
+        rows = np.flatnonzero(ok)
+        entries = ranges(offsets[rows], n_tags[rows])
+        take = pa.array(entries, type=pa.int64())
+        keys, values = keys.take(take), values.take(take)
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(n_tags[rows], out=offsets[1:])
+        kind, element, osm_id = kind[rows], element[rows], osm_id[rows]
+        bounds, max_gsd = bounds[rows], max_gsd[rows]
     return Objects(
-        osm_type=osm_type[order],
-        osm_id=osm_id[order],
-        osm_element=osm_element[order],
-        kind=kind[order],
-        element=element[order],
-        geometry=geometry,
-        bounds=shapely.bounds(geometry),
-        max_gsd=max_gsd[order],
-        tag_offsets=new_offsets,
+        kind=kind,
+        element=element,
+        osm_id=osm_id,
+        bounds=bounds,
+        max_gsd=max_gsd,
+        tag_offsets=offsets,
         tag_keys=keys,
         tag_values=values,
-        tag_code=tag_code,
-        tag_names=tag_names,
         dropped=dropped,
     )

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 from image_sources import ImageSource
 
 from ..files import atomic_path, write_json_atomic
-from ._choose import ranges
+from ._geo import ranges
 from ._objects import Objects
 
 MAP = pa.map_(pa.string(), pa.string())
@@ -135,19 +135,19 @@ def write_parts(
     out: Path,
     rows_per_part: int,
     threads: int = 1,
-    first: int = 0,
+    stem: str = "part-00000",
 ) -> list[Path]:
-    """Write ``part-NNNNN.parquet`` files (atomically), each with ``_stats/part-NNNNN.json``.
+    """Write ``<stem>-KKK.parquet`` files (atomically), each with ``_stats/<stem>-KKK.json``.
 
     ``build(start, stop)`` makes the table of requests ``start:stop``, so only the parts being
     written (``threads`` at a time) are in memory. Part boundaries depend only on
-    ``rows_per_part``, never on ``threads``; they are numbered from ``first``.
+    ``rows_per_part``, never on ``threads``.
     """
     n_parts = max(1, -(-rows // rows_per_part))
 
     def one(k: int) -> Path:
         start, stop = k * rows_per_part, min(rows, (k + 1) * rows_per_part)
-        path = out / f"part-{first + k:05d}.parquet"
+        path = out / f"{stem}-{k:03d}.parquet"
         by_source: dict[str, int] = {}
         with atomic_path(path) as tmp, pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as w:
             # Row groups built one at a time: memory is one row group's, not the part's.
@@ -157,7 +157,7 @@ def write_parts(
                 for c in pc.value_counts(table["alias"]).to_pylist():
                     by_source[c["values"]] = by_source.get(c["values"], 0) + c["counts"]
         write_json_atomic(
-            out / "_stats" / f"part-{first + k:05d}.json",
+            out / "_stats" / f"{stem}-{k:03d}.json",
             {"rows": stop - start, "by_source": by_source},
         )
         return path
