@@ -13,8 +13,8 @@ TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
 .PHONY: setup lint test demo demo-data all extract plan fetch captions filter report \
-        bench bench-extract bench-plan bench-emulator bench-fetch bench-caption bench-filter \
-        bench-polish system-deps-test system-deps-bench clean
+        bench bench-extract bench-plan bench-scale bench-emulator bench-fetch bench-caption \
+        bench-filter bench-polish system-deps-test system-deps-bench clean
 
 setup: $(STAMP)
 
@@ -66,13 +66,17 @@ captions: setup
 
 # --- benchmarks: each compares against a peer or bound in one run, see bench/RESULTS.md ---
 
-bench: bench-extract bench-plan bench-emulator bench-fetch bench-caption bench-filter bench-polish
+bench: bench-extract bench-plan bench-scale bench-emulator bench-fetch bench-caption bench-filter \
+       bench-polish
 
 bench-extract: setup system-deps-bench
 	$(PY) bench/bench_extract.py
 
 bench-plan: setup
 	$(PY) bench/bench_plan.py
+
+bench-scale: setup system-deps-bench
+	$(PY) bench/bench_scale.py
 
 bench-emulator: setup demo-data
 	$(PY) bench/bench_emulator.py
