@@ -140,7 +140,8 @@ def _peer_tag(k: str, v: str) -> str | None:
 
 
 def _peer_object(tags: dict) -> list[str]:
-    keys = sorted(tags, key=lambda k: (FIRST.index(k) if k in FIRST else len(FIRST), k))
+    # primary keys first, the others in the meta's order
+    keys = sorted(tags, key=lambda k: FIRST.index(k) if k in FIRST else len(FIRST))
     return [p for p in (_peer_tag(k, tags[k]) for k in keys) if p]
 
 

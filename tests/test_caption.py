@@ -58,19 +58,45 @@ def test_paper_examples_exactly(caption, stem, center, around, title, multi):
     assert caption(center, around) == (title, multi)
 
 
+def test_paper_attribute_order():
+    # the paper's example: the primary key first, then the tags in the meta's (OSM's) order
+    tags = {
+        "power": "plant",
+        "plant:source": "solar",
+        "plant:method": "thermal",
+        "plant:output:electricity": "19.9 MW",
+    }
+    meta = loads_meta(_meta(tags))  # through a pickle, as a meta file gives them
+    title, multi = make_captioner(load_rules("default"))(meta["center_tags"], [])
+    assert title == (
+        "power plant, plant source of solar, plant method of thermal, "
+        "plant output electricity of 19.9 MW"
+    )
+    assert multi == (
+        "power plant with plant source of solar and plant method of thermal and "
+        "plant output electricity of 19.9 MW"
+    )
+
+
 def test_object_tags_order_and_separators(caption):
-    # primary keys first (in the rules' order), then the others sorted by key, whatever the
-    # dict's order; 3 tags read "A with B and C", 4 tags "A with B and C and D".
+    # primary keys first (in the rules' order), then the others in the dict's order, not by
+    # key; 3 tags read "A with B and C", 4 tags "A with B and C and D".
     tags = {"voltage": "400000", "cables": "6", "power": "line"}
     assert caption(tags, []) == (
-        "power line, cables of 6, voltage of 400000",
-        "power line with cables of 6 and voltage of 400000",
+        "power line, voltage of 400000, cables of 6",
+        "power line with voltage of 400000 and cables of 6",
     )
     four = {"surface": "asphalt", "lanes": "2", "highway": "primary", "amenity": "parking"}
     title, multi = caption(four, [])
-    assert title == "amenity of parking, road of primary, lanes of 2, surface of asphalt"
-    assert multi == "amenity of parking with road of primary and lanes of 2 and surface of asphalt"
-    assert caption(dict(reversed(list(four.items()))), []) == (title, multi)
+    assert title == "amenity of parking, road of primary, surface of asphalt, lanes of 2"
+    assert multi == "amenity of parking with road of primary and surface of asphalt and lanes of 2"
+    # reversed: the primary keys keep the rules' order, the others follow the dict
+    assert caption(dict(reversed(list(four.items()))), []) == (
+        "amenity of parking, road of primary, lanes of 2, surface of asphalt",
+        "amenity of parking with road of primary and lanes of 2 and surface of asphalt",
+    )
+    # the object cache does not mix up two orders of the same tags
+    assert caption(four, []) == (title, multi)
 
 
 def test_surroundings_order_separators_and_duplicates(caption):
