@@ -319,6 +319,39 @@ def test_unreachable_endpoint_is_a_clear_error(captions: Path, cli) -> None:
     assert sorted(p.name for p in captions.parent.iterdir()) == sorted(before)
 
 
+@pytest.mark.parametrize("case", ["unreachable", "no-rows", "out-under-a-file", "cache-a-folder"])
+def test_refused_or_failed_polish_creates_nothing(captions: Path, cli, case) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = captions.parent.parent
+    (root / "a_file").write_text("x")
+    out = root / "new" / "deeper" / "p.csv"
+    args = ["polish", "--captions", captions, "--endpoint", f"http://127.0.0.1:{port}/v1",
+            "--model", "m", "--max-retries", "0", "--out", out]  # fmt: skip
+    named: Path = out
+    if case == "no-rows":
+        named = root / "empty.csv"
+        named.write_text("filepath,title,title_multi_objects\n")
+        args[2] = named
+    elif case == "out-under-a-file":
+        named = root / "a_file" / "p.csv"
+        args[-1] = named
+    elif case == "cache-a-folder":
+        named = root / "dataset"
+        args += ["--cache", named]
+    before = sorted(root.rglob("*"))
+    done = cli(*args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr and lines[-1].startswith("skyscript-build polish: error")
+    if case == "unreachable":  # found by the first request (after the log line saying so)
+        assert "cannot reach" in lines[-1]
+    else:  # refused before any work
+        assert len(lines) == 1 and str(named) in lines[0]
+    assert sorted(root.rglob("*")) == before  # no folder, no cache, no output
+
+
 def test_bad_caption_csv_is_a_clear_error(tmp_path: Path, cli) -> None:
     bad = tmp_path / "caps.csv"
     bad.write_text("filepath,caption\nimages2/a.jpg,x\n")
