@@ -40,7 +40,7 @@ LOGGED = 10
 
 
 class Problems:
-    """Files the report skipped, by kind (``unreadable parquet part``, ``missing image``, ...)."""
+    """Files the report skipped, by kind (``unreadable parquet file``, ``missing image``, ...)."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
