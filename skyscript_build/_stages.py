@@ -3,7 +3,9 @@
 A stage's config is built just before the stage runs (some configs check that the previous
 stage's files exist). Settings the pipeline file leaves out take the stage's own defaults:
 only the keys given are passed. A stage config's own ``ConfigError`` is re-raised naming the
-pipeline file.
+pipeline file. Before any stage runs, each chosen stage's ``check`` validates the settings that
+need no earlier stage's files (a stage config that reads none is simply built), so a bad
+setting of the last stage stops the run before the first one starts.
 """
 
 from __future__ import annotations
@@ -49,12 +51,16 @@ class StageSpec:
     in ``RunContext``): ``always`` when the run uses Dask at all (a LocalCluster too),
     ``scheduler`` only on an existing cluster (``--scheduler``; locally its own pool is
     faster), ``never``: in this process (or a local pool of its own).
+
+    ``check(pipeline, module)``: raises on a bad setting, reading no earlier stage's files;
+    run before any stage starts (None: nothing to check early).
     """
 
     module: str
     entry: str
     build: Callable[[PipelineConfig, RunContext, Any], Any]
     dask: str = "never"
+    check: Callable[[PipelineConfig, Any], Any] | None = None
 
     def on_dask(self, cluster: ClusterConfig) -> bool:
         """Whether the stage runs on the run's Dask client, given where the run's shards go."""
@@ -165,16 +171,33 @@ def _filter(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
 
 
 def _report(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
-    return mod.ReportConfig(build_dir=p.build_dir, out=p.report_dir, dataset_dir=p.dataset_dir)
+    # the dataset is BUILD_DIR/dataset, the report's default (which may not exist yet)
+    return mod.ReportConfig(build_dir=p.build_dir, out=p.report_dir)
+
+
+def _built(build: Callable[[PipelineConfig, RunContext, Any], Any]) -> Callable[..., Any]:
+    """A check that builds the stage's config (for configs that read no earlier stage's files)."""
+    return lambda p, mod: build(p, RunContext(), mod)
+
+
+def _check_caption(p: PipelineConfig, mod: Any) -> None:
+    from .files import check_out_file
+
+    mod.resolve_rules(p.caption.rules or p.caption.function)
+    check_out_file(p.captions_csv, "caption.csv")
 
 
 STAGE_SPECS: dict[str, StageSpec] = {
-    "extract": StageSpec("skyscript_build.extract", "run_extract", _extract, dask="scheduler"),
+    "extract": StageSpec(
+        "skyscript_build.extract", "run_extract", _extract, dask="scheduler", check=_built(_extract)
+    ),
     # plan's shards go to ctx.scheduler when the run has one (reusing the run's client), else
     # they run on threads in this process (never a LocalCluster of its own).
-    "plan": StageSpec("skyscript_build.plan", "run_plan", _plan),
+    "plan": StageSpec("skyscript_build.plan", "run_plan", _plan, check=_built(_plan)),
     "fetch": StageSpec("skyscript_build.fetch", "run_fetch", _fetch, dask="always"),
-    "caption": StageSpec("skyscript_build.caption", "run_caption", _caption, dask="always"),
-    "filter": StageSpec("skyscript_build.filter", "run_filter", _filter),
+    "caption": StageSpec(
+        "skyscript_build.caption", "run_caption", _caption, dask="always", check=_check_caption
+    ),
+    "filter": StageSpec("skyscript_build.filter", "run_filter", _filter, check=_built(_filter)),
     "report": StageSpec("skyscript_build.report", "run_report", _report),
 }

@@ -16,6 +16,13 @@ Plan, and extract without a scheduler, use their own local pools; filter scores 
 on one device in this process. On a cluster of several machines the build folder
 must be on a filesystem that every worker sees under the same path.
 
+Before any work, the run checks what every chosen stage needs from the user: input files,
+backend paths, the settings each stage can judge without an earlier stage's files, and that the
+build folder can be written. A run that fails leaves no empty folder it made, and
+``pipeline.json`` (the settings that made the build, which the report reads) is written only
+once a stage has succeeded (and before the report, its reader): a run that fails before any
+stage succeeds leaves it as it was.
+
 How paths and ``${VARIABLES}`` in a pipeline file resolve: ``skyscript_build.pipeline_config``.
 """
 
@@ -34,7 +41,7 @@ from . import pipeline_config as _pipeline_config
 from ._stages import STAGE_SPECS, RunContext, stage_module
 from .cluster import dask_client
 from .errors import ConfigError
-from .files import write_json_atomic
+from .files import check_out_dir, leave_no_empty_folders, write_json_atomic
 from .pipeline_config import *  # noqa: F403  (the pipeline file's names, re-exported)
 from .pipeline_config import DEMO_COLLECTIONS, STAGES, PipelineConfig
 
@@ -148,15 +155,55 @@ def _emulator(config: PipelineConfig) -> Any:
     return Emulator(_demo_collections(config), port=0, latency_ms=config.backend.latency_ms or 0)
 
 
+def _named(config: PipelineConfig, stage: str, error: ConfigError) -> ConfigError:
+    """A stage config's error, naming the pipeline file and the stage."""
+    text = str(error)
+    if not text.startswith(str(config.path)):
+        text = f"{config.path}: {stage}: {text}"
+    return ConfigError(text)
+
+
+def _check_settings(config: PipelineConfig, stages: Sequence[str], modules: dict[str, Any]) -> None:
+    """Check, before any work, each stage's settings that need no earlier stage's files."""
+    check_out_dir(config.build_dir, f"{config.path}: build_dir")
+    for stage in stages:
+        check = STAGE_SPECS[stage].check
+        if check is None:
+            continue
+        try:
+            check(config, modules[stage])
+        except ConfigError as e:
+            raise _named(config, stage, e) from None
+
+
+class _Snapshot:
+    """``pipeline.json``: written when a stage has succeeded (or the report, which reads it,
+    is next); put back as it was when the run fails before any stage succeeded."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.path = config.build_dir / "pipeline.json"
+        self.before = self.path.read_bytes() if self.path.is_file() else None
+        self.any_done = False
+
+    def write(self) -> None:
+        write_json_atomic(self.path, self.config.to_dict())
+
+    def undo(self) -> None:
+        if self.any_done:
+            return
+        if self.before is None:
+            self.path.unlink(missing_ok=True)
+        elif self.path.is_file() and self.path.read_bytes() != self.before:
+            self.path.write_bytes(self.before)
+
+
 def _run_stage(config: PipelineConfig, stage: str, module: Any, ctx: RunContext) -> StageOutcome:
     spec = STAGE_SPECS[stage]
     try:
         stage_config = spec.build(config, ctx, module)
     except ConfigError as e:
-        text = str(e)
-        if not text.startswith(str(config.path)):
-            text = f"{config.path}: {stage}: {text}"
-        raise ConfigError(text) from None
+        raise _named(config, stage, e) from None
     t0 = time.monotonic()
     stage_result = getattr(module, spec.entry)(stage_config)
     return StageOutcome(stage, stage_result, time.monotonic() - t0)
@@ -191,13 +238,15 @@ def run_pipeline(
         on_stage: called with each stage's outcome as soon as the stage is done.
 
     Raises:
-        ConfigError: an unknown or unavailable stage, a missing input, a bad setting.
+        ConfigError: an unknown or unavailable stage, a missing input, a bad setting (all
+            checked before the first stage starts, as far as they can be).
     """
     chosen = select_stages(config, stages)
     modules = {s: stage_module(s, STAGE_SPECS[s].module) for s in chosen}
     _check_inputs(config, chosen)
     if scheduler:
         config = replace(config, cluster=replace(config.cluster, scheduler=scheduler))
+    _check_settings(config, chosen, modules)
     scheduler_host = (config.cluster.scheduler or "").split("://")[-1].rsplit(":", 1)[0]
     if config.backend.type == "emulator" and scheduler_host not in ("", "127.0.0.1", "localhost"):
         log.warning(
@@ -205,9 +254,24 @@ def run_pipeline(
             "one (scheduler %s) cannot reach it",
             config.cluster.scheduler,
         )
+    # depth 2: the stages' folders and, in the dataset, images{k}/, meta{k}/ and manifest/
+    with leave_no_empty_folders(config.build_dir, depth=2):
+        snapshot = _Snapshot(config)
+        try:
+            return _run_stages(config, chosen, modules, snapshot, on_stage)
+        except BaseException:
+            snapshot.undo()
+            raise
+
+
+def _run_stages(
+    config: PipelineConfig,
+    chosen: list[str],
+    modules: dict[str, Any],
+    snapshot: _Snapshot,
+    on_stage: Callable[[StageOutcome], None] | None,
+) -> PipelineResult:
     result = PipelineResult(config)
-    config.build_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(config.build_dir / "pipeline.json", config.to_dict())
     on_dask = [s for s in chosen if STAGE_SPECS[s].on_dask(config.cluster)]
     address = config.cluster.scheduler
     with contextlib.ExitStack() as dask_stack:
@@ -218,7 +282,12 @@ def run_pipeline(
             with contextlib.ExitStack() as stack:
                 if stage == "fetch" and config.backend.type == "emulator":
                     ctx = replace(ctx, emulator_url=stack.enter_context(_emulator(config)).url)
+                if stage == "report":  # it reads the settings of the build
+                    snapshot.write()
                 outcome = _run_stage(config, stage, modules[stage], ctx)
+            snapshot.any_done = True
+            if stage != "report":
+                snapshot.write()
             if on_dask and stage == on_dask[-1]:
                 dask_stack.close()  # the later stages need no cluster: free its memory
             result.outcomes.append(outcome)

@@ -6,6 +6,12 @@
 ``report/index.html`` with counts per stage, per image source and per tag key, the caption
 length histogram, a map of the tiles, sample images with their captions, failures by reason
 and the CLIP score distribution. A section whose stage has not run yet says so.
+
+A file it cannot read (a truncated parquet part, a sample image that is missing or does not
+decode) is skipped and counted: the page lists it under "Problems found" and the summary line
+counts it. The report is made in a temporary folder beside ``out`` and moved in place when
+complete, so a failed run leaves the previous report as it was, and a refused one creates
+nothing.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ from __future__ import annotations
 import html
 import logging
 import math
+import os
 import re
 import shutil
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ._report_data import (
+    Problems,
     count_rows,
     find_dataset_files,
     load_pipeline_snapshot,
@@ -31,8 +40,8 @@ from ._report_data import (
     read_requests,
     read_scores,
 )
-from .errors import InputError
-from .files import atomic_write_text
+from .errors import ConfigError, InputError
+from .files import atomic_write_text, check_out_dir, leave_no_empty_folders
 
 __all__ = ["ReportConfig", "ReportResult", "run_report", "find_dataset_files"]
 
@@ -61,8 +70,17 @@ class ReportConfig:
         object.__setattr__(self, "build_dir", Path(self.build_dir))
         if not self.build_dir.is_dir():
             raise InputError(self.build_dir, "build folder not found")
-        if self.samples < 0 or self.top_tags < 1:
-            raise InputError(self.build_dir, "samples must be >= 0 and top_tags >= 1")
+        if self.dataset_dir is not None and not Path(self.dataset_dir).is_dir():
+            raise InputError(self.dataset_dir, "dataset folder not found")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
+            raise ConfigError(f"--samples {self.samples}: must be a whole number >= 0")
+        if (
+            isinstance(self.top_tags, bool)
+            or not isinstance(self.top_tags, int)
+            or self.top_tags < 1
+        ):
+            raise ConfigError(f"--top-tags {self.top_tags}: must be a whole number >= 1")
+        check_out_dir(self.out_dir, "--out")
 
     @property
     def out_dir(self) -> Path:
@@ -80,10 +98,16 @@ class ReportResult:
     path: Path
     counts: dict[str, int] = field(default_factory=dict)
     charts: list[str] = field(default_factory=list)
+    #: files skipped, by kind (``unreadable parquet file``, ``missing image``, ...)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         shown = ", ".join(f"{v} {k}" for k, v in self.counts.items())
-        return f"report: {self.path} ({shown or 'no stage outputs yet'})"
+        line = f"report: {self.path} ({shown or 'no stage outputs yet'})"
+        if self.skipped:
+            kinds = ", ".join(f"{v} {k}" for k, v in sorted(self.skipped.items()))
+            line += f"; skipped {sum(self.skipped.values())} files ({kinds}): see the page"
+        return line
 
 
 # --- charts -------------------------------------------------------------------------------
@@ -223,21 +247,42 @@ def _shorten(text: str, limit: int) -> str:
     return text[:limit].rsplit(" ", 1)[0].rstrip(",;") + " …"
 
 
-def _samples(candidates: list[dict[str, str]], dataset: Path, out: Path, n: int) -> list[str]:
+def _thumbnails(
+    candidates: list[dict[str, str]], dataset: Path, n: int, problems: Problems
+) -> list[tuple[dict[str, str], Any]]:
+    """Up to ``n`` (row, thumbnail) of the candidates whose image is there and decodes, by
+    file path; the others are skipped and noted in ``problems``."""
     from PIL import Image
 
-    rows = [r for r in candidates if (dataset / r.get("filepath", "")).is_file()]
-    chosen = sorted(rows[:n], key=lambda r: r["filepath"])
+    chosen: list[tuple[dict[str, str], Any]] = []
+    for row in candidates:
+        if len(chosen) == n:
+            break
+        path = dataset / row.get("filepath", "")
+        if not path.is_file():
+            problems.add("missing image", path, "listed in the caption CSV, not on disk")
+            continue
+        try:
+            with Image.open(path) as source:
+                thumb = source.convert("RGB")  # decodes the whole image
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+            problems.add("corrupt image", path, f"does not decode ({e})")
+            continue
+        thumb.thumbnail((256, 256))
+        chosen.append((row, thumb))
+    return sorted(chosen, key=lambda item: item[0]["filepath"])
+
+
+def _samples(
+    candidates: list[dict[str, str]], dataset: Path, out: Path, n: int, problems: Problems
+) -> list[str]:
+    chosen = _thumbnails(candidates, dataset, n, problems)
     if not chosen:
         return []
-    folder = out / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
+    (out / "samples").mkdir()
     figures = []
-    for i, row in enumerate(chosen):
+    for i, (row, thumb) in enumerate(chosen):
         name = f"samples/{i:03d}.jpg"
-        with Image.open(dataset / row["filepath"]) as source:
-            thumb = source.convert("RGB")
-        thumb.thumbnail((256, 256))
         thumb.save(out / name, quality=85)
         multi = row.get("title_multi_objects", "")
         figures.append(
@@ -267,21 +312,51 @@ def _with_contents(body: str) -> str:
 def run_report(config: ReportConfig) -> ReportResult:
     """Write ``index.html`` and its charts for ``config.build_dir``; return where and counts."""
     out = config.out_dir
-    if out.exists():
-        for old in list(out.glob("*.png")) + [out / "samples"]:
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    snapshot = load_pipeline_snapshot(config.build_dir)
+    with leave_no_empty_folders(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            result = _write_report(config, work)
+            _publish(work, out)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    result.path = out / "index.html"
+    log.info("report written to %s", result.path)
+    return result
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Move the finished report from ``work`` into ``out``: the whole folder when ``out`` is
+    new; else its charts and samples in place of the old ones, ``index.html`` last."""
+    if not out.exists():
+        os.rename(work, out)
+        return
+    for old in [*out.glob("*.png"), out / "samples"]:
+        if old.is_dir():
+            shutil.rmtree(old)
+        elif old.exists():
+            old.unlink()
+    for new in sorted(work.iterdir()):
+        if new.name != "index.html":
+            os.replace(new, out / new.name)
+    os.replace(work / "index.html", out / "index.html")
+
+
+def _write_report(config: ReportConfig, out: Path) -> ReportResult:
+    """The report's files, written into the (empty) folder ``out``."""
+    problems = Problems()
+    snapshot = load_pipeline_snapshot(config.build_dir, problems)
     files = find_dataset_files(config.dataset)
-    objects = read_objects(config.build_dir / "objects")
-    requests = read_requests(config.build_dir / "requests")
-    manifest = read_manifest(config.dataset / "manifest")
-    captions = read_captions(files["captions"], keep=4 * config.samples)
-    scores = read_scores(files["scores"])
-    filtered = {p.name: count_rows(p) for p in files["filtered"]}
+    objects = read_objects(config.build_dir / "objects", problems)
+    requests = read_requests(config.build_dir / "requests", problems)
+    manifest = read_manifest(config.dataset / "manifest", problems)
+    captions = read_captions(files["captions"], problems, keep=4 * config.samples)
+    scores = read_scores(files["scores"], problems)
+    filtered: dict[str, int] = {}
+    for p in files["filtered"]:
+        rows = count_rows(p, problems)
+        if rows is not None:
+            filtered[p.name] = rows
 
     result = ReportResult(path=out / "index.html")
     counts = result.counts
@@ -323,6 +398,7 @@ def run_report(config: ReportConfig) -> ReportResult:
             "scores and the top-k% selections carry no information.</p>"
         )
 
+    notes_end = len(s)
     stage_rows = [
         ("extract: objects", objects["n"] if objects else "not run"),
         ("plan: requests", requests["n"] if requests else "not run"),
@@ -424,13 +500,18 @@ def run_report(config: ReportConfig) -> ReportResult:
 
     s.append("<h2>Sample images</h2>")
     figures = (
-        _samples(captions["candidates"], config.dataset, out, config.samples) if captions else []
+        _samples(captions["candidates"], config.dataset, out, config.samples, problems)
+        if captions
+        else []
     )
-    s.append(
-        f'<div class="grid">{"".join(figures)}</div>'
-        if figures
-        else _none("no captioned images (fetch and caption have not run)")
-    )
+    if figures:
+        s.append(f'<div class="grid">{"".join(figures)}</div>')
+    elif config.samples == 0:
+        s.append("<p>None asked for (<code>--samples 0</code>).</p>")
+    elif captions and captions["n"]:
+        s.append(_none("no sample image could be read (see Problems found)"))
+    else:
+        s.append(_none("no captioned images (fetch and caption have not run)"))
 
     s.append("<h2>Failures by reason</h2>")
     if manifest is None:
@@ -468,6 +549,9 @@ def run_report(config: ReportConfig) -> ReportResult:
         + ("Imagery: synthetic (rendered from OpenStreetMap data). " if synthetic else "")
         + "Made by skyscript-build.</footer>"
     )
+    result.skipped = dict(problems.counts)
+    if problems:
+        s.insert(notes_end, _problems_section(problems))
     body = _with_contents("\n".join(s))
     page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
@@ -477,5 +561,18 @@ def run_report(config: ReportConfig) -> ReportResult:
         f"<style>{_CSS}</style></head><body>\n" + body + "\n</body></html>\n"
     )
     atomic_write_text(result.path, page)
-    log.info("report written to %s", result.path)
     return result
+
+
+def _problems_section(problems: Problems) -> str:
+    """The files the report skipped: counts by kind, then the first ones by name."""
+    kinds = ", ".join(f"{n:,} {kind}" for kind, n in sorted(problems.counts.items()))
+    listed = _table(problems.files, ("problem", "file", "detail"))
+    more = sum(problems.counts.values()) - len(problems.files)
+    return (
+        f'<h2>Problems found</h2><p class="note">Skipped {html.escape(kinds)}: the counts '
+        "on this page leave them out. Rerun the stage that wrote them (fetch checks and "
+        "repairs its files) and then the report.</p>"
+        + listed
+        + (f"<p>... and {more:,} more.</p>" if more > 0 else "")
+    )

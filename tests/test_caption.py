@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import shutil
 import threading
 import uuid
 from pathlib import Path
@@ -46,6 +47,12 @@ def _meta(center, around=()):
     return dumps_meta(make_meta((0, 0, 1, 1), (2020, 1, 2, 3, 4), center, list(around)))
 
 
+def _add(dataset: Path, meta_dir: str, stem: str, payload: bytes) -> None:
+    """A meta file and its image, as fetch writes them."""
+    (dataset / f"images{meta_dir[4:]}" / f"{stem}.jpg").write_bytes(data.jpeg_bytes())
+    (dataset / meta_dir / f"{stem}.pickle").write_bytes(payload)
+
+
 def _read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
 
@@ -58,19 +65,45 @@ def test_paper_examples_exactly(caption, stem, center, around, title, multi):
     assert caption(center, around) == (title, multi)
 
 
+def test_paper_attribute_order():
+    # the paper's example: the primary key first, then the tags in the meta's (OSM's) order
+    tags = {
+        "power": "plant",
+        "plant:source": "solar",
+        "plant:method": "thermal",
+        "plant:output:electricity": "19.9 MW",
+    }
+    meta = loads_meta(_meta(tags))  # through a pickle, as a meta file gives them
+    title, multi = make_captioner(load_rules("default"))(meta["center_tags"], [])
+    assert title == (
+        "power plant, plant source of solar, plant method of thermal, "
+        "plant output electricity of 19.9 MW"
+    )
+    assert multi == (
+        "power plant with plant source of solar and plant method of thermal and "
+        "plant output electricity of 19.9 MW"
+    )
+
+
 def test_object_tags_order_and_separators(caption):
-    # primary keys first (in the rules' order), then the others sorted by key, whatever the
-    # dict's order; 3 tags read "A with B and C", 4 tags "A with B and C and D".
+    # primary keys first (in the rules' order), then the others in the dict's order, not by
+    # key; 3 tags read "A with B and C", 4 tags "A with B and C and D".
     tags = {"voltage": "400000", "cables": "6", "power": "line"}
     assert caption(tags, []) == (
-        "power line, cables of 6, voltage of 400000",
-        "power line with cables of 6 and voltage of 400000",
+        "power line, voltage of 400000, cables of 6",
+        "power line with voltage of 400000 and cables of 6",
     )
     four = {"surface": "asphalt", "lanes": "2", "highway": "primary", "amenity": "parking"}
     title, multi = caption(four, [])
-    assert title == "amenity of parking, road of primary, lanes of 2, surface of asphalt"
-    assert multi == "amenity of parking with road of primary and lanes of 2 and surface of asphalt"
-    assert caption(dict(reversed(list(four.items()))), []) == (title, multi)
+    assert title == "amenity of parking, road of primary, surface of asphalt, lanes of 2"
+    assert multi == "amenity of parking with road of primary and surface of asphalt and lanes of 2"
+    # reversed: the primary keys keep the rules' order, the others follow the dict
+    assert caption(dict(reversed(list(four.items()))), []) == (
+        "amenity of parking, road of primary, lanes of 2, surface of asphalt",
+        "amenity of parking with road of primary and lanes of 2 and surface of asphalt",
+    )
+    # the object cache does not mix up two orders of the same tags
+    assert caption(four, []) == (title, multi)
 
 
 def test_surroundings_order_separators_and_duplicates(caption):
@@ -170,7 +203,7 @@ def test_csv_row_is_the_csv_module(tmp_path: Path):
 def test_run_writes_sorted_csv_that_round_trips(dataset: Path, caption):
     # "x-1.jpg" sorts before "x.jpg" although stem "x" sorts before "x-1": rows sort by filepath
     for stem in ("x", "x-1"):
-        (dataset / "meta2" / f"{stem}.pickle").write_bytes(_meta({"natural": "tree"}))
+        _add(dataset, "meta2", stem, _meta({"natural": "tree"}))
     result = run_caption(CaptionConfig(dataset=dataset, workers=1))
     out = dataset / "SkyScript_captions.csv"
     assert result.out == out
@@ -282,6 +315,7 @@ def test_rerun_is_skipped_until_inputs_or_rules_change(dataset: Path, tmp_path: 
     assert not run_caption(CaptionConfig(dataset=dataset, out=out, workers=1)).up_to_date
     assert out.read_bytes() == before
     # a new meta file (written atomically, as fetch does) is captioned by the next run
+    (dataset / "images3" / "zz_new_FI_19.jpg").write_bytes(data.jpeg_bytes())
     tmp = dataset / "meta3" / ".new.tmp"
     tmp.write_bytes(_meta({"landuse": "grass"}))
     tmp.rename(dataset / "meta3" / "zz_new_FI_19.pickle")
@@ -361,10 +395,8 @@ def test_malicious_pickle_is_refused_and_never_runs(dataset: Path, tmp_path: Pat
     marker = Path(f"/tmp/PWNED-{uuid.uuid4().hex}")
     evil = {**make_meta((0, 0, 1, 1), (2020, 1, 1, 0, 0), {"amenity": "x"}, [])}
     evil["center_tags"] = _Evil(f"touch {marker}")
-    (dataset / "meta2" / "zz_evil_CH_19.pickle").write_bytes(pickle.dumps(evil))
-    (dataset / "meta3" / "zz_evil2_CH_19.pickle").write_bytes(
-        pickle.dumps(_Evil(f"touch {marker}"))
-    )
+    _add(dataset, "meta2", "zz_evil_CH_19", pickle.dumps(evil))
+    _add(dataset, "meta3", "zz_evil2_CH_19", pickle.dumps(_Evil(f"touch {marker}")))
     with pytest.raises(MetaError, match="posix.system"):
         load_meta(dataset / "meta2" / "zz_evil_CH_19.pickle")
     for workers in (1, 2):
@@ -391,7 +423,7 @@ def test_broken_meta_files_are_skipped_and_counted(dataset: Path, tmp_path: Path
         ),
     }
     for name, payload in broken.items():
-        (dataset / "meta3" / f"zz_{name}_FI_19.pickle").write_bytes(payload)
+        _add(dataset, "meta3", f"zz_{name}_FI_19", payload)
     result = run_caption(CaptionConfig(dataset=dataset, out=tmp_path / "o.csv", workers=1))
     assert result.refused == {"bad-tags": 1, "corrupt": 3, "missing-key": 1, "not-a-dict": 1}
     details = {f.split("/")[1]: d for f, _, d in result.examples}
@@ -402,6 +434,80 @@ def test_broken_meta_files_are_skipped_and_counted(dataset: Path, tmp_path: Path
     assert "6 files refused (bad-tags 1, corrupt 3, missing-key 1, not-a-dict 1)" in (
         result.summary()
     )
+
+
+def test_a_meta_file_without_its_image_gets_no_row_and_is_counted(dataset: Path, tmp_path: Path):
+    out = tmp_path / "o.csv"
+    first = run_caption(CaptionConfig(dataset=dataset, out=out, workers=2))
+    assert first.missing_images == 0 and "without their image" not in first.summary()
+    rows = set(_read_csv(out).filepath)
+    gone = sorted(rows)[:3]
+    for filepath in gone:
+        (dataset / filepath).unlink()
+    (dataset / "images3" / "a2_US_20.jpg").unlink()  # the farmland
+    (dataset / "images3" / "a2_US_20.jpg").mkdir()  # a folder is no image either
+    second = run_caption(CaptionConfig(dataset=dataset, out=out, workers=2))
+    assert not second.up_to_date  # the image folders changed
+    assert second.missing_images == 4 and second.files == first.files
+    assert second.written == first.written - 4
+    assert set(_read_csv(out).filepath) == rows - set(gone) - {"images3/a2_US_20.jpg"}
+    assert "4 without their image (no row)" in second.summary()
+    stats = json.loads(stats_path(out).read_text())
+    assert stats["missing_images"] == 4 and stats["written"] == second.written
+    missing = {e["file"] for e in stats["refused_examples"] if e["reason"] == "missing-image"}
+    assert missing == {f"meta{p[6:]}".replace(".jpg", ".pickle") for p in gone} | {
+        "meta3/a2_US_20.pickle"
+    }
+    again = run_caption(CaptionConfig(dataset=dataset, out=out, workers=1))
+    assert again.up_to_date and "4 without their image" in again.summary()
+    # an image back (fetch writes it atomically) is a row again
+    (dataset / gone[0]).write_bytes(data.jpeg_bytes())
+    fourth = run_caption(CaptionConfig(dataset=dataset, out=out, workers=1))
+    assert fourth.missing_images == 3 and gone[0] in set(_read_csv(out).filepath)
+
+
+def test_a_missing_images_folder_counts_all_its_meta_files(dataset: Path, tmp_path: Path):
+    n_meta3 = len(list((dataset / "meta3").glob("*.pickle")))
+    shutil.rmtree(dataset / "images3")
+    result = run_caption(CaptionConfig(dataset=dataset, out=tmp_path / "o.csv", workers=1))
+    assert result.missing_images == n_meta3
+    assert not _read_csv(tmp_path / "o.csv").filepath.str.startswith("images3/").any()
+
+
+def test_no_images_at_all_is_refused_unless_meta_only(tmp_path: Path):
+    dataset = data.make_dataset(tmp_path / "metas", images=False)
+    out = tmp_path / "new" / "c.csv"
+    with pytest.raises(InputError, match=r"no images\*/ folder beside meta10/, meta2/, meta3/: "):
+        run_caption(CaptionConfig(dataset=dataset, out=out))
+    assert not (tmp_path / "new").exists()
+    result = run_caption(CaptionConfig(dataset=dataset, out=out, meta_only=True))
+    n_meta = len(list(dataset.rglob("*.pickle")))
+    assert result.files == n_meta and result.written == n_meta - 1  # one empty caption
+    assert result.missing_images == 0 and "images not looked for" in result.summary()
+    assert json.loads(stats_path(out).read_text())["meta_only"] is True
+
+
+def test_a_failed_run_leaves_nothing(dataset: Path, tmp_path: Path):
+    rules = tmp_path / "stop_rules.py"  # a user pressing Ctrl-C half-way
+    rules.write_text(
+        "def caption(center, around):\n"
+        "    if 'landuse' in center:\n"
+        "        raise KeyboardInterrupt\n"
+        "    return 'x', 'y'\n"
+    )
+    out = tmp_path / "new" / "deeper" / "c.csv"
+    with pytest.raises(KeyboardInterrupt):
+        run_caption(CaptionConfig(dataset=dataset, out=out, rules=f"{rules}:caption", workers=1))
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "c.csv"
+    out.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt):
+        run_caption(CaptionConfig(dataset=dataset, out=out, rules=f"{rules}:caption", workers=1))
+    assert out.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "c.csv",
+        "ds",
+        "stop_rules.py",
+    ]
 
 
 # --- the stage's errors and the CLI ------------------------------------------------------------
@@ -423,7 +529,7 @@ def test_config_errors(tmp_path: Path):
 
 
 def test_cli_runs_and_prints_counts(cli, dataset: Path, tmp_path: Path):
-    (dataset / "meta2" / "zz_bad_CH_19.pickle").write_bytes(b"junk")
+    _add(dataset, "meta2", "zz_bad_CH_19", b"junk")
     out = tmp_path / "sub" / "captions.csv"
     r = cli("caption", "--dataset", dataset, "--out", out, "--workers", "2")
     assert r.returncode == 0, r.stderr
@@ -433,21 +539,44 @@ def test_cli_runs_and_prints_counts(cli, dataset: Path, tmp_path: Path):
     assert out.exists() and stats_path(out).exists()
 
 
-@pytest.mark.parametrize("case", ["missing", "no-meta", "bad-rules"])
+@pytest.mark.parametrize(
+    "case", ["missing", "no-meta", "bad-rules", "no-images", "out-under-a-file", "out-a-folder"]
+)
 def test_cli_bad_input_is_one_line_exit_2(cli, tmp_path: Path, case):
     args = ["caption", "--dataset", tmp_path / "nope"]
+    named = tmp_path / "nope"
     if case == "no-meta":
         (tmp_path / "images2").mkdir()
         args = ["caption", "--dataset", tmp_path]
+        named = tmp_path
     elif case == "bad-rules":
         data.make_dataset(tmp_path / "ds", n_random=0)
         (tmp_path / "r.yaml").write_text("colour: red\n")
         args = ["caption", "--dataset", tmp_path / "ds", "--rules", tmp_path / "r.yaml"]
+        named = tmp_path / "r.yaml"
+    elif case == "no-images":
+        named = data.make_dataset(tmp_path / "ds", n_random=0, images=False)
+        args = ["caption", "--dataset", named, "--out", tmp_path / "new" / "c.csv"]
+    elif case.startswith("out-"):
+        data.make_dataset(tmp_path / "ds", n_random=0)
+        (tmp_path / "a_file").write_text("x")
+        named = tmp_path / "a_file" / "c.csv" if case == "out-under-a-file" else tmp_path
+        args = ["caption", "--dataset", tmp_path / "ds", "--out", named]
+    before = sorted(tmp_path.rglob("*"))
     r = cli(*args)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert r.stderr.startswith("skyscript-build caption: error: ")
-    assert not list(tmp_path.rglob("*.csv"))
+    assert str(named) in r.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # nothing made
+
+
+def test_cli_meta_only(cli, tmp_path: Path):
+    dataset = data.make_dataset(tmp_path / "ds", n_random=0, images=False)
+    r = cli("caption", "--dataset", dataset, "--meta-only")
+    assert r.returncode == 0, r.stderr
+    assert "images not looked for" in r.stdout
+    assert len(_read_csv(dataset / "SkyScript_captions.csv")) == 12
 
 
 def test_cli_module_function_rules(cli, dataset: Path, tmp_path: Path):

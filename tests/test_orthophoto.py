@@ -77,7 +77,14 @@ def test_bad_input(tmp_path, helsinki_pbf, cli):
     result = cli("orthophoto", "--pbf", junk, "--out", tmp_path / "out")
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and "junk.osm.pbf" in result.stderr
-    assert not (tmp_path / "out" / "collections.yaml").exists()
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "a_file").write_text("x")
+    for out in (tmp_path / "a_file", tmp_path / "a_file" / "sub"):  # refused before rendering
+        result = cli("orthophoto", "--pbf", helsinki_pbf, "--out", out)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+        assert str(out) in result.stderr and "a_file" in result.stderr
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 def test_served_by_the_emulator(demo_orthophoto):

@@ -220,6 +220,47 @@ def test_cli_run_missing_input_exits_2(tmp_path: Path, cli):
     assert not (tmp_path / "build" / "mini").exists()  # no partial output
 
 
+def test_a_failed_run_leaves_no_pipeline_json_nor_empty_folders(tmp_path: Path, cli):
+    path = write(tmp_path, MINIMAL)
+    result = cli("run", path, "--stage", "plan", cwd=tmp_path)  # no objects yet
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert not (tmp_path / "build").exists()
+    # a build that has its settings already keeps them as they were
+    build = tmp_path / "build" / "mini"
+    build.mkdir(parents=True)
+    (build / "pipeline.json").write_text('{"name": "before"}')
+    result = cli("run", path, "--stage", "plan", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert (build / "pipeline.json").read_text() == '{"name": "before"}'
+    assert sorted(p.name for p in build.iterdir()) == ["pipeline.json"]
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        ("caption:\n  rules: no_such_rules.yaml\n", "caption: no_such_rules.yaml: caption rules"),
+        ("plan:\n  years: [2030, 2031]\n", "plan: image source FI has no imagery in 2030-2031"),
+        ("build_dir: a_file/build\n", "a_file is a file, not a folder"),
+    ],
+)
+def test_settings_of_later_stages_are_checked_before_any_work(
+    tmp_path: Path, cli, extra: str, expected: str
+):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "helsinki.osm.pbf").write_bytes(
+        (REPO / "data/helsinki.osm.pbf").read_bytes()
+    )
+    (tmp_path / "a_file").write_text("x")
+    path = write(tmp_path, MINIMAL + extra)
+    before = sorted(tmp_path.rglob("*"))
+    result = cli("run", path, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert str(path) in result.stderr and expected in result.stderr
+    assert sorted(tmp_path.rglob("*")) == before  # extract never started
+
+
 def test_cli_run_bad_pipeline_exits_2(tmp_path: Path, cli):
     path = write(tmp_path, MINIMAL + "plan:\n  max_pix: 3\n")
     result = cli("run", path, cwd=tmp_path)

@@ -255,7 +255,7 @@ def test_captions_of_the_caption_stage_keep_their_key_words(tmp_path: Path) -> N
         meta = make_meta((0, 0, 1, 1), (2020, 1, 1, 0, 0), t, [{"natural": "tree"}])
         (dataset / "meta2" / f"n{i}_FI_20.pickle").write_bytes(dumps_meta(meta))
     csv_path = dataset / "SkyScript_captions.csv"
-    run_caption(CaptionConfig(dataset=dataset, out=csv_path, workers=1))
+    run_caption(CaptionConfig(dataset=dataset, out=csv_path, workers=1, meta_only=True))
     for row in _read(csv_path):
         center = tags[int(Path(row["filepath"]).stem.split("_")[0][1:])]
         for column in ("title", "title_multi_objects"):
@@ -317,6 +317,39 @@ def test_unreachable_endpoint_is_a_clear_error(captions: Path, cli) -> None:
     assert f"127.0.0.1:{port}" in error and "Connection refused" in error
     assert "Traceback" not in done.stderr
     assert sorted(p.name for p in captions.parent.iterdir()) == sorted(before)
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no-rows", "out-under-a-file", "cache-a-folder"])
+def test_refused_or_failed_polish_creates_nothing(captions: Path, cli, case) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = captions.parent.parent
+    (root / "a_file").write_text("x")
+    out = root / "new" / "deeper" / "p.csv"
+    args = ["polish", "--captions", captions, "--endpoint", f"http://127.0.0.1:{port}/v1",
+            "--model", "m", "--max-retries", "0", "--out", out]  # fmt: skip
+    named: Path = out
+    if case == "no-rows":
+        named = root / "empty.csv"
+        named.write_text("filepath,title,title_multi_objects\n")
+        args[2] = named
+    elif case == "out-under-a-file":
+        named = root / "a_file" / "p.csv"
+        args[-1] = named
+    elif case == "cache-a-folder":
+        named = root / "dataset"
+        args += ["--cache", named]
+    before = sorted(root.rglob("*"))
+    done = cli(*args)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stderr and lines[-1].startswith("skyscript-build polish: error")
+    if case == "unreachable":  # found by the first request (after the log line saying so)
+        assert "cannot reach" in lines[-1]
+    else:  # refused before any work
+        assert len(lines) == 1 and str(named) in lines[0]
+    assert sorted(root.rglob("*")) == before  # no folder, no cache, no output
 
 
 def test_bad_caption_csv_is_a_clear_error(tmp_path: Path, cli) -> None:

@@ -10,6 +10,7 @@ from _chromium import check_page_in_chromium, needs_chromium
 from conftest import load_fixture_script
 from PIL import Image
 
+from skyscript_build._report_data import Problems, read_captions
 from skyscript_build.report import ReportConfig, run_report
 
 make_build = load_fixture_script("report").make_build
@@ -144,3 +145,108 @@ def test_report_without_notes_for_real_imagery_and_weights(build: Path, tmp_path
     page = run_report(ReportConfig(build_dir=real)).path.read_text(encoding="utf-8")
     assert "Synthetic imagery" not in page and "meaningless" not in page
     assert "pretrained openai" in page
+
+
+# --- damaged builds, refused and failed runs (issue 14) ------------------------------------
+
+
+def _damaged(build: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "damaged"
+    shutil.copytree(build, copy, ignore=shutil.ignore_patterns("report*"))
+    return copy
+
+
+def test_missing_and_corrupt_sample_images_are_skipped_and_counted(build: Path, tmp_path: Path):
+    damaged = _damaged(build, tmp_path)
+    dataset = damaged / "dataset"
+    candidates = read_captions(dataset / "SkyScript_captions.csv", Problems(), keep=48)
+    first = [dataset / row["filepath"] for row in candidates["candidates"][:3]]
+    first[0].write_bytes(first[0].read_bytes()[:200])  # a truncated JPEG
+    first[1].write_bytes(b"not a jpeg at all")
+    first[2].unlink()
+    result = run_report(ReportConfig(build_dir=damaged))
+    assert result.skipped == {"corrupt image": 2, "missing image": 1}
+    assert len(list((damaged / "report" / "samples").glob("*.jpg"))) == 12  # others instead
+    page = result.path.read_text(encoding="utf-8")
+    assert "Problems found" in page and first[2].name in page and first[0].name in page
+    assert "skipped 3 files (2 corrupt image, 1 missing image)" in result.summary()
+    assert result.counts["captions"] == candidates["n"]
+
+
+def test_unreadable_parquet_parts_and_csvs_are_skipped_and_counted(
+    build: Path, tmp_path: Path, cli
+):
+    damaged = _damaged(build, tmp_path)
+    manifest = damaged / "dataset" / "manifest" / "part-00000.parquet"
+    manifest.write_bytes(manifest.read_bytes()[:100])  # truncated
+    objects = damaged / "objects" / "part-00000.parquet"
+    shutil.copy(objects, damaged / "objects" / "part-00001.parquet")
+    objects.write_bytes(b"PAR1 garbage PAR1")
+    (damaged / "dataset" / "scores.parquet").write_bytes(b"")
+    bad_csv = damaged / "dataset" / "SkyScript_val_5_filtered_by_tiny.csv"
+    bad_csv.write_bytes(b"filepath,title\n\xff\xfe broken\n")
+    r = cli("report", damaged)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "skipped 4 files (1 unreadable CSV, 3 unreadable parquet file)" in r.stdout
+    page = (damaged / "report" / "index.html").read_text(encoding="utf-8")
+    for path in (manifest, objects, bad_csv, damaged / "dataset" / "scores.parquet"):
+        assert str(path) in page
+    assert "40 objects" in r.stdout  # from the readable part
+    assert "No data yet: no fetch manifest" in page
+
+
+def test_samples_0_shows_none(build: Path, tmp_path: Path, cli):
+    out = tmp_path / "r0"
+    r = cli("report", build, "--out", out, "--samples", "0")
+    assert r.returncode == 0, r.stderr
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "None asked for" in page and not (out / "samples").exists()
+
+
+@pytest.mark.parametrize("case", ["out-under-a-file", "out-a-file", "no-dataset", "samples"])
+def test_refused_report_is_one_line_and_creates_nothing(build: Path, tmp_path: Path, cli, case):
+    (tmp_path / "a_file").write_text("x")
+    args: list = ["report", build, "--out", tmp_path / "new" / "report"]
+    named = {
+        "out-under-a-file": tmp_path / "a_file",
+        "out-a-file": tmp_path / "a_file",
+        "no-dataset": tmp_path / "no-such-dataset",
+        "samples": "--samples -1",
+    }[case]
+    if case == "out-under-a-file":
+        args[3] = tmp_path / "a_file" / "report"
+    elif case == "out-a-file":
+        args[3] = tmp_path / "a_file"
+    elif case == "no-dataset":
+        args += ["--dataset", named]
+    else:
+        args += ["--samples", "-1"]
+    before = sorted(tmp_path.rglob("*")), sorted(build.iterdir())
+    r = cli(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert str(named) in r.stderr
+    assert (sorted(tmp_path.rglob("*")), sorted(build.iterdir())) == before
+
+
+def test_a_failed_report_leaves_the_old_one_and_no_new_folder(
+    build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from skyscript_build import report as report_module
+
+    out = tmp_path / "report"
+    run_report(ReportConfig(build_dir=build, out=out))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def interrupted(*args, **kwargs):  # the user presses Ctrl-C while the map is drawn
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_module, "_map_chart", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_report(ReportConfig(build_dir=build, out=out))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary folder
+    with pytest.raises(KeyboardInterrupt):
+        run_report(ReportConfig(build_dir=build, out=tmp_path / "new" / "deeper"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]

@@ -12,8 +12,10 @@ a ``:`` between digits, as in ``1:1000``, is kept), runs of white space (newline
 one space, numbers and units are kept as written, and an OSM value list reads as a list
 (``pizza;burger`` -> ``pizza and burger``, ``a;b;c`` -> ``a, b and c``).
 
-An object's tags are ordered: primary keys first, in the rules' order (``landuse`` before
-``crop``, ``power`` before ``voltage``), then the rest sorted by key. The two captions:
+An object's tags are ordered as in the paper: primary keys first, in the rules' order
+(``landuse`` before ``crop``, ``power`` before ``voltage``), then the others in the meta's own
+order (OSM's: ``power=plant, plant:source=solar, plant:method=thermal`` reads ``power plant,
+plant source of solar, plant method of thermal``). The two captions:
 
 - ``title``: the focus object's tag phrases joined by ", "
   (``landuse of farmland, crop of cotton``);
@@ -396,7 +398,7 @@ class RuleCaptioner:
     def _object_phrases(self, tags: Mapping[Any, Any]) -> tuple[str, str]:
         items = [(_plain(k, "key"), _plain(v, "value")) for k, v in tags.items()]
         rank, last = self._rank, self._last
-        items.sort(key=lambda kv: (rank.get(kv[0], last), kv[0]))
+        items.sort(key=lambda kv: rank.get(kv[0], last))  # stable: the others keep their order
         phrases = [p for p in (self.tag_phrase(k, v) for k, v in items) if p]
         if not phrases:
             return "", ""

@@ -11,6 +11,10 @@ On a Dask cluster the workers read the meta files and write the chunk CSVs thems
 temporary folder beside the output CSV: the dataset folder and the output's folder must be
 visible to every worker under the same path (a shared filesystem), and a ``file.py:function``
 caption function must be importable there too.
+
+A row points at an image: a meta file whose image (``images{k}/<key>.jpg``) is missing gets no
+row and is counted (``missing_images``); ``meta_only`` captions meta files without their images
+(SkyScript's released meta files on their own, say).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Any
 
 from ..cluster import ClusterConfig, dask_client, map_shards
 from ..errors import ConfigError, InputError
-from ..files import atomic_path, write_json_atomic
+from ..files import atomic_path, check_out_file, leave_no_empty_folders, write_json_atomic
 from ..progress import progress_bar
 from .rules import CaptionRules, resolve_rules
 from .worker import (
@@ -74,8 +78,10 @@ class CaptionConfig:
             must be on a filesystem every worker sees under the same path.
         chunk_size: meta files per task (and per temporary chunk CSV). The output does not
             depend on it nor on ``workers``.
-        force: caption again even when the CSV is up to date (same meta folders, unchanged
-            since, same rules and caption code).
+        force: caption again even when the CSV is up to date (same meta and image folders,
+            unchanged since, same rules and caption code).
+        meta_only: write a row for every meta file without looking for its image (meta files
+            without their images); by default a meta file whose image is missing gets no row.
     """
 
     dataset: Path
@@ -85,6 +91,7 @@ class CaptionConfig:
     scheduler: str | None = None
     chunk_size: int = 4096
     force: bool = False
+    meta_only: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dataset", Path(self.dataset))
@@ -104,8 +111,7 @@ class CaptionConfig:
             )
         if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ConfigError(f"chunk_size must be a whole number >= 1, not {self.chunk_size!r}")
-        if self.out_path.is_dir():
-            raise ConfigError(f"{self.out_path}: is a folder; --out takes a .csv file name")
+        check_out_file(self.out_path, "--out")
         resolve_rules(self.rules)  # fails now, with the file and the problem, not in a worker
 
     @property
@@ -132,10 +138,12 @@ class CaptionResult:
     files: int = 0
     written: int = 0
     empty: int = 0
+    missing_images: int = 0
     refused: dict[str, int] = field(default_factory=dict)
     examples: list[tuple[str, str, str]] = field(default_factory=list)
     seconds: float = 0.0
     up_to_date: bool = False
+    meta_only: bool = False
     #: chunks per place they ran: a Dask worker's address, or ``local``
     chunks_by_worker: dict[str, int] = field(default_factory=dict)
 
@@ -145,17 +153,23 @@ class CaptionResult:
         return sum(self.refused.values())
 
     def summary(self) -> str:
-        """One line: captions written, empty, refused and why, speed."""
+        """One line: captions written, empty, without an image, refused and why, speed."""
+        if self.meta_only:
+            images = "; images not looked for (meta only)"
+        elif self.missing_images:
+            images = f"; {self.missing_images} without their image (no row)"
+        else:
+            images = ""
         if self.up_to_date:
             return (
                 f"caption: up to date, {self.out} ({self.written} captions from {self.files} "
-                "meta files; --force to caption again)"
+                f"meta files{images}; --force to caption again)"
             )
         rate = self.files / self.seconds if self.seconds > 0 else 0.0
         why = ", ".join(f"{reason} {n}" for reason, n in sorted(self.refused.items()))
         return (
             f"caption: {self.written} captions written to {self.out} from {self.files} meta "
-            f"files in {len(self.folders)} folder(s); {self.empty} empty captions; "
+            f"files in {len(self.folders)} folder(s){images}; {self.empty} empty captions; "
             f"{self.n_refused} files refused{f' ({why})' if why else ''}; "
             f"{self.seconds:.1f} s ({rate:,.0f} files/s)"
         )
@@ -170,13 +184,22 @@ def stats_path(csv_path: str | Path) -> Path:
 _CODE_FILES = ("rules.py", "worker.py")
 
 
-def fingerprint(root: Path, folders: list[MetaFolder], rules: CaptionRules | str) -> str:
-    """What the CSV depends on: the meta folders (names and modification times: a file added,
-    removed or atomically replaced changes its folder's), the rules and the caption code."""
+def fingerprint(
+    root: Path, folders: list[MetaFolder], rules: CaptionRules | str, images: bool = True
+) -> str:
+    """What the CSV depends on: the meta folders and, with ``images``, the image folders
+    (names and modification times: a file added, removed or atomically replaced changes its
+    folder's), the rules and the caption code."""
     h = hashlib.sha256()
     for folder in folders:
-        st = os.stat(root / folder.meta_dir)
-        h.update(f"{folder.meta_dir}:{st.st_mtime_ns}:{st.st_ino}\n".encode())
+        for name in (folder.meta_dir, folder.image_dir) if images else (folder.meta_dir,):
+            try:
+                st = os.stat(root / name)
+            except FileNotFoundError:
+                h.update(f"{name}:missing\n".encode())
+                continue
+            h.update(f"{name}:{st.st_mtime_ns}:{st.st_ino}\n".encode())
+    h.update(b"images\n" if images else b"meta only\n")
     if isinstance(rules, CaptionRules):
         settings = {k: v for k, v in asdict(rules).items() if k not in ("name", "source")}
         h.update(json.dumps(settings, sort_keys=True, default=sorted).encode())
@@ -263,8 +286,9 @@ def _run_chunks_on_dask(
 def run_caption(config: CaptionConfig) -> CaptionResult:
     """Caption every meta file of ``config.dataset`` into ``config.out_path``.
 
-    Raises ``InputError`` when the dataset has no ``meta*/`` folder with pickles. A refused
-    meta file (unsafe, corrupt, missing a key, ...) is counted and listed in the stats file
+    Raises ``InputError`` when the dataset has no ``meta*/`` folder with pickles, or (unless
+    ``meta_only``) no ``images*/`` folder beside them. A refused meta file (unsafe, corrupt,
+    missing a key, ...) and one whose image is missing are counted and listed in the stats file
     (``stats_path(out)``), never raised.
     """
     start = time.perf_counter()
@@ -275,26 +299,105 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
             "no meta*/ folder with .pickle files here; give a SkyScript dataset folder "
             "(holding meta2/, meta3/, ...)",
         )
+    check_images = not config.meta_only
+    if check_images:
+        _check_image_folders(config.dataset, folders)
     rules = resolve_rules(config.rules)
     out = config.out_path
     workers = config.n_workers()
-    result = CaptionResult(out=out, folders=[f.meta_dir for f in folders])
-    print_ = fingerprint(config.dataset, folders, rules)
+    result = CaptionResult(
+        out=out, folders=[f.meta_dir for f in folders], meta_only=config.meta_only
+    )
+    print_ = fingerprint(config.dataset, folders, rules, images=check_images)
     done = None if config.force else _up_to_date(out, print_)
     if done is not None:
         result.files, result.written, result.empty = done["files"], done["written"], done["empty"]
+        result.missing_images = done.get("missing_images", 0)
         result.refused = dict(done["refused"])
         result.up_to_date = True
         result.seconds = time.perf_counter() - start
         log.debug("caption: %s is up to date", out)
         return result
-    refused: Counter[str] = Counter()
     log.info(
         "caption: %s meta folder(s) in %s, %s",
         ",".join(result.folders),
         config.dataset,
         f"on Dask ({config.scheduler})" if config.scheduler else f"{workers} worker(s)",
     )
+    with leave_no_empty_folders(out.parent):
+        _caption_into(config, folders, rules, workers, result)
+    result.seconds = time.perf_counter() - start
+    if result.files and not result.written:
+        log.warning(
+            "caption: none of the %d meta files gave a caption (%d empty, %d without their "
+            "image, %d refused); see %s",
+            result.files,
+            result.empty,
+            result.missing_images,
+            result.n_refused,
+            stats_path(out),
+        )
+    elif result.missing_images:
+        log.warning(
+            "caption: %d meta files have no image (no row for them); see %s",
+            result.missing_images,
+            stats_path(out),
+        )
+    write_json_atomic(
+        stats_path(out),
+        {
+            "dataset": str(config.dataset),
+            "out": str(out),
+            "rules": config.rules or "default",
+            "meta_only": config.meta_only,
+            "folders": result.folders,
+            "files": result.files,
+            "written": result.written,
+            "empty": result.empty,
+            "missing_images": result.missing_images,
+            "refused": result.refused,
+            "refused_examples": [
+                {"file": file, "reason": reason, "detail": detail}
+                for file, reason, detail in result.examples
+            ],
+            "seconds": round(result.seconds, 3),
+            "chunks_by_worker": result.chunks_by_worker,
+            "fingerprint": print_,
+            "csv": [out.stat().st_size, out.stat().st_mtime_ns],
+        },
+    )
+    log.debug("%s", result.summary())
+    return result
+
+
+def _check_image_folders(dataset: Path, folders: list[MetaFolder]) -> None:
+    """Refuse a dataset without any ``images*/`` folder; warn about each one missing."""
+    missing = [f for f in folders if not (dataset / f.image_dir).is_dir()]
+    if len(missing) == len(folders):
+        raise InputError(
+            dataset,
+            f"no images*/ folder beside {', '.join(f.meta_dir + '/' for f in folders)}: every "
+            "row would point at a missing image; give the dataset folder with its images, or "
+            "--meta-only to caption the meta files without them",
+        )
+    for folder in missing:
+        log.warning(
+            "caption: %s/ not found: the meta files of %s/ get no row",
+            folder.image_dir,
+            folder.meta_dir,
+        )
+
+
+def _caption_into(
+    config: CaptionConfig,
+    folders: list[MetaFolder],
+    rules: CaptionRules | str,
+    workers: int,
+    result: CaptionResult,
+) -> None:
+    """Caption every chunk and merge the chunk CSVs, in order, into the output CSV."""
+    out = result.out
+    refused: Counter[str] = Counter()
     where: Counter[str] = Counter()
     out.parent.mkdir(parents=True, exist_ok=True)
     for stale in out.parent.glob(f".{out.name}.*.chunks"):  # left by a killed run
@@ -302,7 +405,9 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
         shutil.rmtree(stale, ignore_errors=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".chunks", dir=out.parent)
     try:
-        tasks = iter_chunks(config.dataset, folders, config.chunk_size, tmp_dir)
+        tasks = iter_chunks(
+            config.dataset, folders, config.chunk_size, tmp_dir, check_images=not config.meta_only
+        )
         chunks: Iterable[ChunkStats]
         if config.scheduler:  # a folder's chunks (map_shards' bar), then their merge
             chunks = _run_chunks_on_dask(tasks, rules, config)
@@ -320,47 +425,16 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
                     result.files += stats.files
                     result.written += stats.written
                     result.empty += stats.empty
+                    result.missing_images += stats.missing_images
                     refused.update(stats.refused)
                     where[stats.worker] += 1
                     for example in stats.examples:
                         if len(result.examples) < MAX_EXAMPLES:
                             if len(result.examples) < LOGGED_EXAMPLES:
-                                log.warning("%s: refused (%s): %s", *example)
+                                log.warning("%s: no row (%s): %s", *example)
                             result.examples.append(example)
                     bar.update(stats.files)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     result.refused = dict(sorted(refused.items()))
     result.chunks_by_worker = dict(sorted(where.items()))
-    result.seconds = time.perf_counter() - start
-    if result.files and not result.written:
-        log.warning(
-            "caption: none of the %d meta files gave a caption (%d empty, %d refused); see %s",
-            result.files,
-            result.empty,
-            result.n_refused,
-            stats_path(out),
-        )
-    write_json_atomic(
-        stats_path(out),
-        {
-            "dataset": str(config.dataset),
-            "out": str(out),
-            "rules": config.rules or "default",
-            "folders": result.folders,
-            "files": result.files,
-            "written": result.written,
-            "empty": result.empty,
-            "refused": result.refused,
-            "refused_examples": [
-                {"file": file, "reason": reason, "detail": detail}
-                for file, reason, detail in result.examples
-            ],
-            "seconds": round(result.seconds, 3),
-            "chunks_by_worker": result.chunks_by_worker,
-            "fingerprint": print_,
-            "csv": [out.stat().st_size, out.stat().st_mtime_ns],
-        },
-    )
-    log.debug("%s", result.summary())
-    return result

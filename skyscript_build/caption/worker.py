@@ -6,14 +6,20 @@ chunk CSV (atomically, so a chunk retried after a lost worker never leaves half 
 stage concatenates the chunk CSVs in chunk order, so the output does not depend on how many
 workers ran, nor where: a pool process of this machine or a Dask worker (a task that carries
 its rules, built once per worker).
+
+A meta file whose image (``images{k}/<key>.jpg``) is missing gets no row: it is counted
+(``missing_images``), one ``stat`` per file, unless the task says not to look (meta files
+captioned without their images).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
 import os
+import stat
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -67,17 +73,19 @@ class ChunkTask:
     out: str
     rules: CaptionRules | str | None = None
     rules_key: str = ""
+    check_images: bool = True
 
 
 @dataclass
 class ChunkStats:
-    """What one chunk did: files read, rows written, empty captions, refusals by reason, and
-    where it ran (a Dask worker's address, or ``local``)."""
+    """What one chunk did: files read, rows written, empty captions, meta files without their
+    image, refusals by reason, and where it ran (a Dask worker's address, or ``local``)."""
 
     index: int = 0
     files: int = 0
     written: int = 0
     empty: int = 0
+    missing_images: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (file, reason, detail)
     worker: str = "local"
@@ -127,7 +135,11 @@ def list_meta_names(path: str | Path) -> list[str]:
 
 
 def iter_chunks(
-    root: str | Path, folders: list[MetaFolder], chunk_size: int, tmp_dir: str | Path
+    root: str | Path,
+    folders: list[MetaFolder],
+    chunk_size: int,
+    tmp_dir: str | Path,
+    check_images: bool = True,
 ) -> Iterator[ChunkTask]:
     """The chunk tasks of all folders, in output order; lists one folder at a time."""
     index = 0
@@ -141,6 +153,7 @@ def iter_chunks(
                 folder=folder,
                 names=tuple(n[:-cut] + META_SUFFIX for n in names[start : start + chunk_size]),
                 out=os.path.join(tmp_dir, f"chunk-{index:07d}.csv"),
+                check_images=check_images,
             )
             index += 1
         del names
@@ -205,12 +218,36 @@ def caption_chunk(task: ChunkTask) -> ChunkStats:
     image_prefix = task.folder.image_dir + "/"
     meta_prefix = task.folder.meta_dir + "/"
     cut = len(META_SUFFIX)
-    written = empty = 0
+    written = empty = missing = 0
     dir_fd = os.open(os.path.join(task.root, task.folder.meta_dir), os.O_RDONLY)
+    look = task.check_images
+    image_fd: int | None = None  # stays None when the images folder is missing
+    if look:
+        with contextlib.suppress(OSError):
+            image_fd = os.open(os.path.join(task.root, task.folder.image_dir), os.O_RDONLY)
     lines: list[str] = []
     add = lines.append
     try:
         for name in task.names:
+            image = name[:-cut] + IMAGE_SUFFIX
+            if look:
+                try:
+                    found = image_fd is not None and stat.S_ISREG(
+                        os.stat(image, dir_fd=image_fd).st_mode
+                    )
+                except OSError:
+                    found = False
+                if not found:
+                    missing += 1
+                    if len(examples) < EXAMPLES_PER_CHUNK:
+                        examples.append(
+                            (
+                                meta_prefix + name,
+                                "missing-image",
+                                f"{image_prefix}{image} not found",
+                            )
+                        )
+                    continue
             try:
                 meta = loads_meta(read_meta_bytes(name, dir_fd=dir_fd))
                 if custom:
@@ -231,10 +268,12 @@ def caption_chunk(task: ChunkTask) -> ChunkStats:
             if not title:
                 empty += 1
                 continue
-            add(csv_row(image_prefix + name[:-cut] + IMAGE_SUFFIX, title, multi))
+            add(csv_row(image_prefix + image, title, multi))
             written += 1
     finally:
         os.close(dir_fd)
+        if image_fd is not None:
+            os.close(image_fd)
     text = "".join(lines)
     try:
         data = text.encode("utf-8")
@@ -243,5 +282,5 @@ def caption_chunk(task: ChunkTask) -> ChunkStats:
         data = text.encode("utf-8", "replace")
     with atomic_path(task.out) as tmp, open(tmp, "wb") as f:
         f.write(data)
-    stats.written, stats.empty = written, empty
+    stats.written, stats.empty, stats.missing_images = written, empty, missing
     return stats

@@ -36,7 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
-        help="caption again even if the CSV is up to date (same meta folders, rules and code)",
+        help="caption again even if the CSV is up to date (same meta and image folders, rules "
+        "and code)",
+    )
+    parser.add_argument(
+        "--meta-only",
+        action="store_true",
+        help="write a row for every meta file without looking for its image (e.g. SkyScript's "
+        "released meta files without the images); by default a meta file whose image "
+        "images{k}/<key>.jpg is missing gets no row, and is counted",
     )
 
 
@@ -52,6 +60,7 @@ def main(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         chunk_size=args.chunk_size,
         force=args.force,
+        meta_only=args.meta_only,
     )
     result = run_caption(config)
     print(result.summary())

@@ -127,7 +127,7 @@ def _decompress(blob: bytes) -> bytes:
 
 
 class PointBlock:
-    """The points of one block as columns (tags sorted by key within a row)."""
+    """The points of one block as columns (tags in the node's own order within a row)."""
 
     def __init__(
         self,
@@ -204,7 +204,7 @@ def _dense_points(
         return None
     keep, gsd = judged
     pnode = pair_node[keep]
-    order = by_owner_then_key(table, kidx[keep], pnode)
+    order = by_owner(pnode)
     keep, gsd, pnode = keep[order], gsd[order], pnode[order]
     nodes, first, counts = np.unique(pnode, return_index=True, return_counts=True)
     offsets = np.zeros(nodes.size + 1, np.int32)
@@ -298,12 +298,10 @@ def judge_tags(
     return keep, gsd[ok]
 
 
-def by_owner_then_key(table: list[str], keys: np.ndarray, owner: np.ndarray) -> np.ndarray:
-    """The order of tag entries by owner (node or way, in file order), then by key string."""
-    order_keys = sorted(set(keys.tolist()), key=table.__getitem__)
-    rank = np.zeros(len(table), np.int64)
-    rank[order_keys] = np.arange(len(order_keys))
-    return np.lexsort((rank[keys], owner))
+def by_owner(owner: np.ndarray) -> np.ndarray:
+    """The order of tag entries (given in file order) by owner (node or way, in file order),
+    then as the element lists its tags: OSM's order, which SkyScript's captions follow."""
+    return np.argsort(owner, kind="stable")
 
 
 def iter_point_blocks(path: str, tf: TagFilter) -> Iterator[PointBlock]:

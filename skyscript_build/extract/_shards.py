@@ -126,13 +126,8 @@ def _add(batch: Batch, element: str, oid: int, picked: tuple[list[str], list[str
     keys, values, best = picked
     batch.osm_element.append(element)
     batch.ids.append(oid)
-    if len(keys) == 1:
-        batch.tag_keys.append(keys[0])
-        batch.tag_values.append(values[0])
-    else:
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        batch.tag_keys.extend([keys[i] for i in order])
-        batch.tag_values.extend([values[i] for i in order])
+    batch.tag_keys.extend(keys)  # in the element's own order (OSM's)
+    batch.tag_values.extend(values)
     batch.tag_offsets.append(len(batch.tag_keys))
     batch.max_gsd.append(best)
 

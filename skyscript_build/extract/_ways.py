@@ -32,7 +32,7 @@ from ._dense import (
     _Judge,
     _packed_varints,
     _zigzag_delta,
-    by_owner_then_key,
+    by_owner,
     data_block_parts,
     judge_tags,
 )
@@ -374,11 +374,11 @@ class _LineBuilder:
         wkb = pa.Array.from_buffers(
             pa.large_binary(), counts.size, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
         ).cast(pa.binary())
-        # Tags: kept ways' groundable tags, sorted by key within a way.
+        # Tags: kept ways' groundable tags, in the way's own order.
         tmask = out[tag_way[keep]]
         tkeep, tgsd = keep[tmask], gsd[tmask]
         tway = tag_way[tkeep]
-        order = by_owner_then_key(table, kidx[tkeep], tway)
+        order = by_owner(tway)
         tkeep, tgsd, tway = tkeep[order], tgsd[order], tway[order]
         ways_out, first, tcounts = np.unique(tway, return_index=True, return_counts=True)
         best = np.maximum.reduceat(tgsd, first)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConfigError, InputError
-from ..files import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text, check_out_dir, leave_no_empty_folders
 from .osm import read_osm
 from .render import render
 
@@ -67,6 +67,7 @@ class OrthophotoConfig:
         object.__setattr__(self, "out", Path(self.out))
         if not self.pbf.is_file():
             raise InputError(self.pbf, "OSM extract not found")
+        check_out_dir(self.out, "--out")
         if not 0.05 <= self.gsd <= 100:
             raise ConfigError(f"--gsd must be between 0.05 and 100 metres, got {self.gsd}")
         from pyproj import CRS
@@ -177,7 +178,15 @@ def _up_to_date(config: OrthophotoConfig, key: str) -> tuple[int, int] | None:
 
 
 def render_orthophoto(config: OrthophotoConfig) -> OrthophotoResult:
-    """Render ``config.pbf`` into ``config.tif_path`` and write ``config.collections_path``."""
+    """Render ``config.pbf`` into ``config.tif_path`` and write ``config.collections_path``.
+
+    Both files appear atomically; a failed run leaves no folder it made.
+    """
+    with leave_no_empty_folders(config.out):
+        return _render(config)
+
+
+def _render(config: OrthophotoConfig) -> OrthophotoResult:
     import rasterio
 
     start = time.perf_counter()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, InputError
-from ..files import write_json_atomic
+from ..files import check_out_file, leave_no_empty_folders, write_json_atomic
 from ..progress import progress_bar
 from .cache import PolishCache, key_maker
 from .client import ChatAnswer, ChatClient, RequestFailed
@@ -130,6 +130,8 @@ class PolishConfig:
                 raise InputError(self.prompt, "prompt file is empty")
         if self.output_path.resolve() == self.captions.resolve():
             raise ConfigError("--out: must not be the input caption CSV")
+        check_out_file(self.output_path, "--out")
+        check_out_file(self.cache_path, "--cache")
         if self.api_key_env is not None and not self.dry_run:
             if not self.api_key_env:
                 raise ConfigError("--api-key-env: name an environment variable")
@@ -291,7 +293,16 @@ class _Run:
 
 
 def run_polish(config: PolishConfig) -> PolishResult:
-    """Polish the captions of ``config.captions``; see the module docstring."""
+    """Polish the captions of ``config.captions``; see the module docstring.
+
+    A run that fails (an endpoint that cannot be reached, a refused key) leaves no folder it
+    made and, when it got no answer, no cache; answers it did get stay cached.
+    """
+    with leave_no_empty_folders(config.output_path.parent, config.cache_path.parent):
+        return _polish(config)
+
+
+def _polish(config: PolishConfig) -> PolishResult:
     started = time.monotonic()
     system = system_message(load_prompt(config.prompt))
     rows = read_rows(config.captions, config.column, config.limit)

@@ -32,7 +32,9 @@ def read_rows(path: Path, column: str, limit: int | None = None) -> list[tuple[s
                     raise InputError(
                         path, f"has no column {needed!r} (columns: {', '.join(header) or 'none'})"
                     )
+            any_row = False
             for line, row in enumerate(reader, start=2):
+                any_row = True
                 if limit is not None and len(rows) >= limit:
                     break
                 filepath = row.get("filepath")
@@ -40,6 +42,8 @@ def read_rows(path: Path, column: str, limit: int | None = None) -> list[tuple[s
                 if not filepath or caption is None:
                     raise InputError(path, f"line {line}: empty filepath or missing fields")
                 rows.append((filepath, caption))
+            if not any_row:
+                raise InputError(path, "has no rows (run `skyscript-build caption` first?)")
     except UnicodeDecodeError as e:
         raise InputError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:

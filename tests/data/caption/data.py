@@ -4,14 +4,18 @@ Run ``python tests/data/caption/data.py OUT_DIR`` to look at it; the tests call
 ``make_dataset(path)``. Seeded: the same call writes the same files. The folders are
 ``meta2``, ``meta3`` and ``meta10`` (so that "images10/" must sort after "images1..." and
 before "images2/"), holding the paper's five examples, odd tags (unicode, commas, quotes,
-newlines, OSM value lists) and seeded random objects.
+newlines, OSM value lists) and seeded random objects, each with its image in ``images{k}/`` (the
+same small JPEG: caption only looks for it).
 """
 
 from __future__ import annotations
 
+import io
 import random
 import sys
 from pathlib import Path
+
+from PIL import Image
 
 from skyscript_build.meta import dumps_meta, make_meta
 
@@ -74,13 +78,23 @@ def _random_tags(rng: random.Random) -> dict[str, str]:
     return {rng.choice(KEYS): rng.choice(VALUES) for _ in range(rng.randrange(1, 4))}
 
 
-def make_dataset(root: str | Path, n_random: int = 60, seed: int = 0) -> Path:
-    """Write the dataset under ``root``; return ``root``."""
+def jpeg_bytes() -> bytes:
+    """A small valid JPEG."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 120, 60)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def make_dataset(root: str | Path, n_random: int = 60, seed: int = 0, images: bool = True) -> Path:
+    """Write the dataset under ``root`` (without ``images{k}/`` when not ``images``)."""
     root = Path(root)
     rng = random.Random(seed)
     folders = ["meta2", "meta3", "meta10"]
+    jpeg = jpeg_bytes()
     for folder in folders:
         (root / folder).mkdir(parents=True, exist_ok=True)
+        if images:
+            (root / ("images" + folder[4:])).mkdir(exist_ok=True)
     items = [(stem, center, around) for stem, center, around, _, _ in PAPER_EXAMPLES]
     items += ODD_TAGS
     for i in range(n_random):
@@ -94,7 +108,10 @@ def make_dataset(root: str | Path, n_random: int = 60, seed: int = 0) -> Path:
         )
     for i, (stem, center, around) in enumerate(items):
         meta = make_meta((24.9, 60.1, 24.91, 60.11), (2019, 6, 1, 10, 30), center, around)
-        (root / folders[i % len(folders)] / f"{stem}.pickle").write_bytes(dumps_meta(meta))
+        folder = folders[i % len(folders)]
+        (root / folder / f"{stem}.pickle").write_bytes(dumps_meta(meta))
+        if images:
+            (root / ("images" + folder[4:]) / f"{stem}.jpg").write_bytes(jpeg)
     return root
 
 
