@@ -510,6 +510,39 @@ def test_a_failed_run_leaves_nothing(dataset: Path, tmp_path: Path):
     ]
 
 
+def test_a_killed_run_resumes_with_the_chunks_it_finished(dataset: Path, tmp_path: Path, cli):
+    """SIGKILL half-way (no clean-up runs): the rerun captions only the chunks not marked
+    done and writes the CSV a clean run writes."""
+    calls = tmp_path / "calls.log"
+    rules = tmp_path / "kill_rules.py"
+    rules.write_text(
+        "import os, signal\n"
+        "def caption(center, around):\n"
+        f"    with open({str(calls)!r}, 'a') as f:\n"
+        "        f.write('x\\n')\n"
+        "    if os.environ.get('KILL_AT') and os.path.getsize("
+        f"{str(calls)!r}) >= 2 * int(os.environ['KILL_AT']):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return ', '.join(sorted(center)), ''\n"
+    )
+    args = ["caption", "--dataset", dataset, "--rules", f"{rules}:caption", "--workers", "1"]
+    clean = cli(*args, "--out", tmp_path / "clean.csv", "--chunk-size", "4")
+    assert clean.returncode == 0, clean.stderr
+    total = calls.stat().st_size // 2
+    assert total > 12
+    calls.unlink()
+    out = tmp_path / "c.csv"
+    killed = cli(*args, "--out", out, "--chunk-size", "4", env={"KILL_AT": "10"})
+    assert killed.returncode == -9 and not out.exists()
+    assert len(list((tmp_path / ".c.csv.chunks" / "_shards").glob("*.done.json"))) == 2
+    calls.unlink()
+    again = cli(*args, "--out", out, "--chunk-size", "4")
+    assert again.returncode == 0, again.stderr
+    assert calls.stat().st_size // 2 == total - 8, "the two chunks finished before are kept"
+    assert out.read_bytes() == (tmp_path / "clean.csv").read_bytes()
+    assert not (tmp_path / ".c.csv.chunks").exists()
+
+
 # --- the stage's errors and the CLI ------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ Works on our builds and on the released SkyScript meta files alike. Files are re
 safe reader (``skyscript_build.meta``), captioned chunk by chunk, and the chunk CSVs are
 concatenated in order into the output, which appears atomically. The chunks run in a pool of
 this machine's processes (``workers``), or, given a Dask scheduler (``scheduler``; what
-``skyscript-build run`` does on a cluster), as Dask tasks (``cluster.map_shards``: retried on
+``skyscript-build run`` does on a cluster), as Dask tasks (``runner.run_shards``: retried on
 a lost worker); the output is byte-identical either way.
 
 On a Dask cluster the workers read the meta files and write the chunk CSVs themselves, in a
@@ -23,33 +23,29 @@ import hashlib
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import pickle
 import shutil
 import sys
-import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..cluster import ClusterConfig, dask_client, map_shards
+from ..cluster import ClusterConfig
 from ..errors import ConfigError, InputError
 from ..files import atomic_path, check_out_file, leave_no_empty_folders, write_json_atomic
-from ..progress import progress_bar
+from ..runner import RunnerConfig, marker_path, run_shards
 from .rules import CaptionRules, resolve_rules
 from .worker import (
     CSV_HEADER,
-    ChunkStats,
     ChunkTask,
     MetaFolder,
-    caption_chunk,
+    caption_chunk_record,
+    chunk_stats,
     find_meta_folders,
-    init_worker,
     iter_chunks,
 )
 
@@ -125,7 +121,7 @@ class CaptionConfig:
 
     @property
     def cluster(self) -> ClusterConfig:
-        """Where the chunks run, for ``cluster.map_shards``."""
+        """Where the chunks run, for ``runner.run_shards``."""
         return ClusterConfig(workers=self.workers, scheduler=self.scheduler)
 
 
@@ -233,56 +229,6 @@ def _up_to_date(out: Path, print_: str) -> dict[str, Any] | None:
     return stats
 
 
-def _fork_is_safe() -> bool:
-    """True when no thread but the main one runs (tqdm's monitor aside: it takes no lock a
-    worker would need)."""
-    try:
-        from tqdm._monitor import TMonitor
-    except ImportError:  # pragma: no cover - tqdm moved it
-        TMonitor = ()  # type: ignore[assignment,misc]  # noqa: N806
-    main = threading.main_thread()
-    return all(t is main or isinstance(t, TMonitor) for t in threading.enumerate())
-
-
-def _run_chunks(tasks: Iterable[Any], rules: Any, workers: int) -> Iterable[ChunkStats]:
-    """Chunk results in chunk order: in this process, or from a pool of workers."""
-    if workers == 1:
-        init_worker(rules)
-        for task in tasks:
-            yield caption_chunk(task)
-        return
-    # fork starts workers in milliseconds but is unsafe in a process that runs threads (a Dask
-    # client, say): then forkserver, which forks from a clean server process (about 1 s more).
-    methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and _fork_is_safe():
-        method = "fork"
-    else:
-        method = "forkserver" if "forkserver" in methods else "spawn"
-    ctx = multiprocessing.get_context(method)
-    pool = ctx.Pool(workers, initializer=init_worker, initargs=(rules,))
-    try:
-        yield from pool.imap(caption_chunk, tasks, chunksize=1)
-        pool.close()  # let the workers exit on their own (and be waited for)
-        pool.join()
-    finally:
-        pool.terminate()
-
-
-def _run_chunks_on_dask(
-    tasks: Iterable[ChunkTask], rules: Any, config: CaptionConfig
-) -> Iterator[ChunkStats]:
-    """Every chunk as a Dask task on ``config.scheduler`` (retried on a lost worker), one meta
-    folder at a time (the client holds one folder's file names, as the local path); the
-    results in chunk order."""
-    key = hashlib.sha256(pickle.dumps(rules)).hexdigest()[:16]
-    cluster = config.cluster
-    with dask_client(cluster) as client:
-        for folder, group in itertools.groupby(tasks, key=lambda t: t.folder):
-            shards = [replace(task, rules=rules, rules_key=key) for task in group]
-            desc = f"caption {folder.meta_dir}"
-            yield from map_shards(caption_chunk, shards, cluster, desc=desc, client=client)
-
-
 def run_caption(config: CaptionConfig) -> CaptionResult:
     """Caption every meta file of ``config.dataset`` into ``config.out_path``.
 
@@ -325,7 +271,7 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
         f"on Dask ({config.scheduler})" if config.scheduler else f"{workers} worker(s)",
     )
     with leave_no_empty_folders(out.parent):
-        _caption_into(config, folders, rules, workers, result)
+        _caption_into(config, folders, rules, print_, result)
     result.seconds = time.perf_counter() - start
     if result.files and not result.written:
         log.warning(
@@ -392,49 +338,72 @@ def _caption_into(
     config: CaptionConfig,
     folders: list[MetaFolder],
     rules: CaptionRules | str,
-    workers: int,
+    print_: str,
     result: CaptionResult,
 ) -> None:
-    """Caption every chunk and merge the chunk CSVs, in order, into the output CSV."""
+    """Caption every chunk through the runner, one meta folder at a time (the client holds one
+    folder's file names), and merge the chunk CSVs, in order, into the output CSV.
+
+    The chunks write their CSVs into ``.<out>.chunks/`` beside the output and the runner marks
+    each finished one there, so a killed run resumes with the chunks it had finished; the
+    folder goes once the output is in place, or when the run fails (an error is no crash:
+    nothing is left behind).
+    """
     out = result.out
     refused: Counter[str] = Counter()
     where: Counter[str] = Counter()
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.*.chunks"):  # left by a killed run
-        log.debug("caption: removing %s", stale)
+    for stale in out.parent.glob(f".{out.name}.*.chunks"):  # an earlier version's, per run
         shutil.rmtree(stale, ignore_errors=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".chunks", dir=out.parent)
+    work = out.parent / f".{out.name}.chunks"
+    if config.force:
+        shutil.rmtree(work, ignore_errors=True)
+    key = hashlib.sha256(pickle.dumps(rules)).hexdigest()[:16]
+    runner = RunnerConfig(
+        cluster=config.cluster, local="processes", markers=work / "_shards", fingerprint=print_
+    )
+    tasks = iter_chunks(
+        config.dataset, folders, config.chunk_size, work, check_images=not config.meta_only
+    )
     try:
-        tasks = iter_chunks(
-            config.dataset, folders, config.chunk_size, tmp_dir, check_images=not config.meta_only
-        )
-        chunks: Iterable[ChunkStats]
-        if config.scheduler:  # a folder's chunks (map_shards' bar), then their merge
-            chunks = _run_chunks_on_dask(tasks, rules, config)
-        else:  # merged as they come
-            chunks = _run_chunks(tasks, rules, workers)
-        with atomic_path(out) as tmp_out, open(tmp_out, "wb") as f:
-            f.write((",".join(CSV_HEADER) + "\n").encode("utf-8"))
-            quiet: dict[str, Any] = {"disable": True} if config.scheduler else {}
-            with progress_bar(desc="caption", unit="files", **quiet) as bar:
-                for stats in chunks:
-                    chunk = os.path.join(tmp_dir, f"chunk-{stats.index:07d}.csv")
-                    with open(chunk, "rb") as part:
-                        shutil.copyfileobj(part, f, 1 << 20)
-                    os.unlink(chunk)
-                    result.files += stats.files
-                    result.written += stats.written
-                    result.empty += stats.empty
-                    result.missing_images += stats.missing_images
-                    refused.update(stats.refused)
-                    where[stats.worker] += 1
-                    for example in stats.examples:
-                        if len(result.examples) < MAX_EXAMPLES:
-                            if len(result.examples) < LOGGED_EXAMPLES:
-                                log.warning("%s: no row (%s): %s", *example)
-                            result.examples.append(example)
-                    bar.update(stats.files)
+        _merge_chunks(tasks, out, rules, key, runner, result, refused, where)
     finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     result.refused = dict(sorted(refused.items()))
     result.chunks_by_worker = dict(sorted(where.items()))
+
+
+def _merge_chunks(
+    tasks: Iterable[ChunkTask],
+    out: Path,
+    rules: CaptionRules | str,
+    key: str,
+    runner: RunnerConfig,
+    result: CaptionResult,
+    refused: Counter[str],
+    where: Counter[str],
+) -> None:
+    with atomic_path(out) as tmp_out, open(tmp_out, "wb") as f:
+        f.write((",".join(CSV_HEADER) + "\n").encode("utf-8"))
+        for folder, group in itertools.groupby(tasks, key=lambda t: t.folder):
+            chunks = [replace(task, rules=rules, rules_key=key) for task in group]
+            for task in chunks:  # marked done, but its CSV was merged and removed: again
+                if not os.path.exists(task.out):
+                    marker_path(runner.markers, task.name).unlink(missing_ok=True)  # type: ignore[arg-type]
+            desc = f"caption {folder.meta_dir}"
+            records = run_shards(caption_chunk_record, chunks, replace(runner, desc=desc))
+            for task, record in zip(chunks, records, strict=True):
+                stats = chunk_stats({k: v for k, v in record.items() if k != "already_done"})
+                with open(task.out, "rb") as part:
+                    shutil.copyfileobj(part, f, 1 << 20)
+                result.files += stats.files
+                result.written += stats.written
+                result.empty += stats.empty
+                result.missing_images += stats.missing_images
+                refused.update(stats.refused)
+                where[stats.worker] += 1
+                for example in stats.examples:
+                    if len(result.examples) < MAX_EXAMPLES:
+                        if len(result.examples) < LOGGED_EXAMPLES:
+                            log.warning("%s: no row (%s): %s", *example)
+                        result.examples.append(example)

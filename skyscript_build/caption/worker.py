@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import logging
 import os
@@ -23,7 +24,7 @@ import stat
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..files import atomic_path
@@ -74,6 +75,13 @@ class ChunkTask:
     rules: CaptionRules | str | None = None
     rules_key: str = ""
     check_images: bool = True
+
+    @property
+    def name(self) -> str:
+        """The chunk's name for the runner: its number and a digest of its files, so that a
+        finished chunk of other files (the folder changed since) never counts as done."""
+        digest = hashlib.blake2b("\n".join(self.names).encode(), digest_size=6).hexdigest()
+        return f"chunk-{self.index:07d}-{digest}"
 
 
 @dataclass
@@ -204,6 +212,20 @@ def csv_row(filepath: str, title: str, multi: str) -> str:
             csv.writer(buf, lineterminator="\n").writerow(fields)
             return buf.getvalue()
     return ",".join([f'"{v}"' if "," in v else v for v in fields]) + "\n"
+
+
+def caption_chunk_record(task: ChunkTask) -> dict:
+    """``caption_chunk`` with its stats as a plain dict (what the runner records)."""
+    stats = caption_chunk(task)
+    return {**asdict(stats), "refused": dict(stats.refused)}
+
+
+def chunk_stats(record: dict) -> ChunkStats:
+    """The stats ``caption_chunk_record`` recorded."""
+    return ChunkStats(
+        **{**record, "refused": Counter(record["refused"]),
+           "examples": [tuple(e) for e in record["examples"]]}
+    )  # fmt: skip
 
 
 def caption_chunk(task: ChunkTask) -> ChunkStats:
