@@ -167,7 +167,13 @@ def _filter(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
         raise ConfigError(f"{p.path}: has no filter section (model, pretrained, ...)")
     given = f.given()
     given.setdefault("name", filter_name(f.model))
-    return mod.FilterConfig(dataset=p.dataset_dir, captions=p.captions_csv, seed=p.seed, **given)
+    return mod.FilterConfig(
+        dataset=p.dataset_dir,
+        captions=p.captions_csv,
+        seed=p.seed,
+        scheduler=ctx.scheduler,
+        **given,
+    )
 
 
 def _report(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
@@ -198,6 +204,10 @@ STAGE_SPECS: dict[str, StageSpec] = {
     "caption": StageSpec(
         "skyscript_build.caption", "run_caption", _caption, dask="always", check=_check_caption
     ),
-    "filter": StageSpec("skyscript_build.filter", "run_filter", _filter, check=_built(_filter)),
+    # filter's shards go to Dask only on an existing cluster (one model per worker, on its
+    # GPU); locally it runs one process per visible GPU, or here on the CPU.
+    "filter": StageSpec(
+        "skyscript_build.filter", "run_filter", _filter, dask="scheduler", check=_built(_filter)
+    ),
     "report": StageSpec("skyscript_build.report", "run_report", _report),
 }

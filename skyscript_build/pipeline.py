@@ -13,7 +13,7 @@ extract only on an existing cluster), logs the dashboard link once, registers th
 own image sources on the workers, and gives those stages the scheduler's address (their
 ``dask_client`` reuses the open client). Their shards are Dask tasks, retried on a lost worker.
 Plan, and extract without a scheduler, use their own local pools; filter scores with one model
-on one device in this process. On a cluster of several machines the build folder
+per visible GPU (or on the CPU) locally, and one model per worker on an existing cluster. On a cluster of several machines the build folder
 must be on a filesystem that every worker sees under the same path.
 
 Before any work, the run checks what every chosen stage needs from the user: input files,

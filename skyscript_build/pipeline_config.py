@@ -138,6 +138,10 @@ class FilterSettings(_Settings):
     cell_size: float | None = None
     batch_size: int | None = None
     device: str | None = None
+    precision: str | None = None
+    decode: str | None = None
+    workers: int | None = None
+    shard_size: int | None = None
 
     @property
     def random_weights(self) -> bool:
@@ -315,7 +319,13 @@ _FILTER = {
     "split_by": Field(as_choice("random", "geo")),
     "cell_size": Field(as_float(0.0, exclusive_min=True)),
     "batch_size": Field(as_int(1, 1_000_000)),
-    "device": Field(as_str(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N")),
+    "device": Field(
+        as_str(r"auto|cuda|(cpu|cuda:\d+)(,(cpu|cuda:\d+))*", "auto, cpu, cuda, cuda:N or a list")
+    ),
+    "precision": Field(as_choice("auto", "fp32", "bf16", "fp16")),
+    "decode": Field(as_choice("auto", "cpu", "gpu")),
+    "workers": Field(as_int(0, 1024)),
+    "shard_size": Field(as_int(1)),
 }
 _CLUSTER = {
     "workers": Field(as_int(0, 10_000), 0),

@@ -29,16 +29,20 @@ from skyscript_build.filter import (  # noqa: E402
     output_names,
     run_filter,
 )
-from skyscript_build.filter.models import load_model  # noqa: E402
-from skyscript_build.filter.scoring import read_scores, score_rows  # noqa: E402
+from skyscript_build.filter.scoring import Scorer, ScoreSettings, cut_shards  # noqa: E402
 from skyscript_build.filter.selection import (  # noqa: E402
     size_label,
     top_count,
     top_label,
 )
+from skyscript_build.filter.store import read_store, stat_images  # noqa: E402
 from skyscript_build.meta import load_meta  # noqa: E402
 
 fixture = load_fixture_script("filter")
+
+
+def read_scores(out: Path) -> pd.DataFrame:
+    return read_store(out)[0]
 
 N = 40
 
@@ -229,31 +233,28 @@ def test_missing_and_corrupt_images_are_reported_and_left_out(dataset, checkpoin
     assert stats["failed"] == {"corrupt": 2, "missing": 1}
 
 
-def test_a_crash_mid_run_keeps_the_scored_batches(dataset, checkpoint):
+def test_a_stopped_run_resumes_per_shard(dataset, checkpoint):
     root, csv = dataset
     df = pd.read_csv(csv)
-    loaded = load_model("tiny-random", str(checkpoint), device="cpu")
+    paths, texts = df["filepath"].tolist(), df["title"].tolist()
+    shards = cut_shards(
+        paths, texts, stat_images(root, paths), root=root, out=root, shard_size=16
+    )
+    assert [len(s.filepaths) for s in shards] == [16, 16, 8]
+    scorer = Scorer(ScoreSettings("tiny-random", str(checkpoint), batch_size=8), "cpu")
     seen: list[int] = []
 
-    def crash(n: int) -> None:
+    def stop(n: int) -> None:
         seen.append(n)
-        if len(seen) == 3:
+        if len(seen) == 3:  # after the second shard's first batch
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        score_rows(
-            loaded,
-            df["filepath"].tolist(),
-            df["title"].tolist(),
-            root=root,
-            out=root,
-            batch_size=8,
-            checkpoint_every=1,
-            on_batch=crash,
-        )
-    assert len(read_scores(root)) == 16  # two checkpointed batches
-    result = run_filter(config(root, csv, checkpoint))
-    assert (result.scored_new, result.reused) == (N - 16, 16)
+        scorer.run(shards, workers=0, on_batch=stop)
+    assert [p.name for p in (root / "scores.parts").iterdir()] == ["part-000000.parquet"]
+    assert len(read_scores(root)) == 16  # the finished shard
+    result = run_filter(config(root, csv, checkpoint, shard_size=16))
+    assert (result.scored_new, result.reused, result.shards) == (N - 16, 16, 2)
     assert not (root / "scores.parts").exists()
     assert len(pd.read_parquet(root / "scores.parquet")) == N
 
@@ -401,3 +402,118 @@ def test_cli_errors_exit_2_with_one_line(dataset, tmp_path, cli):
     result = run_filter(other)
     assert result.scored_new == N
     assert (tmp_path / "o" / "SkyScript_train_top30pct_filtered_by_tiny.csv").exists()
+
+
+# --- decoding: the model's own preprocess, cut at uint8; the GPU path and its CPU stand-in --
+
+
+def _jpeg(h: int, w: int, seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    base = np.stack(
+        [np.sin(xx * rng.uniform(2, 9) + c) * np.cos(yy * rng.uniform(2, 9)) for c in range(3)],
+        -1,
+    )
+    img = ((base + 1) * 100 + rng.normal(0, 12, base.shape)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+SIZES = [(48, 48), (224, 224), (300, 500), (700, 1024)]
+
+
+@pytest.fixture(scope="module")
+def vit_pixels():
+    """ViT-B-32's preprocess (224 px), cut at uint8."""
+    from skyscript_build.filter.decode import split_preprocess
+
+    _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
+    return split_preprocess(preprocess)
+
+
+def test_uint8_pixels_normalised_later_equal_the_models_preprocess(vit_pixels):
+    import io
+
+    from PIL import Image
+
+    from skyscript_build.filter.decode import Normalizer, read_pixels
+
+    assert vit_pixels.part is not None and vit_pixels.tensor_ok
+    normalize = Normalizer(vit_pixels, "cpu", torch.float32)
+    for k, (h, w) in enumerate(SIZES):
+        data = _jpeg(h, w, k)
+        pixels, status = read_pixels(io.BytesIO(data), vit_pixels)
+        assert status == "ok" and pixels.dtype == torch.uint8
+        assert tuple(pixels.shape) == (3, 224, 224)
+        expected = vit_pixels.full(Image.open(io.BytesIO(data)).convert("RGB"))
+        torch.testing.assert_close(normalize(pixels[None])[0], expected, rtol=0, atol=0)
+
+
+def _levels(got, expected) -> tuple[int, float]:
+    d = (got.cpu().int() - expected.int()).abs().float()
+    return int(d.max()), float(d.mean())
+
+
+def _tensor_path_levels(vit_pixels, device: str) -> list[tuple[int, float]]:
+    import io
+
+    from skyscript_build.filter.decode import read_pixels, tensor_pixels
+
+    out = []
+    for k, (h, w) in enumerate(SIZES):
+        data = _jpeg(h, w, 10 + k)
+        expected, _ = read_pixels(io.BytesIO(data), vit_pixels)
+        blob = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        groups, failed = tensor_pixels([blob, blob], vit_pixels, device)
+        assert failed == [] and len(groups) == 1 and groups[0][0] == [0, 1]
+        images = groups[0][1]
+        assert images.device.type == torch.device(device).type
+        assert torch.equal(images[0], images[1])  # batched: the same twice
+        out.append(_levels(images[0], expected))
+    return out
+
+
+def test_tensor_decode_path_on_cpu_is_within_the_stated_tolerance(vit_pixels):
+    """The GPU path's code (torchvision decode + tensor resize) run on the CPU."""
+    from skyscript_build.filter.decode import TENSOR_MAX_LEVELS, TENSOR_MEAN_LEVELS
+
+    levels = _tensor_path_levels(vit_pixels, "cpu")
+    assert max(m for m, _ in levels) <= TENSOR_MAX_LEVELS
+    assert max(mean for _, mean in levels) <= TENSOR_MEAN_LEVELS
+    assert levels[1] == (0, 0.0)  # a 224 px tile is not resampled: identical pixels
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_is_within_the_stated_tolerance(vit_pixels):
+    from skyscript_build.filter.decode import GPU_MAX_LEVELS, GPU_MEAN_LEVELS
+
+    levels = _tensor_path_levels(vit_pixels, "cuda")
+    print("GPU decode vs PIL preprocess (max, mean levels):", dict(zip(SIZES, levels, strict=True)))
+    assert max(m for m, _ in levels) <= GPU_MAX_LEVELS
+    assert max(mean for _, mean in levels) <= GPU_MEAN_LEVELS
+
+
+def test_files_nvjpeg_cannot_take_go_to_pil(tmp_path):
+    from PIL import Image
+
+    from skyscript_build.filter.decode import read_jpeg
+
+    good = tmp_path / "a.jpg"
+    good.write_bytes(_jpeg(64, 64, 0))
+    assert read_jpeg(str(good))[1] == "ok"
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(good.read_bytes()[:-200])
+    assert read_jpeg(str(cut)) == (None, "other")
+    progressive = tmp_path / "p.jpg"
+    Image.open(good).save(progressive, progressive=True)
+    assert read_jpeg(str(progressive)) == (None, "other")
+    png = tmp_path / "x.jpg"
+    Image.open(good).save(png, format="PNG")
+    assert read_jpeg(str(png)) == (None, "other")
+    assert read_jpeg(str(tmp_path / "gone.jpg")) == (None, "missing")

@@ -44,11 +44,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="geo keeps whole grid cells (meta box centre) in one split",
     )
     parser.add_argument("--cell-size", type=float, default=0.1, help="geo cell, degrees (0.1)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward (64)")
     parser.add_argument(
-        "--workers", type=int, default=None, help="decode processes; 0 = in-process (cores)"
+        "--batch-size", type=int, default=64, help="images per forward; 256 suits a GPU (64)"
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (auto)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="decode processes per scoring device; 0 = in the scoring process "
+        "(the machine's cores, at most 16)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (every visible GPU, else cpu), cpu, cuda (every GPU), cuda:N, or a list "
+        "such as cuda:0,cuda:1: one scoring process and model per device (auto)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="auto",
+        help="weights and inputs; auto = bf16 on CUDA, fp32 on a CPU. Stored with each "
+        "score: another precision scores again (auto)",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="JPEG decode + resize: gpu (nvJPEG) when scoring on a GPU, else cpu (auto)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        help="Dask scheduler address: shards run on its workers, one model per worker",
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        help="rows per shard, the unit of resuming and of spreading work (64 batches)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="split seed (0)")
     parser.add_argument("--out", type=Path, help="output folder (the dataset folder)")
 
@@ -73,6 +107,10 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         device=args.device,
+        precision=args.precision,
+        decode=args.decode,
+        scheduler=args.scheduler,
+        shard_size=args.shard_size,
         seed=args.seed,
         out=args.out,
     )

@@ -28,13 +28,20 @@ __all__ = [
     "import_clip",
     "pretrained_identity",
     "load_model",
-    "resolve_device",
+    "check_model",
+    "resolve_devices",
+    "resolve_precision",
+    "PRECISIONS",
 ]
 
 log = logging.getLogger(__name__)
 
 CLIP_CONFIG_DIR = Path(__file__).resolve().parent.parent / "clip_configs"
 NO_WEIGHTS = "none"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+#: Seconds the one probe request waits before weights that are not cached count as unreachable.
+PROBE_TIMEOUT_S = 5.0
 
 
 def list_clip_configs() -> list[str]:
@@ -90,14 +97,39 @@ def _file_identity(path: str, size: int, mtime_ns: int) -> str:
     return f"file:{Path(path).name}:{digest.hexdigest()[:16]}"
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; checks ``cuda`` is there."""
+def resolve_devices(device: str) -> list[str]:
+    """The scoring devices of ``--device``: one process each when there are several.
+
+    ``auto``: every visible GPU, else ``cpu``; ``cuda``: every visible GPU; ``cuda:N`` or a
+    comma-separated list (``cuda:0,cuda:1``; ``cpu,cpu`` runs two CPU processes).
+    """
     torch, _ = import_clip()
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible to torch (use --device cpu)")
-    return device
+        return [f"cuda:{i}" for i in range(n_gpus)] or ["cpu"]
+    if device == "cuda":
+        if not n_gpus:
+            raise ConfigError("--device cuda: no CUDA GPU is visible to torch (use --device cpu)")
+        return [f"cuda:{i}" for i in range(n_gpus)]
+    devices = [d.strip() for d in device.split(",")]
+    for d in devices:
+        if d.startswith("cuda"):
+            index = int(d.split(":")[1]) if ":" in d else 0
+            if index >= n_gpus:
+                raise ConfigError(
+                    f"--device {device}: torch sees {n_gpus} CUDA GPU(s), so no {d} "
+                    "(use --device auto or cpu)"
+                )
+    return devices
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` on a CPU; other values as given."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.startswith("cuda") else "fp32"
+    return precision
 
 
 @dataclass
@@ -110,6 +142,8 @@ class LoadedModel:
     device: str
     model_name: str
     identity: str
+    precision: str = "fp32"
+    dtype: Any = None
 
 
 def _register_configs(open_clip: Any, model_config: Path | None, model: str) -> None:
@@ -148,7 +182,7 @@ def _quiet_open_clip() -> Iterator[None]:
     root = logging.getLogger()
     old = root.level
     if not log.isEnabledFor(logging.DEBUG):
-        root.setLevel(max(old, logging.WARNING))
+        root.setLevel(max(old, logging.ERROR))
     try:
         yield
     finally:
@@ -165,40 +199,39 @@ def load_model(
     pretrained: str,
     *,
     model_config: Path | None = None,
-    device: str = "auto",
+    device: str = "cpu",
     seed: int = 0,
+    precision: str = "fp32",
+    warn_random: bool = True,
 ) -> LoadedModel:
     """Build ``model`` with ``pretrained`` weights (a tag, a checkpoint file or ``none``).
 
+    ``precision``: ``fp32``, ``bf16`` or ``fp16`` weights (``auto``: see
+    ``resolve_precision``).
+
     Raises:
-        ConfigError: unknown model or tag, or no GPU for ``--device cuda``.
+        ConfigError: unknown model or tag, weights neither cached nor reachable.
         InputError: a checkpoint file that is unreadable or does not fit the architecture.
     """
     torch, open_clip = import_clip()
-    _register_configs(open_clip, model_config, model)
-    device = resolve_device(device)
+    cached = check_model(model, pretrained, model_config)
+    if device == "auto":
+        device = resolve_devices("auto")[0]
+    precision = resolve_precision(precision, device)
     identity = pretrained_identity(pretrained, seed)
     is_file = Path(pretrained).is_file()
+    weights: str | None = pretrained
     if pretrained.lower() == NO_WEIGHTS:
-        log.warning(
-            "--pretrained none: model %s has RANDOM weights; its ranking is meaningless "
-            "(fine for a demo or a benchmark, never for a dataset)",
-            model,
-        )
-        weights: str | None = None
-        torch.manual_seed(seed)
-    elif is_file:
-        weights = pretrained
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        if pretrained not in tags:
-            raise ConfigError(
-                f"--pretrained {pretrained}: neither an existing checkpoint file nor a known "
-                f"tag for {model} (tags: {', '.join(tags) or 'none'}; or pass 'none')"
+        if warn_random:
+            log.warning(
+                "--pretrained none: model %s has RANDOM weights; its ranking is meaningless "
+                "(fine for a demo or a benchmark, never for a dataset)",
+                model,
             )
-        weights = pretrained
+        weights = None
+        torch.manual_seed(seed)
     try:
-        with _quiet_open_clip():
+        with _quiet_open_clip(), _hub_offline(cached):
             clip, _, preprocess = open_clip.create_model_and_transforms(
                 model, pretrained=weights, device="cpu"
             )
@@ -215,13 +248,103 @@ def load_model(
             f"cannot load {model} weights '{pretrained}': {_one_line(e)} "
             "(no network? download the checkpoint and pass its file path)"
         ) from None
-    clip = clip.to(device).eval()
+    dtype = getattr(torch, _DTYPES[precision])
+    clip = clip.to(device=device, dtype=dtype).eval()
     with _quiet_open_clip():
         tokenizer = open_clip.get_tokenizer(model)
-    log.info("CLIP %s, weights %s, on %s", model, identity, device)
-    return LoadedModel(clip, preprocess, tokenizer, device, model, identity)
+    log.info("CLIP %s, weights %s, %s on %s", model, identity, precision, device)
+    return LoadedModel(clip, preprocess, tokenizer, device, model, identity, precision, dtype)
 
 
-def default_workers() -> int:
-    """Decode workers when not set: the machine's cores, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+def check_model(model: str, pretrained: str, model_config: Path | None = None) -> bool:
+    """Check the model name and its weights before any work; nothing is built.
+
+    A pretrained tag whose weights are not cached is probed with one request
+    (``PROBE_TIMEOUT_S``), so a machine without network fails in seconds, not after a
+    minute of retries. Returns whether the tag's weights are in the local cache (then they
+    are loaded without asking the network).
+    """
+    _, open_clip = import_clip()
+    _register_configs(open_clip, model_config, model)
+    if pretrained.lower() == NO_WEIGHTS or Path(pretrained).is_file():
+        return False
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    if pretrained not in tags:
+        raise ConfigError(
+            f"--pretrained {pretrained}: neither an existing checkpoint file nor a known "
+            f"tag for {model} (tags: {', '.join(tags) or 'none'}; or pass 'none')"
+        )
+    where, url, cached = _weights_location(open_clip, model, pretrained)
+    if cached:
+        return True
+    advice = (
+        f"download them where there is network (open_clip.create_model('{model}', "
+        f"pretrained='{pretrained}')) or pass a checkpoint file as --pretrained"
+    )
+    if _hub_offline_set():
+        raise ConfigError(
+            f"--pretrained {pretrained}: the {model} weights are not in {where} and "
+            f"HF_HUB_OFFLINE is set: {advice}"
+        )
+    import requests
+
+    try:
+        answer = requests.head(url, timeout=PROBE_TIMEOUT_S, allow_redirects=False)
+    except requests.RequestException as e:
+        raise ConfigError(
+            f"--pretrained {pretrained}: the {model} weights are not in {where} and {url} "
+            f"cannot be reached ({_one_line(e, 120)}): {advice}"
+        ) from None
+    if answer.status_code >= 400 and answer.status_code not in (401, 403):
+        raise ConfigError(
+            f"--pretrained {pretrained}: {url} answers HTTP {answer.status_code}: {advice}"
+        )
+    return False
+
+
+def _weights_location(open_clip: Any, model: str, tag: str) -> tuple[str, str, bool]:
+    """Where a tag's weights are cached, the URL they come from, and whether they are cached."""
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if "file" in cfg:
+        return str(cfg["file"]), "", True
+    hub = cfg.get("hf_hub", "") if oc_pretrained.has_hf_hub() else ""
+    if hub:
+        from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
+
+        repo, filename = os.path.split(hub)
+        filename = filename or oc_pretrained.HF_WEIGHTS_NAME
+        names = [*oc_pretrained._get_safe_alternatives(filename), filename]
+        cached = any(isinstance(try_to_load_from_cache(repo, n), str) for n in names)
+        return (
+            f"the Hugging Face cache ({constants.HF_HUB_CACHE})",
+            hf_hub_url(repo, filename),
+            cached,
+        )
+    url = cfg.get("url", "")
+    target = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+    return str(target.parent), url, target.is_file()
+
+
+def _hub_offline_set() -> bool:
+    return any(
+        os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+        for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+@contextlib.contextmanager
+def _hub_offline(on: bool) -> Iterator[None]:
+    """Cached weights load without asking the Hub for a newer revision (no network wait)."""
+    if not on:
+        yield
+        return
+    from huggingface_hub import constants
+
+    old = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = old
