@@ -44,6 +44,7 @@ fixture = load_fixture_script("filter")
 def read_scores(out: Path) -> pd.DataFrame:
     return read_store(out)[0]
 
+
 N = 40
 
 
@@ -237,9 +238,7 @@ def test_a_stopped_run_resumes_per_shard(dataset, checkpoint):
     root, csv = dataset
     df = pd.read_csv(csv)
     paths, texts = df["filepath"].tolist(), df["title"].tolist()
-    shards = cut_shards(
-        paths, texts, stat_images(root, paths), root=root, out=root, shard_size=16
-    )
+    shards = cut_shards(paths, texts, stat_images(root, paths), root=root, out=root, shard_size=16)
     assert [len(s.filepaths) for s in shards] == [16, 16, 8]
     scorer = Scorer(ScoreSettings("tiny-random", str(checkpoint), batch_size=8), "cpu")
     seen: list[int] = []
@@ -517,3 +516,205 @@ def test_files_nvjpeg_cannot_take_go_to_pil(tmp_path):
     Image.open(good).save(png, format="PNG")
     assert read_jpeg(str(png)) == (None, "other")
     assert read_jpeg(str(tmp_path / "gone.jpg")) == (None, "missing")
+
+
+# --- precision, captions, several processes, Dask ------------------------------------------
+
+
+def test_precision_auto_is_bf16_on_cuda_fp32_on_cpu_and_part_of_a_scores_identity(
+    dataset, checkpoint
+):
+    from skyscript_build.filter.models import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda:0") == "bf16"
+    assert resolve_precision("fp16", "cpu") == "fp16"
+    with pytest.raises(ConfigError, match="--precision"):
+        FilterConfig(dataset=Path("."), captions=Path("c.csv"), name="x", model="m",
+                     pretrained="none", precision="fp8")  # fmt: skip
+    root, csv = dataset
+    fp32 = run_filter(config(root, csv, checkpoint))
+    assert fp32.precision == "fp32"
+    bf16 = run_filter(config(root, csv, checkpoint, precision="bf16"))
+    assert (bf16.precision, bf16.scored_new, bf16.reused) == ("bf16", N, 0)  # not reused
+    scores = read_scores(root).pivot(index="filepath", columns="precision", values="similarity")
+    diff = (scores["bf16"] - scores["fp32"]).abs()
+    assert 0 < diff.max() < 0.05  # bf16 rounding, not another model
+    again = run_filter(config(root, csv, checkpoint, precision="bf16"))
+    assert (again.scored_new, again.reused) == (0, N)
+
+
+def test_each_distinct_caption_is_encoded_once(dataset, checkpoint):
+    root, csv = dataset
+    result = run_filter(config(root, csv, checkpoint, shard_size=16))
+    assert result.shards == 3
+    assert result.captions_encoded == pd.read_csv(csv)["title"].nunique() == 6
+
+
+def test_two_scoring_processes_write_the_same_csvs_as_one(dataset, checkpoint, tmp_path):
+    root, csv = dataset
+    one = run_filter(config(root, csv, checkpoint, out=tmp_path / "one", shard_size=8))
+    two = run_filter(
+        config(root, csv, checkpoint, out=tmp_path / "two", shard_size=8, device="cpu,cpu")
+    )
+    assert two.devices == ["cpu", "cpu"] and two.shards == 5 and two.scored_new == N
+    assert sum(two.shards_by_worker.values()) == 5
+    for name in output_names(config(root, csv, checkpoint)).values():
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert one.scored_new == N
+
+
+def _start(args: list[str], log: Path):
+    import subprocess
+
+    with open(log, "wb") as stderr:
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+@pytest.fixture
+def dask_cluster(tmp_path: Path):
+    """``dask scheduler`` and two ``dask worker`` processes (no nanny) on 127.0.0.1."""
+    import subprocess
+    import time
+
+    dask = str(Path(sys.executable).parent / "dask")
+    scheduler_file = tmp_path / "scheduler.json"
+    procs = [
+        _start([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log")
+    ]  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
+            assert time.monotonic() < deadline, "the Dask scheduler did not start"
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for i in range(2):
+            procs.append(
+                _start([dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                        "--no-nanny", "--no-dashboard", "--name", f"w{i}"],
+                       tmp_path / f"worker{i}.log")
+            )  # fmt: skip
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_dask_workers_score_the_same_as_one_process(dataset, checkpoint, tmp_path, dask_cluster):
+    root, csv = dataset
+    local = config(root, csv, checkpoint, out=tmp_path / "local", shard_size=8)
+    run_filter(local)
+    on_dask = config(
+        root, csv, checkpoint, out=tmp_path / "dask", shard_size=8, scheduler=dask_cluster
+    )
+    result = run_filter(on_dask)
+    assert result.scored_new == N and result.shards == 5
+    assert set(result.shards_by_worker) == {"w0", "w1"}  # both workers scored
+    for name in output_names(local).values():
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes()
+    a = pd.read_parquet(tmp_path / "local" / "scores.parquet")
+    b = pd.read_parquet(tmp_path / "dask" / "scores.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    # resuming per shard on the cluster: a lost shard's part is scored again, only that one
+    (tmp_path / "dask" / "scores.parquet").unlink()
+    for name in output_names(local).values():
+        (tmp_path / "dask" / name).unlink()
+    b.iloc[8:].to_parquet(tmp_path / "dask" / "scores.parquet", index=False)
+    again = run_filter(on_dask)
+    assert (again.scored_new, again.reused, again.shards) == (8, N - 8, 1)
+    for name in output_names(local).values():
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes()
+
+
+# --- a rerun reuses only what is unchanged; bad inputs stop before any work -----------------
+
+
+def test_a_score_is_reused_only_for_an_unchanged_image(dataset, checkpoint):
+    root, csv = dataset
+    cfg = config(root, csv, checkpoint)
+    first = run_filter(cfg)
+    assert first.scored_new == N
+    rows = pd.read_csv(csv)["filepath"].tolist()
+    changed, touched, gone = rows[2], rows[5], rows[9]
+    other = (root / rows[3]).read_bytes()
+    (root / changed).write_bytes(other)  # other pixels, other size
+    st = (root / touched).stat()
+    os.utime(root / touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, newer
+    (root / gone).unlink()
+    again = run_filter(cfg)
+    assert (again.scored_new, again.reused) == (2, N - 3)
+    assert again.failed == {"missing": 1}
+    scores = read_scores(root).set_index("filepath")
+    assert scores.loc[changed, "size"] == len(other)
+    assert scores.loc[touched, "mtime_ns"] == st.st_mtime_ns + 10**9
+    written = set().union(*(set(df["filepath"]) for df in read_outputs(cfg).values()))
+    assert gone not in written and all((root / p).is_file() for p in written)
+    assert (again.kept, again.pool) == (N - 1, N - 1 - 4 - 6)
+
+
+def test_an_unreadable_scores_file_is_scored_again_with_one_line(dataset, checkpoint, caplog):
+    root, csv = dataset
+    cfg = config(root, csv, checkpoint)
+    run_filter(cfg)
+    before = (root / "SkyScript_train_top30pct_filtered_by_tiny.csv").read_bytes()
+    data = (root / "scores.parquet").read_bytes()
+    (root / "scores.parquet").write_bytes(data[: len(data) // 2])
+    with caplog.at_level("WARNING"):
+        again = run_filter(cfg)
+    lines = [r.getMessage() for r in caplog.records if "scores.parquet" in r.getMessage()]
+    assert len(lines) == 1 and "unreadable" in lines[0] and "scored again" in lines[0]
+    assert (again.scored_new, again.reused) == (N, 0)
+    assert (root / "SkyScript_train_top30pct_filtered_by_tiny.csv").read_bytes() == before
+    assert len(pd.read_parquet(root / "scores.parquet")) == N
+
+
+def _filter_cli(cli, root, csv, out, *extra, env=None):
+    return cli(
+        "filter", "--dataset", root, "--captions", csv, "--name", "t", "--out", out,
+        "--val-size", "2", "--test-size", "2", "--workers", "0", *extra, env=env,
+    )  # fmt: skip
+
+
+def test_refused_runs_stop_in_one_line_and_create_nothing(dataset, tmp_path, cli):
+    root, csv = dataset
+    out = tmp_path / "out"
+    tiny = ["--model", "tiny-random", "--pretrained", "none"]
+
+    def refused(proc, *needles):
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        for needle in needles:
+            assert needle in lines[0]
+        assert not out.exists()  # no empty --out folder
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    refused(_filter_cli(cli, empty, csv, out, *tiny), str(empty), "none of the 40 images")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("filepath,title\nimages2/x.jpg,building\n")
+    refused(_filter_cli(cli, root, bad, out, *tiny), str(bad), "lacks column(s) title_multi")
+
+    # weights that are not downloaded, without network: one probe, a few seconds at most
+    import time
+
+    hub = {"HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9", "XDG_CACHE_HOME": str(tmp_path / "cache")}  # fmt: skip
+    started = time.monotonic()
+    proc = _filter_cli(cli, root, csv, out, "--model", "ViT-B-32", "--pretrained", "openai",
+                       env=hub)  # fmt: skip
+    assert time.monotonic() - started < 30  # was 57 s of retries; the probe gives up in 5
+    refused(proc, "--pretrained openai", "cannot be reached", "pass a checkpoint file")
+    proc = _filter_cli(cli, root, csv, out, "--model", "ViT-B-32", "--pretrained", "openai",
+                       env={**hub, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    refused(proc, "HF_HUB_OFFLINE is set")
