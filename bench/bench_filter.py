@@ -1,27 +1,22 @@
-"""Benchmark the filter stage's scoring: images/s, where the time goes, and the forward bound.
+"""Benchmark the filter stage on a CPU: images/s against a bare PIL decode + resize loop.
 
-For each model (the tiny random config and ViT-B-32 with random weights; nothing downloaded)
-it times, on synthetic JPEG tiles:
-
-- decode (PIL open + RGB), preprocess (the model's own transform), tokenize, image forward,
-  text forward, each alone, per image;
-- the bound: model-forward-only throughput (image + text forward, preprocessed tensors ready);
-- our pipeline, ``skyscript_build.filter.scoring.score_rows`` end to end (DataLoader decode
-  workers, tokenizing, forward, scores written), by batch size and worker count;
-
-and records the ratio pipeline / bound in bench/RESULTS.md. Run: ``make bench-filter``.
-Options: ``--tiny-images N --vit-images N --size PX``.
+The CPU goal (issue 17): with the tiny model, the stage scores at least 80 % of what a bare
+loop of PIL decode + the model's resize does over the same cores (a ``multiprocessing.Pool``
+of one process per core over the same files). Both run on the same synthetic JPEG tiles in
+the same run; the ratio is what counts on this shared machine. It also records where a
+decode worker's time goes and peak memory as the input grows. GPU figures come from
+``bench/gpu_filter_bench.sh`` (their own section). Run: ``make bench-filter``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
 import time
+from multiprocessing import Pool
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,11 +24,13 @@ os.environ.setdefault("SKYSCRIPT_NO_PROGRESS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from _results import record  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from skyscript_build.filter import FilterConfig, run_filter  # noqa: E402
+from skyscript_build.filter.decode import read_pixels, split_preprocess  # noqa: E402
 from skyscript_build.filter.models import load_model  # noqa: E402
-from skyscript_build.filter.scoring import score_rows  # noqa: E402
 
 CAPTIONS = [
     "building",
@@ -77,74 +74,63 @@ def make_images(
     return paths, texts
 
 
-def best_per_item(fn, items, rounds: int = 3) -> float:
-    """Best-of-``rounds`` seconds per item of ``fn`` over ``items`` (after a warm-up call).
+_PIXELS = None  # the model's pixel part (PIL resize + crop), set before the pool forks
 
-    Cheap calls (under 0.1 s a round) get 10 rounds: on a shared machine one round is noise.
-    """
-    t = time.perf_counter()
-    fn(items[0])
-    if (time.perf_counter() - t) * len(items) < 0.1:
-        rounds = max(rounds, 10)
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for x in items:
-            fn(x)
-        best = min(best, (time.perf_counter() - t) / len(items))
+
+def _peer_chunk(files: list[str]) -> int:
+    """The bare loop: open, decode to RGB, the model's resize + crop, to an array."""
+    assert _PIXELS is not None
+    for f in files:
+        with Image.open(f) as im:
+            np.asarray(_PIXELS.part(im.convert("RGB")))
+    return len(files)
+
+
+def peer_rate(model: str, files: list[str], procs: int, rounds: int = 3) -> float:
+    """Images/s of the bare PIL loop over ``procs`` processes (best of ``rounds``)."""
+    global _PIXELS
+    _PIXELS = split_preprocess(load_model(model, "none", warn_random=False).preprocess)
+    chunks = [files[i : i + 64] for i in range(0, len(files), 64)]
+    best = 0.0
+    with Pool(procs) as pool:
+        pool.map(_peer_chunk, chunks[:procs])  # warm: imports, page cache
+        for _ in range(rounds):
+            t = time.perf_counter()
+            n = sum(pool.map(_peer_chunk, chunks, chunksize=1))
+            best = max(best, n / (time.perf_counter() - t))
     return best
 
 
-def bench_model(model: str, root: Path, paths, texts, batches, workers_list) -> list[str]:
-    import torch
+def stage_rate(model: str, root: Path, csv: Path, workers: int, rounds: int = 3) -> dict:
+    """The stage end to end (``run_filter``): images/s of its scoring pass, best of rounds."""
+    best: dict = {}
+    for _ in range(rounds):
+        out = Path(tempfile.mkdtemp(prefix="bench_filter_out_"))
+        try:
+            r = run_filter(
+                FilterConfig(dataset=root, captions=csv, name="bench", model=model,
+                             pretrained="none", val_size=0, test_size=0, top=(0.5,),
+                             batch_size=64, workers=workers, out=out)
+            )  # fmt: skip
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        if r.images_per_s > best.get("images_per_s", 0):
+            best = {"images_per_s": r.images_per_s, "encoded": r.captions_encoded}
+    return best
 
-    cores = os.cpu_count() or 1
-    loaded = load_model(model, "none", device="cpu")
-    m, pre, tok = loaded.model, loaded.preprocess, loaded.tokenizer
-    files = [str(root / p) for p in paths]
-    decoded = [Image.open(f).convert("RGB") for f in files[:32]]
-    t_decode = best_per_item(lambda f: Image.open(f).convert("RGB"), files[:32])
-    t_pre = best_per_item(pre, decoded)
-    t_tok = best_per_item(lambda s: tok([s]), texts[:32])
-    t_cpu = t_decode + t_pre + t_tok
-    lines = [
-        f"### {model} (random weights, {sum(p.numel() for p in m.parameters()) / 1e6:.1f} M "
-        f"parameters, input {pre.transforms[0].size} px), {len(paths)} images",
-        "",
-        f"Where the time goes, per image in one process (best of 3): decode {t_decode * 1e3:.2f} "
-        f"ms, preprocess {t_pre * 1e3:.2f} ms, tokenize {t_tok * 1e3:.3f} ms; the forward passes "
-        "are in the table.",
-        "",
-        "| batch | image fwd ms/img | text fwd ms/img | fwd bound img/s | all-work bound img/s "
-        "| workers | pipeline img/s | ratio to fwd bound | ratio to all-work bound |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    x_all = torch.stack([pre(im) for im in decoded])
-    t_all = tok(texts[:32])
-    for batch in batches:
-        x = x_all.repeat((batch // len(x_all)) + 1, 1, 1, 1)[:batch]
-        t = t_all.repeat((batch // len(t_all)) + 1, 1)[:batch]
-        with torch.inference_mode():
-            t_img = best_per_item(m.encode_image, [x]) / batch
-            t_txt = best_per_item(m.encode_text, [t]) / batch
-        fwd_bound = 1 / (t_img + t_txt)
-        # the forward uses every core; decode work spread over the same cores
-        all_bound = 1 / (t_img + t_txt + t_cpu / cores)
-        for workers in workers_list:
-            out = Path(tempfile.mkdtemp(prefix="bench_filter_"))
-            run = score_rows(
-                loaded, paths, texts, root=root, out=out, batch_size=batch, workers=workers
-            )
-            shutil.rmtree(out)
-            assert run.scored == len(paths), run.failed
-            speed = run.scored / run.seconds
-            lines.append(
-                f"| {batch} | {t_img * 1e3:.2f} | {t_txt * 1e3:.2f} | {fwd_bound:.0f} "
-                f"| {all_bound:.0f} | {workers} | {speed:.0f} | {speed / fwd_bound:.2f} "
-                f"| {speed / all_bound:.2f} |"
-            )
-            print(lines[-1], flush=True)
-    return lines
+
+def per_image_costs(model: str, files: list[str]) -> tuple[float, float]:
+    """ms per image in one process: decode to RGB, then the model's resize + crop."""
+    pixels = split_preprocess(load_model(model, "none", warn_random=False).preprocess)
+    t = time.perf_counter()
+    images = [Image.open(f).convert("RGB") for f in files]
+    decode = (time.perf_counter() - t) / len(files)
+    t = time.perf_counter()
+    for im in images:
+        np.asarray(pixels.part(im))
+    resize = (time.perf_counter() - t) / len(files)
+    assert read_pixels(files[0], pixels)[1] == "ok"
+    return decode * 1e3, resize * 1e3
 
 
 RSS_SNIPPET = """
@@ -194,58 +180,62 @@ def rss_scaling(sizes: tuple[int, ...] = (500, 5000)) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny-images", type=int, default=512)
-    parser.add_argument("--vit-images", type=int, default=64)
-    parser.add_argument("--size", type=int, default=384, help="tile size in pixels (384)")
+    parser.add_argument("--images", type=int, default=4096)
+    parser.add_argument("--size", type=int, default=256, help="tile size in pixels (256)")
+    parser.add_argument("--model", default="tiny-random")
     args = parser.parse_args()
     import torch
 
     cores = os.cpu_count() or 1
     root = Path(tempfile.mkdtemp(prefix="bench_filter_data_"))
     try:
-        n = max(args.tiny_images, args.vit_images)
-        t0 = time.perf_counter()
-        paths, texts = make_images(root, n, args.size)
-        print(f"{n} synthetic {args.size}px JPEGs in {time.perf_counter() - t0:.1f} s", flush=True)
+        paths, texts = make_images(root, args.images, args.size)
+        csv = root / "captions.csv"
+        pd.DataFrame({"filepath": paths, "title": texts, "title_multi_objects": texts}).sort_values(
+            "filepath"
+        ).to_csv(csv, index=False)
+        files = [str(root / p) for p in paths]
+        decode_ms, resize_ms = per_image_costs(args.model, files[:256])
+        load0 = os.getloadavg()[0]
+        # alternate, so that both see the same machine
+        peer1 = peer_rate(args.model, files, cores)
+        ours1 = stage_rate(args.model, root, csv, cores)
+        peer2 = peer_rate(args.model, files, cores)
+        ours2 = stage_rate(args.model, root, csv, cores)
+        peer = max(peer1, peer2)
+        ours = max(ours1["images_per_s"], ours2["images_per_s"])
+        ratio = ours / peer
+        goal = "met" if ratio >= 0.8 else "NOT met"
         body = [
-            f"Synthetic {args.size}px JPEG tiles, CPU only (torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads). Bound = model-forward-only throughput "
-            "(image + text forward on ready tensors, same batch, best of 3); all-work bound adds "
-            "decode + preprocess + tokenize spread perfectly over all cores; ratio = pipeline / "
-            "bound. "
-            "The pipeline is `score_rows` end to end: DataLoader decode+preprocess+tokenize "
-            "workers (0 = in the main process), forward, scores written to parquet. On a CPU "
-            "the decode workers and the model share the same cores, so a ratio near 1 for the "
-            "big model means decoding is hidden; the tiny model is decode-bound by design.",
+            f"{args.images} synthetic {args.size} px JPEG tiles; model `{args.model}` (random "
+            f"weights), torch {torch.__version__}, {cores} cores. Load average at the start {load0:.1f}.",
+            "",
+            "| run | images/s | ratio |",
+            "|---|---:|---:|",
+            f"| peer: bare PIL decode + the model's resize + crop, Pool of {cores} processes "
+            f"(best of 3, two rounds) | {peer:,.0f} | 1.00 |",
+            f"| the stage: `run_filter` scoring pass, {cores} decode workers, batch 64 (best "
+            f"of 3, two rounds) | {ours:,.0f} | **{ratio:.2f}** |",
+            "",
+            f"Goal (>= 0.80 of the peer on the same cores): **{goal}**. Rounds: peer "
+            f"{peer1:,.0f} / {peer2:,.0f}, stage {ours1['images_per_s']:,.0f} / "
+            f"{ours2['images_per_s']:,.0f} images/s. The stage does the peer's work plus "
+            "tokenising (each distinct caption once: "
+            f"{ours1['encoded']} of {args.images}), the forward passes and the parquet "
+            "writes; its workers send uint8 pixels, normalised in the scoring process.",
+            "",
+            f"One process, per image: decode {decode_ms:.2f} ms, resize + crop {resize_ms:.2f} ms.",
+            "",
+            "Memory as the input grows (whole `run_filter`, tiny model, 64 px tiles):",
             "",
         ]
-        body += bench_model(
-            "tiny-random", root, paths[: args.tiny_images], texts, (32, 256), (0, cores)
-        )
-        body.append("")
-        body += bench_model("ViT-B-32", root, paths[: args.vit_images], texts, (16, 32), (cores,))
-        self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        child_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-        body += [
-            "",
-            f"Peak RSS of this benchmark (ViT-B-32 loaded): main process {self_rss:.0f} MiB, "
-            f"largest decode worker {child_rss:.0f} MiB (forked: mostly pages shared with the "
-            "main process).",
-        ]
-        body += ["", "Memory as the input grows (whole `run_filter`, tiny model, 64 px tiles):", ""]
+        print("\n".join(body), flush=True)
         body += rss_scaling()
-        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         body += [
             "",
-            f"Load average at the end (1, 5, 15 min): {load} on {cores} cores: the machine is "
-            "shared, so absolute numbers are noisy; the ratios are measured in the same run.",
-            "",
-            "GPU: `bench/gpu_filter_vitl14.sh` (ViT-L-14, batch 256, --device cuda; goal >= 312 "
-            "images/s per A100, clip-retrieval's published figure) has not been run on a GPU yet.",
+            "GPU figures: the `filter-gpu` section (`bench/gpu_filter_bench.sh`).",
         ]
-        record(
-            "filter", "filter: CLIP scoring images/s vs the model-forward bound", "\n".join(body)
-        )
+        record("filter", "filter: the stage on a CPU vs a bare PIL decode loop", "\n".join(body))
         print("\n".join(body))
     finally:
         shutil.rmtree(root, ignore_errors=True)
