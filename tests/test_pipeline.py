@@ -325,4 +325,4 @@ def test_which_stages_run_on_the_runs_dask_client():
     assert on_dask(ClusterConfig(workers=1)) == []
     assert on_dask(ClusterConfig(workers=2)) == ["fetch", "caption"]  # a LocalCluster
     remote = ClusterConfig(scheduler="tcp://127.0.0.1:8786")
-    assert on_dask(remote) == ["extract", "fetch", "caption"]
+    assert on_dask(remote) == ["extract", "fetch", "caption", "filter"]  # one model per worker

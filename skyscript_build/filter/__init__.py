@@ -28,7 +28,6 @@ import logging
 import multiprocessing
 import re
 import time
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import pandas as pd
 from ..caption.worker import CSV_HEADER as CAPTION_COLUMNS  # the caption stage's CSV
 from ..cluster import ClusterConfig, dask_client, map_shards
 from ..errors import ConfigError, InputError
-from ..files import atomic_path, write_json_atomic
+from ..files import atomic_path, check_out_dir, leave_no_empty_folders, write_json_atomic
 from ..progress import progress_bar
 from .decode import DECODERS
 from .models import (
@@ -306,19 +305,6 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
         df.to_csv(tmp, index=False, lineterminator="\n", float_format="%.6f", encoding="utf-8")
 
 
-@contextlib.contextmanager
-def _output_folder(out: Path) -> Iterator[None]:
-    """Create ``out`` for the run; if the run fails and leaves it empty, remove it again."""
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        yield
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
-
-
 def _has_cuda() -> bool:
     import torch
 
@@ -389,6 +375,7 @@ def _check_inputs(config: FilterConfig) -> tuple[pd.DataFrame, np.ndarray]:
         raise InputError(config.dataset, "dataset folder not found")
     captions = _read_captions(config)
     _check_sizes(config, len(captions), "caption rows")
+    check_out_dir(config.out_dir)
     check_model(config.model, config.pretrained, config.model_config)
     stats = stat_images(config.dataset, captions["filepath"].tolist())
     present = stats[:, 0] >= 0
@@ -448,7 +435,8 @@ def run_filter(config: FilterConfig) -> FilterResult:
         if len(todo) and client is None and len(devices) == 1:
             # built before anything is written: a checkpoint that does not fit creates nothing
             scorer_first = Scorer(config.settings(precision), devices[0])
-        stack.enter_context(_output_folder(out))
+        stack.enter_context(leave_no_empty_folders(out, depth=1))
+        out.mkdir(parents=True, exist_ok=True)
         if stale:
             stored = write_store(out, stored, add_parts=False)
         runs: list[ShardResult] = []
