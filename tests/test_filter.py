@@ -564,59 +564,14 @@ def test_two_scoring_processes_write_the_same_csvs_as_one(dataset, checkpoint, t
     assert one.scored_new == N
 
 
-def _start(args: list[str], log: Path):
-    import subprocess
-
-    with open(log, "wb") as stderr:
-        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr)
-
-
-@pytest.fixture
-def dask_cluster(tmp_path: Path):
-    """``dask scheduler`` and two ``dask worker`` processes (no nanny) on 127.0.0.1."""
-    import subprocess
-    import time
-
-    dask = str(Path(sys.executable).parent / "dask")
-    scheduler_file = tmp_path / "scheduler.json"
-    procs = [
-        _start([dask, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-                "--scheduler-file", str(scheduler_file)], tmp_path / "scheduler.log")
-    ]  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not scheduler_file.exists() or not scheduler_file.read_text().strip():
-            assert time.monotonic() < deadline, "the Dask scheduler did not start"
-            time.sleep(0.2)
-        address = json.loads(scheduler_file.read_text())["address"]
-        for i in range(2):
-            procs.append(
-                _start([dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
-                        "--no-nanny", "--no-dashboard", "--name", f"w{i}"],
-                       tmp_path / f"worker{i}.log")
-            )  # fmt: skip
-        from distributed import Client
-
-        with Client(address, timeout="30s") as client:
-            client.wait_for_workers(2, timeout=60)
-        yield address
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
 def test_dask_workers_score_the_same_as_one_process(dataset, checkpoint, tmp_path, dask_cluster):
     root, csv = dataset
     local = config(root, csv, checkpoint, out=tmp_path / "local", shard_size=8)
     run_filter(local)
     on_dask = config(
-        root, csv, checkpoint, out=tmp_path / "dask", shard_size=8, scheduler=dask_cluster
-    )
+        root, csv, checkpoint, out=tmp_path / "dask", shard_size=8,
+        scheduler=dask_cluster["address"],
+    )  # fmt: skip
     result = run_filter(on_dask)
     assert result.scored_new == N and result.shards == 5
     assert set(result.shards_by_worker) == {"w0", "w1"}  # both workers scored

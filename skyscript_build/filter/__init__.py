@@ -36,10 +36,11 @@ import numpy as np
 import pandas as pd
 
 from ..caption.worker import CSV_HEADER as CAPTION_COLUMNS  # the caption stage's CSV
-from ..cluster import ClusterConfig, dask_client, map_shards
+from ..cluster import ClusterConfig, dask_client
 from ..errors import ConfigError, InputError
 from ..files import atomic_path, check_out_dir, leave_no_empty_folders, write_json_atomic
 from ..progress import progress_bar
+from ..runner import RunnerConfig, run_shards
 from .decode import DECODERS
 from .models import (
     CLIP_CONFIG_DIR,
@@ -362,9 +363,10 @@ def _score_dask(
 ) -> list[ShardResult]:
     device = config.device if config.device != "auto" else "auto"
     task = functools.partial(score_shard_task, settings=config.settings(precision), device=device)
-    cluster = ClusterConfig(scheduler=config.scheduler)
+    # No markers: a scored shard's part file (scores.parts/) is its mark.
+    runner = RunnerConfig(cluster=ClusterConfig(scheduler=config.scheduler), desc="filter: shards")
     try:
-        return map_shards(task, shards, cluster, desc="filter: shards", client=client)
+        return [ShardResult(**r) for r in run_shards(task, shards, runner, client=client)]
     finally:
         client.run(release_models)  # type: ignore[attr-defined]
 

@@ -27,7 +27,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,11 @@ class Shard:
     stats: list[tuple[int, int]]  # (size, mtime_ns) when the run started
     root: str
     out: str
+
+    @property
+    def name(self) -> str:
+        """The shard's name for the runner."""
+        return f"shard-{self.index:05d}"
 
 
 @dataclass
@@ -537,10 +542,11 @@ def _worker_name() -> str:
         return f"pid{os.getpid()}"
 
 
-def score_shard_task(shard: Shard, settings: ScoreSettings, device: str) -> ShardResult:
-    """A Dask task: one shard on this worker's model (loaded by its first task)."""
+def score_shard_task(shard: Shard, settings: ScoreSettings, device: str) -> dict[str, Any]:
+    """A Dask task through the runner: one shard on this worker's model (loaded by its first
+    task); its ``ShardResult`` as a dict."""
     scorer = _scorer(settings, device)
-    return scorer.run([shard], workers=settings.workers, worker_name=_worker_name())[0]
+    return asdict(scorer.run([shard], workers=settings.workers, worker_name=_worker_name())[0])
 
 
 _DEVICE: list[str] = []  # this local scoring process's device
