@@ -35,6 +35,7 @@ endef
 
 system-deps-test:
 	$(call apt_install,chromium,chromium)
+	$(call apt_install,osmium,osmium-tool)
 
 system-deps-bench:
 	$(call apt_install,osmium,osmium-tool)

@@ -40,7 +40,7 @@ from typing import Any
 from . import pipeline_config as _pipeline_config
 from ._stages import STAGE_SPECS, RunContext, stage_module
 from .cluster import dask_client
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .files import check_out_dir, leave_no_empty_folders, write_json_atomic
 from .pipeline_config import *  # noqa: F403  (the pipeline file's names, re-exported)
 from .pipeline_config import DEMO_COLLECTIONS, STAGES, PipelineConfig
@@ -113,8 +113,16 @@ def _missing(config: PipelineConfig, key: str, path: Path, what: str) -> ConfigE
 
 def _check_inputs(config: PipelineConfig, stages: Sequence[str]) -> None:
     """Check, before any work, the files the chosen stages need from the user."""
-    if "extract" in stages and not config.input.is_file():
-        raise _missing(config, "input", config.input, "OpenStreetMap file")
+    if "extract" in stages:
+        from .extract import resolve_inputs
+
+        for entry in config.input:
+            try:
+                files = resolve_inputs([entry])
+            except InputError:
+                files = []
+            if not files or not all(f.is_file() for f in files):
+                raise _missing(config, "input", entry, "OpenStreetMap file")
     if "fetch" not in stages:
         return
     b = config.backend
@@ -142,7 +150,9 @@ def _demo_collections(config: PipelineConfig) -> Path:
             f"{config.path}: backend.collections: {path} not found; run `make demo-data` first"
         ) from None
     log.info("making the demo's synthetic orthophoto (%s)", path.parent)
-    log.info("%s", render_orthophoto(OrthophotoConfig(pbf=config.input, out=path.parent)).summary())
+    log.info(
+        "%s", render_orthophoto(OrthophotoConfig(pbf=config.input[0], out=path.parent)).summary()
+    )
     if not path.is_file():
         raise ConfigError(f"{config.path}: backend.collections: {path} was not made")
     return path

@@ -157,7 +157,7 @@ class PipelineConfig:
     name: str
     build_dir: Path
     seed: int
-    input: Path
+    input: tuple[Path, ...]  # files, folders or glob patterns (extract.resolve_inputs)
     tag_filter: str
     sources: tuple[str, ...]
     source_definitions: Mapping[str, Mapping[str, Any]]
@@ -337,7 +337,11 @@ _TOP = {
     "name": Field(as_str(*_NAME)),
     "build_dir": Field(_path),
     "seed": Field(as_int(0), 0),
-    "input": Field(_path, required=True, help="the OpenStreetMap .osm.pbf file"),
+    "input": Field(
+        as_list(_path, min_len=1, unique=True),
+        required=True,
+        help="the OpenStreetMap .osm.pbf file(s): a path, a list of paths, a folder or a glob",
+    ),
     "tag_filter": Field(as_str(), "default"),
     "sources": Field(
         as_list(

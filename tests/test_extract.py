@@ -1,18 +1,26 @@
 """The extract stage on the real Helsinki extract and on small OPL fixtures.
 
 Counts are checked against an independent pass made here with osmium's own filters and area
-assembly; bad inputs go through the real command line.
+assembly; regions cut with osmium-tool must give the objects of the whole file; many tasks the
+rows of one; bad inputs go through the real command line.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import geopandas as gpd
+import numpy as np
 import osmium
 import osmium.filter
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import shapely
@@ -25,8 +33,17 @@ from tag_filters import load_tag_filter
 
 PROBLEMS_OPL = load_fixture_script("extract").PROBLEMS_OPL
 opl_to_pbf = load_fixture_script("extract").opl_to_pbf
+rechunk = load_fixture_script("extract").rechunk
 
-COLUMNS = ["osm_type", "osm_id", "osm_element", "tags", "max_gsd", "geometry"]
+COLUMNS = ["osm_type", "osm_id", "osm_element", "tags", "max_gsd", "geometry", "bbox"]
+#: geopandas reads a GeoParquet 1.1 covering column as metadata of the geometry, not a column.
+GPD_COLUMNS = COLUMNS[:-1]
+
+
+def _rows(out: Path) -> pa.Table:
+    """Every row of an extract, parts read in name order (what the plan stage reads)."""
+    parts = sorted(out.glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in parts])
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +130,9 @@ def test_helsinki_rows_hold_only_groundable_tags_and_their_max_gsd(helsinki_pbf,
 
 def test_helsinki_schema_geometry_and_round_trip(helsinki_out, helsinki_df, tmp_path):
     out, result = helsinki_out
-    assert list(helsinki_df.columns) == COLUMNS
+    assert list(helsinki_df.columns) == GPD_COLUMNS
+    table = _rows(out)
+    assert table.column_names == COLUMNS
     assert helsinki_df.crs.to_epsg() == 4326
     assert helsinki_df.is_valid.all() and not helsinki_df.is_empty.any()
     kinds = helsinki_df.groupby("osm_type").geometry.apply(lambda g: set(g.geom_type))
@@ -125,11 +144,28 @@ def test_helsinki_schema_geometry_and_round_trip(helsinki_out, helsinki_df, tmp_
     west, south, east, north = helsinki_df.total_bounds
     assert 24.9 < west < east < 25.0 and 60.1 < south < north < 60.2
     assert not helsinki_df.duplicated(["osm_type", "osm_element", "osm_id"]).any()
+    # bbox: the geometry's bounds, declared as GeoParquet 1.1's covering.
+    bounds = np.array(
+        [[b[k] for k in ("xmin", "ymin", "xmax", "ymax")] for b in table["bbox"].to_pylist()]
+    )
+    assert (bounds == shapely.bounds(helsinki_df.geometry.values)).all()
+    # Rows in the contract's order: points, lines, areas from ways, from relations, each by id.
+    order = {"n": 0, "w": 1}
+    keys = [
+        (order.get(t, 2 if e == "way" else 3), i)
+        for t, e, i in zip(
+            helsinki_df.osm_type, helsinki_df.osm_element, helsinki_df.osm_id, strict=True
+        )
+    ]
+    assert keys == sorted(keys)
     # The parquet metadata credits OSM; geopandas writes and reads it back unchanged.
     for part in sorted(out.glob("part-*.parquet")):
         meta = pq.read_schema(part).metadata
         assert meta[b"osm_copyright"].decode() == OSM_CREDIT
-        assert json.loads(meta[b"geo"])["columns"]["geometry"]["encoding"] == "WKB"
+        geo = json.loads(meta[b"geo"])
+        assert geo["version"] == "1.1.0"
+        assert geo["columns"]["geometry"]["encoding"] == "WKB"
+        assert geo["columns"]["geometry"]["covering"]["bbox"]["xmax"] == ["bbox", "xmax"]
     helsinki_df.to_parquet(tmp_path / "copy.parquet")
     again = gpd.read_parquet(tmp_path / "copy.parquet")
     assert again.geometry.geom_equals(helsinki_df.geometry).all()
@@ -149,21 +185,111 @@ def test_rerun_of_a_finished_extract_is_a_no_op(helsinki_pbf, helsinki_out):
     assert after == before
 
 
-def test_disk_backed_index_and_one_worker_give_the_same_bytes(helsinki_pbf, helsinki_out, tmp_path):
+@pytest.fixture(scope="module")
+def chunked_pbf(helsinki_pbf, tmp_path_factory) -> Path:
+    """Helsinki written again in blobs of 400 objects: a small file of many blobs."""
+    return rechunk(helsinki_pbf, tmp_path_factory.mktemp("chunked") / "chunked.osm.pbf")
+
+
+def test_many_tasks_give_the_rows_of_one(chunked_pbf, helsinki_out, tmp_path):
+    """Tiny tasks (a few blobs each, several way and relation tasks, on two processes) give the
+    same rows in the same order as one task per pass; only where parts begin differs."""
     out = tmp_path / "objects"
-    index_dir = tmp_path / "index"
-    result = run_extract(
-        ExtractConfig(
-            helsinki_pbf, out, workers=1, location_index="sparse_file_array", index_dir=index_dir
-        )
-    )
-    assert not index_dir.exists() or not list(index_dir.iterdir())
-    # The same file set and bytes, whatever the worker count and node index.
-    first = helsinki_out[0]
-    assert sorted(p.name for p in out.glob("part-*")) == result.parts
-    assert result.parts == sorted(p.name for p in first.glob("part-*"))
-    for name in result.parts:
-        assert (out / name).read_bytes() == (first / name).read_bytes(), name
+    result = run_extract(ExtractConfig(chunked_pbf, out, workers=2, task_mb=0.02))
+    markers = [p.name.split("-")[1] for p in (out / "_markers").glob("*.done.json")]
+    assert markers.count("nodes") > 10 and markers.count("ways") > 5
+    assert markers.count("relations") >= 2
+    assert result.tasks == len(markers) and len(result.parts) > len(helsinki_out[1].parts)
+    assert _rows(out).equals(_rows(helsinki_out[0]))
+    assert not (out / "_work").exists()
+
+
+# Three regions of Helsinki that share borders, cut the way Geofabrik's extracts are: an object
+# crossing a border is whole in every region it touches (osmium-tool's "smart" strategy).
+REGIONS = ["24.93,60.16,24.944,60.172", "24.944,60.16,24.96,60.172", "24.93,60.172,24.96,60.18"]
+
+
+@pytest.fixture(scope="module")
+def regions(helsinki_pbf, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("regions")
+    for i, box in enumerate(REGIONS):
+        cut = ["osmium", "extract", "--strategy", "smart", "-b", box, str(helsinki_pbf)]
+        subprocess.run([*cut, "-o", str(folder / f"r{i}.osm.pbf")], check=True)
+    return folder
+
+
+def test_regions_give_the_objects_of_the_whole_file(regions, helsinki_out, tmp_path):
+    out = tmp_path / "objects"
+    result = run_extract(ExtractConfig(regions, out, workers=2))
+    assert result.inputs == 3 and result.duplicates > 100  # objects on a border, kept once
+    assert _rows(out).equals(_rows(helsinki_out[0]))
+    assert result.objects == helsinki_out[1].objects
+    assert not (out / "_runs").exists() and not (out / "_work").exists()
+
+
+def test_inputs_as_a_list_a_folder_or_a_glob(regions, helsinki_out, cli, tmp_path):
+    """Any order of listing gives the same objects: copies are chosen by path."""
+    files = sorted(regions.glob("*.osm.pbf"))
+    forms = {
+        "list": [files[2], files[0], files[1]],
+        "folder": [regions],
+        "glob": [regions / "r*.osm.pbf"],
+    }
+    for form, inputs in forms.items():
+        out = tmp_path / form
+        proc = cli("extract", *inputs, "--out", out, "--workers", "1")
+        assert proc.returncode == 0, proc.stderr
+        assert "from 3 inputs" in proc.stdout, form
+        assert _rows(out).equals(_rows(helsinki_out[0])), form
+
+
+MERGE_A = """\
+n1 v1 x24.9400000 y60.1700000 Tamenity=bench
+n2 v1 x24.9410000 y60.1700000
+n3 v1 x24.9420000 y60.1700000
+w10 v1 Nn1,n2,n3 Thighway=residential
+"""
+MERGE_B = """\
+n1 v1 x24.9400000 y60.1700000 Tamenity=bench
+n2 v1 x24.9410000 y60.1700000
+n3 v1 x24.9420000 y60.1700000
+n4 v1 x24.9430000 y60.1700000
+w10 v1 Nn1,n2,n3,n4 Thighway=residential
+w11 v1 Nn2,n3 Thighway=service
+"""
+
+
+def test_of_two_copies_the_longer_geometry_is_kept(tmp_path):
+    """A way cut at a border by a simple extract is kept whole where it is whole; equal copies
+    come from the first input by path."""
+    a = opl_to_pbf(MERGE_A, tmp_path / "a.osm.pbf")  # w10 without n4: a shorter line
+    b = opl_to_pbf(MERGE_B, tmp_path / "b.osm.pbf")
+    out = tmp_path / "objects"
+    result = run_extract(ExtractConfig([b, a], out, workers=1))
+    rows = _rows(out)
+    assert rows["osm_id"].to_pylist() == [1, 10, 11] and result.duplicates == 2
+    line = shapely.from_wkb(rows["geometry"][1].as_py())
+    assert len(line.coords) == 4  # b's copy
+    assert result.summary().endswith(f"2 copies across inputs kept once; {result.seconds:.1f} s")
+
+
+def test_one_bad_input_of_several(cli, tmp_path, regions):
+    files = sorted(regions.glob("*.osm.pbf"))
+    missing = tmp_path / "nope.osm.pbf"
+    out = tmp_path / "out"
+    _assert_user_error(cli("extract", *files, missing, "--out", out), missing, "not found", out)
+    assert not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _assert_user_error(cli("extract", files[0], empty, "--out", out), empty, "no .osm.pbf", out)
+    data = bytearray(files[1].read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 2000] = bytes(2000)  # zeroes inside a compressed block
+    bad = tmp_path / "bad.osm.pbf"
+    bad.write_bytes(bytes(data))
+    proc = cli("extract", files[0], bad, files[2], "--out", out, "--workers", "2")
+    _assert_user_error(proc, bad, "OSM PBF", out)
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +385,7 @@ def test_stale_parts_of_another_input_are_replaced(tmp_path, helsinki_pbf):
     pbf = opl_to_pbf(PROBLEMS_OPL, tmp_path / "p.osm.pbf")
     out = tmp_path / "out"
     run_extract(ExtractConfig(pbf, out, workers=1))
-    stale = out / "part-01999.parquet"
+    stale = out / "part-1-00999-0000.parquet"
     stale.write_bytes(b"left over")
     os.utime(pbf, ns=(0, 0))  # the input changed: every shard is done again
     result = run_extract(ExtractConfig(pbf, out, workers=1))
@@ -270,8 +396,10 @@ def test_stale_parts_of_another_input_are_replaced(tmp_path, helsinki_pbf):
 def test_bad_config_values():
     with pytest.raises(ConfigError, match="workers"):
         ExtractConfig("x.osm.pbf", "out", workers=-1)
-    with pytest.raises(ConfigError, match="location-index"):
-        ExtractConfig("x.osm.pbf", "out", location_index="mmap")
+    with pytest.raises(ConfigError, match="task-mb"):
+        ExtractConfig("x.osm.pbf", "out", task_mb=0)
+    with pytest.raises(ConfigError, match="at least one input"):
+        ExtractConfig([], "out")
     with pytest.raises(ConfigError, match="tag filter"):
         ExtractConfig("x.osm.pbf", "out", tag_filter="no_such_table")
     with pytest.raises(InputError, match="not found"):
@@ -282,107 +410,105 @@ def test_cli_summary_line(cli, tmp_path):
     pbf = opl_to_pbf(PROBLEMS_OPL, tmp_path / "p.osm.pbf")
     proc = cli("extract", pbf, "--out", tmp_path / "out", "--workers", "1")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("extract: 13 objects (5 points, 5 lines, 3 areas)")
+    assert proc.stdout.startswith("extract: 13 objects (5 points, 5 lines, 3 areas) from 1 input")
 
 
 def test_invalid_area_geometries_are_repaired_or_dropped():
     from collections import Counter
 
-    from skyscript_build.extract._parquet import Batch, batch_to_table
+    from skyscript_build.extract._parquet import area_geometries
 
     bowtie = shapely.Polygon([(0, 0), (1, 1), (1, 0), (0, 1), (0, 0)])  # self-intersecting
     flat = shapely.Polygon([(0, 0), (1, 1), (2, 2), (0, 0)])  # no area left after repair
-    square = shapely.box(0, 0, 1, 1)
-    batch = Batch("a")
-    for i, g in enumerate([bowtie, flat, square], start=1):
-        batch.osm_element.append("way")
-        batch.ids.append(i)
-        batch.tag_keys.append("building")
-        batch.tag_values.append("yes")
-        batch.tag_offsets.append(i)
-        batch.max_gsd.append(1.0)
-        batch.geoms.append(shapely.to_wkb(g, hex=True))
+    square = shapely.MultiPolygon([shapely.box(0, 0, 1, 1)])  # osmium writes MultiPolygons
     dropped: Counter = Counter()
-    table = batch_to_table(batch, dropped)
-    assert table["osm_id"].to_pylist() == [1, 3]
+    hexes = [shapely.to_wkb(g, hex=True) for g in (bowtie, flat, square)]
+    wkb, bbox, keep = area_geometries(hexes, dropped)
+    assert keep.tolist() == [True, False, True]
     assert dropped == {"repaired_geometry": 1, "invalid_geometry": 1}
-    geoms = shapely.from_wkb(table["geometry"].to_pylist())
-    assert shapely.is_valid(geoms).all()
-    assert shapely.get_type_id(geoms).tolist() == [6, 3]  # the bowtie is two triangles
+    geoms = shapely.from_wkb(wkb.to_pylist())
+    assert shapely.is_valid(geoms[keep]).all()
+    assert shapely.get_type_id(geoms[keep]).tolist() == [6, 3]  # two triangles; one polygon
     assert shapely.area(geoms[0]) == pytest.approx(0.5)
+    assert bbox[2].tolist() == [0, 0, 1, 1]
 
 
-def test_points_decoded_in_bulk_equal_osmium_s_nodes(
-    helsinki_pbf, helsinki_out, tmp_path, monkeypatch
+def test_blobs_decoded_by_pyosmium_give_the_same_rows(
+    chunked_pbf, helsinki_out, tmp_path, monkeypatch
 ):
-    """The numpy DenseNodes reader and pyosmium's node handler give the same point rows."""
-    from skyscript_build.extract import _shards
+    """Blobs the bulk decoders do not cover (plain nodes, another compression, an odd field
+    order) go through pyosmium: forced here for every blob, the rows are the same."""
+    from skyscript_build.extract import _nodes, _waytask
     from skyscript_build.extract._dense import Unsupported
 
     def unsupported(*args, **kwargs):
         raise Unsupported("forced for the test")
-        yield  # pragma: no cover
 
-    monkeypatch.setattr(_shards, "iter_point_blocks", unsupported)
-    monkeypatch.setattr(_shards, "_fast_points_lines", lambda *a: False)
+    monkeypatch.setattr(_nodes, "_bulk", unsupported)
+    monkeypatch.setattr(_waytask, "decode_way_group", unsupported)
     out = tmp_path / "objects"
-    run_extract(ExtractConfig(helsinki_pbf, out, workers=1))
-    points = pq.read_table(out / "part-00000.parquet")
-    bulk = pq.read_table(helsinki_out[0] / "part-00000.parquet")
-    assert points.num_rows > 1000
-    assert points.equals(bulk)
+    run_extract(ExtractConfig(chunked_pbf, out, workers=1, task_mb=0.05))
+    assert _rows(out).equals(_rows(helsinki_out[0]))
 
 
-def test_shards_on_a_dask_scheduler_give_the_same_bytes(helsinki_pbf, helsinki_out, tmp_path):
-    from distributed import LocalCluster
-
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as c:
-        out = tmp_path / "objects"
-        result = run_extract(ExtractConfig(helsinki_pbf, out, scheduler=c.scheduler_address))
-    assert result.objects == helsinki_out[1].objects
-    for name in helsinki_out[1].parts:
-        assert (out / name).read_bytes() == (helsinki_out[0] / name).read_bytes(), name
+def test_tasks_on_dask_workers_of_1_5_gib_give_the_same_rows(
+    chunked_pbf, helsinki_out, tmp_path, dask_cluster, cli
+):
+    out = tmp_path / "objects"
+    address = dask_cluster["address"]  # two workers of --memory-limit 1.5GiB (conftest)
+    proc = cli("extract", chunked_pbf, "--out", out, "--scheduler", address, "--task-mb", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert _rows(out).equals(_rows(helsinki_out[0]))
 
 
-def _lines_both_ways(
-    pbf: Path, out: Path, monkeypatch, index: str = "flex_mem"
-) -> tuple[dict, dict]:
-    """Run the points + lines shard through the numpy reader, then through pyosmium (points
-    through ``_dense``): (stats, stats)."""
-    from skyscript_build.extract import _shards
-
-    stats = {}
-    for mode in ("bulk", "pyosmium"):
-        if mode == "pyosmium":
-            monkeypatch.setattr(_shards, "_fast_points_lines", lambda *a: False)
-        spec = _shards.ShardSpec(
-            shard=1,
-            input=str(pbf),
-            out_dir=str(out / mode),
-            tag_filter="default",
-            rows_per_part=700,
-            batch_rows=300,
-            location_index=index,
-            index_dir=str(out / "index"),
-        )
-        (out / mode).mkdir(parents=True)
-        stats[mode] = _shards.run_shard(spec)
-        stats[mode].pop("seconds")
-    return stats["bulk"], stats["pyosmium"]
+def test_a_killed_run_resumes_with_the_tasks_not_done(chunked_pbf, helsinki_out, tmp_path):
+    """SIGKILL in the middle of a run: the rerun keeps the tasks marked done (their markers
+    and parts untouched), runs the rest, and gives the rows of an uninterrupted run."""
+    out = tmp_path / "objects"
+    args = [sys.executable, "-m", "skyscript_build.cli", "-q", "extract", str(chunked_pbf)]
+    args += ["--out", str(out), "--workers", "1", "--task-mb", "0.005"]
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL, start_new_session=True)
+    markers = out / "_markers"
+    deadline = time.monotonic() + 120
+    while len(list(markers.glob("*-ways-*.done.json"))) < 3:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in markers.glob("*.done.json")}
+    assert not (out / "_extract.json").exists()
+    result = run_extract(ExtractConfig(chunked_pbf, out, workers=1, task_mb=0.005))
+    again = {p.name: p.stat().st_mtime_ns for p in markers.glob("*.done.json")}
+    assert {k: again[k] for k in done} == done and len(again) > len(done)
+    assert result.tasks == len(again)
+    assert _rows(out).equals(_rows(helsinki_out[0]))
 
 
-def test_lines_decoded_in_bulk_equal_osmium_s_ways(helsinki_pbf, tmp_path, monkeypatch):
-    """The numpy Way reader and pyosmium's give the same parts, byte for byte, and counts
-    (small parts and batches, so that batch and part boundaries fall inside blocks)."""
-    bulk, slow = _lines_both_ways(helsinki_pbf, tmp_path, monkeypatch)
-    assert bulk == slow
-    assert bulk["rows"]["w"] > 3000 and len(bulk["parts"]) > 4
-    assert bulk["counts"]["expected_way_areas"] > 1000
-    for name in bulk["parts"]:
-        a = (tmp_path / "bulk" / name).read_bytes()
-        assert a == (tmp_path / "pyosmium" / name).read_bytes(), name
+def test_a_resumed_run_redoes_the_tasks_whose_files_are_gone(
+    chunked_pbf, helsinki_out, tmp_path, monkeypatch
+):
+    """The node stores live in the work folder: if it is lost between a crash and the rerun,
+    the node tasks run again instead of the way tasks failing."""
+    out, work = tmp_path / "objects", tmp_path / "work"
+    config = ExtractConfig(chunked_pbf, out, workers=1, task_mb=0.05, work_dir=work)
+    from skyscript_build.extract import core
+
+    real = core.run_task
+
+    def crash_in_the_ways(task):
+        if type(task).__name__ == "WayTask":
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(core, "run_task", crash_in_the_ways)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(config)
+    monkeypatch.undo()
+    shutil.rmtree(work)
+    run_extract(config)
+    assert _rows(out).equals(_rows(helsinki_out[0]))
+    assert not work.exists() or not list(work.iterdir())
 
 
 EDGE_WAYS_OPL = "\n".join(
@@ -404,18 +530,46 @@ EDGE_WAYS_OPL = "\n".join(
 )
 
 
-@pytest.mark.parametrize("index", ["flex_mem", "sparse_file_array"])
-def test_lines_in_bulk_follow_osmium_s_point_rules(tmp_path, monkeypatch, index):
-    """Repeated points, missing nodes (leading or not), too few points, closed ways: the numpy
-    reader keeps, drops and counts each way exactly as the pyosmium reader does (node
-    locations in memory, or in temporary files with an on-disk node index)."""
+def _osmium_lines(pbf: Path) -> dict[int, bytes]:
+    """Lines as osmium's WKB factory makes them (node locations from osmium's own index):
+    its UNIQUE rule, a missing node after a located one an error, too few points an error."""
+    wkb = osmium.geom.WKBFactory()
+    lines = {}
+    for w in (
+        osmium.FileProcessor(str(pbf))
+        .with_locations()
+        .with_filter(osmium.filter.EntityFilter(osmium.osm.WAY))
+    ):
+        tags = {t.k: t.v for t in w.tags}
+        if not _groundable(w.tags) or (w.is_closed() and len(w.nodes) >= 4 and is_area(tags)):
+            continue
+        try:
+            geom = wkb.create_linestring(w)
+            if (len(geom) - 18) // 32 < len(w.nodes):  # points went missing: a missing node?
+                wkb.create_linestring(w, osmium.geom.use_nodes.ALL)
+        except (osmium.InvalidLocationError, RuntimeError):
+            continue
+        lines[w.id] = bytes.fromhex(geom)
+    return lines
+
+
+def test_lines_follow_osmium_s_point_rules(tmp_path):
+    """Repeated points, missing nodes (leading or not), too few points, closed ways: the bulk
+    line builder keeps, drops and writes each way exactly as osmium's WKB factory does."""
     pbf = opl_to_pbf(EDGE_WAYS_OPL + "\n", tmp_path / "edge.osm.pbf")
-    bulk, slow = _lines_both_ways(pbf, tmp_path, monkeypatch, index)
-    assert bulk == slow
-    assert bulk["dropped"] == {"missing_nodes": 2, "too_few_nodes": 3}
-    assert bulk["rows"] == {"n": 0, "w": 3}  # no tagged node: an empty points part
-    table = pq.read_table(tmp_path / "bulk" / "part-01000.parquet")
-    assert table["osm_id"].to_pylist() == [1, 9, 11]
-    for name in bulk["parts"]:
-        a = (tmp_path / "bulk" / name).read_bytes()
-        assert a == (tmp_path / "pyosmium" / name).read_bytes(), name
+    result = run_extract(ExtractConfig(pbf, tmp_path / "out", workers=1))
+    # w7 and w8 are rings of three points on a line: no area either.
+    assert result.dropped == {"broken_area": 2, "missing_nodes": 2, "too_few_nodes": 3}
+    lines = _rows(tmp_path / "out").filter(
+        pa.compute.equal(_rows(tmp_path / "out")["osm_type"], "w")
+    )
+    got = dict(zip(lines["osm_id"].to_pylist(), lines["geometry"].to_pylist(), strict=True))
+    assert got == _osmium_lines(pbf)
+    assert sorted(got) == [1, 9, 11]
+
+
+def test_lines_of_helsinki_are_osmium_s(helsinki_pbf, helsinki_df):
+    lines = helsinki_df[helsinki_df.osm_type == "w"]
+    got = dict(zip(lines.osm_id, shapely.to_wkb(lines.geometry.values), strict=True))
+    expected = _osmium_lines(helsinki_pbf)
+    assert got == expected and len(got) > 3000

@@ -51,7 +51,7 @@ def test_minimal_pipeline_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     config = load_pipeline(write(tmp_path, MINIMAL))
     assert config.name == "mini"
     assert config.build_dir == tmp_path / "build" / "mini"  # build/<name>, cwd-relative
-    assert config.input == tmp_path / "data" / "helsinki.osm.pbf"
+    assert config.input == (tmp_path / "data" / "helsinki.osm.pbf",)
     assert config.dataset_dir == config.build_dir / "dataset"
     assert config.captions_csv.name == "SkyScript_captions.csv"
     assert config.plan.given() == {}  # the plan stage's own defaults apply
@@ -143,7 +143,22 @@ def test_unset_variable_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 def test_pipeline_dir_variable(tmp_path: Path):
     path = write(tmp_path, MINIMAL.replace("data/helsinki", "${PIPELINE_DIR}/in/helsinki"))
-    assert load_pipeline(path).input == tmp_path / "in" / "helsinki.osm.pbf"
+    assert load_pipeline(path).input == (tmp_path / "in" / "helsinki.osm.pbf",)
+
+
+def test_input_as_a_list_or_a_glob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Several OSM inputs: a list, a folder or a glob (checked before any stage runs)."""
+    monkeypatch.chdir(tmp_path)
+    listed = MINIMAL.replace("input: data/helsinki.osm.pbf", "input: [a.osm.pbf, b/]")
+    assert load_pipeline(write(tmp_path, listed)).input == (tmp_path / "a.osm.pbf", tmp_path / "b")
+    globbed = MINIMAL.replace("data/helsinki.osm.pbf", "'regions/*.osm.pbf'")
+    config = load_pipeline(write(tmp_path, globbed))
+    assert config.input == (tmp_path / "regions" / "*.osm.pbf",)
+    with pytest.raises(ConfigError, match=r"input: OpenStreetMap file .*regions/\*.osm.pbf"):
+        run_pipeline(config, stages=["extract"])
+    assert "lists" in error_of(
+        write(tmp_path, MINIMAL.replace("input: data/helsinki.osm.pbf", "input: [a, a]"))
+    )
 
 
 def test_yaml_syntax_and_duplicates(tmp_path: Path):
@@ -172,7 +187,7 @@ def test_shipped_pipelines_are_the_promised_ones(monkeypatch: pytest.MonkeyPatch
     assert {"demo_helsinki", "switzerland", "usa_naip", "skyscript_global"} <= names
     demo = load_pipeline(REPO / "pipelines" / "demo_helsinki.yaml")
     assert demo.sources == ("FI",) and demo.backend.type == "emulator"
-    assert demo.input == REPO / "data" / "helsinki.osm.pbf" and demo.input.is_file()
+    assert demo.input == (REPO / "data" / "helsinki.osm.pbf",) and demo.input[0].is_file()
     assert demo.filter is not None and demo.filter.random_weights
     world = load_pipeline(REPO / "pipelines" / "skyscript_global.yaml")
     assert sorted(world.sources) == sorted(

@@ -1,16 +1,24 @@
-"""``skyscript-build extract``: an OSM PBF -> groundable objects as GeoParquet parts."""
+"""``skyscript-build extract``: OSM PBF file(s) -> groundable objects as GeoParquet parts."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-HELP = "extract the groundable OSM objects of a .osm.pbf file into GeoParquet parts"
+HELP = "extract the groundable OSM objects of .osm.pbf files into GeoParquet parts"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags, one per field of ``ExtractConfig``."""
-    parser.add_argument("input", type=Path, metavar="INPUT.osm.pbf", help="the OSM PBF file")
+    parser.add_argument(
+        "input",
+        type=Path,
+        nargs="+",
+        metavar="INPUT",
+        help="OSM PBF file(s) (.osm.pbf), folders of them, or quoted glob patterns "
+        "('regions/*.osm.pbf'); several inputs (regional extracts that overlap at their "
+        "borders) make one set of objects, each object once",
+    )
     parser.add_argument(
         "--out", type=Path, required=True, help="output folder (objects/ of a build)"
     )
@@ -24,16 +32,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=0,
-        help="worker processes; 0 = one per shard up to the cores (0), 1 = in this process",
+        help="worker processes; 0 = one per core (0), 1 = in this process",
     )
     parser.add_argument(
-        "--location-index",
-        default="auto",
-        help="osmium node-location index: auto (memory up to 256 MiB of input, then a file), "
-        "flex_mem, sparse_mem_array, sparse_file_array or dense_file_array (auto)",
+        "--task-mb",
+        type=float,
+        default=16.0,
+        help="compressed input per task in MiB: each process's memory grows with it (16)",
     )
     parser.add_argument(
-        "--index-dir", type=Path, help="folder for a file-backed node index (OUT/_tmp)"
+        "--work-dir",
+        type=Path,
+        help="folder for the node locations and other files the tasks share, removed at the "
+        "end; on a cluster one every worker sees (OUT/_work)",
     )
     parser.add_argument(
         "--rows-per-part", type=int, default=1_000_000, help="most rows per part (1000000)"
@@ -42,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--force", action="store_true", help="extract again even if OUT is up to date"
     )
     parser.add_argument(
-        "--scheduler", default=None, help="address of a Dask scheduler to run the shards on"
+        "--scheduler", default=None, help="address of a Dask scheduler to run the tasks on"
     )
 
 
@@ -55,8 +66,8 @@ def main(args: argparse.Namespace) -> int:
         out=args.out,
         tag_filter=args.tag_filter,
         workers=args.workers,
-        location_index=args.location_index,
-        index_dir=args.index_dir,
+        task_mb=args.task_mb,
+        work_dir=args.work_dir,
         rows_per_part=args.rows_per_part,
         force=args.force,
         scheduler=args.scheduler,

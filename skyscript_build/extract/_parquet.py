@@ -12,7 +12,6 @@ import functools
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,11 @@ import shapely
 
 from ..files import atomic_path
 
-__all__ = ["SCHEMA", "Batch", "PartWriter", "OSM_CREDIT"]
+__all__ = ["SCHEMA", "Batch", "PartWriter", "OSM_CREDIT", "part_name", "remove_parts"]
 
 OSM_CREDIT = "(c) OpenStreetMap contributors, ODbL 1.0 (https://www.openstreetmap.org/copyright)"
 
+_BBOX = ("xmin", "ymin", "xmax", "ymax")
 _FIELDS = [
     pa.field("osm_type", pa.string(), nullable=False),
     pa.field("osm_id", pa.int64(), nullable=False),
@@ -35,6 +35,11 @@ _FIELDS = [
     pa.field("tags", pa.map_(pa.string(), pa.string()), nullable=False),
     pa.field("max_gsd", pa.float64(), nullable=False),
     pa.field("geometry", pa.binary(), nullable=False),
+    pa.field(
+        "bbox",
+        pa.struct([pa.field(k, pa.float64(), nullable=False) for k in _BBOX]),
+        nullable=False,
+    ),
 ]
 
 
@@ -120,10 +125,15 @@ _EPSG_4326 = {
 @functools.lru_cache(maxsize=1)
 def _geo_metadata() -> bytes:
     geo = {
-        "version": "1.0.0",
+        "version": "1.1.0",
         "primary_column": "geometry",
         "columns": {
-            "geometry": {"encoding": "WKB", "geometry_types": [], "crs": _EPSG_4326},
+            "geometry": {
+                "encoding": "WKB",
+                "geometry_types": [],
+                "crs": _EPSG_4326,
+                "covering": {"bbox": {k: ["bbox", k] for k in _BBOX}},
+            },
         },
     }
     return json.dumps(geo, sort_keys=True).encode()
@@ -224,37 +234,31 @@ def point_wkb(lons: Any, lats: Any) -> pa.Array:
     )
 
 
-def _hex_to_binary(hexes: list[str]) -> pa.Array:
-    """WKB hex strings (osmium's factory) -> a binary array, decoded in one call."""
-    data = bytes.fromhex("".join(hexes))
-    offsets = np.zeros(len(hexes) + 1, dtype=np.int64)
-    np.cumsum([len(h) // 2 for h in hexes], out=offsets[1:])
-    return pa.Array.from_buffers(
-        pa.large_binary(), len(hexes), [None, pa.py_buffer(offsets), pa.py_buffer(data)]
-    ).cast(pa.binary())
+def area_geometries(hexes: list[str], dropped: Counter) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """osmium's area WKB (hex) -> (WKB, bbox, keep): checked and repaired with shapely, and a
+    MultiPolygon of one polygon written as that Polygon; ``keep`` is False where dropped."""
+    raw = bytes.fromhex("".join(hexes))
+    ends = np.cumsum([len(h) // 2 for h in hexes]).tolist()
+    wkbs = np.empty(len(hexes), dtype=object)
+    wkbs[:] = [raw[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    geoms = shapely.from_wkb(wkbs, on_invalid="ignore")
+    geoms, keep = _fix_geometries(geoms, "a", dropped)
+    single = keep & (shapely.get_type_id(geoms) == 6)
+    single &= shapely.get_num_geometries(geoms) == 1
+    if single.any():
+        geoms[single] = shapely.get_geometry(geoms[single], 0)
+    return pa.array(shapely.to_wkb(geoms), pa.binary()), shapely.bounds(geoms), keep
 
 
 def batch_to_table(batch: Batch, dropped: Counter) -> pa.Table:
-    """Turn a batch into a table of the objects schema, repairing or dropping geometries.
-
-    Points and lines from osmium are valid by construction (a line has two or more distinct
-    points), so their WKB is kept as is; areas are checked and repaired with shapely.
-    """
-    n = len(batch)
-    keep = np.ones(n, dtype=bool)
+    """Turn a batch of points or areas into a table of the objects schema, repairing or
+    dropping invalid areas (``area_geometries``)."""
     if batch.osm_type == "n":
+        keep = np.ones(len(batch), dtype=bool)
         wkb = point_wkb(batch.lons, batch.lats)
-    elif batch.osm_type == "w":
-        wkb = _hex_to_binary(batch.geoms)
+        bbox = np.array([batch.lons, batch.lats, batch.lons, batch.lats], np.float64).T
     else:
-        raw = _hex_to_binary(batch.geoms).to_numpy(zero_copy_only=False)
-        geoms = shapely.from_wkb(raw, on_invalid="ignore")
-        geoms, keep = _fix_geometries(geoms, batch.osm_type, dropped)
-        single = keep & (shapely.get_type_id(geoms) == 6)
-        single &= shapely.get_num_geometries(geoms) == 1
-        if single.any():
-            geoms[single] = shapely.get_geometry(geoms[single], 0)
-        wkb = pa.array(shapely.to_wkb(geoms), pa.binary())
+        wkb, bbox, keep = area_geometries(batch.geoms, dropped)
     table = columns_to_table(
         batch.osm_type,
         pa.array(batch.osm_element, pa.string()),
@@ -264,10 +268,19 @@ def batch_to_table(batch: Batch, dropped: Counter) -> pa.Table:
         pa.array(batch.tag_values, pa.string()),
         pa.array(batch.max_gsd, pa.float64()),
         wkb,
+        bbox,
     )
     if not keep.all():
         table = table.filter(pa.array(keep))
     return table
+
+
+def bbox_array(bbox: np.ndarray) -> pa.StructArray:
+    """An (n, 4) array of (xmin, ymin, xmax, ymax) -> the ``bbox`` column."""
+    bbox = np.nan_to_num(np.asarray(bbox, np.float64).reshape(-1, 4))  # dropped rows: NaN
+    return pa.StructArray.from_arrays(
+        [pa.array(bbox[:, i]) for i in range(4)], fields=list(_FIELDS[-1].type)
+    )
 
 
 def columns_to_table(
@@ -279,8 +292,10 @@ def columns_to_table(
     tag_values: pa.Array,
     max_gsd: Any,
     wkb: pa.Array,
+    bbox: np.ndarray,
 ) -> pa.Table:
-    """Columns (tags as offsets + keys + values) -> a table of the objects schema."""
+    """Columns (tags as offsets + keys + values, ``bbox`` as an (n, 4) array) -> a table of
+    the objects schema."""
     n = len(wkb)
     tags = pa.MapArray.from_arrays(pa.array(tag_offsets), tag_keys, tag_values)
     return pa.table(
@@ -291,33 +306,39 @@ def columns_to_table(
             tags,
             pa.array(max_gsd, pa.float64()),
             wkb,
+            bbox_array(bbox),
         ],
         schema=schema(),
     )
 
 
+def part_name(prefix: str, number: int) -> str:
+    """``part-{prefix}-{number:04d}.parquet``; ``prefix`` is ``{kind}-{task:05d}``."""
+    return f"part-{prefix}-{number:04d}.parquet"
+
+
 class PartWriter:
-    """Writes a shard's rows into ``part-SSPPP.parquet`` files of at most ``rows_per_part`` rows.
+    """Writes a task's rows of one kind into ``part-{prefix}-NNNN.parquet`` files of at most
+    ``rows_per_part`` rows (none for a task without rows).
 
     Each part is written under a temporary name and renamed when complete.
     """
 
-    def __init__(self, out_dir: Path, shard: int, rows_per_part: int) -> None:
+    def __init__(self, out_dir: Path, prefix: str, rows_per_part: int) -> None:
         self.out_dir = out_dir
-        self.shard = shard
+        self.prefix = prefix
         self.rows_per_part = rows_per_part
         self.parts: list[str] = []
         self.rows = 0
         self._writer: pq.ParquetWriter | None = None
         self._ctx: Any = None
-        self._tmp: Path | None = None
         self._part_rows = 0
 
     def _open(self) -> None:
-        name = f"part-{self.shard:02d}{len(self.parts):03d}.parquet"
+        name = part_name(self.prefix, len(self.parts))
         self._ctx = atomic_path(self.out_dir / name)
-        self._tmp = self._ctx.__enter__()
-        self._writer = pq.ParquetWriter(self._tmp, schema(), compression="zstd")
+        tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(tmp, schema(), compression="zstd")
         self.parts.append(name)
         self._part_rows = 0
 
@@ -343,9 +364,7 @@ class PartWriter:
             self._ctx.__exit__(None, None, None)
 
     def close(self) -> list[str]:
-        """Finish the last part (an empty shard still writes one empty part); return names."""
-        if not self.parts:
-            self._open()
+        """Finish the last part; return the names of all."""
         self._close_part()
         return self.parts
 
@@ -362,6 +381,14 @@ class PartWriter:
                 os.unlink(self.out_dir / name)
 
 
-def iter_parts(out_dir: Path, shard: int) -> Iterator[Path]:
-    """The finished part files of ``shard`` under ``out_dir``."""
-    yield from sorted(out_dir.glob(f"part-{shard:02d}[0-9][0-9][0-9].parquet"))
+def remove_parts(out_dir: Path, prefix: str) -> None:
+    """Delete the parts ``part-{prefix}-*`` a killed run of a task left."""
+    for path in out_dir.glob(f"part-{prefix}-[0-9][0-9][0-9][0-9].parquet"):
+        path.unlink(missing_ok=True)
+
+
+def write_empty_part(out_dir: Path) -> str:
+    """One part without rows (an extract that found nothing still has a part to read)."""
+    writer = PartWriter(out_dir, "0-00000", 1)
+    writer._open()
+    return writer.close()[0]

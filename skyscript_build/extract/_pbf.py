@@ -1,16 +1,21 @@
 """Cheap checks of an input file before any worker starts: it exists, it is an OSM PBF, it is
-complete. The PBF check walks the blob headers (seeks only, nothing is decompressed)."""
+complete. The PBF check walks the blob headers (seeks only, nothing is decompressed) and
+returns where each data blob lies, so that the work can be cut into ranges of blobs."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["check_pbf", "file_fingerprint"]
+__all__ = ["Blobs", "check_pbf", "file_fingerprint", "read_blob"]
 
 _MAX_HEADER = 64 * 1024
 _MAX_BLOB = 32 * 1024 * 1024
@@ -51,8 +56,21 @@ def _parse_blob_header(buf: bytes) -> tuple[str, int]:
     return kind, size
 
 
-def check_pbf(path: str | Path) -> int:
-    """Raise ``InputError`` unless ``path`` is a complete OSM PBF file; return its blob count."""
+@dataclass(frozen=True)
+class Blobs:
+    """Where the blobs of a PBF file lie: the header blob and each data blob, as the file
+    offset and size of its ``Blob`` message (what follows the ``BlobHeader``)."""
+
+    header: tuple[int, int]
+    offsets: np.ndarray
+    sizes: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.offsets.size)
+
+
+def check_pbf(path: str | Path) -> Blobs:
+    """Raise ``InputError`` unless ``path`` is a complete OSM PBF file; return its blobs."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
@@ -62,6 +80,9 @@ def check_pbf(path: str | Path) -> int:
     if size == 0:
         raise InputError(path, "the file is empty (expected an OSM PBF file, .osm.pbf)")
     blobs = 0
+    osm_header = (0, 0)
+    offsets: list[int] = []
+    sizes: list[int] = []
     with open(path, "rb") as f:
         pos = 0
         while pos < size:
@@ -82,12 +103,27 @@ def check_pbf(path: str | Path) -> int:
                 raise _not_pbf_or_truncated(path, blobs, pos)
             if kind not in ("OSMHeader", "OSMData") or datasize > _MAX_BLOB:
                 raise _not_pbf_or_truncated(path, blobs, pos)
-            pos += 4 + length + datasize
+            start = pos + 4 + length
+            pos = start + datasize
             if pos > size:
                 raise InputError(path, f"truncated OSM PBF (the last blob ends past byte {size})")
+            if kind == "OSMData":
+                offsets.append(start)
+                sizes.append(datasize)
+            elif blobs == 0:
+                osm_header = (start, datasize)
             f.seek(pos)
             blobs += 1
-    return blobs
+    return Blobs(osm_header, np.array(offsets, np.int64), np.array(sizes, np.int64))
+
+
+def read_blob(f: BinaryIO, offset: int, size: int) -> bytes:
+    """The raw ``Blob`` message at ``offset`` of the open file ``f``."""
+    f.seek(offset)
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError(f"corrupt OSM PBF (a blob at byte {offset} is cut short)")
+    return data
 
 
 def _not_pbf_or_truncated(path: Path, blobs: int, pos: int) -> InputError:

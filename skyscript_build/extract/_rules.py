@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["is_area", "closed_way_is_area"]
+__all__ = ["is_area", "closed_way_is_area", "RULE_KEYS", "area_vote"]
 
 # key -> values that are NOT areas (an empty set: every value is an area).
 _AREA_KEYS: dict[str, frozenset[str]] = {
@@ -103,3 +103,15 @@ def closed_way_is_area(obj: Any, keys: list[str], values: list[str]) -> bool:
     if is_area(dict(zip(keys, values, strict=True))):
         return True
     return is_area(obj.tags)
+
+
+#: The keys ``is_area`` looks at.
+RULE_KEYS = frozenset(_AREA_KEYS) | frozenset(_AREA_VALUES) | {"area"}
+
+
+def area_vote(key: str, value: str) -> int:
+    """What one tag says of a closed way: 2 area (``area=yes``), -1 not (``area=no``), 1 a
+    feature that covers ground, 0 nothing. ``is_area`` is: any 2, else no -1 and any 1."""
+    if key == "area":
+        return 2 if value == "yes" else -1 if value == "no" else 0
+    return int(is_area({key: value}))

@@ -1,176 +1,79 @@
-"""The lines shard in bulk with numpy, straight from the PBF (no Python object per way).
+"""Ways in bulk with numpy, straight from the PBF (no Python object per way).
 
-All node locations are decoded from the DenseNodes blocks into sorted id -> (x, y) arrays; each
-way block's Way messages are parsed with vectorised protobuf steps (one step per field, across
-all ways of a group), the tags are judged once per distinct (key, value) string pair, and the
-kept lines become WKB built with numpy. The rows, their order, batches and bytes are those of
-the pyosmium path (``_shards._lines``): the same UNIQUE point rule, the same missing-node and
-too-few-nodes drops, the same area rule for closed ways.
+A way task decodes each group of Way messages with vectorised protobuf steps (one step per
+field, across all ways of the group), judges the tags once per distinct (key, value) string pair
+of the block, and looks up the node locations it needs in the node stores (``_nodestore``).
+Then, per group:
 
-Anything unusual (plain nodes, a field out of the usual order, out-of-range coordinates,
-duplicate node ids) raises ``Unsupported``; the caller then reads the shard through pyosmium.
+- lines (open ways, and closed ways the area rule calls lines) become WKB built with numpy:
+  osmium's UNIQUE point rule, its missing-node and too-few-nodes drops;
+- closed ways that are areas are written again with their locations (``_encode``) for osmium
+  to assemble (``_areas``);
+- member ways of candidate relations are written again with their locations for the relation
+  tasks.
+
+A group this reader does not decode (a field out of the usual order, say) raises
+``Unsupported``; the caller then decodes the block with pyosmium (``decode_with_osmium``) into
+the same arrays.
 """
 
 from __future__ import annotations
 
-import tempfile
+import functools
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import osmium
 import pyarrow as pa
 
-from tag_filters import TagFilter
+from ._dense import Unsupported, _Judge, _packed_varints, by_owner, judge_tags
+from ._encode import UNDEFINED, pbf_file, way_messages
+from ._nodestore import NodeStore
+from ._rules import RULE_KEYS, area_vote
 
-from ._dense import (
-    Unsupported,
-    _blobs,
-    _dense_points,
-    _fields,
-    _Judge,
-    _packed_varints,
-    _zigzag_delta,
-    by_owner,
-    data_block_parts,
-    judge_tags,
-)
-from ._rules import is_area
-
-__all__ = ["iter_points_and_lines"]
-
-_LIMIT_X, _LIMIT_Y = 1_800_000_000, 900_000_000
+__all__ = [
+    "WayGroup",
+    "decode_way_group",
+    "decode_with_osmium",
+    "WayBuilder",
+    "lines_table",
+    "merge_lines",
+    "take_rows",
+]
 
 
-def _div100(a: np.ndarray) -> np.ndarray:
-    return np.sign(a) * (np.abs(a) // 100)
+def _repeated(block: bytes, span: tuple[int, int], tag: int, what: str) -> list[tuple[int, int]]:
+    """(start, end) of each value of a message that holds only one repeated length-delimited
+    field (``tag``): a string table's strings, a group's ways."""
+    spans = []
+    pos, end = span
+    while pos < end:
+        if block[pos] != tag:
+            raise Unsupported(what)
+        length = block[pos + 1]
+        pos += 2
+        if length & 0x80:
+            length &= 0x7F
+            shift = 7
+            while True:
+                b = block[pos]
+                pos += 1
+                length |= (b & 0x7F) << shift
+                if not b & 0x80:
+                    break
+                shift += 7
+        spans.append((pos, pos + length))
+        pos += length
+    return spans
 
 
-def _blocks(path: str) -> Iterator[tuple[bytes, tuple[int, int], dict[str, int], list]]:
-    """(block, string-table span, meta, groups) of each OSMData block."""
-    for kind, block in _blobs(path):
-        if kind != "OSMData":
-            continue
-        yield block, *data_block_parts(block)
-
-
-def _table(block: bytes, strings: tuple[int, int]) -> list[str]:
-    return [
-        block[s:e].decode("utf-8", "replace") for f, (s, e) in _fields(block, *strings) if f == 1
-    ]
-
-
-class _Nodes:
-    """All node locations of a file: sorted ids and osmium's 1e-7 degree integers.
-
-    In memory (16 bytes a node), or, with ``spill_dir``, in unnamed temporary files there,
-    memory-mapped (the file must then list its nodes by id, as sorted files do).
-    """
-
-    def __init__(self, spill_dir: str | None = None) -> None:
-        self.ids: list[np.ndarray] = []
-        self.xs: list[np.ndarray] = []
-        self.ys: list[np.ndarray] = []
-        self.spill: list[Any] = []
-        if spill_dir is not None:
-            Path(spill_dir).mkdir(parents=True, exist_ok=True)
-            self.spill = [tempfile.TemporaryFile(dir=spill_dir) for _ in range(4)]  # noqa: SIM115
-        self.count = 0
-        self.last = -(1 << 63)
-
-    def close(self) -> None:
-        for f in self.spill:
-            f.close()
-
-    def add(
-        self, block: bytes, dense: tuple[int, int], meta: dict[str, int]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Add a DenseNodes group; return its (ids, lats, lons) as decoded (raw values)."""
-        spans: dict[int, tuple[int, int]] = {}
-        for field, value in _fields(block, *dense):
-            if field in (1, 8, 9):
-                spans[field] = value
-        if 1 not in spans:
-            return None
-        ids = _zigzag_delta(_packed_varints(block, spans[1]))
-        lat = _zigzag_delta(_packed_varints(block, spans[8]))
-        lon = _zigzag_delta(_packed_varints(block, spans[9]))
-        if not ids.size == lat.size == lon.size:
-            raise Unsupported("DenseNodes fields of different lengths")
-        gran = meta["granularity"]
-        x = _div100(meta["lon_offset"] + gran * lon)
-        y = _div100(meta["lat_offset"] + gran * lat)
-        if (np.abs(x) > _LIMIT_X).any() or (np.abs(y) > _LIMIT_Y).any():
-            raise Unsupported("a node location out of range")
-        if self.spill:
-            if ids.size and (ids[0] <= self.last or (ids.size > 1 and (np.diff(ids) <= 0).any())):
-                raise Unsupported("nodes not sorted by id")
-            for f, a in zip(
-                self.spill, (ids, x.astype(np.int32), y.astype(np.int32)), strict=False
-            ):
-                f.write(a.tobytes())
-        else:
-            self.ids.append(ids)
-            self.xs.append(x.astype(np.int32))
-            self.ys.append(y.astype(np.int32))
-        if ids.size:
-            self.last = int(ids[-1])
-            self.count += ids.size
-        return ids, lat, lon
-
-    def _mapped(self, i: int, dtype: Any) -> np.ndarray:
-        self.spill[i].flush()
-        return np.memmap(self.spill[i], dtype=dtype, mode="r", shape=(self.count,))
-
-    def freeze(self) -> None:
-        if self.spill and self.count:
-            ids = self._mapped(0, np.int64)
-            xs, ys = self._mapped(1, np.int32), self._mapped(2, np.int32)
-        else:
-            ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
-            xs = np.concatenate(self.xs) if self.xs else np.zeros(0, np.int32)
-            ys = np.concatenate(self.ys) if self.ys else np.zeros(0, np.int32)
-        self.ids, self.xs, self.ys = [], [], []
-        if not self.spill and ids.size > 1 and not (np.diff(ids) > 0).all():
-            order = np.argsort(ids, kind="stable")
-            ids, xs, ys = ids[order], xs[order], ys[order]
-            if (np.diff(ids) == 0).any():
-                raise Unsupported("duplicate node ids")
-        self.id_arr, self.x_arr, self.y_arr = ids, xs, ys
-        # Ids packed densely (a renumbered file): one array lookup instead of a binary search.
-        self.direct: np.ndarray | None = None
-        self.base = int(ids[0]) if ids.size else 0
-        if ids.size and int(ids[-1]) - self.base < 4 * ids.size:
-            size = int(ids[-1]) - self.base + 2
-            if self.spill:
-                self.direct = np.memmap(self.spill[3], dtype=np.int32, mode="w+", shape=(size,))
-                self.direct.fill(-1)
-            else:
-                self.direct = np.full(size, -1, np.int32)
-            for start in range(0, ids.size, 1 << 22):  # bounded temporaries
-                chunk = np.asarray(ids[start : start + (1 << 22)])
-                self.direct[chunk - self.base] = np.arange(
-                    start, start + chunk.size, dtype=np.int32
-                )
-
-    def lookup(self, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(found, x, y) of node ids (x, y meaningless where not found)."""
-        ids = self.id_arr
-        if ids.size == 0:
-            z = np.zeros(refs.size, np.int32)
-            return np.zeros(refs.size, bool), z, z
-        if self.direct is not None:
-            rel = refs - self.base
-            rel[(rel < 0) | (rel >= self.direct.size)] = self.direct.size - 1  # -1 there
-            at = self.direct[rel]
-            found = at >= 0
-            at[~found] = 0
-        else:
-            at = np.searchsorted(ids, refs)
-            at[at >= ids.size] = ids.size - 1
-            found = ids[at] == refs
-        return found, self.x_arr[at], self.y_arr[at]
+def table_strings(block: bytes, strings: tuple[int, int]) -> list[str]:
+    """The string table of a block."""
+    spans = _repeated(block, strings, 0x0A, "a string table with another field")
+    return [block[s:e].decode("utf-8", "replace") for s, e in spans]
 
 
 def _varint_at(raw: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -215,27 +118,9 @@ class _Ways:
     """The Way messages of one group, parsed across all ways at once."""
 
     def __init__(self, block: bytes, group: tuple[int, int]) -> None:
-        starts: list[int] = []
-        ends: list[int] = []
-        pos, end = group
-        while pos < end:
-            if block[pos] != 0x1A:
-                raise Unsupported("a group mixing ways with other objects")
-            length = block[pos + 1]
-            pos += 2
-            if length & 0x80:
-                length &= 0x7F
-                shift = 7
-                while True:
-                    b = block[pos]
-                    pos += 1
-                    length |= (b & 0x7F) << shift
-                    if not b & 0x80:
-                        break
-                    shift += 7
-            starts.append(pos)
-            pos += length
-            ends.append(pos)
+        spans = _repeated(block, group, 0x1A, "a group mixing ways with other objects")
+        starts = [s for s, _ in spans]
+        ends = [e for _, e in spans]
         raw = np.frombuffer(block, np.uint8)
         raw = np.concatenate((raw, np.zeros(10, np.uint8)))
         self.raw = raw
@@ -267,68 +152,204 @@ class _Ways:
         return _packed(self.raw, s, e)
 
 
-class _LineBuilder:
-    """Judges the ways of a block and builds the kept lines' columns."""
+@dataclass
+class WayGroup:
+    """The ways of one group as flat arrays: ``kcount[i]`` tags (string-table indices ``kidx``,
+    ``vidx``) and ``rcount[i]`` node ids (``refs``) for way i."""
 
-    def __init__(self, judge: _Judge, nodes: _Nodes, counts: Counter, dropped: Counter) -> None:
+    ids: np.ndarray
+    kidx: np.ndarray
+    vidx: np.ndarray
+    kcount: np.ndarray
+    refs: np.ndarray
+    rcount: np.ndarray
+    table: list[str]
+    strings: bytes  # the StringTable message, for writing the tags again
+
+    @functools.cached_property
+    def arrow_table(self) -> pa.Array:
+        return pa.array(self.table, pa.string())
+
+
+def decode_way_group(
+    block: bytes, strings: tuple[int, int], group: tuple[int, int], table: list[str]
+) -> WayGroup | None:
+    """The ways of a group of ``block`` (None when it has none)."""
+    ways = _Ways(block, group)
+    if len(ways) == 0:
+        return None
+    kidx, kcount = ways.packed(2)
+    vidx, vcount = ways.packed(3)
+    if not np.array_equal(kcount, vcount):
+        raise Unsupported("a way with keys and values of different counts")
+    raw_refs, rcount = ways.packed(8)
+    deltas = (raw_refs >> np.uint64(1)).astype(np.int64) ^ -(raw_refs & np.uint64(1)).astype(
+        np.int64
+    )
+    cs = np.cumsum(deltas)
+    rstart = np.concatenate(([0], np.cumsum(rcount)[:-1]))
+    base = np.where(rstart > 0, cs[np.maximum(rstart - 1, 0)], 0)
+    refs = cs - np.repeat(base, rcount)
+    return WayGroup(
+        ways.ids,
+        kidx.astype(np.int64),
+        vidx.astype(np.int64),
+        kcount,
+        refs,
+        rcount,
+        table,
+        block[strings[0] : strings[1]],
+    )
+
+
+def decode_with_osmium(raw_blob: bytes) -> WayGroup | None:
+    """The ways of one raw Blob message through pyosmium (any PBF osmium reads)."""
+    index: dict[str, int] = {"": 0}
+    ids: list[int] = []
+    tags: list[int] = []
+    kcount: list[int] = []
+    refs: list[int] = []
+    rcount: list[int] = []
+    buffer = osmium.io.FileBuffer(pbf_file(blobs=[raw_blob]), "pbf")
+    w: Any
+    for w in osmium.FileProcessor(buffer, osmium.osm.WAY):
+        ids.append(w.id)
+        n = 0
+        for t in w.tags:
+            tags.append(index.setdefault(t.k, len(index)))
+            tags.append(index.setdefault(t.v, len(index)))
+            n += 1
+        kcount.append(n)
+        nodes = [nd.ref for nd in w.nodes]
+        refs.extend(nodes)
+        rcount.append(len(nodes))
+    if not ids:
+        return None
+    table = list(index)
+    strings = b"".join(_string_field(s) for s in table)
+    pairs = np.array(tags, np.int64).reshape(-1, 2)
+    return WayGroup(
+        np.array(ids, np.int64),
+        pairs[:, 0].copy(),
+        pairs[:, 1].copy(),
+        np.array(kcount, np.int64),
+        np.array(refs, np.int64),
+        np.array(rcount, np.int64),
+        table,
+        strings,
+    )
+
+
+def _string_field(s: str) -> bytes:
+    data = s.encode("utf-8")
+    size = len(data)
+    head = bytearray([0x0A])
+    while True:
+        low = size & 0x7F
+        size >>= 7
+        head.append(low | (0x80 if size else 0))
+        if not size:
+            return bytes(head) + data
+
+
+@dataclass
+class WayOutput:
+    """What a group of ways gives: line columns (``lines_table``), area candidates and member
+    ways, the last two as way messages with their locations (``_encode.way_messages``)."""
+
+    lines: dict[str, Any] | None = None
+    areas: tuple[np.ndarray, np.ndarray, dict[str, Any]] | None = None  # + their tag columns
+    members: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # + their ids
+
+
+class WayBuilder:
+    """Judges the ways of a group, looks up their node locations, builds their outputs."""
+
+    def __init__(
+        self,
+        judge: _Judge,
+        store: NodeStore,
+        is_member: Callable[[np.ndarray], np.ndarray],
+        counts: Counter,
+        dropped: Counter,
+    ) -> None:
         self.judge = judge
-        self.nodes = nodes
+        self.store = store
+        self.is_member = is_member
         self.counts = counts
         self.dropped = dropped
 
-    def __call__(
-        self, block: bytes, strings: tuple[int, int], group: tuple[int, int]
-    ) -> dict | None:
-        ways = _Ways(block, group)
-        n = len(ways)
-        if n == 0:
-            return None
-        kidx, kcount = ways.packed(2)
-        vidx, vcount = ways.packed(3)
-        if not np.array_equal(kcount, vcount):
-            raise Unsupported("a way with keys and values of different counts")
-        table = _table(block, strings)
-        kidx = kidx.astype(np.int64)
-        vidx = vidx.astype(np.int64)
+    def __call__(self, g: WayGroup) -> WayOutput | None:
+        n = g.ids.size
+        table, kidx, vidx, kcount, rcount = g.table, g.kidx, g.vidx, g.kcount, g.rcount
         judged = judge_tags(self.judge, table, kidx, vidx)
-        if judged is None:
-            return None
-        keep, gsd = judged
         tag_way = np.repeat(np.arange(n), kcount)
         kept_way = np.zeros(n, bool)
-        kept_way[tag_way[keep]] = True
-        # Refs of every way (delta coded within a way).
-        raw_refs, rcount = ways.packed(8)
-        deltas = (raw_refs >> np.uint64(1)).astype(np.int64) ^ -(raw_refs & np.uint64(1)).astype(
-            np.int64
-        )
-        cs = np.cumsum(deltas)
-        rstart = np.concatenate(([0], np.cumsum(rcount)[:-1]))
-        base = np.where(rstart > 0, cs[np.maximum(rstart - 1, 0)], 0)
-        refs = cs - np.repeat(base, rcount)
+        keep, gsd = np.zeros(0, np.int64), np.zeros(0)
+        if judged is not None:
+            keep, gsd = judged
+            kept_way[tag_way[keep]] = True
+        member = self.is_member(g.ids)
+        if not kept_way.any() and not member.any():
+            return None
+        refs = g.refs
+        rstart = np.cumsum(rcount) - rcount
         rend = rstart + rcount
         closed = np.zeros(n, bool)
         big = rcount >= 4
         closed[big] = refs[rstart[big]] == refs[rend[big] - 1]
-        # Closed ways that are areas belong to the areas shard.
-        closed_kept = np.flatnonzero(kept_way & closed)
-        if closed_kept.size:
-            tstart = np.concatenate(([0], np.cumsum(kcount))).tolist()
-            klist, vlist = kidx.tolist(), vidx.tolist()
-        for w in closed_kept.tolist():
-            t0, t1 = tstart[w], tstart[w + 1]
-            tags = {table[k]: table[v] for k, v in zip(klist[t0:t1], vlist[t0:t1], strict=True)}
-            if is_area(tags):
-                self.counts["expected_way_areas"] += 1
-                kept_way[w] = False
-        # Geometry: osmium's UNIQUE rule (repeated locations dropped, leading missing nodes
-        # skipped, a missing node after a located one is an error), then the ALL check.
+        # Closed ways that are areas go to osmium's area assembly, the others are lines.
+        area = kept_way & closed
+        if area.any():
+            area &= _are_areas(g, tag_way, area)
+        self.counts["expected_way_areas"] += int(area.sum())
+        line = kept_way & ~area
         ref_way = np.repeat(np.arange(n), rcount)
-        sel = kept_way[ref_way]
-        found_s, x_s, y_s = self.nodes.lookup(refs[sel])
+        sel = (line | area | member)[ref_way]
+        found, x, y = self.store.lookup(refs[sel])
         way_s = ref_way[sel]
-        sel_counts = rcount[kept_way]
-        sstart = np.repeat(np.concatenate(([0], np.cumsum(sel_counts)[:-1])), sel_counts)
+        out = WayOutput()
+        if line.any():
+            on = line[way_s]
+            out.lines = self._lines(g, line, keep, gsd, tag_way, found[on], x[on], y[on], way_s[on])
+        if area.any() or member.any():
+            xs = np.where(found, x, UNDEFINED)
+            ys = np.where(found, y, UNDEFINED)
+            refs_s = refs[sel]
+        if area.any():
+            on = area[way_s]
+            # osmium skips a way without tags: each gets area=yes (strings 1 and 2 of
+            # ``_encode.AREA_STRINGS``); the real tags come from this decoding.
+            count = int(area.sum())
+            one = np.ones(count, np.int64)
+            flat, lengths = way_messages(
+                g.ids[area], refs_s[on], rcount[area], xs[on], ys[on], one, one * 2, one
+            )
+            out.areas = (flat, lengths, _tag_columns(g, area, keep, gsd, tag_way))
+        if member.any():
+            on = member[way_s]
+            flat, lengths = way_messages(g.ids[member], refs_s[on], rcount[member], xs[on], ys[on])
+            out.members = (flat, lengths, g.ids[member])
+        return out
+
+    def _lines(
+        self,
+        g: WayGroup,
+        line: np.ndarray,
+        keep: np.ndarray,
+        gsd: np.ndarray,
+        tag_way: np.ndarray,
+        found_s: np.ndarray,
+        x_s: np.ndarray,
+        y_s: np.ndarray,
+        way_s: np.ndarray,
+    ) -> dict[str, Any] | None:
+        """Line columns of the ways ``line``: osmium's UNIQUE rule (repeated locations dropped,
+        leading missing nodes skipped, a missing node after a located one is an error), then
+        its ALL check."""
+        n = g.ids.size
+        sel_counts = g.rcount[line]
+        sstart = np.repeat(np.cumsum(sel_counts) - sel_counts, sel_counts)
         located_before = np.concatenate(([0], np.cumsum(found_s)))[:-1]
         after_located = located_before - located_before[sstart] > 0
         bad_missing = np.zeros(n, bool)
@@ -341,16 +362,16 @@ class _LineBuilder:
         npoints = np.bincount(way_s[point], minlength=n)
         any_missing = np.zeros(n, bool)
         any_missing[way_s[~found_s]] = True
-        too_few = kept_way & ~bad_missing & (npoints < 2)
-        missing = kept_way & (bad_missing | (~too_few & any_missing))
+        too_few = line & ~bad_missing & (npoints < 2)
+        missing = line & (bad_missing | (~too_few & any_missing))
         self.dropped["missing_nodes"] += int(missing.sum())
         self.dropped["too_few_nodes"] += int(too_few.sum())
-        out = kept_way & ~missing & ~too_few
+        out = line & ~missing & ~too_few
         if not out.any():
             return None
         # WKB: byte order, type 2 (LineString), count, then lon/lat doubles.
         pmask = point & out[way_s]
-        px, py = x_s[pmask], y_s[pmask]
+        px, py = x_s[pmask] / 1e7, y_s[pmask] / 1e7
         counts = npoints[out]
         size = 9 + 16 * counts
         offsets = np.zeros(counts.size + 1, np.int64)
@@ -362,112 +383,82 @@ class _LineBuilder:
         head[:, 5:9] = counts.astype("<u4").view(np.uint8).reshape(-1, 4)
         buf[_ranges(offsets[:-1], offsets[:-1] + 9)] = head.ravel()
         coords = np.empty((px.size, 2), "<f8")
-        coords[:, 0] = px / 1e7
-        coords[:, 1] = py / 1e7
+        coords[:, 0] = px
+        coords[:, 1] = py
+        first = np.cumsum(counts) - counts
         pstart = np.repeat(offsets[:-1] + 9, counts)
-        within = np.arange(px.size) - np.repeat(
-            np.concatenate(([0], np.cumsum(counts)[:-1])), counts
-        )
+        within = np.arange(px.size) - np.repeat(first, counts)
         buf[_ranges(pstart + 16 * within, pstart + 16 * within + 16)] = coords.view(
             np.uint8
         ).ravel()
         wkb = pa.Array.from_buffers(
             pa.large_binary(), counts.size, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
         ).cast(pa.binary())
-        # Tags: kept ways' groundable tags, in the way's own order.
-        tmask = out[tag_way[keep]]
-        tkeep, tgsd = keep[tmask], gsd[tmask]
-        tway = tag_way[tkeep]
-        order = by_owner(tway)
-        tkeep, tgsd, tway = tkeep[order], tgsd[order], tway[order]
-        ways_out, first, tcounts = np.unique(tway, return_index=True, return_counts=True)
-        best = np.maximum.reduceat(tgsd, first)
-        strings_arr = pa.array(table, pa.string())
-        return {
-            "ids": ways.ids[ways_out],
-            "tag_counts": tcounts,
-            "keys": strings_arr.take(pa.array(kidx[tkeep])),
-            "values": strings_arr.take(pa.array(vidx[tkeep])),
-            "max_gsd": best,
-            "wkb": wkb,
-        }
+        bbox = np.stack(
+            [
+                np.minimum.reduceat(px, first),
+                np.minimum.reduceat(py, first),
+                np.maximum.reduceat(px, first),
+                np.maximum.reduceat(py, first),
+            ],
+            axis=1,
+        )
+        return {**_tag_columns(g, out, keep, gsd, tag_way), "wkb": wkb, "bbox": bbox}
 
 
-def iter_points_and_lines(
-    path: str,
-    tf: TagFilter,
-    batch_rows: int,
-    to_table: Callable[..., pa.Table],
-    counts: Counter,
-    dropped: Counter,
-    spill_dir: str | None = None,
-) -> Iterator[tuple[str, Any]]:
-    """The points and lines of ``path``: ``("n", PointBlock)`` per block with any (as
-    ``_dense.iter_point_blocks``), then ``("w", table)`` of exactly ``batch_rows`` rows (the
-    last one fewer).
-
-    ``to_table`` is ``_parquet.columns_to_table``. Raises ``Unsupported`` for files it does not
-    decode (possibly after some items were yielded: the caller discards them). ``spill_dir``:
-    keep the node locations in temporary files there rather than in memory.
-    """
-    judge = _Judge(tf)
-    nodes = _Nodes(spill_dir)
-    try:
-        yield from _points_and_lines(path, nodes, judge, batch_rows, to_table, counts, dropped)
-    finally:
-        nodes.close()
+def _are_areas(g: WayGroup, tag_way: np.ndarray, ways: np.ndarray) -> np.ndarray:
+    """``_rules.is_area`` of the ways ``ways`` (a mask), from each distinct tag of the block."""
+    n = g.ids.size
+    table = g.table
+    rule_key = np.fromiter((s in RULE_KEYS for s in table), bool, len(table))
+    entries = np.flatnonzero(rule_key[g.kidx] & ways[tag_way])
+    width = len(table)
+    pairs, inverse = np.unique(g.kidx[entries] * width + g.vidx[entries], return_inverse=True)
+    votes = np.array([area_vote(table[p // width], table[p % width]) for p in pairs.tolist()])
+    vote = votes[inverse] if entries.size else np.zeros(0, np.int64)
+    owner = tag_way[entries]
+    yes = np.bincount(owner[vote == 2], minlength=n) > 0
+    no = np.bincount(owner[vote == -1], minlength=n) > 0
+    makes = np.bincount(owner[vote == 1], minlength=n) > 0
+    return yes | (~no & makes)
 
 
-def _points_and_lines(
-    path: str,
-    nodes: _Nodes,
-    judge: _Judge,
-    batch_rows: int,
-    to_table: Callable[..., pa.Table],
-    counts: Counter,
-    dropped: Counter,
-) -> Iterator[tuple[str, Any]]:
-    build: _LineBuilder | None = None
-    pending: list[dict] = []
-    rows = 0
-    for block, strings, meta, groups in _blocks(path):
-        for group in groups:
-            field = next(_fields(block, *group), (0, None))[0]
-            if field == 1:
-                raise Unsupported("plain (not dense) nodes")
-            if field == 2:
-                if build is not None:
-                    raise Unsupported("nodes after ways (an unsorted file)")
-                dense = next(_fields(block, *group))[1]
-                decoded = nodes.add(block, dense, meta)
-                table = _table(block, strings)
-                points = _dense_points(block, dense, table, meta, judge, decoded)
-                if points is not None and (len(points) or points.invalid):
-                    yield "n", points
-                continue
-            if field != 3:
-                continue
-            if build is None:
-                nodes.freeze()
-                build = _LineBuilder(judge, nodes, counts, dropped)
-            cols = build(block, strings, group)
-            if cols is None:
-                continue
-            pending.append(cols)
-            rows += cols["ids"].size
-            if rows >= batch_rows:
-                merged = _merge(pending)
-                start = 0
-                while rows - start >= batch_rows:
-                    yield "w", _to_table(_cut(merged, start, start + batch_rows), to_table)
-                    start += batch_rows
-                pending = [_cut(merged, start, rows)] if rows > start else []
-                rows -= start
-    if rows:
-        yield "w", _to_table(_merge(pending), to_table)
+def _tag_columns(
+    g: WayGroup, rows: np.ndarray, keep: np.ndarray, gsd: np.ndarray, tag_way: np.ndarray
+) -> dict[str, Any]:
+    """Ids and groundable tags (in each way's own order) of the ways ``rows``."""
+    tmask = rows[tag_way[keep]]
+    tkeep, tgsd = keep[tmask], gsd[tmask]
+    tway = tag_way[tkeep]
+    order = by_owner(tway)
+    tkeep, tgsd, tway = tkeep[order], tgsd[order], tway[order]
+    ways_out, first_tag, tcounts = np.unique(tway, return_index=True, return_counts=True)
+    return {
+        "ids": g.ids[ways_out],
+        "tag_counts": tcounts,
+        "keys": g.arrow_table.take(pa.array(g.kidx[tkeep])),
+        "values": g.arrow_table.take(pa.array(g.vidx[tkeep])),
+        "max_gsd": np.maximum.reduceat(tgsd, first_tag),
+    }
 
 
-def _merge(pending: list[dict]) -> dict:
+def take_rows(cols: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
+    """Rows ``rows`` of tag columns (``ids``, ``tag_counts``, ``keys``, ``values``,
+    ``max_gsd``)."""
+    counts = cols["tag_counts"]
+    start = np.cumsum(counts) - counts
+    tags = pa.array(_ranges(start[rows], start[rows] + counts[rows]))
+    return {
+        "ids": cols["ids"][rows],
+        "tag_counts": counts[rows],
+        "keys": cols["keys"].take(tags),
+        "values": cols["values"].take(tags),
+        "max_gsd": cols["max_gsd"][rows],
+    }
+
+
+def merge_lines(pending: list[dict]) -> dict:
+    """Columns of several groups as one."""
     if len(pending) == 1:
         return pending[0]
     return {
@@ -476,30 +467,22 @@ def _merge(pending: list[dict]) -> dict:
         "keys": pa.concat_arrays([p["keys"] for p in pending]),
         "values": pa.concat_arrays([p["values"] for p in pending]),
         "max_gsd": np.concatenate([p["max_gsd"] for p in pending]),
-        "wkb": pa.concat_arrays([p["wkb"] for p in pending]),
+        **{
+            k: (pa.concat_arrays if k == "wkb" else np.concatenate)([p[k] for p in pending])
+            for k in ("wkb", "bbox")
+            if k in pending[0]
+        },
     }
 
 
-def _cut(cols: dict, a: int, b: int) -> dict:
-    toff = np.concatenate(([0], np.cumsum(cols["tag_counts"])))
-    t0, t1 = int(toff[a]), int(toff[b])
-    return {
-        "ids": cols["ids"][a:b],
-        "tag_counts": cols["tag_counts"][a:b],
-        "keys": cols["keys"].slice(t0, t1 - t0),
-        "values": cols["values"].slice(t0, t1 - t0),
-        "max_gsd": cols["max_gsd"][a:b],
-        "wkb": cols["wkb"].slice(a, b - a),
-    }
-
-
-def _to_table(cols: dict, to_table: Callable[..., pa.Table]) -> pa.Table:
+def lines_table(cols: dict, to_table: Callable[..., pa.Table], osm_type: str = "w") -> pa.Table:
+    """Line (or area) columns -> a table (``to_table`` is ``_parquet.columns_to_table``)."""
     counts = cols["tag_counts"]
     offsets = np.zeros(counts.size + 1, np.int32)
     np.cumsum(counts, out=offsets[1:])
     n = counts.size
     return to_table(
-        "w",
+        osm_type,
         pa.array(np.full(n, "way", dtype=object), pa.string()),
         cols["ids"],
         offsets,
@@ -507,4 +490,5 @@ def _to_table(cols: dict, to_table: Callable[..., pa.Table]) -> pa.Table:
         pa.concat_arrays([cols["values"]]),
         cols["max_gsd"],
         pa.concat_arrays([cols["wkb"]]),
+        cols["bbox"],
     )

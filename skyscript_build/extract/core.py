@@ -1,53 +1,72 @@
 """Config, result and orchestration of the extract stage.
 
-Work is cut into two shards (areas; points + lines; see ``_shards``) that read the file
-independently, so two processes share the work: a local process pool, or Dask tasks when a
-scheduler is given. Each shard writes its parts atomically and then its stats
-(``_stats/shard-NN.json``); ``_extract.json``, written last, marks the whole extract finished
-and records the input's size and mtime and a hash of the settings. A rerun with the same input
-and settings does nothing; a rerun after a crash redoes only the shards without stats.
-Bookkeeping files start with ``_`` so that ``geopandas.read_parquet(DIR)`` reads only parts.
+Inputs: one or more ``.osm.pbf`` files (folders and glob patterns name several). Each input is
+cut into tasks by ranges of its blobs, run in three passes through the shard runner
+(``runner.run_shards``: local processes, or Dask tasks on a scheduler):
+
+1. node tasks (``_nodes``): points, each task's node locations as a store on disk, the blobs
+   holding ways, and the relations to assemble with their member ways;
+2. way tasks (``_waytask``): lines, areas from closed ways, member ways with their locations;
+3. relation tasks (``_areas.relation_task``), by relation id range: areas from relations.
+
+One input writes its parts straight into ``out``; several are extracted into runs
+(``out/_runs/``) that a merge (``_merge``) joins into ``out``, keeping each object once. Parts
+read in name order hold points by id, lines by id, areas from ways by id, then areas from
+relations by id, whatever the number of tasks (only where parts begin and end changes).
+
+A finished task is marked by the runner (``out/_markers``); ``_extract.json``, written last,
+marks the whole extract finished with the inputs' sizes and mtimes and a hash of the settings.
+A rerun with the same inputs and settings does nothing; a rerun after a crash runs only the
+tasks not marked. Bookkeeping files start with ``_`` so that ``geopandas.read_parquet(DIR)``
+reads only parts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import logging
-import multiprocessing
-import os
+import math
 import shutil
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from tag_filters import get_tag_filter_path, load_tag_filter
 
-from ..cluster import ClusterConfig, map_shards
+from ..cluster import ClusterConfig
 from ..errors import ConfigError, InputError
 from ..files import remove_temp_files, write_json_atomic
-from ..progress import progress_bar
-from ._parquet import OSM_CREDIT, iter_parts
-from ._pbf import check_pbf, file_fingerprint, sha256_file
-from ._shards import PART_PREFIX, SHARD_KINDS, SHARDS, ShardSpec, run_shard
+from ..runner import RunnerConfig, finished_result, marker_path, run_shards
+from ._areas import RelationTask, relation_task
+from ._merge import MergeTask, merge_task, plan_merges
+from ._nodes import NodeTask, node_task
+from ._parquet import OSM_CREDIT, write_empty_part
+from ._pbf import Blobs, check_pbf, file_fingerprint, sha256_file
+from ._waytask import WayTask, way_task
 
-__all__ = ["ExtractConfig", "ExtractResult", "run_extract"]
+__all__ = ["ExtractConfig", "ExtractResult", "run_extract", "resolve_inputs"]
 
 log = logging.getLogger(__name__)
 
 #: Bumped when the output of the same input and settings changes.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "_extract.json"
-STATS_DIR = "_stats"
+MARKERS = "_markers"
+RUN_STATE = "_run.json"
+RUNS = "_runs"
 _KIND_NAMES = {"n": "points", "w": "lines", "a": "areas"}
-_INDEX_KINDS = ("auto", "flex_mem", "sparse_mem_array", "sparse_file_array", "dense_file_array")
-#: Inputs up to this size keep node locations in memory ("auto").
-IN_MEMORY_LIMIT = 256 * 2**20
+#: A way task reads this many times fewer blobs than a node task: a way costs more.
+WAY_COST = 4
+#: A relation task's share per MiB of ``task_mb``: this many relations and member ways.
+RELATION_WORK_PER_MB = 8_000
+#: Rows a merge task reads (several inputs).
+MERGE_ROWS = 250_000
 
 
 @dataclass(frozen=True)
@@ -55,60 +74,54 @@ class ExtractConfig:
     """Settings of one extract.
 
     Attributes:
-        input: the ``.osm.pbf`` file.
+        input: ``.osm.pbf`` files, folders (their ``*.osm.pbf``) or glob patterns: one path or
+            several. Several inputs (regional extracts) make one set of objects, each object
+            once.
         out: the output folder (``objects/`` of a build).
         tag_filter: a shipped table name (``default``) or a CSV path (see tag_filters).
-        workers: processes; 0 = one per shard up to the number of cores, 1 = in this process.
-        location_index: osmium node-location index; ``auto`` keeps it in memory for files up
-            to 256 MiB and in a file (``sparse_file_array``) beyond.
-        index_dir: folder for a file-backed index (default: ``OUT/_tmp``).
+        workers: processes; 0 = one per core, 1 = in this process.
+        task_mb: compressed input per node or way task (MiB): sets each process's memory.
+        work_dir: folder for the node stores and other files the tasks share (default:
+            ``OUT/_work``); on a cluster, one every worker sees.
         rows_per_part: the most rows in one parquet part.
         batch_rows: rows converted to Arrow at a time (bounds memory).
         force: extract again even when ``out`` holds a finished extract of the same input.
-        scheduler: address of a Dask scheduler (``tcp://host:8786``): the shards run there as
-            Dask tasks (the input and ``out`` must be on a file system the workers share);
-            None runs them here or in a local process pool (``workers``).
+        scheduler: address of a Dask scheduler (``tcp://host:8786``): the tasks run there (the
+            inputs and ``out`` must be on a file system the workers share); None runs them
+            here or in local processes (``workers``).
     """
 
-    input: Path
+    input: str | Path | Sequence[str | Path]
     out: Path
     tag_filter: str = "default"
     workers: int = 0
-    location_index: str = "auto"
-    index_dir: Path | None = None
+    task_mb: float = 16.0
+    work_dir: Path | None = None
     rows_per_part: int = 1_000_000
     batch_rows: int = 10_000
     force: bool = False
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input", Path(self.input))
+        entries = (self.input,) if isinstance(self.input, str | Path) else tuple(self.input)
+        object.__setattr__(self, "input", tuple(Path(e) for e in entries))
         object.__setattr__(self, "out", Path(self.out))
-        if self.index_dir is not None:
-            object.__setattr__(self, "index_dir", Path(self.index_dir))
+        if self.work_dir is not None:
+            object.__setattr__(self, "work_dir", Path(self.work_dir))
+        if not self.input:
+            raise ConfigError("extract needs at least one input (.osm.pbf file, folder or glob)")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 (auto) or more, not {self.workers}")
-        if self.location_index not in _INDEX_KINDS:
-            raise ConfigError(
-                f"--location-index must be one of {', '.join(_INDEX_KINDS)}, "
-                f"not '{self.location_index}'"
-            )
+        if not self.task_mb > 0:
+            raise ConfigError(f"--task-mb must be more than 0, not {self.task_mb}")
         if self.rows_per_part < 1 or self.batch_rows < 1:
             raise ConfigError("rows_per_part and batch_rows must be at least 1")
         get_tag_filter_path(self.tag_filter)  # raises ConfigError for an unknown name
 
-    def n_workers(self) -> int:
-        """Processes to use (at most one per shard)."""
-        if self.workers > 0:
-            return min(self.workers, len(SHARDS))
-        return max(1, min(len(SHARDS), os.cpu_count() or 1))
-
-    def resolved_index(self) -> str:
-        """The location index kind ``auto`` stands for, given the input's size."""
-        if self.location_index != "auto":
-            return self.location_index
-        size = self.input.stat().st_size
-        return "flex_mem" if size <= IN_MEMORY_LIMIT else "sparse_file_array"
+    @property
+    def inputs(self) -> tuple[Path, ...]:
+        """The input entries (files, folders, glob patterns) as given."""
+        return self.input  # type: ignore[return-value]  # a tuple since __post_init__
 
 
 @dataclass
@@ -120,6 +133,9 @@ class ExtractResult:
     by_type: dict[str, int] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)
     repaired: int = 0
+    duplicates: int = 0
+    inputs: int = 1
+    tasks: int = 0
     parts: list[str] = field(default_factory=list)
     seconds: float = 0.0
     skipped: bool = False
@@ -130,186 +146,358 @@ class ExtractResult:
         dropped = sum(self.dropped.values())
         why = ", ".join(f"{k} {v}" for k, v in self.dropped.items() if v)
         head = "extract: already done, " if self.skipped else "extract: "
+        inputs = f"{self.inputs} inputs" if self.inputs > 1 else "1 input"
+        dups = f", {self.duplicates} copies across inputs kept once" if self.inputs > 1 else ""
         return (
-            f"{head}{self.objects} objects ({kinds}) in {len(self.parts)} parts under "
-            f"{self.out}; dropped {dropped}{f' ({why})' if why else ''}, "
-            f"repaired {self.repaired}; {self.seconds:.1f} s"
+            f"{head}{self.objects} objects ({kinds}) from {inputs} in {self.tasks} tasks, "
+            f"{len(self.parts)} parts under {self.out}; dropped {dropped}"
+            f"{f' ({why})' if why else ''}, repaired {self.repaired}{dups}; {self.seconds:.1f} s"
         )
 
 
-def _settings_hash(config: ExtractConfig) -> str:
+def resolve_inputs(entries: Sequence[Path]) -> list[Path]:
+    """Files named by paths, folders (their ``*.osm.pbf``) and glob patterns, sorted by path,
+    each once. Raises ``InputError`` for an entry that names no file."""
+    found: dict[str, Path] = {}
+    for entry in entries:
+        text = str(entry)
+        if entry.is_dir():
+            files = sorted(entry.glob("*.osm.pbf"))
+            if not files:
+                raise InputError(entry, "no .osm.pbf file in this folder")
+        elif glob.has_magic(text) and not entry.exists():
+            files = [Path(p) for p in sorted(glob.glob(text))]
+            if not files:
+                raise InputError(entry, "no file matches this pattern")
+        else:
+            files = [entry]
+        for f in files:
+            found.setdefault(str(f.absolute()), f)
+    return [found[k] for k in sorted(found)]
+
+
+def _fingerprint(config: ExtractConfig, inputs: list[Path]) -> str:
     settings = {
         "format": FORMAT_VERSION,
+        "inputs": [file_fingerprint(p) for p in inputs],
         "tag_filter_sha256": sha256_file(get_tag_filter_path(config.tag_filter)),
         "rows_per_part": config.rows_per_part,
-        "shards": SHARDS,
+        "batch_rows": config.batch_rows,
+        "task_mb": config.task_mb,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _fingerprint(config: ExtractConfig) -> dict[str, Any]:
-    return {**file_fingerprint(config.input), "settings": _settings_hash(config)}
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return record if isinstance(record, dict) else None
 
 
-def _stats_path(out: Path, shard: int) -> Path:
-    return out / STATS_DIR / f"shard-{shard:02d}.json"
+@dataclass
+class _Input:
+    """One input and where its tasks write."""
+
+    path: Path
+    key: str
+    blobs: Blobs
+    parts: Path
+    work: Path
 
 
-def _remove_shard(out: Path, shard: int) -> None:
-    for kind in SHARD_KINDS[SHARDS[shard]]:
-        for part in iter_parts(out, PART_PREFIX[kind]):
-            part.unlink()
-    with contextlib.suppress(FileNotFoundError):
-        _stats_path(out, shard).unlink()
+def _chunks(blobs: list[tuple[int, int]], budget: float) -> list[tuple[tuple[int, int], ...]]:
+    """Consecutive blobs in groups of about ``budget`` bytes."""
+    groups: list[tuple[tuple[int, int], ...]] = []
+    current: list[tuple[int, int]] = []
+    size = 0
+    for blob in blobs:
+        current.append(blob)
+        size += blob[1]
+        if size >= budget:
+            groups.append(tuple(current))
+            current, size = [], 0
+    if current:
+        groups.append(tuple(current))
+    return groups
 
 
-def _result_from(out: Path, stats: list[dict[str, Any]], seconds: float) -> ExtractResult:
-    dropped: Counter = Counter()
-    counts: Counter = Counter()
-    result = ExtractResult(out=out, seconds=seconds)
-    for s in stats:
-        dropped.update(s["dropped"])
-        counts.update(s["counts"])
-        for kind, rows in s["rows"].items():
-            result.by_type[_KIND_NAMES[kind]] = rows
-        result.parts.extend(s["parts"])
-    result.repaired = dropped.pop("repaired_geometry", 0)
-    # Closed ways the points + lines shard left to the areas shard but osmium could not assemble.
-    broken = counts["expected_way_areas"] - counts["way_areas"] - dropped["broken_area"]
-    if broken > 0:
-        dropped["broken_area"] += broken
-    result.dropped = {k: v for k, v in sorted(dropped.items()) if v}
-    result.by_type = {k: result.by_type.get(k, 0) for k in _KIND_NAMES.values()}
-    result.parts.sort()
-    result.objects = sum(result.by_type.values())
+def _node_tasks(config: ExtractConfig, inp: _Input) -> list[NodeTask]:
+    blobs = list(zip(inp.blobs.offsets.tolist(), inp.blobs.sizes.tolist(), strict=True))
+    return [
+        NodeTask(
+            f"{inp.key}-nodes-{i:05d}",
+            str(inp.path),
+            i,
+            chunk,
+            str(inp.parts),
+            str(inp.work),
+            config.tag_filter,
+            config.rows_per_part,
+            config.batch_rows,
+        )
+        for i, chunk in enumerate(_chunks(blobs, config.task_mb * 2**20))
+    ]
+
+
+def _way_tasks(config: ExtractConfig, inp: _Input, nodes: list[dict]) -> list[WayTask]:
+    blobs = [(b[0], b[1]) for r in nodes for b in r["way_blobs"]]
+    stores = tuple(r["store"] for r in nodes if r["store"])
+    members = tuple(r["members"] for r in nodes if r["members"])
+    return [
+        WayTask(
+            f"{inp.key}-ways-{i:05d}",
+            str(inp.path),
+            i,
+            chunk,
+            stores,
+            members,
+            str(inp.parts),
+            str(inp.work),
+            config.tag_filter,
+            config.rows_per_part,
+            config.batch_rows,
+        )
+        for i, chunk in enumerate(_chunks(blobs, config.task_mb * 2**20 / WAY_COST))
+    ]
+
+
+def _relation_tasks(
+    config: ExtractConfig, inp: _Input, nodes: list[dict], ways: list[dict]
+) -> list[RelationTask]:
+    """Relation tasks of about ``RELATION_WORK_PER_MB * task_mb`` relations and member ways
+    each, cut by relation id."""
+    hist = sorted((last, work) for r in nodes for last, work in r["hist"])
+    if not hist:
+        return []
+    total = sum(w for _, w in hist)
+    share = total / math.ceil(total / (RELATION_WORK_PER_MB * config.task_mb))
+    cuts = [-(2**63)]
+    work = 0
+    for last, w in hist[:-1]:
+        work += w
+        if work >= share * len(cuts) - share / 2:  # cut at the piece ending nearest the share
+            cuts.append(last + 1)
+    cuts.append(2**63 - 1)
+    lists = [r["relations"] for r in nodes if r["relations"]]
+    blobs = [b for r in nodes for b in r["relation_blobs"]]
+    sides = tuple(r["side"] for r in ways if r["side"])
+    tasks = []
+    for i, (low, high) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
+        tasks.append(
+            RelationTask(
+                f"{inp.key}-relations-{i:05d}",
+                str(inp.path),
+                i,
+                low,
+                high,
+                tuple(x for x in lists if x["min"] < high and x["max"] >= low),
+                tuple((b[0], b[1]) for b in blobs if b[2] < high and b[3] >= low),
+                sides,
+                str(inp.parts),
+                config.tag_filter,
+                config.rows_per_part,
+            )
+        )
+    return tasks
+
+
+def _clear(out: Path, work: Path) -> None:
+    """Remove every part and bookkeeping file of an earlier extract in ``out``."""
+    for path in out.glob("part-*.parquet"):
+        path.unlink()
+    for name in (MARKER,):
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
+    for folder in (out / MARKERS, out / RUNS, out / "_stats", work):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_task(task: NodeTask | WayTask | RelationTask | MergeTask) -> dict[str, Any]:
+    """Run any extract task and time it (module level: what a worker runs)."""
+    start, cpu = time.monotonic(), time.process_time()
+    func = {NodeTask: node_task, WayTask: way_task, RelationTask: relation_task}.get(
+        type(task), merge_task
+    )
+    result = func(task)  # type: ignore[operator]
+    result["seconds"] = round(time.monotonic() - start, 3)
+    result["cpu_seconds"] = round(time.process_time() - cpu, 3)
     return result
+
+
+def _forget_lost(tasks: list[Any], runner: RunnerConfig) -> None:
+    """Unmark the finished tasks whose files are gone (a work folder on a disk that was
+    wiped, parts deleted by hand), so that they run again."""
+    assert runner.markers is not None
+    for task in tasks:
+        done = finished_result(runner.markers, task.name, runner.fingerprint)
+        if done is None:
+            continue
+        files = [Path(task.out_dir) / p for p in done.get("parts", [])]
+        for key, fields in (("store", ("xy", "ids")), ("side", ("data", "index"))):
+            files += [Path(done[key][f]) for f in fields if done.get(key) and done[key][f]]
+        files += [Path(done[k]["path"]) for k in ("relations", "members") if done.get(k)]
+        if not all(f.exists() for f in files):
+            log.info("extract: %s ran before but its files are gone: running it again", task.name)
+            marker_path(runner.markers, task.name).unlink(missing_ok=True)
+
+
+class _Failed(Exception):
+    """A task could not read its input."""
+
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(message)
+        self.path, self.message = path, message
 
 
 def run_extract(config: ExtractConfig) -> ExtractResult:
     """Extract the groundable objects of ``config.input`` into parts under ``config.out``.
 
     Raises:
-        InputError: the input is missing, not an OSM PBF, truncated or unreadable; no parts
+        InputError: an input is missing, not an OSM PBF, truncated or unreadable; no parts
             are left behind.
     """
     start = time.monotonic()
-    check_pbf(config.input)
+    paths = resolve_inputs(config.inputs)
+    blobs = [check_pbf(p) for p in paths]
     out = config.out
-    fingerprint = _fingerprint(config)
-    marker = None if config.force else _read_json(out / MARKER)
-    if marker is not None and marker.get("fingerprint") == fingerprint:
+    fingerprint = _fingerprint(config, paths)
+    done = None if config.force else _read_json(out / MARKER)
+    if done is not None and done.get("fingerprint") == fingerprint:
         log.info("extract: %s is up to date", out)
-        finished = [_read_json(_stats_path(out, i)) for i in range(len(SHARDS))]
-        if all(s is not None for s in finished):
-            result = _result_from(out, [s for s in finished if s], time.monotonic() - start)
-            result.skipped = True
-            return result
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        (out / MARKER).unlink()
-    remove_temp_files(out)
+        result = _result_from(done, time.monotonic() - start)
+        result.skipped = True
+        return result
     load_tag_filter(config.tag_filter)  # a bad table fails here, before any worker starts
-
-    todo: list[ShardSpec] = []
-    done: list[dict[str, Any]] = []
-    index = config.resolved_index()
-    index_dir = config.index_dir or out / "_tmp"
-    for i in range(len(SHARDS)):
-        stats = _read_json(_stats_path(out, i))
-        if not config.force and stats is not None and stats.get("fingerprint") == fingerprint:
-            done.append(stats)
-            continue
-        _remove_shard(out, i)
-        todo.append(
-            ShardSpec(
-                shard=i,
-                input=str(config.input),
-                out_dir=str(out),
-                tag_filter=str(config.tag_filter),
-                rows_per_part=config.rows_per_part,
-                batch_rows=config.batch_rows,
-                location_index=index,
-                index_dir=str(index_dir),
-            )
+    created = not out.exists()
+    work = config.work_dir or out / "_work"
+    if config.work_dir is not None:
+        work = work / f"skyscript-extract-{fingerprint}"
+    state = _read_json(out / MARKERS / RUN_STATE)
+    if config.force or state is None or state.get("fingerprint") != fingerprint:
+        _clear(out, work)
+        write_json_atomic(out / MARKERS / RUN_STATE, {"fingerprint": fingerprint})
+    remove_temp_files(out)
+    several = len(paths) > 1
+    inputs = [
+        _Input(
+            p,
+            f"i{i:03d}",
+            b,
+            out / RUNS / f"i{i:03d}" if several else out,
+            work / f"i{i:03d}",
         )
+        for i, (p, b) in enumerate(zip(paths, blobs, strict=True))
+    ]
+    runner = RunnerConfig(
+        cluster=ClusterConfig(workers=config.workers, scheduler=config.scheduler),
+        local="processes",
+        markers=out / MARKERS,
+        fingerprint=fingerprint,
+    )
     log.info(
-        "extract: %s -> %s (%d shards to do, %s, node index %s)",
-        config.input,
+        "extract: %d input(s) -> %s (%s)",
+        len(inputs),
         out,
-        len(todo),
-        f"on Dask {config.scheduler}" if config.scheduler else f"{config.n_workers()} workers",
-        index,
+        f"on Dask {config.scheduler}" if config.scheduler else f"{config.workers or 'all'} cores",
     )
-    if config.scheduler and todo:
-        cluster = ClusterConfig(scheduler=config.scheduler)
-        new_stats = map_shards(run_shard, todo, cluster, desc="extract")
-    else:
-        new_stats = _run_shards(todo, config.n_workers())
-    errors = [s for s in new_stats if "error" in s]
-    if errors:
-        for i in range(len(SHARDS)):
-            _remove_shard(out, i)
-        shutil.rmtree(index_dir, ignore_errors=True)
-        if created:
-            shutil.rmtree(out / STATS_DIR, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                out.rmdir()
-        raise InputError(config.input, f"cannot be read as OSM PBF: {errors[0]['error']}")
-    for s in new_stats:
-        s["fingerprint"] = fingerprint
-        write_json_atomic(_stats_path(out, s["shard"]), s)
-    shutil.rmtree(index_dir, ignore_errors=True)
-    all_stats = sorted(done + new_stats, key=lambda s: s["shard"])
-    result = _result_from(out, all_stats, time.monotonic() - start)
-    write_json_atomic(
-        out / MARKER,
-        {
-            "fingerprint": fingerprint,
-            "input": str(config.input),
-            "tag_filter": str(config.tag_filter),
-            "objects": result.objects,
-            "by_type": result.by_type,
-            "dropped": result.dropped,
-            "repaired": result.repaired,
-            "parts": result.parts,
-            "copyright": OSM_CREDIT,
-            "config": {k: str(v) for k, v in asdict(config).items()},
-        },
-    )
-    return result
-
-
-def _run_shards(todo: list[ShardSpec], workers: int) -> list[dict[str, Any]]:
-    """Run shards in this process (one worker) or in a pool of worker processes."""
-    if not todo:
-        return []
-    bar = progress_bar(total=len(todo), desc="extract", unit="shard")
-    results: list[dict[str, Any]] = []
     try:
-        if workers <= 1 or len(todo) == 1:
-            for spec in todo:
-                results.append(run_shard(spec))
-                bar.update()
-            return results
-        order = todo
-        ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
-            futures = [pool.submit(run_shard, spec) for spec in order]
-            for future in as_completed(futures):
-                try:
-                    stats = future.result()
-                except BrokenProcessPool as e:
-                    raise RuntimeError(f"an extract worker died: {e}") from e
-                results.append(stats)
-                bar.update()
-        return sorted(results, key=lambda s: s["shard"])
-    finally:
-        bar.close()
+        results = _run_all(config, inputs, runner, out)
+    except _Failed as e:
+        _clear(out, work)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise InputError(e.path, f"cannot be read as OSM PBF: {e.message}") from None
+    record = _summarise(config, paths, results, out)
+    record["fingerprint"] = fingerprint
+    if not record["parts"]:
+        record["parts"] = [write_empty_part(out)]
+    write_json_atomic(out / MARKER, record)
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(out / RUNS, ignore_errors=True)
+    return _result_from(record, time.monotonic() - start)
+
+
+def _run_all(
+    config: ExtractConfig, inputs: list[_Input], runner: RunnerConfig, out: Path
+) -> dict[str, list[dict[str, Any]]]:
+    """The three passes over every input (and the merge of several); every task's result."""
+
+    def run(per_input: dict[str, list[Any]], desc: str) -> dict[str, list[dict]]:
+        tasks = [t for inp in inputs for t in per_input[inp.key]]
+        owners = [inp for inp in inputs for _ in per_input[inp.key]]
+        _forget_lost(tasks, runner)
+        results = run_shards(run_task, tasks, replace(runner, desc=f"extract {desc}"))
+        by_input: dict[str, list[dict]] = {inp.key: [] for inp in inputs}
+        for inp, r in zip(owners, results, strict=True):
+            if "error" in r:
+                raise _Failed(inp.path, r["error"])
+            by_input[inp.key].append(r)
+        return by_input
+
+    nodes = run({i.key: _node_tasks(config, i) for i in inputs}, "nodes")
+    ways = run({i.key: _way_tasks(config, i, nodes[i.key]) for i in inputs}, "ways")
+    relations = run(
+        {i.key: _relation_tasks(config, i, nodes[i.key], ways[i.key]) for i in inputs},
+        "relations",
+    )
+    results = {
+        name: [r for inp in inputs for r in phase[inp.key]]
+        for name, phase in (("nodes", nodes), ("ways", ways), ("relations", relations))
+    }
+    results["merge"] = []
+    if len(inputs) > 1:
+        merges = plan_merges([i.parts for i in inputs], out, MERGE_ROWS, config.rows_per_part)
+        _forget_lost(merges, runner)
+        results["merge"] = run_shards(run_task, merges, replace(runner, desc="extract merge"))
+    return results
+
+
+def _summarise(
+    config: ExtractConfig, paths: list[Path], results: dict[str, list[dict]], out: Path
+) -> dict[str, Any]:
+    dropped: Counter = Counter()
+    rows: Counter = Counter()
+    parts: list[str] = []
+    for phase in ("nodes", "ways", "relations"):
+        for r in results[phase]:
+            dropped.update(r["dropped"])
+            rows.update(r["rows"])
+            parts += r["parts"]
+    duplicates = 0
+    if results["merge"]:
+        parts = [p for r in results["merge"] for p in r["parts"]]
+        duplicates = sum(r["duplicates"] for r in results["merge"])
+        rows = Counter()
+        for r in results["merge"]:
+            rows[r["kind"]] += r["rows"]
+    repaired = dropped.pop("repaired_geometry", 0)
+    return {
+        "inputs": [str(p) for p in paths],
+        "tag_filter": str(config.tag_filter),
+        "objects": sum(rows.values()),
+        "by_type": {name: rows.get(k, 0) for k, name in _KIND_NAMES.items()},
+        "dropped": {k: v for k, v in sorted(dropped.items()) if v},
+        "repaired": repaired,
+        "duplicates": duplicates,
+        "tasks": sum(len(v) for v in results.values()),
+        "parts": sorted(parts),
+        "copyright": OSM_CREDIT,
+        "config": {k: str(v) for k, v in asdict(config).items()},
+    }
+
+
+def _result_from(record: dict[str, Any], seconds: float) -> ExtractResult:
+    return ExtractResult(
+        out=Path(record["config"]["out"]),
+        objects=record["objects"],
+        by_type=record["by_type"],
+        dropped=record["dropped"],
+        repaired=record["repaired"],
+        duplicates=record["duplicates"],
+        inputs=len(record["inputs"]),
+        tasks=record["tasks"],
+        parts=record["parts"],
+        seconds=seconds,
+    )

@@ -2,7 +2,8 @@
 pyosmium's tests) and turned into .osm.pbf files with pyosmium.
 
 Run ``python tests/data/extract/data.py OUT_DIR`` to write ``problems.osm.pbf`` for a look;
-the tests call ``opl_to_pbf`` themselves.
+the tests call ``opl_to_pbf`` themselves. ``rechunk`` rewrites a file with small blobs, so
+that a small file splits into many extract tasks.
 
 OPL escapes: ``%20%`` space, ``%2c%`` comma, ``%3d%`` equals sign, ``%a%`` newline,
 ``%22%`` double quote, ``%40%`` at sign.
@@ -10,7 +11,9 @@ OPL escapes: ``%20%`` space, ``%2c%`` comma, ``%3d%`` equals sign, ``%a%`` newli
 
 from __future__ import annotations
 
+import struct
 import sys
+import tempfile
 from pathlib import Path
 
 import osmium
@@ -64,6 +67,61 @@ def opl_to_pbf(opl: str, path: str | Path) -> Path:
         writer.close()
     opl_path.unlink()
     return path
+
+
+def _framed_blobs(path: Path) -> list[bytes]:
+    """Every blob of a PBF file as its bytes in the file (length, BlobHeader, Blob)."""
+    data = path.read_bytes()
+    blobs, pos = [], 0
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        header = data[pos + 4 : pos + 4 + length]
+        size, i = 0, 0
+        while i < len(header):  # BlobHeader: field 3 (datasize) is the only varint field
+            key = header[i]
+            i += 1
+            if key & 7 == 2:
+                n = header[i]
+                i += 1 + n
+            else:
+                shift = 0
+                value = 0
+                while True:
+                    b = header[i]
+                    i += 1
+                    value |= (b & 0x7F) << shift
+                    shift += 7
+                    if not b & 0x80:
+                        break
+                size = value
+        end = pos + 4 + length + size
+        blobs.append(data[pos:end])
+        pos = end
+    return blobs
+
+
+def rechunk(src: str | Path, dst: str | Path, per_blob: int = 400) -> Path:
+    """Write ``src`` again with at most ``per_blob`` objects in a blob: the same objects in the
+    same order, in many small blobs (each chunk written by pyosmium, their blobs joined)."""
+    dst = Path(dst)
+    with tempfile.TemporaryDirectory() as tmp:
+        chunks: list[Path] = []
+        writer = None
+        count = 0
+        for obj in osmium.FileProcessor(str(src)):
+            if writer is None:
+                chunks.append(Path(tmp) / f"{len(chunks):05d}.osm.pbf")
+                writer = osmium.SimpleWriter(str(chunks[-1]))
+            writer.add(obj)
+            count += 1
+            if count == per_blob:
+                writer.close()
+                writer, count = None, 0
+        if writer is not None:
+            writer.close()
+        blobs = [b for i, c in enumerate(chunks) for b in _framed_blobs(c)[(0 if i == 0 else 1) :]]
+    dst.write_bytes(b"".join(blobs))
+    return dst
 
 
 if __name__ == "__main__":

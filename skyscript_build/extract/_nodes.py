@@ -1,0 +1,319 @@
+"""The first pass over an input, split into tasks by ranges of its blobs (``NodeTask``).
+
+A node task decodes each of its blobs once:
+
+- tagged nodes become points (``part-0-TTTTT-*``), decoded in bulk from the DenseNodes groups
+  (``_dense``), and every node location goes into the task's node store (``_nodestore``);
+- a blob with ways is listed for the way tasks, which run once every node store is written;
+- the relations osmium would assemble into kept areas are listed with their member ways
+  (``_areas.prescan_relations``), for the way tasks (which keep those ways with their
+  locations) and the relation tasks.
+
+A blob the bulk decoder does not cover (plain nodes, another compression) goes through
+pyosmium, with the same rows.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import osmium
+import pyarrow as pa
+
+from tag_filters import TagFilter, load_tag_filter
+
+from ._areas import add_row, prescan_relations, tag_picker, write_npz
+from ._dense import (
+    PointBlock,
+    Unsupported,
+    _decompress,
+    _dense_points,
+    _fields,
+    _Judge,
+    _packed_varints,
+    _zigzag_delta,
+    data_block_parts,
+)
+from ._encode import pbf_file
+from ._nodestore import save_array, write_store
+from ._parquet import Batch, PartWriter, batch_to_table, columns_to_table, point_wkb, remove_parts
+from ._pbf import read_blob
+from ._ways import table_strings
+
+__all__ = ["NodeTask", "node_task"]
+
+_LIMIT_X, _LIMIT_Y = 1_800_000_000, 900_000_000
+#: The finest cut of the relations into relation tasks: this many relations and member ways.
+HIST_STEP = 250
+
+
+@dataclass(frozen=True)
+class NodeTask:
+    """Blobs ``blobs`` ((offset, size) each) of an input: picklable for a worker."""
+
+    name: str
+    input: str
+    index: int
+    blobs: tuple[tuple[int, int], ...]
+    out_dir: str
+    work_dir: str
+    tag_filter: str
+    rows_per_part: int
+    batch_rows: int
+
+
+def _div100(a: np.ndarray) -> np.ndarray:
+    return np.sign(a) * (np.abs(a) // 100)
+
+
+def _decode_dense(
+    block: bytes, dense: tuple[int, int], meta: dict[str, int]
+) -> tuple[np.ndarray, ...] | None:
+    """(ids, raw lats, raw lons, x, y) of a DenseNodes group; x and y are osmium's integers."""
+    spans: dict[int, tuple[int, int]] = {}
+    for field, value in _fields(block, *dense):
+        if field in (1, 8, 9):
+            spans[field] = value
+    if 1 not in spans:
+        return None
+    ids = _zigzag_delta(_packed_varints(block, spans[1]))
+    lat = _zigzag_delta(_packed_varints(block, spans[8]))
+    lon = _zigzag_delta(_packed_varints(block, spans[9]))
+    if not ids.size == lat.size == lon.size:
+        raise Unsupported("DenseNodes fields of different lengths")
+    gran = meta["granularity"]
+    x = _div100(meta["lon_offset"] + gran * lon)
+    y = _div100(meta["lat_offset"] + gran * lat)
+    return ids, lat, lon, x, y
+
+
+class _Blob:
+    """What one blob gave, kept apart until the whole blob is decoded."""
+
+    def __init__(self) -> None:
+        self.ids: list[np.ndarray] = []
+        self.xs: list[np.ndarray] = []
+        self.ys: list[np.ndarray] = []
+        self.points: list[PointBlock | pa.Table] = []
+        self.ways = self.relations = False
+        self.invalid = 0
+
+
+def _bulk(block: bytes, judge: _Judge) -> _Blob:
+    """Decode a blob's node groups with numpy; raises ``Unsupported``."""
+    got = _Blob()
+    strings, meta, groups = data_block_parts(block)
+    table: list[str] | None = None
+    for group in groups:
+        field, value = next(_fields(block, *group), (0, None))
+        if field == 1:
+            raise Unsupported("plain (not dense) nodes")
+        if field == 3:
+            got.ways = True
+        elif field == 4:
+            got.relations = True
+        if field != 2:
+            continue
+        assert isinstance(value, tuple)
+        decoded = _decode_dense(block, value, meta)
+        if decoded is None:
+            continue
+        ids, lat, lon, x, y = decoded
+        valid = (np.abs(x) <= _LIMIT_X) & (np.abs(y) <= _LIMIT_Y)
+        got.ids.append(ids[valid])
+        got.xs.append(x[valid].astype(np.int32))
+        got.ys.append(y[valid].astype(np.int32))
+        if table is None:
+            table = table_strings(block, strings)
+        points = _dense_points(block, value, table, meta, judge, (ids, lat, lon))
+        if points is not None:
+            got.invalid += points.invalid
+            if len(points):
+                got.points.append(points)
+    return got
+
+
+def _with_osmium(raw: bytes, tf: TagFilter, dropped: Counter) -> _Blob:
+    """Decode a blob through pyosmium (any PBF osmium reads): the same points as ``_bulk``."""
+    got = _Blob()
+    pick = tag_picker(tf)
+    ids: list[int] = []
+    xs: list[int] = []
+    ys: list[int] = []
+    batch = Batch("n")
+    obj: Any
+    for obj in osmium.FileProcessor(osmium.io.FileBuffer(pbf_file(blobs=[raw]), "pbf")):
+        if obj.is_way():
+            got.ways = True
+        elif obj.is_relation():
+            got.relations = True
+        elif obj.is_node():
+            loc = obj.location
+            if loc.valid():
+                ids.append(obj.id)
+                xs.append(loc.x)
+                ys.append(loc.y)
+            picked = pick(obj)
+            if picked is None:
+                continue
+            if not loc.valid():
+                got.invalid += 1
+                continue
+            add_row(batch, "node", obj.id, picked)
+            batch.lons.append(loc.lon)
+            batch.lats.append(loc.lat)
+    got.ids.append(np.array(ids, np.int64))
+    got.xs.append(np.array(xs, np.int32))
+    got.ys.append(np.array(ys, np.int32))
+    if len(batch):
+        got.points.append(batch_to_table(batch, dropped))
+    return got
+
+
+def _points_table(blocks: list[PointBlock]) -> pa.Table:
+    offsets = [np.zeros(1, np.int32)]
+    base = 0
+    for b in blocks:
+        offsets.append(b.offsets[1:] + base)
+        base += int(b.offsets[-1])
+    n = sum(len(b) for b in blocks)
+    lons = np.concatenate([b.lons for b in blocks])
+    lats = np.concatenate([b.lats for b in blocks])
+    return columns_to_table(
+        "n",
+        pa.array(np.full(n, "node", dtype=object), pa.string()),
+        np.concatenate([b.ids for b in blocks]),
+        np.concatenate(offsets),
+        pa.concat_arrays([b.keys for b in blocks]),
+        pa.concat_arrays([b.values for b in blocks]),
+        np.concatenate([b.max_gsd for b in blocks]),
+        point_wkb(lons, lats),
+        np.stack([lons, lats, lons, lats], axis=1),
+    )
+
+
+class _Points:
+    """Point blocks (or tables from pyosmium) written as tables of about ``batch_rows`` rows."""
+
+    def __init__(self, writer: PartWriter, batch_rows: int) -> None:
+        self.writer, self.batch_rows = writer, batch_rows
+        self.pending: list[PointBlock] = []
+        self.rows = 0
+
+    def add(self, item: PointBlock | pa.Table) -> None:
+        if isinstance(item, pa.Table):
+            self.flush()
+            self.writer.write(item)
+            return
+        self.pending.append(item)
+        self.rows += len(item)
+        if self.rows >= self.batch_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write(_points_table(self.pending))
+            self.pending, self.rows = [], 0
+
+
+def _histogram(ids: np.ndarray, counts: np.ndarray) -> list[list[int]]:
+    """Cut points of the candidate relations (in file order) into pieces of about
+    ``HIST_STEP`` work (a relation and each member way count 1): [last id, work] each."""
+    if ids.size == 0:
+        return []
+    work = np.cumsum(counts + 1)
+    ends = np.flatnonzero(np.diff(work // HIST_STEP, append=-1) != 0)
+    ends[-1] = ids.size - 1
+    done = np.concatenate(([0], work[ends][:-1]))
+    return [[int(ids[e]), int(w - d)] for e, w, d in zip(ends, work[ends], done, strict=True)]
+
+
+def node_task(task: NodeTask) -> dict[str, Any]:
+    """Run one node task (see the module); return its results (JSON-able), or ``error``."""
+    tf = load_tag_filter(task.tag_filter)
+    judge = _Judge(tf)
+    out, work = Path(task.out_dir), Path(task.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    prefix = f"0-{task.index:05d}"
+    remove_parts(out, prefix)
+    writer = PartWriter(out, prefix, task.rows_per_part)
+    points = _Points(writer, task.batch_rows)
+    dropped: Counter = Counter()
+    ids: list[np.ndarray] = []
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    way_blobs: list[list[int]] = []
+    relation_blobs: list[list[int]] = []
+    rel_ids: list[np.ndarray] = []
+    rel_counts: list[np.ndarray] = []
+    rel_members: list[np.ndarray] = []
+    try:
+        with open(task.input, "rb") as f:
+            for offset, size in task.blobs:
+                raw = read_blob(f, offset, size)
+                try:
+                    got = _bulk(_decompress(raw), judge)
+                except Unsupported:
+                    got = _with_osmium(raw, tf, dropped)
+                except (zlib.error, IndexError, ValueError) as e:
+                    raise ValueError(f"corrupt OSM PBF block at byte {offset} ({e})") from None
+                for item in got.points:
+                    points.add(item)
+                ids += got.ids
+                xs += got.xs
+                ys += got.ys
+                dropped["invalid_location"] += got.invalid
+                if got.ways:
+                    way_blobs.append([offset, size])
+                if got.relations:
+                    rid, count, member = prescan_relations(tf, [raw])
+                    if rid.size:
+                        relation_blobs.append([offset, size, int(rid.min()), int(rid.max())])
+                        rel_ids.append(rid)
+                        rel_counts.append(count)
+                        rel_members.append(member)
+        points.flush()
+    except (RuntimeError, OSError, ValueError) as e:
+        writer.abort()
+        return {"error": str(e) or type(e).__name__}
+    store = write_store(
+        work,
+        f"nodes-{task.index:05d}",
+        np.concatenate(ids) if ids else np.zeros(0, np.int64),
+        np.concatenate(xs) if xs else np.zeros(0, np.int32),
+        np.concatenate(ys) if ys else np.zeros(0, np.int32),
+    )
+    result: dict[str, Any] = {
+        "rows": {"n": writer.rows},
+        "parts": writer.close(),
+        "dropped": dict(sorted((+dropped).items())),
+        "store": store,
+        "way_blobs": way_blobs,
+        "relation_blobs": relation_blobs,
+        "relations": None,
+        "members": None,
+        "hist": [],
+    }
+    if rel_ids:
+        rid, count, member = (np.concatenate(a) for a in (rel_ids, rel_counts, rel_members))
+        name = f"relations-{task.index:05d}"
+        result["relations"] = {
+            "path": write_npz(work / f"{name}.npz", ids=rid, counts=count, members=member),
+            "min": int(rid.min()),
+            "max": int(rid.max()),
+            "count": int(rid.size),
+        }
+        unique = np.unique(member)
+        if unique.size:
+            result["members"] = {
+                "path": save_array(work / f"{name}.members.npy", unique),
+                "min": int(unique[0]),
+                "max": int(unique[-1]),
+            }
+        result["hist"] = _histogram(rid, count)
+    return result
