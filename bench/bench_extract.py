@@ -1,23 +1,30 @@
-"""Benchmark the extract stage against osmium-tool, side by side in one run.
+"""Benchmark the extract stage against osmium-tool, side by side in one run, at two scales.
 
-Data: the bundled Helsinki extract (1x) and its 10x10 tiling (100x, about 2.4 M nodes), made
-with the shared ``tile_pbf.py`` into bench/data/ (cached).
+Data: the 10x10 and 20x20 tilings of the bundled Helsinki extract (0.8 M and 3.2 M groundable
+objects), made once by the shared ``tile_pbf.py`` into the cache folder beside the checkout
+(``../cache/k10.osm.pbf``, ``../cache/k20.osm.pbf``; never inside the repo).
 
 Peer: ``osmium tags-filter`` with the same keys (every key that can make a tag groundable in the
 default table, ``nwr/KEY``) writing a PBF, then ``osmium export`` of that PBF to GeoJSON
 sequence: the C++ command-line way to get tagged features with geometries. It writes more
 features than we do (every tagged object of the filtered file, and both a line and an area for
-some closed ways), while we also judge values and write GeoParquet; so both objects/s and the
-wall time for the same input are reported.
+some closed ways), while we also judge values and write GeoParquet; so both read the same file
+and the wall times compare.
 
-Ours: ``skyscript-build extract FILE --out DIR --workers 2 --force`` as a subprocess, so start-up
+Ours: ``skyscript-build extract FILE --out DIR --workers 2`` as a subprocess, so start-up
 counts. Runs alternate, ``--rounds`` each, best kept. The machine's cores are shared with
 other jobs, so only ratios measured in the same run mean something; CPU seconds (user + system
-of the process tree) are reported too, as they depend less on other jobs. Peak memory is the
-peak of the sum of PSS (proportional set size: pages shared between the parent and its forked
-workers count once) over the process tree, sampled every 20 ms with psutil.
+of the process tree) are reported too, as they depend less on other jobs.
 
-    python bench/bench_extract.py [--rounds 2] [--tiles 10]
+Memory (``measure``), sampled every 20 ms with psutil over the process tree: the peak RSS of
+each process (the largest reported), the peak of the sum of RSS over the tree, and the peak of
+the sum of PSS (proportional set size: pages shared between the parent and its forked workers
+count once).
+
+    python bench/bench_extract.py [--rounds 2] [--tiles 10 20] [--workers 2]
+
+``measure``, ``tiled``, ``run_ours`` and ``run_peer`` are meant to be imported by other
+benchmarks (``make bench-scale``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -40,32 +48,41 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from _results import record  # noqa: E402
 
-DATA = HERE / "data"
+CACHE = REPO.parent / "cache"
 OUT = HERE / "out" / "extract"
 SOURCE = REPO / "data" / "helsinki.osm.pbf"
 CLI = [sys.executable, "-m", "skyscript_build.cli"]
+MIB = 2**20
+
+
+@dataclass
+class Usage:
+    """What one command used: wall and CPU seconds, peak memory in MiB."""
+
+    seconds: float
+    cpu: float
+    rss_process: float  # the largest peak RSS of any one process of the tree
+    rss_tree: float  # the peak of the sum of RSS over the tree
+    pss_tree: float  # the peak of the sum of PSS over the tree
+    processes: int  # how many processes the tree had at most
 
 
 def tile_script() -> Path:
-    """The shared tiling script: /work/shared/bench here, ../shared/bench beside a checkout."""
+    """The shared tiling script: ../shared/bench beside a checkout, or /work/shared/bench."""
     for base in (REPO.parent / "shared", Path("/work/shared")):
         script = base / "bench" / "tile_pbf.py"
         if script.exists():
             return script
-    sys.exit(
-        "bench_extract: shared/bench/tile_pbf.py not found (expected ../shared beside the repo)"
-    )
+    sys.exit("bench: shared/bench/tile_pbf.py not found (expected ../shared beside the repo)")
 
 
 def tiled(k: int) -> Path:
-    """The k x k tiling of the Helsinki extract (cached in bench/data/)."""
-    if k == 1:
-        return SOURCE
-    path = DATA / f"helsinki_{k}x{k}.osm.pbf"
-    if not path.exists() or path.stat().st_mtime < SOURCE.stat().st_mtime:
-        DATA.mkdir(parents=True, exist_ok=True)
+    """The k x k tiling of the Helsinki extract, made once into ``../cache/k{k}.osm.pbf``."""
+    path = CACHE / f"k{k}.osm.pbf"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.pbf")
-        print(f"making {path.name} (once; a few minutes)", file=sys.stderr)
+        print(f"making {path} (once; a few minutes)", file=sys.stderr)
         subprocess.run(
             [sys.executable, str(tile_script()), str(SOURCE), str(tmp), str(k)], check=True
         )
@@ -78,27 +95,38 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(cmd: list[str]) -> tuple[float, float, float]:
-    """Run ``cmd``; return (seconds, peak PSS MiB over its process tree, CPU seconds)."""
+def measure(cmd: list[str], cwd: Path = REPO) -> Usage:
+    """Run ``cmd`` (exit code 0 expected) and sample its process tree's memory."""
     cpu0 = _children_cpu()
     start = time.perf_counter()
-    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
-    peak = 0
+    proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
+    peaks: dict[int, int] = {}
+    rss_tree = pss_tree = processes = 0
     while proc.poll() is None:
-        total = 0
-        with_children = [proc]
+        tree = [proc]
         with contextlib.suppress(psutil.Error):
-            with_children += proc.children(recursive=True)
-        for p in with_children:
+            tree += proc.children(recursive=True)
+        rss = pss = 0
+        for p in tree:
             with contextlib.suppress(psutil.Error):
-                # PSS: a page shared by the parent and its forked workers counts once.
-                total += p.memory_full_info().pss
-        peak = max(peak, total)
+                info = p.memory_full_info()
+                rss += info.rss
+                pss += info.pss
+                peaks[p.pid] = max(peaks.get(p.pid, 0), info.rss)
+        rss_tree, pss_tree = max(rss_tree, rss), max(pss_tree, pss)
+        processes = max(processes, len(tree))
         time.sleep(0.02)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        sys.exit(f"bench_extract: {' '.join(cmd)} failed:\n{proc.stderr.read().decode()}")
-    return seconds, peak / 2**20, _children_cpu() - cpu0
+        sys.exit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr.read().decode()}")
+    return Usage(
+        seconds,
+        _children_cpu() - cpu0,
+        max(peaks.values(), default=0) / MIB,
+        rss_tree / MIB,
+        pss_tree / MIB,
+        processes,
+    )
 
 
 def candidate_keys() -> list[str]:
@@ -110,15 +138,18 @@ def candidate_keys() -> list[str]:
 
 
 def run_ours(pbf: Path, workers: int, extra: list[str] | None = None) -> dict:
+    """``skyscript-build extract`` of ``pbf``: its usage, objects and tasks."""
     out = OUT / f"ours_{pbf.stem}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [*CLI, "-q", "extract", str(pbf), "--out", str(out), "--workers", str(workers)]
-    seconds, rss, cpu = measure(cmd + (extra or []))
-    objects = json.loads((out / "_extract.json").read_text())["objects"]
-    return {"seconds": seconds, "rss": rss, "cpu": cpu, "objects": objects}
+    usage = measure(cmd + (extra or []))
+    done = json.loads((out / "_extract.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    return {"usage": usage, "objects": done["objects"], "tasks": done["tasks"]}
 
 
 def run_peer(pbf: Path, keys: list[str]) -> dict:
+    """osmium-tool's ``tags-filter`` + ``export`` of ``pbf`` with ``keys``."""
     OUT.mkdir(parents=True, exist_ok=True)
     filtered = OUT / f"peer_{pbf.stem}.filtered.osm.pbf"
     geojson = OUT / f"peer_{pbf.stem}.geojsonseq"
@@ -126,111 +157,113 @@ def run_peer(pbf: Path, keys: list[str]) -> dict:
         f"osmium tags-filter -O -o {filtered} {pbf} {' '.join('nwr/' + k for k in keys)} && "
         f"osmium export -O -f geojsonseq -o {geojson} {filtered}"
     )
-    seconds, rss, cpu = measure(["bash", "-c", script])
+    usage = measure(["bash", "-c", script])
     with open(geojson, "rb") as f:
         objects = sum(1 for _ in f)
-    return {"seconds": seconds, "rss": rss, "cpu": cpu, "objects": objects}
+    filtered.unlink()
+    geojson.unlink()
+    return {"usage": usage, "objects": objects, "tasks": 1}
 
 
 def best(runs: list[dict]) -> dict:
-    top = min(runs, key=lambda r: r["seconds"])
-    return {**top, "rss": max(r["rss"] for r in runs), "cpu": min(r["cpu"] for r in runs)}
+    """The fastest run, with the largest memory and the least CPU seen over all."""
+    top = min(runs, key=lambda r: r["usage"].seconds)
+    u = top["usage"]
+    usage = Usage(
+        u.seconds,
+        min(r["usage"].cpu for r in runs),
+        max(r["usage"].rss_process for r in runs),
+        max(r["usage"].rss_tree for r in runs),
+        max(r["usage"].pss_tree for r in runs),
+        max(r["usage"].processes for r in runs),
+    )
+    return {**top, "usage": usage}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--tiles", type=int, default=10)
+    parser.add_argument("--tiles", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     if not shutil.which("osmium"):
         sys.exit("bench_extract: osmium-tool is missing (make bench-extract installs it)")
     keys = candidate_keys()
-    files = {1: tiled(1), args.tiles * args.tiles: tiled(args.tiles)}
+    files = {k: tiled(k) for k in args.tiles}
     load_before = os.getloadavg()
     results: dict[tuple[str, int], dict] = {}
-    for scale, pbf in files.items():
+    for k, pbf in files.items():
         pbf.read_bytes()  # warm the page cache
         ours, peer = [], []
         for _ in range(args.rounds):
             ours.append(run_ours(pbf, args.workers))
             peer.append(run_peer(pbf, keys))
-        results[("ours", scale)] = best(ours)
-        results[("peer", scale)] = best(peer)
-        if scale > 1:
-            results[("ours-1", scale)] = best([run_ours(pbf, 1)])
-            results[("ours-disk", scale)] = best(
-                [run_ours(pbf, args.workers, ["--location-index", "sparse_file_array"])]
-            )
+        results[("ours", k)] = best(ours)
+        results[("peer", k)] = best(peer)
     load = os.getloadavg()
-    big = args.tiles * args.tiles
-    rows = [
-        ("ours", f"skyscript-build extract --workers {args.workers}"),
-        ("ours-1", "skyscript-build extract --workers 1"),
-        ("ours-disk", f"ours, --workers {args.workers}, node index on disk (sparse_file_array)"),
-        ("peer", "osmium tags-filter + osmium export (geojsonseq)"),
-    ]
     lines = [
-        f"Input: data/helsinki.osm.pbf (1x, {files[1].stat().st_size / 2**20:.1f} MiB) and its "
-        f"{args.tiles}x{args.tiles} tiling ({big}x, {files[big].stat().st_size / 2**20:.1f} MiB); "
-        f"{len(keys)} keys. Best of {args.rounds} alternating rounds; load average (1, 5, 15 min) "
-        f"before {', '.join(f'{x:.1f}' for x in load_before)}, after "
+        f"Inputs: the {', '.join(f'{k}x{k}' for k in files)} tilings of data/helsinki.osm.pbf "
+        f"({', '.join(f'{p.stat().st_size / MIB:.0f} MiB' for p in files.values())}); "
+        f"{len(keys)} keys. Best of {args.rounds} alternating rounds; load average (1, 5, 15 "
+        f"min) before {', '.join(f'{x:.1f}' for x in load_before)}, after "
         f"{', '.join(f'{x:.1f}' for x in load)} on {os.cpu_count()} cores (shared machine: "
         "compare ratios measured in the same run, not times).",
         "",
-        f"| {big}x input | objects | wall s | objects/s | CPU s | peak PSS MiB |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| input | run | objects | tasks | wall s | CPU s | peak RSS of a process MiB "
+        "| peak RSS of the tree MiB | peak PSS of the tree MiB |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, label in rows:
-        r = results.get((key, big))
-        if r:
+    label = {"ours": f"skyscript-build extract --workers {args.workers}", "peer": "osmium-tool"}
+    for k in files:
+        for who in ("ours", "peer"):
+            r = results[(who, k)]
+            u = r["usage"]
             lines.append(
-                f"| {label} | {r['objects']} | {r['seconds']:.1f} | "
-                f"{r['objects'] / r['seconds']:,.0f} | {r['cpu']:.1f} | {r['rss']:.0f} |"
+                f"| {k}x{k} | {label[who]} | {r['objects']:,} | {r['tasks']} | {u.seconds:.1f} "
+                f"| {u.cpu:.1f} | {u.rss_process:.0f} | {u.rss_tree:.0f} | {u.pss_tree:.0f} |"
             )
-    o, p = results[("ours", big)], results[("peer", big)]
-    o1, p1 = results[("ours", 1)], results[("peer", 1)]
-    lines += [
-        "",
-        f"Ratio ours / osmium-tool at {big}x: objects/s "
-        f"{(o['objects'] / o['seconds']) / (p['objects'] / p['seconds']):.2f}, "
-        f"wall time {o['seconds'] / p['seconds']:.2f} (below 1 = we are faster), "
-        f"CPU seconds {o['cpu'] / p['cpu']:.2f}.",
-        "",
-        "Peak PSS, 1x -> {}x: ours {:.0f} -> {:.0f} MiB, osmium-tool {:.0f} -> {:.0f} MiB "
-        "(1x wall: ours {:.1f} s, osmium-tool {:.1f} s).".format(
-            big, o1["rss"], o["rss"], p1["rss"], p["rss"], o1["seconds"], p1["seconds"]
-        ),
-    ]
-    # Both read the same file, so input objects/s compare as the inverse of the wall times. The
-    # output counts differ: osmium-tool writes every feature with one of the keys (whatever the
-    # value) and some closed ways both as a line and as an area; we keep groundable objects only.
-    met = o["seconds"] <= p["seconds"]
-    lines += [
-        "",
-        f"Goal (at least osmium-tool's speed on the same file and keys, i.e. input objects/s = "
-        f"1 / wall time, using both cores): {'met' if met else 'NOT met'} "
-        f"({p['seconds'] / o['seconds']:.2f}x osmium-tool's input objects/s). Output objects/s "
-        f"compare at {(o['objects'] / o['seconds']) / (p['objects'] / p['seconds']):.2f} because "
-        f"osmium-tool writes {p['objects'] / o['objects']:.2f}x as many features (every feature "
-        "with one of the keys whatever its value, some closed ways as both line and area). "
-        "Our CPU seconds are the steadier measure on this shared machine. Two shards of about "
-        "equal CPU time: points + lines (decoded in bulk with numpy straight from the PBF: "
-        "node locations and tagged nodes from the DenseNodes blocks, Way messages parsed a "
-        "whole group at a time, tags judged once per string pair of a block; no Python object "
-        "per node or way) and areas (osmium's area assembly through pyosmium, the larger "
-        "shard now), so with two free cores the wall time approaches the larger shard's CPU "
-        "time. With the node index on disk (big inputs) our node locations go to memory-mapped "
-        "temporary files too. "
-        "osmium-tool's peak RSS depends on the id range, not the file size (its id sets): the "
-        "1x file has OSM's real 12-digit ids, the tiling renumbers them densely. Ours is the "
-        "sum over the parent and two forked workers (libraries loaded once per process); it "
-        "grows from 1x to 100x by the 10,000-row batches (which a 0.7 MiB file never fills) "
-        "and the in-memory node index (past 256 MiB of input the index goes to a file).",
-    ]
-    body = "\n".join(lines)
+    lines.append("")
+    for k in files:
+        o, p = results[("ours", k)]["usage"], results[("peer", k)]["usage"]
+        lines.append(
+            f"- {k}x{k}: wall time ours / osmium-tool **{o.seconds / p.seconds:.2f}** "
+            f"(CPU seconds {o.cpu / p.cpu:.2f})."
+        )
+    big, small = max(files), min(files)
+    o = results[("ours", big)]["usage"]
+    ratio = o.seconds / results[("peer", big)]["usage"].seconds
+    lines += ["", f"Goals at {big}x{big}:"]
+    lines.append(
+        f"- speed (wall time at most 1.1x osmium-tool's): {'met' if ratio <= 1.1 else 'NOT met'}"
+        f" ({ratio:.2f}x)."
+    )
+    if small != big:
+        s = results[("ours", small)]["usage"]
+        growth = o.rss_process / s.rss_process - 1
+        lines.append(
+            f"- memory set by the task, not the input (peak RSS of a process within 30 % from "
+            f"{small}x{small} to {big}x{big}): {'met' if abs(growth) <= 0.3 else 'NOT met'} "
+            f"({s.rss_process:.0f} -> {o.rss_process:.0f} MiB, {growth:+.0%}; the tree's PSS "
+            f"{s.pss_tree:.0f} -> {o.pss_tree:.0f} MiB)."
+        )
+    fits = max(o.rss_process, o.pss_tree) <= 1024
+    lines.append(
+        f"- at most 1 GiB (a process, and the whole tree's PSS): {'met' if fits else 'NOT met'} "
+        f"({o.rss_process:.0f} and {o.pss_tree:.0f} MiB; the tree's RSS, counting the pages the "
+        f"forked workers share with the parent once per process, {o.rss_tree:.0f} MiB)."
+    )
+    body = "\n".join(lines + ["", NOTES])
     print(body)
     record("extract", "extract: skyscript-build extract vs osmium tags-filter + export", body)
+
+
+NOTES = """\
+How the work is cut: each input into node tasks (`--task-mb`, 16 MiB of compressed blobs each:
+points, the node locations of the task written to disk, the relations to assemble), way tasks
+(a quarter of that: lines, areas from closed ways assembled by osmium from ways written with
+their locations, member ways of relations), relation tasks by relation id range; with several
+inputs, a merge by id. A process holds one task at a time, so its memory is set by the task
+size and not by the input; the workers' node-store pages are memory maps opened per lookup."""
 
 
 if __name__ == "__main__":

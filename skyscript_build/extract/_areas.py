@@ -31,9 +31,11 @@ import pyarrow.compute as pc
 from tag_filters import TagFilter, load_tag_filter
 
 from ..files import atomic_path
+from ._dense import StringTable, Unsupported, _Judge, judge_tags
 from ._encode import pbf_file, way_blocks
 from ._parquet import Batch, PartWriter, batch_to_table, remove_parts
 from ._pbf import read_blob
+from ._ways import Elements
 
 __all__ = [
     "Picked",
@@ -42,6 +44,7 @@ __all__ = [
     "key_filter",
     "assemble_way_areas",
     "prescan_relations",
+    "relation_candidates",
     "MemberSet",
     "RelationTask",
     "relation_task",
@@ -175,12 +178,41 @@ class _RelationLister:
         self.members.extend(ways)
 
 
+def relation_candidates(
+    judge: _Judge, block: bytes, group: tuple[int, int], table: StringTable
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, member way counts, member way ids) of the relations of a group that osmium would
+    assemble into kept areas (type multipolygon or boundary, a groundable tag), decoded in
+    bulk (``_ways.Elements``); the same as ``prescan_relations``."""
+    rel = Elements(block, group, 0x22)
+    n = len(rel)
+    kidx, vidx, kcount = rel.tags()
+    owner = np.repeat(np.arange(n), kcount)
+    judged = judge_tags(judge, table, kidx, vidx)
+    kept = np.zeros(n, bool)
+    if judged is not None:
+        kept[owner[judged[0]]] = True
+    type_keys = [k for k in np.unique(kidx).tolist() if table[k] == "type"]
+    typed = np.flatnonzero(np.isin(kidx, type_keys))
+    area = np.array([table[v] in AREA_RELATION_TYPES for v in vidx[typed].tolist()], bool)
+    kept &= np.bincount(owner[typed[area]], minlength=n) > 0
+    members, count = rel.deltas(9)
+    types, type_count = rel.packed(10)
+    if not np.array_equal(count, type_count):
+        raise Unsupported("a relation with member ids and types of different counts")
+    member_of = np.repeat(np.arange(n), count)
+    ways = kept[member_of] & (types == 1)
+    return rel.ids[kept], np.bincount(member_of[ways], minlength=n)[kept], members[ways]
+
+
 def prescan_relations(tf: TagFilter, blobs: list[bytes]) -> tuple[np.ndarray, ...]:
-    """(ids, member counts, member way ids) of the area relations in raw Blob messages."""
+    """(ids, member counts, member way ids) of the area relations in raw Blob messages,
+    through pyosmium."""
     lister = _RelationLister(tf)
     buffer = osmium.io.FileBuffer(pbf_file(blobs=blobs), "pbf")
+    area_types = osmium.filter.TagFilter(*(("type", t) for t in AREA_RELATION_TYPES))
     with osmium.io.Reader(buffer, osmium.osm.RELATION) as r:
-        osmium.apply(r, key_filter(tf), lister)
+        osmium.apply(r, area_types, key_filter(tf), lister)  # in C++ before any Python
     return (
         np.array(lister.ids, np.int64),
         np.array(lister.counts, np.int64),

@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from tag_filters import TagFilter
 
-__all__ = ["Unsupported", "iter_point_blocks", "PointBlock"]
+__all__ = ["Unsupported", "PointBlock", "StringTable", "repeated_field"]
 
 
 class Unsupported(Exception):
@@ -67,19 +67,86 @@ def _fields(buf: bytes, start: int = 0, end: int | None = None) -> Iterator[tupl
             raise Unsupported(f"protobuf wire type {wire}")
 
 
+def repeated_field(
+    block: bytes, span: tuple[int, int], tag: int, what: str
+) -> list[tuple[int, int]]:
+    """(start, end) of each value of a message that holds only one repeated length-delimited
+    field (``tag``): a string table's strings, a group's ways; ``what`` names the message in
+    the ``Unsupported`` raised for anything else."""
+    spans = []
+    pos, end = span
+    while pos < end:
+        if block[pos] != tag:
+            raise Unsupported(what)
+        length = block[pos + 1]
+        pos += 2
+        if length & 0x80:
+            length &= 0x7F
+            shift = 7
+            while True:
+                b = block[pos]
+                pos += 1
+                length |= (b & 0x7F) << shift
+                if not b & 0x80:
+                    break
+                shift += 7
+        spans.append((pos, pos + length))
+        pos += length
+    return spans
+
+
+class StringTable:
+    """A block's string table; a string is decoded when first asked for (a block has
+    thousands, a few of which are candidate keys and their values)."""
+
+    def __init__(self, block: bytes, spans: list[tuple[int, int]]) -> None:
+        self.block, self.spans = block, spans
+        self.cache: dict[int, str] = {}
+
+    @classmethod
+    def of_block(cls, block: bytes, span: tuple[int, int]) -> StringTable:
+        """The table of ``block`` whose StringTable message lies at ``span``."""
+        return cls(block, repeated_field(block, span, 0x0A, "a string table with another field"))
+
+    @classmethod
+    def of_list(cls, strings: list[str]) -> StringTable:
+        table = cls(b"", [(0, 0)] * len(strings))
+        table.cache = dict(enumerate(strings))
+        return table
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> str:
+        text = self.cache.get(i)
+        if text is None:
+            start, end = self.spans[i]
+            text = self.cache[i] = self.block[start:end].decode("utf-8", "replace")
+        return text
+
+    def arrow(self, indices: np.ndarray) -> pa.Array:
+        """The strings at ``indices`` as an Arrow array."""
+        used, inverse = np.unique(indices, return_inverse=True)
+        return pa.array([self[i] for i in used.tolist()], pa.string()).take(pa.array(inverse))
+
+
 def _packed_varints(buf: bytes, span: tuple[int, int]) -> np.ndarray:
-    """A packed varint field -> uint64 values, decoded in bulk."""
+    """A packed varint field -> uint64 values, decoded in bulk (one numpy step per byte of
+    the longest varint)."""
     raw = np.frombuffer(buf, dtype=np.uint8, count=span[1] - span[0], offset=span[0])
-    if raw.size == 0:
-        return np.zeros(0, dtype=np.uint64)
-    ends = np.flatnonzero(raw < 0x80)
+    last = raw < 0x80
+    if last.all():
+        return raw.astype(np.uint64)
+    ends = np.flatnonzero(last)
     starts = np.empty_like(ends)
     starts[0] = 0
     starts[1:] = ends[:-1] + 1
     lengths = ends - starts + 1
-    position = np.arange(raw.size) - np.repeat(starts, lengths)
-    payload = (raw & 0x7F).astype(np.uint64) << (7 * position).astype(np.uint64)
-    return np.add.reduceat(payload, starts)
+    out = (raw[starts] & 0x7F).astype(np.uint64)
+    for k in range(1, int(lengths.max())):
+        more = np.flatnonzero(lengths > k)
+        out[more] |= (raw[starts[more] + k] & 0x7F).astype(np.uint64) << np.uint64(7 * k)
+    return out
 
 
 def _zigzag_delta(values: np.ndarray) -> np.ndarray:
@@ -171,7 +238,7 @@ class _Judge:
 def _dense_points(
     block: bytes,
     dense: tuple[int, int],
-    table: list[str],
+    table: StringTable,
     meta: dict[str, int],
     judge: _Judge,
     decoded: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
@@ -220,9 +287,8 @@ def _dense_points(
     x = _div100(meta["lon_offset"] + gran * lon_raw)
     y = _div100(meta["lat_offset"] + gran * lat_raw)
     valid = (np.abs(x) <= 1_800_000_000) & (np.abs(y) <= 900_000_000)
-    strings = pa.array(table, pa.string())
-    keys = strings.take(pa.array(kidx[keep]))
-    values = strings.take(pa.array(vidx[keep]))
+    keys = table.arrow(kidx[keep])
+    values = table.arrow(vidx[keep])
     block_out = PointBlock(
         ids[nodes], offsets, keys, values, best, x / 1e7, y / 1e7, int((~valid).sum())
     )
@@ -275,7 +341,7 @@ def data_block_parts(
 
 
 def judge_tags(
-    judge: _Judge, table: list[str], kidx: np.ndarray, vidx: np.ndarray
+    judge: _Judge, table: StringTable, kidx: np.ndarray, vidx: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(indices, max GSDs) of the groundable tags among a block's (key, value) index pairs.
 
@@ -283,7 +349,9 @@ def judge_tags(
     """
     if kidx.max(initial=0) >= len(table) or vidx.max(initial=0) >= len(table):
         raise Unsupported("a string index past the string table")
-    candidate = np.fromiter((judge.is_candidate(s) for s in table), bool, len(table))
+    used = np.unique(kidx).tolist()
+    candidate = np.zeros(len(table), bool)
+    candidate[used] = [judge.is_candidate(table[k]) for k in used]
     cand = np.flatnonzero(candidate[kidx])
     if cand.size == 0:
         return None
@@ -302,42 +370,6 @@ def by_owner(owner: np.ndarray) -> np.ndarray:
     """The order of tag entries (given in file order) by owner (node or way, in file order),
     then as the element lists its tags: OSM's order, which SkyScript's captions follow."""
     return np.argsort(owner, kind="stable")
-
-
-def iter_point_blocks(path: str, tf: TagFilter) -> Iterator[PointBlock]:
-    """The groundable tagged nodes of ``path``, one ``PointBlock`` per PBF block with any."""
-    judge = _Judge(tf)
-    type_then_id = False
-    for kind, block in _blobs(path):
-        if kind == "OSMHeader":
-            for field, value in _fields(block):
-                if field == 5 and block[value[0] : value[1]] == b"Sort.Type_then_ID":
-                    type_then_id = True
-            continue
-        if kind != "OSMData":
-            continue
-        strings, meta, groups = data_block_parts(block)
-        table: list[str] | None = None
-        past_nodes = False
-        for group in groups:
-            for field, value in _fields(block, *group):
-                if field == 1:
-                    raise Unsupported("plain (not dense) nodes")
-                if field in (3, 4):
-                    past_nodes = True
-                    break
-                if field == 2:
-                    if table is None:
-                        table = [
-                            block[s:e].decode("utf-8", "replace")
-                            for f, (s, e) in _fields(block, *strings)
-                            if f == 1
-                        ]
-                    points = _dense_points(block, value, table, meta, judge)
-                    if points is not None and (len(points) or points.invalid):
-                        yield points
-        if past_nodes and type_then_id:
-            return  # sorted: no node follows the first way or relation
 
 
 def _signed(value: int) -> int:

@@ -27,9 +27,10 @@ import pyarrow as pa
 
 from tag_filters import TagFilter, load_tag_filter
 
-from ._areas import add_row, prescan_relations, tag_picker, write_npz
+from ._areas import add_row, prescan_relations, relation_candidates, tag_picker, write_npz
 from ._dense import (
     PointBlock,
+    StringTable,
     Unsupported,
     _decompress,
     _dense_points,
@@ -43,7 +44,6 @@ from ._encode import pbf_file
 from ._nodestore import save_array, write_store
 from ._parquet import Batch, PartWriter, batch_to_table, columns_to_table, point_wkb, remove_parts
 from ._pbf import read_blob
-from ._ways import table_strings
 
 __all__ = ["NodeTask", "node_task"]
 
@@ -102,24 +102,29 @@ class _Blob:
         self.points: list[PointBlock | pa.Table] = []
         self.ways = self.relations = False
         self.invalid = 0
+        self.candidates: list[tuple[np.ndarray, ...]] = []  # relations decoded in bulk
 
 
 def _bulk(block: bytes, judge: _Judge) -> _Blob:
     """Decode a blob's node groups with numpy; raises ``Unsupported``."""
     got = _Blob()
     strings, meta, groups = data_block_parts(block)
-    table: list[str] | None = None
+    table: StringTable | None = None
     for group in groups:
         field, value = next(_fields(block, *group), (0, None))
         if field == 1:
             raise Unsupported("plain (not dense) nodes")
         if field == 3:
             got.ways = True
-        elif field == 4:
+        if field in (2, 4) and table is None:
+            table = StringTable.of_block(block, strings)
+        if field == 4:
+            assert table is not None
             got.relations = True
+            got.candidates.append(relation_candidates(judge, block, group, table))
         if field != 2:
             continue
-        assert isinstance(value, tuple)
+        assert isinstance(value, tuple) and table is not None
         decoded = _decode_dense(block, value, meta)
         if decoded is None:
             continue
@@ -128,8 +133,6 @@ def _bulk(block: bytes, judge: _Judge) -> _Blob:
         got.ids.append(ids[valid])
         got.xs.append(x[valid].astype(np.int32))
         got.ys.append(y[valid].astype(np.int32))
-        if table is None:
-            table = table_strings(block, strings)
         points = _dense_points(block, value, table, meta, judge, (ids, lat, lon))
         if points is not None:
             got.invalid += points.invalid
@@ -271,7 +274,12 @@ def node_task(task: NodeTask) -> dict[str, Any]:
                 if got.ways:
                     way_blobs.append([offset, size])
                 if got.relations:
-                    rid, count, member = prescan_relations(tf, [raw])
+                    if got.candidates:
+                        rid, count, member = (
+                            np.concatenate(a) for a in zip(*got.candidates, strict=True)
+                        )
+                    else:  # decoded by pyosmium
+                        rid, count, member = prescan_relations(tf, [raw])
                     if rid.size:
                         relation_blobs.append([offset, size, int(rid.min()), int(rid.max())])
                         rel_ids.append(rid)

@@ -19,7 +19,6 @@ the same arrays.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,15 @@ import numpy as np
 import osmium
 import pyarrow as pa
 
-from ._dense import Unsupported, _Judge, _packed_varints, by_owner, judge_tags
+from ._dense import (
+    StringTable,
+    Unsupported,
+    _Judge,
+    _packed_varints,
+    by_owner,
+    judge_tags,
+    repeated_field,
+)
 from ._encode import UNDEFINED, pbf_file, way_messages
 from ._nodestore import NodeStore
 from ._rules import RULE_KEYS, area_vote
@@ -43,37 +50,6 @@ __all__ = [
     "merge_lines",
     "take_rows",
 ]
-
-
-def _repeated(block: bytes, span: tuple[int, int], tag: int, what: str) -> list[tuple[int, int]]:
-    """(start, end) of each value of a message that holds only one repeated length-delimited
-    field (``tag``): a string table's strings, a group's ways."""
-    spans = []
-    pos, end = span
-    while pos < end:
-        if block[pos] != tag:
-            raise Unsupported(what)
-        length = block[pos + 1]
-        pos += 2
-        if length & 0x80:
-            length &= 0x7F
-            shift = 7
-            while True:
-                b = block[pos]
-                pos += 1
-                length |= (b & 0x7F) << shift
-                if not b & 0x80:
-                    break
-                shift += 7
-        spans.append((pos, pos + length))
-        pos += length
-    return spans
-
-
-def table_strings(block: bytes, strings: tuple[int, int]) -> list[str]:
-    """The string table of a block."""
-    spans = _repeated(block, strings, 0x0A, "a string table with another field")
-    return [block[s:e].decode("utf-8", "replace") for s, e in spans]
 
 
 def _varint_at(raw: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -110,15 +86,17 @@ def _packed(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.n
     return _packed_varints(data_bytes, (0, len(data_bytes))), counts
 
 
-# Way fields in the order osmium (and most writers) store them: keys, vals, info, refs, lats, lons.
-_WAY_FIELDS = ((2, 0x12), (3, 0x1A), (4, 0x22), (8, 0x42), (9, 0x4A), (10, 0x52))
+# Way and Relation fields in the order osmium (and most writers) store them: keys, vals, info,
+# then refs, lats, lons of a way, or roles, member ids, member types of a relation.
+_FIELDS = ((2, 0x12), (3, 0x1A), (4, 0x22), (8, 0x42), (9, 0x4A), (10, 0x52))
 
 
-class _Ways:
-    """The Way messages of one group, parsed across all ways at once."""
+class Elements:
+    """The Way (group field 3, ``tag`` 0x1A) or Relation (field 4, 0x22) messages of one
+    group, parsed across all of them at once."""
 
-    def __init__(self, block: bytes, group: tuple[int, int]) -> None:
-        spans = _repeated(block, group, 0x1A, "a group mixing ways with other objects")
+    def __init__(self, block: bytes, group: tuple[int, int], tag: int = 0x1A) -> None:
+        spans = repeated_field(block, group, tag, "a group mixing elements of two kinds")
         starts = [s for s, _ in spans]
         ends = [e for _, e in spans]
         raw = np.frombuffer(block, np.uint8)
@@ -127,12 +105,12 @@ class _Ways:
         p = np.asarray(starts, np.int64)
         e = np.asarray(ends, np.int64)
         if (raw[p] != 0x08).any():
-            raise Unsupported("a way without its id first")
+            raise Unsupported("an element without its id first")
         ids, p = _varint_at(raw, p + 1)
         self.ids = ids.astype(np.int64)
         self.spans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for field, tag in _WAY_FIELDS:
-            here = (p < e) & (raw[np.minimum(p, raw.size - 1)] == tag)
+        for field, field_tag in _FIELDS:
+            here = (p < e) & (raw[np.minimum(p, raw.size - 1)] == field_tag)
             s = p.copy()
             f_end = p.copy()
             if here.any():
@@ -142,7 +120,24 @@ class _Ways:
             self.spans[field] = (s, f_end)
             p = f_end
         if (p != e).any():
-            raise Unsupported("a way field out of the usual order")
+            raise Unsupported("an element field out of the usual order")
+
+    def tags(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(key indices, value indices, tags per element)."""
+        kidx, kcount = self.packed(2)
+        vidx, vcount = self.packed(3)
+        if not np.array_equal(kcount, vcount):
+            raise Unsupported("an element with keys and values of different counts")
+        return kidx.astype(np.int64), vidx.astype(np.int64), kcount
+
+    def deltas(self, field: int) -> tuple[np.ndarray, np.ndarray]:
+        """A packed sint64 field delta-coded within each element -> (values, per element)."""
+        raw, count = self.packed(field)
+        deltas = (raw >> np.uint64(1)).astype(np.int64) ^ -(raw & np.uint64(1)).astype(np.int64)
+        cs = np.cumsum(deltas)
+        start = np.cumsum(count) - count
+        base = np.where(start > 0, cs[np.maximum(start - 1, 0)], 0)
+        return cs - np.repeat(base, count), count
 
     def __len__(self) -> int:
         return self.ids.size
@@ -163,42 +158,24 @@ class WayGroup:
     kcount: np.ndarray
     refs: np.ndarray
     rcount: np.ndarray
-    table: list[str]
-    strings: bytes  # the StringTable message, for writing the tags again
-
-    @functools.cached_property
-    def arrow_table(self) -> pa.Array:
-        return pa.array(self.table, pa.string())
+    table: StringTable
 
 
-def decode_way_group(
-    block: bytes, strings: tuple[int, int], group: tuple[int, int], table: list[str]
-) -> WayGroup | None:
+def decode_way_group(block: bytes, group: tuple[int, int], table: StringTable) -> WayGroup | None:
     """The ways of a group of ``block`` (None when it has none)."""
-    ways = _Ways(block, group)
+    ways = Elements(block, group)
     if len(ways) == 0:
         return None
-    kidx, kcount = ways.packed(2)
-    vidx, vcount = ways.packed(3)
-    if not np.array_equal(kcount, vcount):
-        raise Unsupported("a way with keys and values of different counts")
-    raw_refs, rcount = ways.packed(8)
-    deltas = (raw_refs >> np.uint64(1)).astype(np.int64) ^ -(raw_refs & np.uint64(1)).astype(
-        np.int64
-    )
-    cs = np.cumsum(deltas)
-    rstart = np.concatenate(([0], np.cumsum(rcount)[:-1]))
-    base = np.where(rstart > 0, cs[np.maximum(rstart - 1, 0)], 0)
-    refs = cs - np.repeat(base, rcount)
+    kidx, vidx, kcount = ways.tags()
+    refs, rcount = ways.deltas(8)
     return WayGroup(
         ways.ids,
-        kidx.astype(np.int64),
-        vidx.astype(np.int64),
+        kidx,
+        vidx,
         kcount,
         refs,
         rcount,
         table,
-        block[strings[0] : strings[1]],
     )
 
 
@@ -225,8 +202,6 @@ def decode_with_osmium(raw_blob: bytes) -> WayGroup | None:
         rcount.append(len(nodes))
     if not ids:
         return None
-    table = list(index)
-    strings = b"".join(_string_field(s) for s in table)
     pairs = np.array(tags, np.int64).reshape(-1, 2)
     return WayGroup(
         np.array(ids, np.int64),
@@ -235,21 +210,8 @@ def decode_with_osmium(raw_blob: bytes) -> WayGroup | None:
         np.array(kcount, np.int64),
         np.array(refs, np.int64),
         np.array(rcount, np.int64),
-        table,
-        strings,
+        StringTable.of_list(list(index)),
     )
-
-
-def _string_field(s: str) -> bytes:
-    data = s.encode("utf-8")
-    size = len(data)
-    head = bytearray([0x0A])
-    while True:
-        low = size & 0x7F
-        size >>= 7
-        head.append(low | (0x80 if size else 0))
-        if not size:
-            return bytes(head) + data
 
 
 @dataclass
@@ -410,7 +372,9 @@ def _are_areas(g: WayGroup, tag_way: np.ndarray, ways: np.ndarray) -> np.ndarray
     """``_rules.is_area`` of the ways ``ways`` (a mask), from each distinct tag of the block."""
     n = g.ids.size
     table = g.table
-    rule_key = np.fromiter((s in RULE_KEYS for s in table), bool, len(table))
+    used = np.unique(g.kidx[ways[tag_way]]).tolist()
+    rule_key = np.zeros(len(table), bool)
+    rule_key[used] = [table[k] in RULE_KEYS for k in used]
     entries = np.flatnonzero(rule_key[g.kidx] & ways[tag_way])
     width = len(table)
     pairs, inverse = np.unique(g.kidx[entries] * width + g.vidx[entries], return_inverse=True)
@@ -436,8 +400,8 @@ def _tag_columns(
     return {
         "ids": g.ids[ways_out],
         "tag_counts": tcounts,
-        "keys": g.arrow_table.take(pa.array(g.kidx[tkeep])),
-        "values": g.arrow_table.take(pa.array(g.vidx[tkeep])),
+        "keys": g.table.arrow(g.kidx[tkeep]),
+        "values": g.table.arrow(g.vidx[tkeep]),
         "max_gsd": np.maximum.reduceat(tgsd, first_tag),
     }
 

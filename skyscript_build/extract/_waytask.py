@@ -21,7 +21,7 @@ from tag_filters import load_tag_filter
 
 from ..files import atomic_path
 from ._areas import MemberSet, assemble_way_areas
-from ._dense import Unsupported, _decompress, _fields, _Judge, data_block_parts
+from ._dense import StringTable, Unsupported, _decompress, _fields, _Judge, data_block_parts
 from ._encode import AREA_STRINGS, way_blocks
 from ._nodestore import NodeStore, save_array
 from ._parquet import PartWriter, area_geometries, columns_to_table, remove_parts
@@ -33,7 +33,6 @@ from ._ways import (
     decode_with_osmium,
     lines_table,
     merge_lines,
-    table_strings,
     take_rows,
 )
 
@@ -66,14 +65,14 @@ def _groups(raw: bytes) -> list[WayGroup]:
     try:
         block = _decompress(raw)
         strings, _, groups = data_block_parts(block)
-        table: list[str] | None = None
+        table: StringTable | None = None
         found = []
         for group in groups:
             if next(_fields(block, *group), (0, None))[0] != 3:
                 continue
             if table is None:
-                table = table_strings(block, strings)
-            g = decode_way_group(block, strings, group, table)
+                table = StringTable.of_block(block, strings)
+            g = decode_way_group(block, group, table)
             if g is not None:
                 found.append(g)
         return found
