@@ -75,15 +75,15 @@ def test_extract_keeps_each_element_s_tag_order(objects: Path):
 
 
 def test_extract_s_pyosmium_readers_keep_it_too(objects: Path, tmp_path: Path, monkeypatch):
-    from skyscript_build.extract import _shards
+    from skyscript_build.extract import _nodes, _waytask
     from skyscript_build.extract._dense import Unsupported
 
     def unsupported(*args, **kwargs):
         raise Unsupported("forced for the test")
-        yield  # pragma: no cover
 
-    monkeypatch.setattr(_shards, "iter_point_blocks", unsupported)
-    monkeypatch.setattr(_shards, "_fast_points_lines", lambda *a: False)
+    # Every blob through pyosmium: its nodes, ways and relations.
+    monkeypatch.setattr(_nodes, "_bulk", unsupported)
+    monkeypatch.setattr(_waytask, "decode_way_group", unsupported)
     pbf = opl_to_pbf(ORDER_OPL + "\n", tmp_path / "order.osm.pbf")
     run_extract(ExtractConfig(pbf, tmp_path / "objects", workers=1))
     assert _tags_by_object(tmp_path / "objects") == OSM_ORDER
