@@ -38,7 +38,6 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -53,18 +52,6 @@ OUT = HERE / "out" / "extract"
 SOURCE = REPO / "data" / "helsinki.osm.pbf"
 CLI = [sys.executable, "-m", "skyscript_build.cli"]
 MIB = 2**20
-
-
-@dataclass
-class Usage:
-    """What one command used: wall and CPU seconds, peak memory in MiB."""
-
-    seconds: float
-    cpu: float
-    rss_process: float  # the largest peak RSS of any one process of the tree
-    rss_tree: float  # the peak of the sum of RSS over the tree
-    pss_tree: float  # the peak of the sum of PSS over the tree
-    processes: int  # how many processes the tree had at most
 
 
 def tile_script() -> Path:
@@ -95,13 +82,14 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(cmd: list[str], cwd: Path = REPO) -> Usage:
-    """Run ``cmd`` (exit code 0 expected) and sample its process tree's memory."""
+def measure(cmd: list[str], cwd: Path = REPO) -> dict:
+    """Run ``cmd`` (exit code 0 expected) and sample its process tree's memory: wall and CPU
+    ``seconds``, peak RSS in MiB of its largest process (``rss_one``) and of the whole tree
+    (``rss_tree``), the tree's peak PSS (``pss_tree``) and most ``processes`` at once."""
     cpu0 = _children_cpu()
     start = time.perf_counter()
     proc = psutil.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=cwd)
-    peaks: dict[int, int] = {}
-    rss_tree = pss_tree = processes = 0
+    one = rss_tree = pss_tree = processes = 0
     while proc.poll() is None:
         tree = [proc]
         with contextlib.suppress(psutil.Error):
@@ -112,21 +100,21 @@ def measure(cmd: list[str], cwd: Path = REPO) -> Usage:
                 info = p.memory_full_info()
                 rss += info.rss
                 pss += info.pss
-                peaks[p.pid] = max(peaks.get(p.pid, 0), info.rss)
+                one = max(one, info.rss)
         rss_tree, pss_tree = max(rss_tree, rss), max(pss_tree, pss)
         processes = max(processes, len(tree))
         time.sleep(0.02)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
         sys.exit(f"bench: {' '.join(cmd)} failed:\n{proc.stderr.read().decode()}")
-    return Usage(
-        seconds,
-        _children_cpu() - cpu0,
-        max(peaks.values(), default=0) / MIB,
-        rss_tree / MIB,
-        pss_tree / MIB,
-        processes,
-    )
+    return {
+        "seconds": seconds,
+        "cpu": _children_cpu() - cpu0,
+        "rss_one": one / MIB,
+        "rss_tree": rss_tree / MIB,
+        "pss_tree": pss_tree / MIB,
+        "processes": processes,
+    }
 
 
 def candidate_keys() -> list[str]:
@@ -145,7 +133,7 @@ def run_ours(pbf: Path, workers: int, extra: list[str] | None = None) -> dict:
     usage = measure(cmd + (extra or []))
     done = json.loads((out / "_extract.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
-    return {"usage": usage, "objects": done["objects"], "tasks": done["tasks"]}
+    return {**usage, "objects": done["objects"], "tasks": done["tasks"]}
 
 
 def run_peer(pbf: Path, keys: list[str]) -> dict:
@@ -162,22 +150,14 @@ def run_peer(pbf: Path, keys: list[str]) -> dict:
         objects = sum(1 for _ in f)
     filtered.unlink()
     geojson.unlink()
-    return {"usage": usage, "objects": objects, "tasks": 1}
+    return {**usage, "objects": objects, "tasks": 1}
 
 
 def best(runs: list[dict]) -> dict:
     """The fastest run, with the largest memory and the least CPU seen over all."""
-    top = min(runs, key=lambda r: r["usage"].seconds)
-    u = top["usage"]
-    usage = Usage(
-        u.seconds,
-        min(r["usage"].cpu for r in runs),
-        max(r["usage"].rss_process for r in runs),
-        max(r["usage"].rss_tree for r in runs),
-        max(r["usage"].pss_tree for r in runs),
-        max(r["usage"].processes for r in runs),
-    )
-    return {**top, "usage": usage}
+    top = min(runs, key=lambda r: r["seconds"])
+    worst = {k: max(r[k] for r in runs) for k in ("rss_one", "rss_tree", "pss_tree")}
+    return {**top, **worst, "cpu": min(r["cpu"] for r in runs)}
 
 
 def main() -> None:
@@ -217,40 +197,39 @@ def main() -> None:
     for k in files:
         for who in ("ours", "peer"):
             r = results[(who, k)]
-            u = r["usage"]
             lines.append(
-                f"| {k}x{k} | {label[who]} | {r['objects']:,} | {r['tasks']} | {u.seconds:.1f} "
-                f"| {u.cpu:.1f} | {u.rss_process:.0f} | {u.rss_tree:.0f} | {u.pss_tree:.0f} |"
+                f"| {k}x{k} | {label[who]} | {r['objects']:,} | {r['tasks']} | {r['seconds']:.1f} "
+                f"| {r['cpu']:.1f} | {r['rss_one']:.0f} | {r['rss_tree']:.0f} | {r['pss_tree']:.0f} |"
             )
     lines.append("")
     for k in files:
-        o, p = results[("ours", k)]["usage"], results[("peer", k)]["usage"]
+        o, p = results[("ours", k)], results[("peer", k)]
         lines.append(
-            f"- {k}x{k}: wall time ours / osmium-tool **{o.seconds / p.seconds:.2f}** "
-            f"(CPU seconds {o.cpu / p.cpu:.2f})."
+            f"- {k}x{k}: wall time ours / osmium-tool **{o['seconds'] / p['seconds']:.2f}** "
+            f"(CPU seconds {o['cpu'] / p['cpu']:.2f})."
         )
     big, small = max(files), min(files)
-    o = results[("ours", big)]["usage"]
-    ratio = o.seconds / results[("peer", big)]["usage"].seconds
+    o = results[("ours", big)]
+    ratio = o["seconds"] / results[("peer", big)]["seconds"]
     lines += ["", f"Goals at {big}x{big}:"]
     lines.append(
         f"- speed (wall time at most 1.1x osmium-tool's): {'met' if ratio <= 1.1 else 'NOT met'}"
         f" ({ratio:.2f}x)."
     )
     if small != big:
-        s = results[("ours", small)]["usage"]
-        growth = o.rss_process / s.rss_process - 1
+        s = results[("ours", small)]
+        growth = o["rss_one"] / s["rss_one"] - 1
         lines.append(
             f"- memory set by the task, not the input (peak RSS of a process within 30 % from "
             f"{small}x{small} to {big}x{big}): {'met' if abs(growth) <= 0.3 else 'NOT met'} "
-            f"({s.rss_process:.0f} -> {o.rss_process:.0f} MiB, {growth:+.0%}; the tree's PSS "
-            f"{s.pss_tree:.0f} -> {o.pss_tree:.0f} MiB)."
+            f"({s['rss_one']:.0f} -> {o['rss_one']:.0f} MiB, {growth:+.0%}; the tree's PSS "
+            f"{s['pss_tree']:.0f} -> {o['pss_tree']:.0f} MiB)."
         )
-    fits = max(o.rss_process, o.pss_tree) <= 1024
+    fits = max(o["rss_one"], o["pss_tree"]) <= 1024
     lines.append(
         f"- at most 1 GiB (a process, and the whole tree's PSS): {'met' if fits else 'NOT met'} "
-        f"({o.rss_process:.0f} and {o.pss_tree:.0f} MiB; the tree's RSS, counting the pages the "
-        f"forked workers share with the parent once per process, {o.rss_tree:.0f} MiB)."
+        f"({o['rss_one']:.0f} and {o['pss_tree']:.0f} MiB; the tree's RSS, counting the pages "
+        f"the forked workers share with the parent once per process, {o['rss_tree']:.0f} MiB)."
     )
     body = "\n".join(lines + ["", NOTES])
     print(body)

@@ -147,10 +147,12 @@ class ExtractResult:
         why = ", ".join(f"{k} {v}" for k, v in self.dropped.items() if v)
         head = "extract: already done, " if self.skipped else "extract: "
         inputs = f"{self.inputs} inputs" if self.inputs > 1 else "1 input"
+        tasks = f"{self.tasks} task{'s' if self.tasks != 1 else ''}"
+        parts = f"{len(self.parts)} part{'s' if len(self.parts) != 1 else ''}"
         dups = f", {self.duplicates} copies across inputs kept once" if self.inputs > 1 else ""
         return (
-            f"{head}{self.objects} objects ({kinds}) from {inputs} in {self.tasks} tasks, "
-            f"{len(self.parts)} parts under {self.out}; dropped {dropped}"
+            f"{head}{self.objects} objects ({kinds}) from {inputs} in {tasks}, {parts} under "
+            f"{self.out}; dropped {dropped}"
             f"{f' ({why})' if why else ''}, repaired {self.repaired}{dups}; {self.seconds:.1f} s"
         )
 
@@ -397,10 +399,12 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         fingerprint=fingerprint,
     )
     log.info(
-        "extract: %d input(s) -> %s (%s)",
-        len(inputs),
+        "extract: %s -> %s (%s)",
+        ", ".join(str(p) for p in paths),
         out,
-        f"on Dask {config.scheduler}" if config.scheduler else f"{config.workers or 'all'} cores",
+        f"on Dask {config.scheduler}"
+        if config.scheduler
+        else f"{runner.cluster.n_workers()} worker process(es)",
     )
     try:
         results = _run_all(config, inputs, runner, out)
@@ -492,7 +496,7 @@ def _result_from(record: dict[str, Any], seconds: float) -> ExtractResult:
     return ExtractResult(
         out=Path(record["config"]["out"]),
         objects=record["objects"],
-        by_type=record["by_type"],
+        by_type={name: record["by_type"].get(name, 0) for name in _KIND_NAMES.values()},
         dropped=record["dropped"],
         repaired=record["repaired"],
         duplicates=record["duplicates"],
