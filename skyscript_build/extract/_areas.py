@@ -5,12 +5,12 @@ locations (``_encode``), so that no osmium node index is needed.
   their tags; see ``_rules``) with their locations and has osmium assemble them here; their
   tags come from the way task's own decoding.
 - Areas from multipolygon relations: the node tasks list each candidate relation and its
-  member ways (``prescan_relations``); the way tasks keep those member ways with their
-  locations on disk; a relation task assembles the relations of one id range from them
-  (``relation_task``).
+  member ways (``relation_candidates``, in bulk; ``prescan_relations`` through pyosmium); the
+  way tasks keep those member ways with their locations on disk; a relation task assembles the
+  relations of one id range from the raw relation blobs and those ways (``relation_task``).
 
-Rows are gathered with pyosmium (osmium's WKB factory), checked and repaired with shapely
-(``_parquet.batch_to_table``).
+Geometries come from osmium's WKB factory and are checked and repaired with shapely
+(``_parquet.area_geometries``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 
 from tag_filters import TagFilter, load_tag_filter
 
-from ..files import atomic_path
 from ._dense import StringTable, Unsupported, _Judge, judge_tags
 from ._encode import pbf_file, way_blocks
 from ._parquet import Batch, PartWriter, batch_to_table, remove_parts
@@ -48,7 +47,6 @@ __all__ = [
     "MemberSet",
     "RelationTask",
     "relation_task",
-    "write_npz",
 ]
 
 Picked = tuple[list[str], list[str], float]
@@ -324,23 +322,22 @@ def relation_task(task: RelationTask) -> dict[str, Any]:
     dropped: Counter = Counter()
     ids, need = _candidates(task)
     handler = _RelationAreas(tf, dropped)
-    try:
-        with open(task.input, "rb") as f:
-            relations = [read_blob(f, offset, size) for offset, size in task.blobs]
-        if ids.size:
-            manager = osmium.area.AreaManager()
-            only = osmium.filter.IdFilter(ids.tolist())
-            only.enable_for(osmium.osm.RELATION)
+    if ids.size:
+        manager = osmium.area.AreaManager()
+        only = osmium.filter.IdFilter(ids.tolist())
+        only.enable_for(osmium.osm.RELATION)
+        try:
+            with open(task.input, "rb") as f:
+                relations = [read_blob(f, offset, size) for offset, size in task.blobs]
             buffer = osmium.io.FileBuffer(pbf_file(blobs=relations), "pbf")
             with osmium.io.Reader(buffer, osmium.osm.RELATION) as r:
                 osmium.apply(r, only, manager.first_pass_handler())
-            del relations, buffer
-            ways = _member_ways(task, need)
-            buffer = osmium.io.FileBuffer(pbf_file(ways), "pbf")
-            with osmium.io.Reader(buffer, osmium.osm.WAY) as r:
-                osmium.apply(r, manager.second_pass_handler(key_filter(tf), handler))
-    except (RuntimeError, OSError, ValueError) as e:
-        return {"error": str(e) or type(e).__name__}
+        except (RuntimeError, OSError, ValueError) as e:
+            return {"error": f"corrupt OSM PBF relation blocks ({e})"}
+        del relations, buffer
+        buffer = osmium.io.FileBuffer(pbf_file(_member_ways(task, need)), "pbf")
+        with osmium.io.Reader(buffer, osmium.osm.WAY) as r:
+            osmium.apply(r, manager.second_pass_handler(key_filter(tf), handler))
     made = len(handler.batch)
     table = batch_to_table(handler.batch, dropped)
     table = table.take(pc.sort_indices(table["osm_id"]))
@@ -352,10 +349,3 @@ def relation_task(task: RelationTask) -> dict[str, Any]:
         "parts": writer.close(),
         "dropped": dict(sorted((+dropped).items())),
     }
-
-
-def write_npz(path: Path, **arrays: np.ndarray) -> str:
-    """``np.savez`` under a temporary name, renamed when complete; return the path."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays)  # type: ignore[arg-type]
-    return str(path)

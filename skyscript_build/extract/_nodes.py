@@ -6,8 +6,9 @@ A node task decodes each of its blobs once:
   (``_dense``), and every node location goes into the task's node store (``_nodestore``);
 - a blob with ways is listed for the way tasks, which run once every node store is written;
 - the relations osmium would assemble into kept areas are listed with their member ways
-  (``_areas.prescan_relations``), for the way tasks (which keep those ways with their
-  locations) and the relation tasks.
+  (``_areas.relation_candidates``), for the way tasks (which keep those ways with their
+  locations) and the relation tasks, with a histogram by id that the relation tasks are cut
+  by.
 
 A blob the bulk decoder does not cover (plain nodes, another compression) goes through
 pyosmium, with the same rows.
@@ -19,7 +20,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import osmium
@@ -27,7 +28,7 @@ import pyarrow as pa
 
 from tag_filters import TagFilter, load_tag_filter
 
-from ._areas import add_row, prescan_relations, relation_candidates, tag_picker, write_npz
+from ._areas import add_row, prescan_relations, relation_candidates, tag_picker
 from ._dense import (
     PointBlock,
     StringTable,
@@ -41,7 +42,7 @@ from ._dense import (
     data_block_parts,
 )
 from ._encode import pbf_file
-from ._nodestore import save_array, write_store
+from ._nodestore import save_array, write_npz, write_store
 from ._parquet import Batch, PartWriter, batch_to_table, columns_to_table, point_wkb, remove_parts
 from ._pbf import read_blob
 
@@ -103,10 +104,13 @@ class _Blob:
         self.ways = self.relations = False
         self.invalid = 0
         self.candidates: list[tuple[np.ndarray, ...]] = []  # relations decoded in bulk
+        empty = np.zeros(0, np.int64)
+        self.relation_list: tuple[np.ndarray, ...] = (empty, empty, empty)  # all of the blob
 
 
 def _bulk(block: bytes, judge: _Judge) -> _Blob:
-    """Decode a blob's node groups with numpy; raises ``Unsupported``."""
+    """Decode a blob in bulk: its nodes, and the relations to assemble; note whether it
+    holds ways. Raises ``Unsupported``."""
     got = _Blob()
     strings, meta, groups = data_block_parts(block)
     table: StringTable | None = None
@@ -175,6 +179,22 @@ def _with_osmium(raw: bytes, tf: TagFilter, dropped: Counter) -> _Blob:
     got.ys.append(np.array(ys, np.int32))
     if len(batch):
         got.points.append(batch_to_table(batch, dropped))
+    return got
+
+
+def _read(
+    f: BinaryIO, offset: int, size: int, tf: TagFilter, judge: _Judge, dropped: Counter
+) -> _Blob:
+    """Decode one blob, in bulk or else through pyosmium; raises on a corrupt blob."""
+    raw = read_blob(f, offset, size)
+    try:
+        got = _bulk(_decompress(raw), judge)
+    except Unsupported:
+        got = _with_osmium(raw, tf, dropped)
+    if got.candidates:
+        got.relation_list = tuple(np.concatenate(a) for a in zip(*got.candidates, strict=True))
+    elif got.relations:  # decoded by pyosmium
+        got.relation_list = prescan_relations(tf, [raw])
     return got
 
 
@@ -255,40 +275,28 @@ def node_task(task: NodeTask) -> dict[str, Any]:
     rel_ids: list[np.ndarray] = []
     rel_counts: list[np.ndarray] = []
     rel_members: list[np.ndarray] = []
-    try:
-        with open(task.input, "rb") as f:
-            for offset, size in task.blobs:
-                raw = read_blob(f, offset, size)
-                try:
-                    got = _bulk(_decompress(raw), judge)
-                except Unsupported:
-                    got = _with_osmium(raw, tf, dropped)
-                except (zlib.error, IndexError, ValueError) as e:
-                    raise ValueError(f"corrupt OSM PBF block at byte {offset} ({e})") from None
-                for item in got.points:
-                    points.add(item)
-                ids += got.ids
-                xs += got.xs
-                ys += got.ys
-                dropped["invalid_location"] += got.invalid
-                if got.ways:
-                    way_blobs.append([offset, size])
-                if got.relations:
-                    if got.candidates:
-                        rid, count, member = (
-                            np.concatenate(a) for a in zip(*got.candidates, strict=True)
-                        )
-                    else:  # decoded by pyosmium
-                        rid, count, member = prescan_relations(tf, [raw])
-                    if rid.size:
-                        relation_blobs.append([offset, size, int(rid.min()), int(rid.max())])
-                        rel_ids.append(rid)
-                        rel_counts.append(count)
-                        rel_members.append(member)
-        points.flush()
-    except (RuntimeError, OSError, ValueError) as e:
-        writer.abort()
-        return {"error": str(e) or type(e).__name__}
+    with open(task.input, "rb") as f:
+        for offset, size in task.blobs:
+            try:
+                got = _read(f, offset, size, tf, judge, dropped)
+            except (zlib.error, IndexError, ValueError, RuntimeError, OSError) as e:
+                writer.abort()
+                return {"error": f"corrupt OSM PBF block at byte {offset} ({e})"}
+            for item in got.points:
+                points.add(item)
+            ids += got.ids
+            xs += got.xs
+            ys += got.ys
+            dropped["invalid_location"] += got.invalid
+            if got.ways:
+                way_blobs.append([offset, size])
+            rid, count, member = got.relation_list
+            if rid.size:
+                relation_blobs.append([offset, size, int(rid.min()), int(rid.max())])
+                rel_ids.append(rid)
+                rel_counts.append(count)
+                rel_members.append(member)
+    points.flush()
     store = write_store(
         work,
         f"nodes-{task.index:05d}",

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..files import atomic_path
 
-__all__ = ["MISSING", "save_array", "write_store", "NodeStore"]
+__all__ = ["MISSING", "save_array", "write_npz", "write_store", "NodeStore"]
 
 #: The x of an id a dense table does not hold (no location has it).
 MISSING = np.iinfo(np.int32).min
@@ -28,6 +28,13 @@ def save_array(path: Path, array: np.ndarray) -> str:
     """``np.save`` under a temporary name, renamed when complete; return the path."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
+    return str(path)
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> str:
+    """``np.savez`` under a temporary name, renamed when complete; return the path."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # type: ignore[arg-type]
     return str(path)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["is_area", "closed_way_is_area", "RULE_KEYS", "area_vote"]
+__all__ = ["is_area", "RULE_KEYS", "area_vote"]
 
 # key -> values that are NOT areas (an empty set: every value is an area).
 _AREA_KEYS: dict[str, frozenset[str]] = {
@@ -86,23 +86,6 @@ def is_area(tags: Mapping[str, str] | Any) -> bool:
         if area_values is not None and v in area_values:
             return True
     return False
-
-
-def closed_way_is_area(obj: Any, keys: list[str], values: list[str]) -> bool:
-    """``is_area`` for an osmium object whose groundable tags are ``keys``/``values``.
-
-    Decides from the ``area`` tag and the groundable tags alone when they suffice (almost
-    always: a building, a landuse) and reads all the tags only for the rest.
-    """
-    data = getattr(obj, "_pyosmium_data", None)  # the C++ accessor skips a TagList wrapper
-    flag = data.tags_get_value_by_key("area", None) if data is not None else obj.tags.get("area")
-    if flag == "yes":
-        return True
-    if flag == "no":
-        return False
-    if is_area(dict(zip(keys, values, strict=True))):
-        return True
-    return is_area(obj.tags)
 
 
 #: The keys ``is_area`` looks at.

@@ -46,8 +46,8 @@ __all__ = [
     "decode_way_group",
     "decode_with_osmium",
     "WayBuilder",
-    "lines_table",
-    "merge_lines",
+    "rows_table",
+    "concat_columns",
     "take_rows",
 ]
 
@@ -216,7 +216,7 @@ def decode_with_osmium(raw_blob: bytes) -> WayGroup | None:
 
 @dataclass
 class WayOutput:
-    """What a group of ways gives: line columns (``lines_table``), area candidates and member
+    """What a group of ways gives: line columns (``rows_table``), area candidates and member
     ways, the last two as way messages with their locations (``_encode.way_messages``)."""
 
     lines: dict[str, Any] | None = None
@@ -421,7 +421,7 @@ def take_rows(cols: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
     }
 
 
-def merge_lines(pending: list[dict]) -> dict:
+def concat_columns(pending: list[dict]) -> dict:
     """Columns of several groups as one."""
     if len(pending) == 1:
         return pending[0]
@@ -439,7 +439,7 @@ def merge_lines(pending: list[dict]) -> dict:
     }
 
 
-def lines_table(cols: dict, to_table: Callable[..., pa.Table], osm_type: str = "w") -> pa.Table:
+def rows_table(cols: dict, to_table: Callable[..., pa.Table], osm_type: str = "w") -> pa.Table:
     """Line (or area) columns -> a table (``to_table`` is ``_parquet.columns_to_table``)."""
     counts = cols["tag_counts"]
     offsets = np.zeros(counts.size + 1, np.int32)

@@ -29,10 +29,10 @@ from ._pbf import read_blob
 from ._ways import (
     WayBuilder,
     WayGroup,
+    concat_columns,
     decode_way_group,
     decode_with_osmium,
-    lines_table,
-    merge_lines,
+    rows_table,
     take_rows,
 )
 
@@ -101,7 +101,7 @@ class _Areas:
         if not self.blocks:
             return
         ids, hexes = assemble_way_areas(self.blocks)
-        candidates = merge_lines(self.columns)
+        candidates = concat_columns(self.columns)
         self.blocks, self.columns, self.pending = [], [], 0
         self.made += ids.size
         if ids.size == 0:
@@ -110,7 +110,7 @@ class _Areas:
         rows = order[np.searchsorted(candidates["ids"], ids, sorter=order)]
         columns = take_rows(candidates, rows)
         wkb, bbox, keep = area_geometries(hexes, self.dropped)
-        table = lines_table({**columns, "wkb": wkb, "bbox": bbox}, columns_to_table, "a")
+        table = rows_table({**columns, "wkb": wkb, "bbox": bbox}, columns_to_table, "a")
         self.writer.write(table.filter(pa.array(keep)) if not keep.all() else table)
 
 
@@ -177,36 +177,32 @@ def way_task(task: WayTask) -> dict[str, Any]:
     side = _Side(work, task.index)
     pending: list[dict] = []
     rows = 0
-    try:
-        with open(task.input, "rb") as f:
-            for offset, size in task.blobs:
-                raw = read_blob(f, offset, size)
-                try:
-                    groups = _groups(raw)
-                except (zlib.error, IndexError, ValueError) as e:
-                    raise ValueError(f"corrupt OSM PBF block at byte {offset} ({e})") from None
-                for g in groups:
-                    got = build(g)
-                    if got is None:
-                        continue
-                    if got.lines is not None:
-                        pending.append(got.lines)
-                        rows += got.lines["ids"].size
-                    if got.areas is not None:
-                        areas.add(*got.areas)
-                    if got.members is not None:
-                        side.add(*got.members)
-                if rows >= task.batch_rows:
-                    lines.write(lines_table(merge_lines(pending), columns_to_table))
-                    pending, rows = [], 0
-        if pending:
-            lines.write(lines_table(merge_lines(pending), columns_to_table))
-        areas.flush()
-    except (RuntimeError, OSError, ValueError) as e:
-        lines.abort()
-        areas.writer.abort()
-        side.abort()
-        return {"error": str(e) or type(e).__name__}
+    with open(task.input, "rb") as f:
+        for offset, size in task.blobs:
+            try:
+                groups = _groups(read_blob(f, offset, size))
+            except (zlib.error, IndexError, ValueError, RuntimeError, OSError) as e:
+                lines.abort()
+                areas.writer.abort()
+                side.abort()
+                return {"error": f"corrupt OSM PBF block at byte {offset} ({e})"}
+            for g in groups:
+                got = build(g)
+                if got is None:
+                    continue
+                if got.lines is not None:
+                    pending.append(got.lines)
+                    rows += got.lines["ids"].size
+                if got.areas is not None:
+                    areas.add(*got.areas)
+                if got.members is not None:
+                    side.add(*got.members)
+            if rows >= task.batch_rows:
+                lines.write(rows_table(concat_columns(pending), columns_to_table))
+                pending, rows = [], 0
+    if pending:
+        lines.write(rows_table(concat_columns(pending), columns_to_table))
+    areas.flush()
     broken = counts["expected_way_areas"] - areas.made - dropped["broken_area"]
     if broken > 0:
         dropped["broken_area"] += broken

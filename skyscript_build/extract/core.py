@@ -29,6 +29,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import resource
 import shutil
 import time
 from collections import Counter
@@ -39,6 +41,7 @@ from typing import Any
 
 from tag_filters import get_tag_filter_path, load_tag_filter
 
+from .._memory import give_back_memory
 from ..cluster import ClusterConfig
 from ..errors import ConfigError, InputError
 from ..files import remove_temp_files, write_json_atomic
@@ -63,8 +66,9 @@ RUNS = "_runs"
 _KIND_NAMES = {"n": "points", "w": "lines", "a": "areas"}
 #: A way task reads this many times fewer blobs than a node task: a way costs more.
 WAY_COST = 4
-#: A relation task's share per MiB of ``task_mb``: this many relations and member ways.
-RELATION_WORK_PER_MB = 8_000
+#: A relation task's share per MiB of ``task_mb``: this many relations and member ways (its
+#: memory then stays below a way task's).
+RELATION_WORK_PER_MB = 2_500
 #: Rows a merge task reads (several inputs).
 MERGE_ROWS = 250_000
 
@@ -158,8 +162,8 @@ class ExtractResult:
 
 
 def resolve_inputs(entries: Sequence[Path]) -> list[Path]:
-    """Files named by paths, folders (their ``*.osm.pbf``) and glob patterns, sorted by path,
-    each once. Raises ``InputError`` for an entry that names no file."""
+    """Files named by paths, folders (their ``*.osm.pbf``) and glob patterns, absolute, sorted
+    by path, each once. Raises ``InputError`` for an entry that names no file."""
     found: dict[str, Path] = {}
     for entry in entries:
         text = str(entry)
@@ -174,7 +178,7 @@ def resolve_inputs(entries: Sequence[Path]) -> list[Path]:
         else:
             files = [entry]
         for f in files:
-            found.setdefault(str(f.absolute()), f)
+            found.setdefault(str(f.absolute()), f.absolute())
     return [found[k] for k in sorted(found)]
 
 
@@ -279,7 +283,7 @@ def _relation_tasks(
     work = 0
     for last, w in hist[:-1]:
         work += w
-        if work >= share * len(cuts) - share / 2:  # cut at the piece ending nearest the share
+        if work >= share * len(cuts):
             cuts.append(last + 1)
     cuts.append(2**63 - 1)
     lists = [r["relations"] for r in nodes if r["relations"]]
@@ -323,8 +327,11 @@ def run_task(task: NodeTask | WayTask | RelationTask | MergeTask) -> dict[str, A
         type(task), merge_task
     )
     result = func(task)  # type: ignore[operator]
+    give_back_memory()  # a worker runs many tasks: the last one's peak should not stay
     result["seconds"] = round(time.monotonic() - start, 3)
     result["cpu_seconds"] = round(time.process_time() - cpu, 3)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    result["pid"] = os.getpid()
     return result
 
 
@@ -363,7 +370,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
     start = time.monotonic()
     paths = resolve_inputs(config.inputs)
     blobs = [check_pbf(p) for p in paths]
-    out = config.out
+    out = config.out.absolute()  # tasks may run on workers started elsewhere
     fingerprint = _fingerprint(config, paths)
     done = None if config.force else _read_json(out / MARKER)
     if done is not None and done.get("fingerprint") == fingerprint:
@@ -373,9 +380,9 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         return result
     load_tag_filter(config.tag_filter)  # a bad table fails here, before any worker starts
     created = not out.exists()
-    work = config.work_dir or out / "_work"
+    work = out / "_work"
     if config.work_dir is not None:
-        work = work / f"skyscript-extract-{fingerprint}"
+        work = config.work_dir.absolute() / f"skyscript-extract-{fingerprint}"
     state = _read_json(out / MARKERS / RUN_STATE)
     if config.force or state is None or state.get("fingerprint") != fingerprint:
         _clear(out, work)

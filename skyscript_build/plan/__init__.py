@@ -46,11 +46,12 @@ import pyarrow.compute as pc
 import image_sources
 from image_sources import ImageSource
 
+from .._memory import give_back_memory
 from ..cluster import ClusterConfig, dask_client
 from ..errors import ConfigError
 from ..files import atomic_path, remove_temp_files, write_json_atomic, write_parquet_atomic
 from ..runner import RunnerConfig, clear_markers, run_shards
-from ._geo import distinct, give_back_memory
+from ._geo import distinct
 from ._objects import object_parts, read_units
 from ._output import SCHEMA
 from ._partition import LIMIT_BINS, PartitionSettings, PartitionTask, plan_partitions, run_partition

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import functools
 import threading
 from collections.abc import Callable
@@ -216,27 +214,3 @@ def lonlat_box(epsg: np.ndarray, xy: np.ndarray, threads: int = 1) -> np.ndarray
         out[sel, 0], out[sel, 1] = lon.min(axis=1), lat.min(axis=1)
         out[sel, 2], out[sel, 3] = lon.max(axis=1), lat.max(axis=1)
     return out
-
-
-def give_back_memory() -> None:
-    """Return freed memory to the system: arrow's allocator and glibc's malloc both keep what
-    was freed (after reading, a third of the peak; the geometries, a fifth) unless asked.
-    Not for hot paths: after ``malloc_trim`` new allocations fault their pages in again (per
-    shard it cost 20 % of the surroundings' time)."""
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc() -> Any:
-    """glibc, when this process uses it (``malloc_trim`` is glibc's), else None."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
-    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
