@@ -31,7 +31,7 @@ import pyarrow.compute as pc
 from tag_filters import TagFilter, load_tag_filter
 
 from ._dense import StringTable, Unsupported, _Judge, judge_tags
-from ._encode import pbf_file, way_blocks
+from ._encode import pbf_file, ranges, way_blocks
 from ._parquet import Batch, PartWriter, batch_to_table, remove_parts
 from ._pbf import read_blob
 from ._ways import Elements
@@ -302,10 +302,8 @@ def _member_ways(task: RelationTask, need: np.ndarray) -> list[bytes]:
         if rows.size == 0:
             continue
         data = np.memmap(side["data"], np.uint8, mode="r")
-        starts, sizes = rows[:, 1], rows[:, 2]
-        shift = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes)
-        flats.append(np.asarray(data[np.arange(int(sizes.sum())) + shift]))
-        lengths.append(sizes)
+        flats.append(np.asarray(data[ranges(rows[:, 1], rows[:, 2])]))
+        lengths.append(rows[:, 2])
         del data
     if not flats:
         return []

@@ -22,6 +22,7 @@ __all__ = [
     "pbf_file",
     "way_messages",
     "way_blocks",
+    "ranges",
 ]
 
 #: osmium's undefined coordinate.
@@ -78,7 +79,7 @@ def _zigzag_deltas(values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return ((d << 1) ^ (d >> 63)).view(np.uint64)
 
 
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+def ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """The concatenated index ranges [starts[i], starts[i] + lengths[i])."""
     total = int(lengths.sum())
     if total == 0:
@@ -101,7 +102,7 @@ class _Pieces:
         out = np.empty(int(total.sum()), np.uint8)
         at = np.cumsum(total) - total
         for p in parts:
-            out[_ranges(at, p.lengths)] = p.flat
+            out[ranges(at, p.lengths)] = p.flat
             at = at + p.lengths
         return _Pieces(out, total)
 
@@ -115,10 +116,10 @@ class _Pieces:
         at = np.cumsum(total) - total
         with_head = head_len > 0
         out[at[with_head]] = tag
-        sizes_at = _ranges(at[with_head] + 1, size_len[with_head])
+        sizes_at = ranges(at[with_head] + 1, size_len[with_head])
         starts = np.cumsum(size_len) - size_len
-        out[sizes_at] = size_bytes[_ranges(starts[with_head], size_len[with_head])]
-        out[_ranges(at + head_len, self.lengths)] = self.flat
+        out[sizes_at] = size_bytes[ranges(starts[with_head], size_len[with_head])]
+        out[ranges(at + head_len, self.lengths)] = self.flat
         return _Pieces(out, total)
 
 

@@ -37,7 +37,7 @@ from ._dense import (
     judge_tags,
     repeated_field,
 )
-from ._encode import UNDEFINED, pbf_file, way_messages
+from ._encode import UNDEFINED, pbf_file, ranges, way_messages
 from ._nodestore import NodeStore
 from ._rules import RULE_KEYS, area_vote
 
@@ -61,19 +61,9 @@ def _varint_at(raw: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return payload.sum(axis=1, dtype=np.uint64), pos + length
 
 
-def _ranges(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """The concatenated index ranges [starts[i], ends[i])."""
-    lengths = ends - starts
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, np.int64)
-    first = np.repeat(starts - np.concatenate(([0], np.cumsum(lengths)[:-1])), lengths)
-    return np.arange(total) + first
-
-
 def _packed(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Packed varint fields of many messages -> (all values, per-message counts)."""
-    data = raw[_ranges(starts, ends)]
+    data = raw[ranges(starts, ends - starts)]
     ends_mask = data < 0x80
     cum = np.concatenate(([0], np.cumsum(ends_mask)))
     bounds = np.concatenate(([0], np.cumsum(ends - starts)))
@@ -168,15 +158,7 @@ def decode_way_group(block: bytes, group: tuple[int, int], table: StringTable) -
         return None
     kidx, vidx, kcount = ways.tags()
     refs, rcount = ways.deltas(8)
-    return WayGroup(
-        ways.ids,
-        kidx,
-        vidx,
-        kcount,
-        refs,
-        rcount,
-        table,
-    )
+    return WayGroup(ways.ids, kidx, vidx, kcount, refs, rcount, table)
 
 
 def decode_with_osmium(raw_blob: bytes) -> WayGroup | None:
@@ -343,16 +325,14 @@ class WayBuilder:
         head[:, 0] = 1
         head[:, 1] = 2
         head[:, 5:9] = counts.astype("<u4").view(np.uint8).reshape(-1, 4)
-        buf[_ranges(offsets[:-1], offsets[:-1] + 9)] = head.ravel()
+        buf[ranges(offsets[:-1], np.full(counts.size, 9))] = head.ravel()
         coords = np.empty((px.size, 2), "<f8")
         coords[:, 0] = px
         coords[:, 1] = py
         first = np.cumsum(counts) - counts
         pstart = np.repeat(offsets[:-1] + 9, counts)
         within = np.arange(px.size) - np.repeat(first, counts)
-        buf[_ranges(pstart + 16 * within, pstart + 16 * within + 16)] = coords.view(
-            np.uint8
-        ).ravel()
+        buf[ranges(pstart + 16 * within, np.full(px.size, 16))] = coords.view(np.uint8).ravel()
         wkb = pa.Array.from_buffers(
             pa.large_binary(), counts.size, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
         ).cast(pa.binary())
@@ -411,7 +391,7 @@ def take_rows(cols: dict[str, Any], rows: np.ndarray) -> dict[str, Any]:
     ``max_gsd``)."""
     counts = cols["tag_counts"]
     start = np.cumsum(counts) - counts
-    tags = pa.array(_ranges(start[rows], start[rows] + counts[rows]))
+    tags = pa.array(ranges(start[rows], counts[rows]))
     return {
         "ids": cols["ids"][rows],
         "tag_counts": counts[rows],
