@@ -132,6 +132,16 @@ def _packed(values: np.ndarray, counts: np.ndarray) -> _Pieces:
     )
 
 
+def _id_fields(ids: np.ndarray) -> _Pieces:
+    """Per message, field 1 (the id) as a varint."""
+    flat, lengths = varints(np.asarray(ids, np.int64).view(np.uint64))
+    at = np.cumsum(lengths + 1) - (lengths + 1)
+    out = np.empty(flat.size + ids.size, np.uint8)
+    out[at] = 0x08
+    out[ranges(at + 1, lengths)] = flat
+    return _Pieces(out, lengths + 1)
+
+
 def way_messages(
     ids: np.ndarray,
     refs: np.ndarray,
@@ -148,19 +158,13 @@ def way_messages(
     unknown) hold ``ref_counts[i]`` entries for way i; ``keys``/``values`` are string-table
     indices, ``tag_counts[i]`` for way i. Returns (bytes of all messages, bytes per message).
     """
-    n = ids.size
-    parts = [_Pieces(*varints(np.asarray(ids, np.int64).view(np.uint64)))]
-    parts[0] = _Pieces(
-        np.insert(parts[0].flat, np.cumsum(parts[0].lengths) - parts[0].lengths, 0x08),
-        parts[0].lengths + 1,
-    )
+    parts = [_id_fields(ids)]
     if keys is not None and values is not None and tag_counts is not None:
         parts.append(_packed(keys, tag_counts).prefixed(0x12, keep_empty=False))
         parts.append(_packed(values, tag_counts).prefixed(0x1A, keep_empty=False))
     for tag, vals in ((0x42, refs), (0x4A, ys), (0x52, xs)):
         parts.append(_packed(_zigzag_deltas(vals, ref_counts), ref_counts).prefixed(tag, False))
     ways = _Pieces.join(parts).prefixed(0x1A)
-    assert ways.lengths.size == n
     return ways.flat, ways.lengths
 
 
