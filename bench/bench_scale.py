@@ -1,7 +1,7 @@
 """Benchmark extract and plan at two input sizes against osmium-tool, side by side in one run.
 
 Inputs: the 10x10 and 20x20 tilings of the Helsinki extract (``shared/bench/tile_pbf.py``,
-cached in bench/data/). Peer: ``osmium tags-filter`` with the keys that can make a tag
+made once into ``../cache/`` beside the repository, as bench_extract does). Peer: ``osmium tags-filter`` with the keys that can make a tag
 groundable, then ``osmium export`` to GeoJSON sequences (the C++ command-line way to get tagged
 features with geometries), on the same file, in the same run. Ours: ``skyscript-build extract``
 and ``skyscript-build plan --per-tag-cap 20000`` as subprocesses (start-up counts).
@@ -17,56 +17,19 @@ process and of the whole tree (sampled every 20 ms), and the tasks it ran. The g
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _results import record  # noqa: E402
-from bench_extract import candidate_keys, run_peer, tiled  # noqa: E402
+from bench_extract import candidate_keys, measure, run_peer, tiled  # noqa: E402
 
 OUT = HERE / "out" / "scale"
 CLI = [sys.executable, "-m", "skyscript_build.cli"]
-
-
-def measure(cmd: list[str]) -> dict:
-    """Run ``cmd``; its wall and CPU seconds, and the peak RSS (MiB) of its largest process
-    and of its whole process tree."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu0 = usage.ru_utime + usage.ru_stime
-    start = time.perf_counter()
-    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    one = tree = 0
-    while proc.poll() is None:
-        rss = []
-        with contextlib.suppress(psutil.Error):
-            for p in [proc, *proc.children(recursive=True)]:
-                with contextlib.suppress(psutil.Error):
-                    rss.append(p.memory_info().rss)
-        if rss:
-            one, tree = max(one, max(rss)), max(tree, sum(rss))
-        time.sleep(0.02)
-    seconds = time.perf_counter() - start
-    out, err = proc.communicate()
-    if proc.returncode != 0:
-        sys.exit(f"bench_scale: {' '.join(cmd)} failed:\n{err.decode()[-3000:]}")
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {
-        "seconds": seconds,
-        "cpu": usage.ru_utime + usage.ru_stime - cpu0,
-        "rss_one": one / 2**20,
-        "rss_tree": tree / 2**20,
-        "stdout": out.decode(),
-    }
 
 
 def run_extract(pbf: Path, objects: Path) -> dict:
@@ -74,7 +37,7 @@ def run_extract(pbf: Path, objects: Path) -> dict:
     r = measure([*CLI, "extract", str(pbf), "--out", str(objects)])
     marker = json.loads((objects / "_extract.json").read_text())
     r["objects"] = marker["objects"]
-    r["tasks"] = marker.get("tasks", len(marker.get("parts", [])))
+    r["tasks"] = marker["tasks"]
     return r
 
 
