@@ -162,7 +162,12 @@ def _emulator(config: PipelineConfig) -> Any:
     """The Earth Engine emulator for this run (not started yet)."""
     from .emulator import Emulator
 
-    return Emulator(_demo_collections(config), port=0, latency_ms=config.backend.latency_ms or 0)
+    return Emulator(
+        _demo_collections(config),
+        port=0,
+        latency_ms=config.backend.latency_ms or 0,
+        latency_ms_per_mpx=config.backend.latency_ms_per_mpx or 0,
+    )
 
 
 def _named(config: PipelineConfig, stage: str, error: ConfigError) -> ConfigError:

@@ -18,6 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--latency-ms", type=float, default=0, help="fixed delay added to each API request"
     )
     parser.add_argument(
+        "--latency-ms-per-mpx",
+        type=float,
+        default=0,
+        help="more delay per megapixel of a computePixels request (latency = BASE + COST x Mpx)",
+    )
+    parser.add_argument(
         "--fault",
         default="",
         help="fault rates, e.g. 429:0.1,500:0.05,503:0.05,timeout:0.02,truncate:0.02,html:0.01,"
@@ -55,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
         args.collections,
         port=args.port,
         latency_ms=args.latency_ms,
+        latency_ms_per_mpx=args.latency_ms_per_mpx,
         faults=args.fault,
         seed=args.seed,
         stall_s=args.stall_s,

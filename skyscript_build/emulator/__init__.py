@@ -42,7 +42,8 @@ transparent in PNG). A computePixels answer over 48 MiB is refused with "Total r
 
 Faults (``faults.py``): 429 with Retry-After, 500, 503, stalls past the client's timeout,
 bodies cut short, HTML instead of JSON, "User memory limit exceeded."; seeded, so a seed always
-gives the same sequence; plus a fixed latency per request.
+gives the same sequence; plus a latency per request, fixed or growing with the request's
+megapixels (``latency_ms + latency_ms_per_mpx * Mpx``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ Served on 127.0.0.1 only:
 
 Errors have Earth Engine's JSON body ``{"error": {"code", "message", "status"}}``. Latency and
 faults apply to ``value:compute`` and ``image:computePixels`` only, so a client always
-initialises.
+initialises. The latency model is ``latency_ms + latency_ms_per_mpx * megapixels``, the
+megapixels being those of a ``computePixels`` grid (0 for ``value:compute``): a fixed cost per
+request plus one that grows with the request's size, as Earth Engine's does.
 """
 
 from __future__ import annotations
@@ -218,8 +220,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _api_call(self, endpoint: str, raw: bytes) -> None:
         emu = self.server.emulator
-        if emu.latency_ms:
-            emu._stopping.wait(emu.latency_ms / 1000)
+        try:
+            body: Any = json.loads(raw or b"{}")
+        except json.JSONDecodeError:
+            body = None
+        delay_ms = emu.latency_for(endpoint, body)
+        if delay_ms:
+            emu._stopping.wait(delay_ms / 1000)
         fault = emu._next_fault()
         if fault in ("429", "500", "503"):
             status = int(fault)
@@ -238,7 +245,6 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, _HTML, "text/html; charset=UTF-8", endpoint)
             return
         try:
-            body = json.loads(raw or b"{}")
             if not isinstance(body, dict):
                 raise EvalError("Invalid JSON payload received.")
             if endpoint == "value:compute":
@@ -247,9 +253,6 @@ class _Handler(BaseHTTPRequestHandler):
                 content_type = "application/json; charset=UTF-8"
             else:
                 payload, content_type = compute_pixels(emu.catalog, body, emu.max_request_bytes)
-        except json.JSONDecodeError:
-            self._error(400, "Invalid JSON payload received.", endpoint)
-            return
         except EvalError as e:
             self._error(e.code, str(e), endpoint)
             return
@@ -282,6 +285,7 @@ class Emulator:
         collections_file: the collections YAML (see ``load_collections``).
         port: TCP port on 127.0.0.1; 0 picks a free one.
         latency_ms: fixed delay added to every API request.
+        latency_ms_per_mpx: more delay per megapixel of a ``computePixels`` grid.
         faults: a FaultPlan, or a spec string like ``"429:0.1,500:0.05"``.
         seed: seed of the fault sequence (when ``faults`` is a string).
         stall_s: how long a ``timeout`` fault stalls (when ``faults`` is a string).
@@ -298,6 +302,7 @@ class Emulator:
         collections_file: str | Path | Catalog,
         port: int = 0,
         latency_ms: float = 0,
+        latency_ms_per_mpx: float = 0,
         faults: FaultPlan | str | None = None,
         seed: int = 0,
         stall_s: float = 30.0,
@@ -306,7 +311,7 @@ class Emulator:
         max_concurrent: int | None = None,
         max_rps: float | None = None,
     ) -> None:
-        if latency_ms < 0:
+        if latency_ms < 0 or latency_ms_per_mpx < 0:
             raise ConfigError("latency must not be negative")
         if not 0 <= port < 65536:
             raise ConfigError(f"bad port {port}")
@@ -317,6 +322,7 @@ class Emulator:
         )
         self.port = port
         self.latency_ms = latency_ms
+        self.latency_ms_per_mpx = latency_ms_per_mpx
         self.faults = (
             faults
             if isinstance(faults, FaultPlan)
@@ -415,6 +421,18 @@ class Emulator:
         with self._lock:
             self.stats = EmulatorStats()
             self._fault_n = 0
+
+    def latency_for(self, endpoint: str, body: Any) -> float:
+        """Milliseconds to wait before answering an API request (the latency model)."""
+        delay = self.latency_ms
+        if self.latency_ms_per_mpx and endpoint == "image:computePixels":
+            try:
+                dims = body["grid"]["dimensions"]
+                mpx = int(dims["width"]) * int(dims["height"]) / 1e6
+            except (ValueError, KeyError, TypeError):
+                mpx = 0.0  # a bad body: answered with its error after the fixed latency
+            delay += self.latency_ms_per_mpx * mpx
+        return delay
 
     # -- bookkeeping (called by the handler threads) -------------------------------------
     def _record(self, endpoint: str, status: int) -> None:
