@@ -50,9 +50,24 @@ def test_request_row_maps_and_keys(fx):
     assert r.center_tags == {"building": "yes", "roof:shape": "flat"}
     assert r.surrounding_tags == ({"highway": "footway"}, {"natural": "tree"})
     assert r.key_for_year(2021) == r.key[:-2] + "21"
-    piece = r.sub_request(1, 1, 2, 2)
+    grid = r.grid
+    assert grid.transform == (0.5, 0.0, r.x_min, 0.0, -0.5, r.y_max)  # on the lattice already
+    assert grid.bounds == (r.x_min, r.y_min, r.x_max, r.y_max)
+    piece = grid.quarters()[3]
     assert (piece.width, piece.height) == (32, 32)
-    assert piece.x_max == r.x_max and piece.y_min == r.y_min
+    assert piece.bounds[2:] == (r.x_max, r.y_min + 16) and grid.window(piece) == (
+        slice(32, 64),
+        slice(32, 64),
+    )
+
+
+def test_tile_corners_snap_to_the_pixel_lattice(fx):
+    r = _requests(fx)[0]
+    off = replace(
+        r, x_min=r.x_min + 0.2, x_max=r.x_max + 0.2, y_min=r.y_min - 0.3, y_max=r.y_max - 0.3
+    )
+    assert off.grid == replace(r.grid, row=r.grid.row + 1)  # 0.2 m rounds back, 0.3 m on
+    assert off.grid.transform[2] == r.x_min and off.grid.transform[5] == r.y_max - 0.5
 
 
 def test_raster_tile_is_the_raster_window(fx):

@@ -16,13 +16,18 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from . import SourceInfo
+
 __all__ = [
+    "PixelGrid",
     "TileRequest",
     "TileResult",
+    "ImageChoice",
     "FetchError",
     "RetryPolicy",
     "Backend",
@@ -47,6 +52,66 @@ def _as_dict(value: Any) -> dict[str, str]:
     if isinstance(value, Mapping):
         return {str(k): str(v) for k, v in value.items()}
     return {str(k): str(v) for k, v in value}
+
+
+@dataclass(frozen=True)
+class PixelGrid:
+    """A north-up pixel grid on the lattice of square ``gsd`` pixels in ``crs``.
+
+    Pixel (col, row) of the lattice spans x in [col * gsd, (col + 1) * gsd] and y in
+    [-(row + 1) * gsd, -row * gsd]; the grid is ``width`` x ``height`` pixels from (col, row).
+    Grids on one lattice cut each other exactly: a tile's pixels are the same slice of any block
+    that holds it, since every request describes its grid by the same integer arithmetic.
+    """
+
+    crs: str
+    gsd: float
+    col: int
+    row: int
+    width: int
+    height: int
+
+    @property
+    def transform(self) -> tuple[float, float, float, float, float, float]:
+        """The affine transform (a, b, c, d, e, f)."""
+        return (self.gsd, 0.0, self.col * self.gsd, 0.0, -self.gsd, -self.row * self.gsd)
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(x_min, y_min, x_max, y_max) in ``crs``."""
+        g = self.gsd
+        return (
+            self.col * g,
+            -(self.row + self.height) * g,
+            (self.col + self.width) * g,
+            -self.row * g,
+        )
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def window(self, inner: PixelGrid) -> tuple[slice, slice]:
+        """The (rows, cols) slices of ``inner`` (a grid inside this one) in this grid."""
+        r, c = inner.row - self.row, inner.col - self.col
+        return slice(r, r + inner.height), slice(c, c + inner.width)
+
+    def union(self, other: PixelGrid) -> PixelGrid:
+        """The smallest grid holding both (same lattice)."""
+        col, row = min(self.col, other.col), min(self.row, other.row)
+        right = max(self.col + self.width, other.col + other.width)
+        bottom = max(self.row + self.height, other.row + other.height)
+        return replace(self, col=col, row=row, width=right - col, height=bottom - row)
+
+    def quarters(self) -> list[PixelGrid]:
+        """This grid cut 2 x 2 (row-major), for a request Earth Engine finds too large."""
+        xs = [self.col, self.col + self.width // 2, self.col + self.width]
+        ys = [self.row, self.row + self.height // 2, self.row + self.height]
+        return [
+            replace(self, col=xs[i], row=ys[j], width=xs[i + 1] - xs[i], height=ys[j + 1] - ys[j])
+            for j in range(2)
+            for i in range(2)
+        ]
 
 
 @dataclass(frozen=True)
@@ -103,31 +168,31 @@ class TileRequest:
         return (self.west, self.south, self.east, self.north)
 
     @property
+    def grid(self) -> PixelGrid:
+        """The tile's pixel grid: its top-left corner snapped to the lattice of ``gsd`` in ``crs``.
+
+        Plan frames tiles in metres; the corner moves by less than half a pixel onto the
+        lattice of whole pixels, so that tiles of one source, CRS and GSD cut each other (and
+        the blocks that hold them) exactly, and a source whose pixels lie on that lattice is
+        read without resampling.
+        """
+        return PixelGrid(
+            self.crs,
+            self.gsd,
+            round(self.x_min / self.gsd),
+            round(-self.y_max / self.gsd),
+            self.width,
+            self.height,
+        )
+
+    @property
     def transform(self) -> tuple[float, float, float, float, float, float]:
         """The tile grid's affine transform (a, b, c, d, e, f), north up."""
-        xres = (self.x_max - self.x_min) / self.width
-        yres = (self.y_max - self.y_min) / self.height
-        return (xres, 0.0, self.x_min, 0.0, -yres, self.y_max)
+        return self.grid.transform
 
     def key_for_year(self, year: int) -> str:
         """The key named after ``year`` (``a123_FI_19`` -> ``a123_FI_20`` for 2020)."""
         return re.sub(r"_\d{2}$", f"_{year % 100:02d}", self.key)
-
-    def sub_request(self, col: int, row: int, cols: int, rows: int) -> TileRequest:
-        """The piece (col, row) of this tile cut into cols x rows pieces (for splitting)."""
-        xs = np.linspace(0, self.width, cols + 1).round().astype(int)
-        ys = np.linspace(0, self.height, rows + 1).round().astype(int)
-        a, _, c, _, e, f = self.transform
-        return replace(
-            self,
-            key=f"{self.key}#{col}{row}",
-            x_min=c + xs[col] * a,
-            x_max=c + xs[col + 1] * a,
-            y_max=f + ys[row] * e,
-            y_min=f + ys[row + 1] * e,
-            width=int(xs[col + 1] - xs[col]),
-            height=int(ys[row + 1] - ys[row]),
-        )
 
 
 @dataclass
@@ -137,8 +202,7 @@ class TileResult:
     Attributes:
         status: ``ok``, ``skipped`` (permanent) or ``failed`` (retryable later).
         reason: why it is not ok (``no-image``, ``http-429``, ``nodata``, ...), else None.
-        rgb: the tile as an (height, width, 3) uint8 array, when the backend decoded pixels.
-        jpeg: the tile as JPEG bytes, when the backend received them ready-made.
+        rgb: the tile as an (height, width, 3) uint8 array (when ok).
         valid: an optional (height, width) bool mask of pixels with data.
         image_id: the id of the image actually used.
         acquisition_time: when that image was taken (UTC).
@@ -149,7 +213,6 @@ class TileResult:
     status: str
     reason: str | None = None
     rgb: np.ndarray | None = None
-    jpeg: bytes | None = None
     valid: np.ndarray | None = None
     image_id: str | None = None
     acquisition_time: datetime | None = None
@@ -164,6 +227,21 @@ class TileResult:
     @classmethod
     def failed(cls, reason: str, attempts: int = 0, detail: str | None = None) -> TileResult:
         return cls("failed", reason, attempts=attempts, detail=detail)
+
+
+@dataclass(frozen=True)
+class ImageChoice:
+    """The image a request's pixels come from, chosen before any pixel is fetched.
+
+    Attributes:
+        image_id: the image's full id (``collection/index``).
+        acquisition_time: when it was taken (UTC).
+        year: the candidate year it was found in (the key is named after it).
+    """
+
+    image_id: str
+    acquisition_time: datetime
+    year: int
 
 
 class FetchError(Exception):
@@ -268,19 +346,47 @@ def ms_to_datetime(ms: float) -> datetime:
 
 
 class Backend(ABC):
-    """An imagery backend: opened once per worker process, then used from many threads."""
+    """An imagery backend: opened once per worker process, then used from many threads.
+
+    A backend whose ``supports_blocks`` is true can also choose each request's image first
+    (``choose_images``) and then fetch any grid of that image (``fetch_grid``), so that fetch
+    can send one request for a block of tiles that chose the same image.
+    """
 
     name = "backend"
+    supports_blocks = False
 
     def open(self) -> None:  # noqa: B027 - optional hook
         """Initialise per process (credentials, indexes); raise ``BackendError`` if unusable."""
 
-    def prepare(self, requests: Sequence[TileRequest]) -> None:  # noqa: B027 - optional hook
-        """Look up what a batch of requests needs in few round trips (optional)."""
+    def check(  # noqa: B027 - optional hook
+        self, sources: Sequence[SourceInfo], samples: Sequence[TileRequest]
+    ) -> None:
+        """Check the settings for ``sources`` before any work, with at most one probe request.
+
+        ``samples`` holds one request per source (where a probe needs a place). Raises
+        ``BackendError`` for a setting that cannot work (a missing folder, a bad URL, refused
+        credentials, an unknown collection).
+        """
 
     @abstractmethod
     def fetch(self, request: TileRequest) -> TileResult:
         """Fetch one tile; never raises for a failed tile (see ``TileResult``)."""
+
+    def choose_images(self, requests: Sequence[TileRequest]) -> list[ImageChoice | TileResult]:
+        """The image of each request, or its ``TileResult`` (``no-image``, a failed lookup)."""
+        raise NotImplementedError(f"the {self.name} backend does not fetch blocks")
+
+    def fetch_grid(
+        self, request: TileRequest, image: ImageChoice, grid: PixelGrid, split: bool = True
+    ) -> tuple[np.ndarray, int]:
+        """The (h, w, 3) uint8 pixels of ``image`` (the source of ``request``) in ``grid``.
+
+        Returns the pixels and the requests spent. Raises ``FetchError`` when every attempt
+        failed; a grid Earth Engine finds too large is fetched in quarters when ``split``,
+        else ``FetchError("too-large")`` is raised for the caller to split.
+        """
+        raise NotImplementedError(f"the {self.name} backend does not fetch blocks")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""

@@ -8,17 +8,21 @@ project). Requests go to the high-volume endpoint unless ``--ee-url`` says other
 
 For a request, the image used is the first of the source's collection filtered to the tile's
 box and year (plus, with a cloud rule, scene cloud cover below the maximum), sorted by scene
-cloud cover (cloud-ruled sources) or latest first. For a shard, ``prepare`` asks for the id and
-``system:time_start`` of that image for every request in one ``value:compute`` call, so a tile
-costs one more request: ``computePixels`` of that image's RGB visualisation (select, per-pixel
-cloud mask, visualize min/max/gamma) in the tile's projected grid, as JPEG. That call goes
-through the ee client's own API resource, built once, with the expression serialised once per
-image (see ``_compute_pixels``; ``ee.data.computePixels`` is the fallback).
+cloud cover (cloud-ruled sources) or latest first: the choice is made per tile, whatever block
+the tile is later fetched in. ``choose_images`` asks for the id and ``system:time_start`` of
+that image for every request of a shard in one ``value:compute`` call. Pixels then come from
+``computePixels`` of that image's RGB visualisation (select, per-pixel cloud mask, visualize
+min/max/gamma) in a grid on the tile lattice (``PixelGrid``), as NPY: lossless, so a tile cut
+from a block has exactly the pixels of its own request, and JPEG encoding happens locally.
+That call goes through the ee client's own API resource, built once, with the expression
+serialised once per image (see ``_compute_pixels``; ``ee.data.computePixels`` is the
+fallback).
 
 The ``ee`` client's own retries are off (``setMaxRetries(0)``); every HTTP request goes through
 the run's caps (``limits``) and is retried here by kind: 429, 5xx, timeouts, cut or garbled
 bodies with exponential backoff and jitter, honouring Retry-After; a "memory limit"/"too large"
-answer splits the tile into 2 x 2 pieces, fetched and stitched; an empty year is a ``no-image``
+answer splits a tile's grid into 2 x 2 pieces, fetched and stitched (a block of several tiles is
+split by fetch instead, along its tiles); an empty year is a ``no-image``
 skip (or the next candidate year with ``allow_next_year``). The HTTP transport records each
 answer's status per thread, since ``ee`` turns HTTP errors into bare messages. Credentials and
 tokens never reach logs, errors or the manifest: errors carry only the status and server text.
@@ -26,12 +30,13 @@ tokens never reach logs, errors or the manifest: errors carry only the status an
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -40,12 +45,13 @@ from googleapiclient.errors import HttpError
 from requests.adapters import HTTPAdapter
 
 from ..errors import BackendError, MissingDependencyError
-from ..quality import QualityError, decode_jpeg
 from . import BackendConfig, SourceInfo, source_info
 from .base import (
     RETRYABLE_REASONS,
     Backend,
     FetchError,
+    ImageChoice,
+    PixelGrid,
     TileRequest,
     TileResult,
     call_with_retries,
@@ -145,13 +151,12 @@ class EarthEngineBackend(Backend):
     """Tiles from Earth Engine's ``computePixels``."""
 
     name = "earthengine"
+    supports_blocks = True
 
     def __init__(self, config: BackendConfig, limits: Limits) -> None:
         self.config = config
         self.limits = limits
         self._transport: _Transport | None = None
-        # (request key, year) -> (image index, time_start ms), or None for no image.
-        self._images: dict[tuple[str, int], tuple[str, int] | None] = {}
         self._lock = threading.Lock()
         self._signature: tuple[Any, ...] | None = None
         self._visuals: dict[tuple[SourceInfo, str], _Visual] = {}
@@ -273,6 +278,30 @@ class EarthEngineBackend(Backend):
             return FetchError("corrupt", text, retryable=True)
         return FetchError(f"http-{status}" if status else "error", text)
 
+    # -- settings ------------------------------------------------------------------------------
+    def check(self, sources: Sequence[SourceInfo], samples: Sequence[TileRequest]) -> None:
+        """One ``value:compute`` probe: the project and credentials work and every collection
+        exists. Refused credentials, an unknown project or collection, or no connection are a
+        ``BackendError``; a busy or failing service (429, 5xx) only a warning."""
+        import ee
+
+        self._ensure_current()
+        url = (self.config.ee_url or HIGH_VOLUME_URL).rstrip("/")
+        collections = sorted({s.collection for s in sources})
+        probe = ee.List([ee.ImageCollection(c).limit(1).size() for c in collections])
+        try:
+            call_with_retries(lambda: self._call(ee.data.computeValue, probe), self.config.retry)
+        except FetchError as e:
+            if e.reason in ("http-429", "http-5xx"):
+                log.warning("Earth Engine at %s is busy or failing (%s): going on", url, e.reason)
+                return
+            if e.reason in ("timeout", "connection"):
+                raise BackendError(f"cannot reach Earth Engine at {url} ({e.reason})") from None
+            raise BackendError(
+                f"Earth Engine at {url} refused the settings check of collection(s) "
+                f"{', '.join(collections)}: {e.detail or e.reason}"
+            ) from None
+
     # -- which image ----------------------------------------------------------------------------
     def _years(self, request: TileRequest) -> Sequence[int]:
         return request.years if self.config.allow_next_year else request.years[:1]
@@ -294,33 +323,66 @@ class EarthEngineBackend(Backend):
             out.append((str(ids[0]), int(times[0])) if ids and times else None)
         return out
 
-    def prepare(self, requests: Sequence[TileRequest]) -> None:
-        """Look up the image of every request (its first candidate year) in one call."""
-        pairs = [(r, self._years(r)[0]) for r in requests if r.years]
-        if not pairs:
-            return
-        self._ensure_current()
+    def _lookup_each(
+        self, pairs: list[tuple[TileRequest, int]]
+    ) -> list[tuple[tuple[str, int] | None, int] | FetchError]:
+        """Every pair's image: in one call, else (that call failed) one call per pair."""
         try:
             found, _ = call_with_retries(lambda: self._lookup(pairs), self.config.retry)
+            return [(value, 0) for value in found]  # a shared lookup is charged to no tile
         except FetchError as e:
-            log.warning(
-                "image lookup for %d tiles failed (%s); looking up one by one", len(pairs), e.reason
-            )
-            return
-        with self._lock:
-            for (request, year), value in zip(pairs, found, strict=True):
-                self._images[(request.key, year)] = value
+            if len(pairs) == 1:
+                e.attempts = getattr(e, "attempts", 1)  # type: ignore[attr-defined]
+                return [e]
+            log.warning("image lookup for %d tiles failed (%s); one by one", len(pairs), e.reason)
+        out: list[tuple[tuple[str, int] | None, int] | FetchError] = []
+        for pair in pairs:
+            try:
+                one, n = call_with_retries(partial(self._lookup, [pair]), self.config.retry)
+                out.append((one[0], n))
+            except FetchError as err:
+                out.append(err)
+        return out
 
-    def _image_for(self, request: TileRequest, year: int) -> tuple[tuple[str, int] | None, int]:
-        with self._lock:
-            if (request.key, year) in self._images:
-                return self._images.pop((request.key, year)), 0
-        found, attempts = call_with_retries(
-            lambda: self._lookup([(request, year)]), self.config.retry
-        )
-        return found[0], attempts
+    def choose_images(self, requests: Sequence[TileRequest]) -> list[ImageChoice | TileResult]:
+        """Each request's image: its first candidate year with one (only the first year unless
+        ``allow_next_year``), looked up for all requests together, one call per year tried."""
+        self._ensure_current()
+        out: list[ImageChoice | TileResult | None] = [None] * len(requests)
+        spent = [0] * len(requests)
+        pending = [(i, list(self._years(r))) for i, r in enumerate(requests)]
+        while pending:
+            for i, years in pending:
+                if not years:
+                    out[i] = TileResult.skipped("no-image", attempts=max(spent[i], 1))
+            asked = [(i, years) for i, years in pending if years]
+            answers = self._lookup_each([(requests[i], years[0]) for i, years in asked])
+            pending = []
+            for (i, years), answer in zip(asked, answers, strict=True):
+                if isinstance(answer, FetchError):
+                    spent[i] += getattr(answer, "attempts", 1)
+                    out[i] = _failure(answer, spent[i])
+                    continue
+                found, n = answer
+                spent[i] += n
+                if found is None:
+                    pending.append((i, years[1:]))
+                    continue
+                request = requests[i]
+                collection = source_info(request.alias, request.collection).collection
+                out[i] = ImageChoice(f"{collection}/{found[0]}", ms_to_datetime(found[1]), years[0])
+        return [o for o in out if o is not None]
 
     # -- pixels ----------------------------------------------------------------------------------
+    def _visual_for(self, source: SourceInfo, image_id: str) -> _Visual:
+        visual = self._visuals.get((source, image_id))
+        if visual is None:  # ee objects are immutable: one per image, shared
+            if len(self._visuals) > 4096:
+                self._visuals.clear()
+            visual = _Visual(self._visual(source, image_id))
+            self._visuals[(source, image_id)] = visual
+        return visual
+
     def _visual(self, source: SourceInfo, image_id: str) -> Any:
         import ee
 
@@ -354,12 +416,12 @@ class EarthEngineBackend(Backend):
         body = {**params, "expression": visual.encoded}
         return api.computePixels(project=project_path, body=body).execute(num_retries=0)
 
-    def _pixels(self, visual: _Visual, request: TileRequest) -> tuple[bytes, np.ndarray]:
-        a, _, c, _, e, f = request.transform
+    def _pixels(self, visual: _Visual, grid: PixelGrid) -> np.ndarray:
+        a, _, c, _, e, f = grid.transform
         params = {
-            "fileFormat": "JPEG",
+            "fileFormat": "NPY",
             "grid": {
-                "dimensions": {"width": request.width, "height": request.height},
+                "dimensions": {"width": grid.width, "height": grid.height},
                 "affineTransform": {
                     "scaleX": a,
                     "shearX": 0.0,
@@ -368,82 +430,92 @@ class EarthEngineBackend(Backend):
                     "scaleY": e,
                     "translateY": f,
                 },  # fmt: skip
-                "crsCode": request.crs,
+                "crsCode": grid.crs,
             },
         }
         data = self._call(self._compute_pixels, visual, params)
         if not isinstance(data, bytes | bytearray):
             raise FetchError("corrupt", "computePixels answered no bytes", retryable=True)
-        try:
-            rgb = decode_jpeg(bytes(data))
-        except QualityError as err:
-            raise FetchError("corrupt", str(err), retryable=True) from None
-        if rgb.shape[:2] != (request.height, request.width):
-            raise FetchError("corrupt", f"tile of shape {rgb.shape[:2]}", retryable=True)
-        return bytes(data), rgb
+        return decode_npy_rgb(bytes(data), grid.height, grid.width)
+
+    def fetch_grid(
+        self, request: TileRequest, image: ImageChoice, grid: PixelGrid, split: bool = True
+    ) -> tuple[np.ndarray, int]:
+        self._ensure_current()
+        visual = self._visual_for(source_info(request.alias, request.collection), image.image_id)
+        return self._fetch_pixels(visual, grid, split)
 
     def _fetch_pixels(
-        self, visual: _Visual, request: TileRequest, depth: int = 0
-    ) -> tuple[bytes | None, np.ndarray, int]:
-        """JPEG bytes (None when stitched), RGB pixels and attempts; splits when too large."""
+        self, visual: _Visual, grid: PixelGrid, split: bool, depth: int = 0
+    ) -> tuple[np.ndarray, int]:
+        """The grid's RGB pixels and the attempts spent; splits 2 x 2 when too large."""
         try:
-            (jpeg, rgb), attempts = call_with_retries(
-                lambda: self._pixels(visual, request), self.config.retry
-            )
-            return jpeg, rgb, attempts
+            return call_with_retries(lambda: self._pixels(visual, grid), self.config.retry)
         except FetchError as e:
             if (
-                e.reason != "too-large"
+                not split
+                or e.reason != "too-large"
                 or depth >= MAX_SPLIT_DEPTH
-                or min(request.width, request.height) < 2
+                or min(grid.width, grid.height) < 2
             ):
                 raise
             attempts = getattr(e, "attempts", 1)
-        log.debug("%s too large for one request: splitting 2 x 2", request.key)
-        out = np.zeros((request.height, request.width, 3), np.uint8)
-        xs = np.linspace(0, request.width, 3).round().astype(int)
-        ys = np.linspace(0, request.height, 3).round().astype(int)
-        for row in range(2):
-            for col in range(2):
-                piece = request.sub_request(col, row, 2, 2)
-                _, part, n = self._fetch_pixels(visual, piece, depth + 1)
-                attempts += n
-                out[ys[row] : ys[row + 1], xs[col] : xs[col + 1]] = part
-        return None, out, attempts
+        log.debug("a %d x %d grid is too large for one request: 2 x 2", grid.width, grid.height)
+        out = np.zeros((grid.height, grid.width, 3), np.uint8)
+        for piece in grid.quarters():
+            part, n = self._fetch_pixels(visual, piece, split, depth + 1)
+            attempts += n
+            out[grid.window(piece)] = part
+        return out, attempts
 
     def fetch(self, request: TileRequest) -> TileResult:
-        source = source_info(request.alias, request.collection)
-        self._ensure_current()
-        attempts = 0
+        choice = self.choose_images([request])[0]
+        if isinstance(choice, TileResult):
+            return choice
         try:
-            for year in self._years(request):
-                found, n = self._image_for(request, year)
-                attempts += n
-                if found is None:
-                    continue
-                index, time_ms = found
-                image_id = f"{source.collection}/{index}"
-                visual = self._visuals.get((source, image_id))
-                if visual is None:  # ee objects are immutable: one per image, shared
-                    if len(self._visuals) > 4096:
-                        self._visuals.clear()
-                    visual = _Visual(self._visual(source, image_id))
-                    self._visuals[(source, image_id)] = visual
-                jpeg, rgb, n = self._fetch_pixels(visual, request)
-                attempts += n
-                taken: datetime = ms_to_datetime(time_ms)
-                return TileResult(
-                    "ok",
-                    rgb=rgb,
-                    jpeg=jpeg,
-                    image_id=image_id,
-                    acquisition_time=taken,
-                    year=year,
-                    attempts=attempts,
-                )
+            rgb, attempts = self.fetch_grid(request, choice, request.grid)
         except FetchError as e:
-            attempts += getattr(e, "attempts", 1)
-            retry_later = e.retryable or e.reason in RETRYABLE_REASONS
-            make = TileResult.failed if retry_later else TileResult.skipped
-            return make(e.reason, attempts=attempts, detail=e.detail)
-        return TileResult.skipped("no-image", attempts=max(attempts, 1))
+            return _failure(e, getattr(e, "attempts", 1))
+        return TileResult(
+            "ok",
+            rgb=rgb,
+            image_id=choice.image_id,
+            acquisition_time=choice.acquisition_time,
+            year=choice.year,
+            attempts=attempts,
+        )
+
+
+def _failure(error: FetchError, attempts: int) -> TileResult:
+    """A tile's result for a request that failed: retryable later, or a permanent skip."""
+    retry_later = error.retryable or error.reason in RETRYABLE_REASONS
+    make = TileResult.failed if retry_later else TileResult.skipped
+    return make(error.reason, attempts=attempts, detail=error.detail)
+
+
+def decode_npy_rgb(data: bytes, height: int, width: int) -> np.ndarray:
+    """An (h, w, 3) uint8 view of an NPY answer of 3 uint8 bands (a structured array).
+
+    Raises ``FetchError("corrupt")`` (retryable) for anything else: a cut or garbled body.
+    """
+    from numpy.lib import format as npy
+
+    try:
+        stream = io.BytesIO(data)
+        version = npy.read_magic(stream)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran, dtype = read_header(stream)
+        offset = stream.tell()
+        fields = [dtype.fields[n][0] for n in dtype.names or ()] if dtype.fields else []
+        if (
+            tuple(shape) != (height, width)
+            or fortran
+            or len(fields) != 3
+            or any(f != np.uint8 for f in fields)
+            or dtype.itemsize != 3
+        ):
+            raise ValueError(f"{shape} of {dtype}")
+        rgb = np.frombuffer(data, np.uint8, count=height * width * 3, offset=offset)
+    except (ValueError, TypeError, KeyError, EOFError) as e:
+        raise FetchError("corrupt", f"not the expected NPY answer ({e})", retryable=True) from None
+    return rgb.reshape(height, width, 3)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -105,6 +106,11 @@ class RasterBackend(Backend):
             raise BackendError(f"{folder}: raster folder of source {source.alias} does not exist")
         return folder
 
+    def check(self, sources: Sequence[SourceInfo], samples: Sequence[TileRequest]) -> None:
+        """Every source's folder exists and holds readable GeoTIFFs (indexed here, once)."""
+        for source in sources:
+            self.images(source)
+
     def images(self, source: SourceInfo) -> list[RasterImage]:
         """The indexed files of ``source``'s folder, latest first (built once)."""
         with self._lock:
@@ -160,12 +166,8 @@ class RasterBackend(Backend):
 
     def _intersects(self, image: RasterImage, request: TileRequest) -> bool:
         left, bottom, right, top = self._bounds_in(image, request.crs)
-        return (
-            left < request.x_max
-            and right > request.x_min
-            and bottom < request.y_max
-            and top > request.y_min
-        )
+        x_min, y_min, x_max, y_max = request.grid.bounds
+        return left < x_max and right > x_min and bottom < y_max and top > y_min
 
     def _mosaic(
         self,

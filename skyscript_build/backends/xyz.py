@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -29,7 +30,7 @@ from rasterio.transform import Affine
 from rasterio.warp import reproject, transform_bounds
 
 from ..errors import BackendError
-from . import BackendConfig, source_info
+from . import BackendConfig, SourceInfo, source_info
 from .base import RETRYABLE_REASONS, Backend, FetchError, TileRequest, TileResult, call_with_retries
 from .limits import Limits
 
@@ -123,19 +124,49 @@ class XyzBackend(Backend):
                 self._cache.popitem(last=False)
         return tile
 
-    def fetch(self, request: TileRequest) -> TileResult:
-        template = self._template(request.alias, request.collection)
+    def check(self, sources: Sequence[SourceInfo], samples: Sequence[TileRequest]) -> None:
+        """Every source has a URL template, and the server answers one probe request (for the
+        first tile of the first sample): no connection, a timeout or a refusal (401, 403, other
+        4xx but 404) is a ``BackendError``; a busy or failing server (429, 5xx) a warning."""
+        for source in sources:
+            self._template(source.alias, source.collection)
+        for request in samples[:1]:
+            template = self._template(request.alias, request.collection)
+            z, (x0, _, y0, _) = self._tile_range(request)
+            url = template.format(z=z, x=x0, y=y0)
+            host = urlsplit(template).netloc or template
+            try:
+                call_with_retries(functools.partial(self._get_tile, url), self.config.retry)
+            except FetchError as e:
+                if e.reason in ("http-429", "http-5xx"):
+                    log.warning("tile server %s is busy or failing (%s): going on", host, e.reason)
+                elif e.reason in ("timeout", "connection"):
+                    raise BackendError(
+                        f"cannot reach the tile server {host} ({e.reason})"
+                    ) from None
+                else:
+                    raise BackendError(
+                        f"the tile server {host} refused the probe request for {url} ({e.reason})"
+                    ) from None
+
+    @staticmethod
+    def _tile_range(request: TileRequest) -> tuple[int, tuple[int, int, int, int]]:
+        """The zoom and the XYZ tiles (x0, x1, y0, y1, inclusive) covering ``request``."""
         lat = (request.south + request.north) / 2
         z = zoom_for_gsd(request.gsd, lat)
-        left, bottom, right, top = transform_bounds(
-            request.crs, "EPSG:3857", request.x_min, request.y_min, request.x_max, request.y_max
-        )
+        left, bottom, right, top = transform_bounds(request.crs, "EPSG:3857", *request.grid.bounds)
         span = 2 * ORIGIN / 2**z
         n = 2**z
         x0 = max(0, math.floor((left + ORIGIN) / span))
         x1 = min(n - 1, math.floor((right + ORIGIN) / span))
         y0 = max(0, math.floor((ORIGIN - top) / span))
         y1 = min(n - 1, math.floor((ORIGIN - bottom) / span))
+        return z, (x0, x1, y0, y1)
+
+    def fetch(self, request: TileRequest) -> TileResult:
+        template = self._template(request.alias, request.collection)
+        z, (x0, x1, y0, y1) = self._tile_range(request)
+        span = 2 * ORIGIN / 2**z
         mosaic = np.zeros((4, (y1 - y0 + 1) * TILE_SIZE, (x1 - x0 + 1) * TILE_SIZE), np.uint8)
         attempts = 0
         any_tile = False
