@@ -1,13 +1,21 @@
 """The fetch stage: ``requests/`` -> ``images{k}/<key>.jpg``, ``meta{k}/<key>.pickle``, ``manifest/``.
 
-Requests are cut into shards (``shard_size`` rows of one requests part). A shard fetches its
-tiles on a thread pool (the backends' caps bound what is in flight), checks each tile
-(``quality``), writes the JPEG then the pickle atomically, and, last, its manifest part and its
-stats json. A rerun skips shards whose stats say nothing retryable is left, and inside a shard
-it refetches only keys that are not ``ok`` with both files present or a permanent skip. A run
-killed at any point and rerun ends with the same files as an uninterrupted run: temporary files
-are removed at start, a key's files are (re)written atomically, and a key that ends not ``ok``
-has its files removed.
+Requests are cut into shards: ``shard_size`` requests of one requests part, in fetch order (by
+source and CRS, then along a Z-order curve of the tile centres), so that a shard's tiles are
+neighbours. A shard looks up each tile's image, groups the tiles of one image that crowd
+together into block requests (``fetch_blocks``; ``--blocks off``: one request per tile),
+fetches the pixels losslessly, cuts each tile from its block, checks it (``quality``), encodes
+the JPEG locally and writes the JPEG then the pickle atomically. A tile's bytes do not depend
+on how it was fetched. After each request's tiles are written, their manifest rows are
+appended to the shard's journal; last come its manifest part and its stats json.
+
+Every run checks the work of earlier runs: for each key a shard's manifest calls done, one
+``stat`` per file (present, and of the recorded size; ``verify`` also decodes every JPEG and
+loads every pickle); a damaged or missing file, or an unreadable manifest part, is fetched
+again and counted as repaired. A run killed at any point and rerun ends with the same files as
+an uninterrupted run: temporary files are removed at start, a key's files are (re)written
+atomically, the journal keeps the tiles of every finished request (only requests in flight
+are lost), and a key that ends not ``ok`` has its files removed.
 """
 
 from __future__ import annotations
@@ -16,22 +24,28 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .backends import (
     BACKENDS,
     RETRYABLE_REASONS,
+    Backend,
     BackendConfig,
+    FetchError,
     SourceInfo,
     TileRequest,
     TileResult,
@@ -40,22 +54,35 @@ from .backends import (
     source_info,
     use_sources,
 )
+from .backends.base import ImageChoice
 from .backends.limits import LimitsConfig
 from .cluster import ClusterConfig, dask_client, map_shards
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, SkyScriptError
+from .fetch_blocks import RGB_BYTES, BlockSettings, block_grid, block_id, plan_blocks, split
 from .fetch_writer import (
     FilesWriter,
+    ManifestError,
     WebDatasetWriter,
     part_of,
     read_manifest,
+    row_from_json,
+    row_to_json,
     write_manifest,
 )
 from .files import remove_temp_files, write_json_atomic
 from .meta import dumps_meta, make_meta
 from .progress import progress_bar
-from .quality import QualityConfig, QualityError, check_tile, decode_jpeg, encode_jpeg
+from .quality import JPEG_ENCODERS, QualityConfig, check_tile, encode_jpeg
 
-__all__ = ["FetchConfig", "FetchResult", "FetchShard", "run_fetch", "fetch_shard", "part_of"]
+__all__ = [
+    "FetchConfig",
+    "FetchResult",
+    "FetchShard",
+    "run_fetch",
+    "fetch_shard",
+    "fetch_order",
+    "part_of",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +91,10 @@ REQUIRED_COLUMNS = (
     "key", "alias", "collection", "gsd", "years", "crs", "x_min", "y_min", "x_max", "y_max",
     "width", "height", "west", "south", "east", "north", "center_tags", "surrounding_tags",
 )  # fmt: skip
-# Shards in flight at once in one process, so one shard's slow start overlaps another's tiles.
-SHARDS_IN_FLIGHT = 2
+ORDER_COLUMNS = ("key", "alias", "crs", "x_min", "y_min", "x_max", "y_max")
+# Shards in flight at once in one process, so one shard's image lookup and slow start overlap
+# another's tiles.
+SHARDS_IN_FLIGHT = 4
 
 
 @dataclass(frozen=True)
@@ -86,6 +115,14 @@ class FetchConfig:
         shard_size: requests per shard.
         timeout_s, max_attempts: per request.
         allow_next_year: a year without imagery falls back to the request's next year.
+        blocks: ``auto`` (block requests where the cost model says they pay; Earth Engine
+            only) or ``off`` (one request per tile).
+        block_overhead_ms, block_ms_per_mpx: the block cost model (``fetch_blocks``).
+        block_max_px: most pixels on a side of a block.
+        block_memory_mb: most megabytes of block pixels held at once by one process.
+        jpeg_quality, jpeg_encoder: how tiles are encoded (``quality.JPEG_ENCODERS``); changing
+            either refetches the tiles encoded otherwise.
+        verify: also decode every JPEG and load every pickle of earlier runs.
         quality: thresholds of the quality checks.
     """
 
@@ -107,6 +144,14 @@ class FetchConfig:
     max_attempts: int = 6
     backoff_s: float = 0.5
     allow_next_year: bool = False
+    blocks: str = "auto"
+    block_overhead_ms: float = 500.0
+    block_ms_per_mpx: float = 100.0
+    block_max_px: int = 2048
+    block_memory_mb: int = 512
+    jpeg_quality: int = 90
+    jpeg_encoder: str = "pillow"
+    verify: bool = False
     quality: QualityConfig = field(default_factory=QualityConfig)
 
     def __post_init__(self) -> None:
@@ -124,7 +169,19 @@ class FetchConfig:
             raise ConfigError(f"shard size must be at least 1, got {self.shard_size}")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 (one per core) or more, got {self.workers}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
+        if self.jpeg_encoder not in JPEG_ENCODERS:
+            raise ConfigError(
+                f"--jpeg-encoder must be one of {', '.join(JPEG_ENCODERS)}, "
+                f"got {self.jpeg_encoder!r}"
+            )
+        if self.block_memory_mb < 1:
+            raise ConfigError(f"--block-memory-mb must be at least 1, got {self.block_memory_mb}")
+        self.block_settings  # noqa: B018 - validates the block settings
         LimitsConfig(self.concurrency, self.rate)  # validates both
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(self.out, "exists and is not a folder (the dataset folder)")
         if not self.requests.is_dir():
             raise InputError(self.requests, "requests folder does not exist (run the plan stage)")
         parts = self.request_parts()
@@ -149,6 +206,22 @@ class FetchConfig:
     def cluster(self) -> ClusterConfig:
         return ClusterConfig(workers=self.workers, scheduler=self.scheduler)
 
+    @property
+    def block_settings(self) -> BlockSettings:
+        return BlockSettings(
+            mode=self.blocks,
+            overhead_ms=self.block_overhead_ms,
+            ms_per_mpx=self.block_ms_per_mpx,
+            max_px=self.block_max_px,
+        )
+
+    @property
+    def encoding(self) -> str:
+        """The JPEG encoder, its quality and library version: what a JPEG's bytes depend on."""
+        import PIL
+
+        return f"{self.jpeg_encoder} q{self.jpeg_quality} (Pillow {PIL.__version__})"
+
     def backend_config(self, name: str, limits: LimitsConfig | None = None) -> BackendConfig:
         """The ``BackendConfig`` of backend ``name`` for this run."""
         return BackendConfig(
@@ -167,7 +240,7 @@ class FetchConfig:
 
 @dataclass(frozen=True)
 class FetchShard:
-    """One shard: rows ``start:stop`` of one requests part."""
+    """One shard: positions ``start:stop`` of one requests part in fetch order."""
 
     index: int
     requests_file: Path
@@ -191,30 +264,77 @@ class FetchResult:
     skipped: int = 0
     failed: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    repaired: dict[str, int] = field(default_factory=dict)
     shards_run: int = 0
     shards_done_before: int = 0
     fetched: int = 0
+    requests: int = 0
+    blocks: int = 0
+    block_tiles: int = 0
     seconds: float = 0.0
     startup_seconds: float = 0.0
 
     def summary(self) -> str:
         """One line for the end of the run."""
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.reasons.items())) or "none"
+        repaired = ""
+        if self.repaired:
+            what = ", ".join(f"{k} {v}" for k, v in sorted(self.repaired.items()))
+            repaired = f"; repaired {sum(self.repaired.values())} ({what})"
         return (
             f"fetch: {self.ok} ok, {self.skipped} skipped, {self.failed} failed "
-            f"(reasons: {reasons}); {self.fetched} tiles fetched in {self.seconds:.1f}s "
-            f"(client start {self.startup_seconds:.1f}s), "
+            f"(reasons: {reasons}){repaired}; {self.fetched} tiles fetched with "
+            f"{self.requests} pixel requests ({self.blocks} blocks holding {self.block_tiles} "
+            f"tiles) in {self.seconds:.1f}s (client start {self.startup_seconds:.1f}s), "
             f"{self.shards_run} shards run, {self.shards_done_before} already done"
         )
+
+
+# --- shards -------------------------------------------------------------------------------
+
+
+def _spread_bits(v: np.ndarray) -> np.ndarray:
+    """The 16 low bits of ``v`` spread to the even bits of a uint64 (for a Z-order code)."""
+    v = v.astype(np.uint64) & np.uint64(0xFFFF)
+    for shift, mask in ((8, 0x00FF00FF), (4, 0x0F0F0F0F), (2, 0x33333333), (1, 0x55555555)):
+        v = (v | (v << np.uint64(shift))) & np.uint64(mask)
+    return v
+
+
+def fetch_order(table: pa.Table) -> np.ndarray:
+    """Row positions of a requests part in fetch order: by source (alias) and CRS, then along a
+    Z-order curve of the tile centres (65,536 steps across the part's extent), then by key."""
+    n = table.num_rows
+    if n == 0:
+        return np.zeros(0, np.int64)
+
+    def steps(lo: str, hi: str) -> np.ndarray:
+        c = (table.column(lo).to_numpy() + table.column(hi).to_numpy()) / 2
+        span = max(float(c.max() - c.min()), 1e-9)
+        return np.floor((c - c.min()) / span * 65535).astype(np.int64)
+
+    code = _spread_bits(steps("x_min", "x_max")) | (_spread_bits(steps("y_min", "y_max")) << 1)
+    keys = pa.table(
+        {
+            "alias": table.column("alias"),
+            "crs": table.column("crs"),
+            "code": code,
+            "key": table.column("key"),
+            "pos": np.arange(n),
+        }
+    )
+    by = [("alias", "ascending"), ("crs", "ascending"), ("code", "ascending"), ("key", "ascending")]
+    return keys.sort_by(by).column("pos").to_numpy()
 
 
 def list_shards(
     config: FetchConfig, limits: LimitsConfig, sources: tuple[SourceInfo, ...] = ()
 ) -> list[FetchShard]:
-    """Every shard of the run, in a fixed order (requests part, then row)."""
+    """Every shard of the run, in a fixed order (requests part, then fetch order)."""
     shards: list[FetchShard] = []
     for part in config.request_parts():
-        keys = pq.read_table(part, columns=["key"]).column("key").to_pylist()
+        table = pq.read_table(part, columns=list(ORDER_COLUMNS))
+        keys = table.column("key").take(fetch_order(table)).to_pylist()
         for start in range(0, len(keys), config.shard_size):
             stop = min(len(keys), start + config.shard_size)
             digest = hashlib.blake2b("\n".join(keys[start:stop]).encode(), digest_size=8)
@@ -226,19 +346,32 @@ def list_shards(
     return shards
 
 
+def _shard_requests(shard: FetchShard) -> list[TileRequest]:
+    table = pq.read_table(shard.requests_file)
+    order = fetch_order(table.select(list(ORDER_COLUMNS)))
+    rows = table.take(order[shard.start : shard.stop]).to_pylist()
+    return [TileRequest.from_row(r) for r in rows]
+
+
+def _manifest_dir(config: FetchConfig) -> Path:
+    return config.out / "manifest"
+
+
 def _stats_path(shard: FetchShard) -> Path:
-    return shard.config.out / "manifest" / f"{shard.name}.stats.json"
+    return _manifest_dir(shard.config) / f"{shard.name}.stats.json"
 
 
-def _shard_finished(shard: FetchShard) -> bool:
-    path = _stats_path(shard)
-    if not path.exists():
-        return False
+def _journal_path(shard: FetchShard) -> Path:
+    # "_" first: readers of manifest/ as a parquet dataset skip it.
+    return _manifest_dir(shard.config) / f"_{shard.name}.journal.jsonl"
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
-        stats = json.loads(path.read_text())
-    except (ValueError, OSError):
-        return False
-    return int(stats.get("retryable", 1)) == 0 and stats.get("keys_hash") == shard.keys_hash
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
@@ -246,12 +379,96 @@ _EXECUTOR_LOCK = threading.Lock()
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
-    """This process's tile thread pool (shared by its shards)."""
+    """This process's request thread pool (shared by its shards)."""
     with _EXECUTOR_LOCK:
         pool = _EXECUTORS.get(threads)
         if pool is None:
             pool = _EXECUTORS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
         return pool
+
+
+class _ByteBudget:
+    """Bytes of block pixels one process holds at once (a block larger than the whole
+    budget waits until it is alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, n: int) -> Iterator[None]:
+        n = min(n, self.limit)
+        with self._cond:
+            self._cond.wait_for(lambda: self.used + n <= self.limit)
+            self.used += n
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= n
+                self._cond.notify_all()
+
+
+_BUDGETS: dict[int, _ByteBudget] = {}
+
+
+def _budget(megabytes: int) -> _ByteBudget:
+    with _EXECUTOR_LOCK:
+        return _BUDGETS.setdefault(megabytes, _ByteBudget(megabytes * 2**20))
+
+
+class _Journal:
+    """The manifest rows of a shard's finished requests, appended as they finish (one JSON
+    line per request, written with one ``write``: a line cut by a crash is ignored)."""
+
+    def __init__(self, path: Path, encoding: str) -> None:
+        self.path = path
+        self.encoding = encoding
+        self._lock = threading.Lock()
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        line = json.dumps({"encoding": self.encoding, "rows": [row_to_json(r) for r in rows]})
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode())
+            finally:
+                os.close(fd)
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        """Rows by request key (later lines win); lines of another encoding are ignored."""
+        rows: dict[str, dict[str, Any]] = {}
+        try:
+            lines = self.path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return rows
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                if entry.get("encoding") != self.encoding:
+                    continue
+                for data in entry["rows"]:
+                    row = row_from_json(data)
+                    rows[row["request_key"]] = row
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue  # the line a crash cut short
+        return rows
+
+    def remove(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@dataclass
+class _ShardRun:
+    """What a shard's requests share while they run."""
+
+    shard: FetchShard
+    writer: FilesWriter | WebDatasetWriter
+    journal: _Journal
+    on_tile: Callable[[int], None] | None
+    budget: _ByteBudget
 
 
 def _backend_name(config: FetchConfig, alias: str, collection: str) -> str:
@@ -265,22 +482,12 @@ def _remove_files(writer: Any, key: str) -> None:
                 (writer.out / rel).unlink()
 
 
-def _process_tile(
-    request: TileRequest, shard: FetchShard, writer: FilesWriter | WebDatasetWriter
+def _finish_tile(
+    request: TileRequest, result: TileResult, run: _ShardRun, block: str | None
 ) -> dict[str, Any]:
-    """Fetch, check and write one tile; return its manifest row (never raises)."""
-    config = shard.config
+    """Check, encode and write one fetched tile; return its manifest row."""
+    config = run.shard.config
     source = source_info(request.alias, request.collection)
-    try:
-        backend = get_backend(
-            config.backend_config(
-                _backend_name(config, request.alias, request.collection), shard.limits
-            )
-        )
-        result = backend.fetch(request)
-    except Exception as e:  # a bug in a backend must not kill the shard: the tile is data
-        log.exception("fetching %s failed unexpectedly", request.key)
-        result = TileResult.failed("error", detail=type(e).__name__)
     key = request.key_for_year(result.year) if result.year else request.key
     row: dict[str, Any] = {
         "key": key,
@@ -289,29 +496,21 @@ def _process_tile(
         "reason": result.reason,
         "attempts": result.attempts,
         "bytes": None,
+        "meta_bytes": None,
         "collection": source.collection or request.collection,
         "image_id": result.image_id,
         "acquisition_time": result.acquisition_time,
         "filepath": None,
+        "block": block,
     }
     if result.status == "ok":
-        rgb, jpeg = result.rgb, result.jpeg
-        reason: str | None = None
-        if rgb is None and jpeg is not None:
-            try:
-                rgb = decode_jpeg(jpeg)
-            except QualityError:
-                row.update(status="failed", reason="corrupt")
-                return row
-        assert rgb is not None
-        reason = check_tile(rgb, result.valid, config.quality, source.has_cloud_rule)
+        assert result.rgb is not None and result.acquisition_time is not None
+        reason = check_tile(result.rgb, result.valid, config.quality, source.has_cloud_rule)
         if reason is not None:
             row.update(status="skipped", reason=reason)
         else:
-            if jpeg is None:
-                jpeg = encode_jpeg(rgb, config.quality.jpeg_quality)
+            jpeg = encode_jpeg(result.rgb, config.jpeg_quality, config.jpeg_encoder)
             t = result.acquisition_time
-            assert t is not None
             meta = make_meta(
                 request.box,
                 (t.year, t.month, t.day, t.hour, t.minute),
@@ -325,84 +524,235 @@ def _process_tile(
                 "image_id": result.image_id,
                 "acquisition_time": t.isoformat(),
             }
-            row["filepath"] = writer.write(key, jpeg, dumps_meta(meta), info)
-            row["bytes"] = len(jpeg)
+            meta_bytes = dumps_meta(meta)
+            row["filepath"] = run.writer.write(key, jpeg, meta_bytes, info)
+            row.update(bytes=len(jpeg), meta_bytes=len(meta_bytes))
             return row
-    _remove_files(writer, key)
+    _remove_files(run.writer, key)
     return row
 
 
+def _failure(error: FetchError, attempts: int) -> TileResult:
+    retry_later = error.retryable or error.reason in RETRYABLE_REASONS
+    make = TileResult.failed if retry_later else TileResult.skipped
+    return make(error.reason, attempts=attempts, detail=error.detail)
+
+
+def _guarded(
+    job: Callable[[], list[dict[str, Any]]], requests: Sequence[TileRequest], run: _ShardRun
+) -> list[dict[str, Any]]:
+    """Run one request's job; record its rows in the journal. A bug in a backend fails the
+    job's tiles (retried by the next run) with one log entry; a settings error stops the run."""
+    try:
+        rows = job()
+    except SkyScriptError:
+        raise
+    except Exception as e:
+        log.exception("fetching %s failed unexpectedly", requests[0].key)
+        rows = [
+            _finish_tile(r, TileResult.failed("error", detail=type(e).__name__), run, None)
+            for r in requests
+        ]
+    run.journal.add(rows)
+    if run.on_tile is not None:
+        run.on_tile(len(rows))
+    return rows
+
+
+def _run_tile(backend: Backend, request: TileRequest, run: _ShardRun) -> list[dict[str, Any]]:
+    return [_finish_tile(request, backend.fetch(request), run, None)]
+
+
+def _run_block(
+    backend: Backend,
+    members: list[tuple[TileRequest, ImageChoice]],
+    run: _ShardRun,
+    spent: int = 0,
+) -> list[dict[str, Any]]:
+    """Fetch one request (a tile alone, or the block of several) and write its tiles."""
+    requests = [r for r, _ in members]
+    image = members[0][1]
+    grid = block_grid([r.grid for r in requests])
+    single = len(members) == 1
+    error: FetchError | None = None
+    with run.budget.hold(grid.pixels * RGB_BYTES):
+        try:
+            rgb, attempts = backend.fetch_grid(requests[0], image, grid, split=single)
+        except FetchError as e:
+            error = e
+        else:
+            name = None if single else block_id(grid)
+            rows = []
+            for request in requests:
+                tile = TileResult(
+                    "ok",
+                    rgb=rgb[grid.window(request.grid)],
+                    image_id=image.image_id,
+                    acquisition_time=image.acquisition_time,
+                    year=image.year,
+                    attempts=spent + attempts,
+                )
+                rows.append(_finish_tile(request, tile, run, name))
+            return rows
+    spent += getattr(error, "attempts", 1)
+    if error.reason == "too-large" and not single:
+        log.debug("block %s too large: split in two", block_id(grid))
+        left, right = split([r.grid for r in requests])
+        return _run_block(backend, [members[i] for i in left], run, spent) + _run_block(
+            backend, [members[i] for i in right], run, spent
+        )
+    return [_finish_tile(r, _failure(error, spent), run, None) for r in requests]
+
+
+def _jobs(
+    todo: list[TileRequest], run: _ShardRun
+) -> tuple[
+    list[tuple[Callable[[], list[dict[str, Any]]], list[TileRequest]]], list[dict[str, Any]]
+]:
+    """The shard's requests as jobs (one request each: a tile, or a block of tiles), and the
+    rows of tiles settled without a pixel request (no image, a failed lookup)."""
+    config = run.shard.config
+    by_backend: dict[str, list[TileRequest]] = {}
+    for request in todo:
+        name = _backend_name(config, request.alias, request.collection)
+        by_backend.setdefault(name, []).append(request)
+    jobs: list[tuple[Callable[[], list[dict[str, Any]]], list[TileRequest]]] = []
+    settled: list[dict[str, Any]] = []
+    for name, group in by_backend.items():
+        backend = get_backend(config.backend_config(name, run.shard.limits))
+        if not backend.supports_blocks:
+            jobs += [(partial(_run_tile, backend, r, run), [r]) for r in group]
+            continue
+        by_image: dict[tuple[Any, ...], list[tuple[TileRequest, ImageChoice]]] = {}
+        for request, choice in zip(group, backend.choose_images(group), strict=True):
+            if isinstance(choice, TileResult):
+                settled.append(_finish_tile(request, choice, run, None))
+            else:
+                image = (request.alias, request.collection, choice.image_id, request.crs)
+                by_image.setdefault((*image, request.gsd), []).append((request, choice))
+        for members in by_image.values():
+            for block in plan_blocks([r.grid for r, _ in members], config.block_settings):
+                chosen = [members[i] for i in block]
+                job = partial(_run_block, backend, chosen, run)
+                jobs.append((job, [r for r, _ in chosen]))
+    if settled:
+        run.journal.add(settled)
+        if run.on_tile is not None:
+            run.on_tile(len(settled))
+    return jobs, settled
+
+
+def _previous_rows(
+    shard: FetchShard, journal: _Journal, stats: dict[str, Any] | None
+) -> tuple[dict[str, dict[str, Any]], bool]:
+    """The rows earlier runs left for this shard (manifest part, then journal), by request key,
+    and whether the manifest part was unreadable. Rows of another JPEG encoding are dropped."""
+    unreadable = False
+    try:
+        rows = read_manifest(_manifest_dir(shard.config) / f"{shard.name}.parquet")
+    except ManifestError as e:
+        log.warning("%s: its shard is fetched again", e)
+        rows, unreadable = [], True
+    if stats is not None and stats.get("encoding", shard.config.encoding) != shard.config.encoding:
+        rows = []  # encoded otherwise: fetched again
+    old = {row["request_key"]: row for row in rows}
+    old.update(journal.read())
+    return old, unreadable
+
+
 def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Fetch one shard (module-level: a Dask task); return its stats (also written last)."""
+    """Check and fetch one shard (module-level: a Dask task); return its stats (also written
+    last), plus ``orphans`` (keys an earlier run wrote here that the shard no longer has) and
+    ``checked_only`` (nothing needed doing)."""
     config = shard.config
     use_sources(shard.sources)
-    stats_path = _stats_path(shard)
-    if _shard_finished(shard):
-        return json.loads(stats_path.read_text())
     t0 = time.monotonic()
-    table = pq.read_table(shard.requests_file).slice(shard.start, shard.stop - shard.start)
-    requests = [TileRequest.from_row(r) for r in table.to_pylist()]
+    stats_path = _stats_path(shard)
+    stats_before = _read_json(stats_path)
+    journal = _Journal(_journal_path(shard), config.encoding)
+    requests = _shard_requests(shard)
     writer: FilesWriter | WebDatasetWriter
     if config.format == "webdataset":
         writer = WebDatasetWriter(config.out, config.parts, shard.name)
     else:
         writer = FilesWriter(config.out, config.parts)
-    manifest_path = config.out / "manifest" / f"{shard.name}.parquet"
-    old = {row["request_key"]: row for row in read_manifest(manifest_path)}
+    old, unreadable = _previous_rows(shard, journal, stats_before)
     current = {r.key for r in requests}
-    for gone in [row for key, row in old.items() if key not in current]:
-        _remove_files(writer, gone["key"])  # the plan dropped this request since
+    orphans = [row["key"] for k, row in old.items() if k not in current and row["status"] == "ok"]
     rows: dict[str, dict[str, Any]] = {}
     todo: list[TileRequest] = []
+    repaired: Counter[str] = Counter({"manifest": 1} if unreadable else {})
     for request in requests:
         prev = old.get(request.key)
-        if prev is not None and (
-            (prev["status"] == "ok" and writer.done(prev["key"]))
-            or (prev["status"] == "skipped" and prev["reason"] not in RETRYABLE_REASONS)
+        if prev is not None and prev["status"] == "ok":
+            problem = writer.check(prev, config.verify)
+            if problem is None:
+                rows[request.key] = prev
+                continue
+            repaired[problem] += 1
+        elif (
+            prev is not None
+            and prev["status"] == "skipped"
+            and prev["reason"] not in RETRYABLE_REASONS
         ):
             rows[request.key] = prev
-        else:
-            todo.append(request)
-    by_backend: dict[str, list[TileRequest]] = {}
-    for request in todo:
-        by_backend.setdefault(_backend_name(config, request.alias, request.collection), []).append(
-            request
-        )
-    for name, group in by_backend.items():
-        get_backend(config.backend_config(name, shard.limits)).prepare(group)
-    # More threads than request slots: a thread encoding, decoding or writing holds no slot.
-    pool = _executor(min(256, 2 * config.concurrency + 2))
-    for row in pool.map(lambda r: _process_tile(r, shard, writer), todo):
-        rows[row["request_key"]] = row
+            continue
+        todo.append(request)
+    finished_before = (
+        stats_before is not None
+        and stats_before.get("keys_hash") == shard.keys_hash
+        and not journal.path.exists()
+    )
+    if finished_before and not todo and not orphans and not unreadable:
         if on_tile is not None:
-            on_tile(1)
+            on_tile(len(requests))
+        return {**(stats_before or {}), "fetched": 0, "repaired": {}, "checked_only": True}
+    if on_tile is not None and len(rows):
+        on_tile(len(rows))
+    run = _ShardRun(shard, writer, journal, on_tile, _budget(config.block_memory_mb))
+    jobs, settled = _jobs(todo, run)
+    for row in settled:
+        rows[row["request_key"]] = row
+    # More threads than request slots: a thread encoding or writing tiles holds no slot.
+    pool = _executor(min(256, 2 * config.concurrency + 2))
+    requests_sent = 0
+    blocks = block_tiles = 0
+    for job_rows in pool.map(lambda job: _guarded(job[0], job[1], run), jobs):
+        for row in job_rows:
+            rows[row["request_key"]] = row
+        requests_sent += max(int(row["attempts"] or 0) for row in job_rows)
+        if job_rows[0]["block"] is not None:
+            blocks += 1
+            block_tiles += len(job_rows)
     ordered = [rows[r.key] for r in requests]
     writer.finish(shard.name, [row["key"] for row in ordered if row["status"] == "ok"])
-    write_manifest(ordered, manifest_path)
+    write_manifest(ordered, _manifest_dir(config) / f"{shard.name}.parquet")
     counts = Counter(row["status"] for row in ordered)
     reasons = Counter(row["reason"] for row in ordered if row["reason"])
     stats = {
         "shard": shard.name,
         "requests_file": shard.requests_file.name,
-        "rows": [shard.start, shard.stop],
+        "positions": [shard.start, shard.stop],
         "keys_hash": shard.keys_hash,
+        "encoding": config.encoding,
         "ok": counts.get("ok", 0),
         "skipped": counts.get("skipped", 0),
         "failed": counts.get("failed", 0),
         "reasons": dict(sorted(reasons.items())),
-        "retryable": sum(1 for row in ordered if row["status"] == "failed"),
+        "retryable": counts.get("failed", 0),
         "fetched": len(todo),
-        "attempts": sum(
-            int(row["attempts"] or 0)
-            for row in ordered
-            if row["request_key"] in {r.key for r in todo}
-        ),
+        "pixel_requests": requests_sent,
+        "blocks": blocks,
+        "block_tiles": block_tiles,
+        "repaired": dict(sorted(repaired.items())),
         "seconds": round(time.monotonic() - t0, 3),
     }
     write_json_atomic(stats_path, stats)
-    if on_tile is not None and len(requests) > len(todo):
-        on_tile(len(requests) - len(todo))
-    return stats
+    journal.remove()
+    return {**stats, "orphans": orphans, "checked_only": False}
+
+
+# --- the run --------------------------------------------------------------------------------
 
 
 def _run_local(shards: list[FetchShard]) -> list[dict[str, Any]]:
@@ -434,17 +784,81 @@ def _resolve_sources(config: FetchConfig) -> tuple[SourceInfo, ...]:
     return tuple(resolve_source(alias, collection) for alias, collection in sorted(pairs))
 
 
+def _samples(config: FetchConfig, aliases: set[str]) -> list[TileRequest]:
+    """The first request of each source in ``aliases`` (a place for a probe request)."""
+    found: dict[str, TileRequest] = {}
+    for part in config.request_parts():
+        column = pq.read_table(part, columns=["alias"]).column("alias").to_pylist()
+        wanted = [i for i, a in enumerate(column) if a in aliases and a not in found]
+        if wanted:
+            table = pq.read_table(part)
+            for i in wanted:
+                row = table.slice(i, 1).to_pylist()[0]
+                found.setdefault(row["alias"], TileRequest.from_row(row))
+        if len(found) == len(aliases):
+            break
+    return [found[a] for a in sorted(found)]
+
+
+def _check_backends(
+    config: FetchConfig, sources: tuple[SourceInfo, ...], limits: LimitsConfig
+) -> None:
+    """Open every backend the requests need and check its settings (one probe request where
+    one is needed): a bad setting raises before anything is created."""
+    by_backend: dict[str, list[SourceInfo]] = {}
+    for source in sources:
+        by_backend.setdefault(config.backend or source.backend, []).append(source)
+    for name in sorted(by_backend):
+        backend = get_backend(config.backend_config(name, limits))
+        group = by_backend[name]
+        samples = _samples(config, {s.alias for s in group}) if name == "xyz" else []
+        backend.check(group, samples)
+
+
+def _clean_up(config: FetchConfig, shards: list[FetchShard], orphans: list[str]) -> None:
+    """Remove what no current shard owns: the parts of shards that no longer exist (fewer
+    shards than before), and the files of keys an earlier run wrote that no manifest now
+    calls done (the plan dropped them)."""
+    folder = _manifest_dir(config)
+    stale = [
+        p
+        for p in folder.glob("part-*.parquet")
+        if int(p.name[len("part-") : -len(".parquet")]) >= len(shards)
+    ]
+    for part in stale:
+        with contextlib.suppress(ManifestError):
+            orphans += [r["key"] for r in read_manifest(part) if r["status"] == "ok"]
+        name = part.name[: -len(".parquet")]
+        for path in (
+            part,
+            folder / f"{name}.stats.json",
+            config.out / "webdataset" / f"{name}.tar",
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    if not orphans or config.format != "files":
+        return
+    done: set[str] = set()
+    for shard in shards:
+        with contextlib.suppress(ManifestError):
+            part = folder / f"{shard.name}.parquet"
+            done.update(r["key"] for r in read_manifest(part) if r["status"] == "ok")
+    writer = FilesWriter(config.out, config.parts)
+    for key in sorted(set(orphans) - done):
+        _remove_files(writer, key)
+
+
 def run_fetch(config: FetchConfig) -> FetchResult:
-    """Fetch every request not yet done; return counts over the whole dataset."""
+    """Check earlier work, then fetch every request not yet done; return counts over the whole
+    dataset."""
     t0 = time.monotonic()
     local = LimitsConfig(config.concurrency, config.rate)
     sources = _resolve_sources(config)
     use_sources(sources)
-    # Open every backend here first: bad credentials or settings fail before any output.
-    for name in sorted({config.backend or s.backend for s in sources}):
-        get_backend(config.backend_config(name, local))
+    _check_backends(config, sources, local)  # before anything is created
     startup = time.monotonic() - t0
     config.out.mkdir(parents=True, exist_ok=True)
+    _manifest_dir(config).mkdir(exist_ok=True)
     removed = remove_temp_files(config.out)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
@@ -452,37 +866,43 @@ def run_fetch(config: FetchConfig) -> FetchResult:
     results: list[dict[str, Any]]
     if cluster.inline:
         shards = list_shards(config, local, sources)
-        pending = [s for s in shards if not _shard_finished(s)]
-        results = _run_local(pending)
+        results = _run_local(shards)
     else:
         with dask_client(cluster) as client:
             processes = max(1, len(client.scheduler_info().get("workers", {})))
             name = f"skyscript-fetch-{zlib.crc32(str(config.out.resolve()).encode()):08x}"
             limits = LimitsConfig(config.concurrency, config.rate, processes, name)
             shards = list_shards(config, limits, sources)
-            pending = [s for s in shards if not _shard_finished(s)]
-            results = map_shards(fetch_shard, pending, cluster, desc="fetch", client=client)
+            results = map_shards(fetch_shard, shards, cluster, desc="fetch", client=client)
+    _clean_up(config, shards, [k for r in results for k in r.get("orphans", [])])
     # A worker lost in the middle of writing a file leaves its temporary name behind (the
     # retried shard wrote the file itself); every shard is done now, so nothing else is writing.
     remove_temp_files(config.out)
-    result = _summarise(config, len(shards) - len(pending), results, time.monotonic() - t0)
+    result = _summarise(results, time.monotonic() - t0)
     result.startup_seconds = startup
     return result
 
 
-def _summarise(
-    config: FetchConfig, done_before: int, results: list[dict[str, Any]], seconds: float
-) -> FetchResult:
-    result = FetchResult(shards_run=len(results), shards_done_before=done_before, seconds=seconds)
+def _summarise(results: list[dict[str, Any]], seconds: float) -> FetchResult:
+    result = FetchResult(seconds=seconds)
     reasons: Counter[str] = Counter()
-    for path in sorted((config.out / "manifest").glob("part-*.stats.json")):
-        stats = json.loads(path.read_text())
+    repaired: Counter[str] = Counter()
+    for stats in results:
         result.ok += stats["ok"]
         result.skipped += stats["skipped"]
         result.failed += stats["failed"]
         reasons.update(stats["reasons"])
+        repaired.update(stats.get("repaired", {}))
+        if stats.get("checked_only"):
+            result.shards_done_before += 1
+            continue
+        result.shards_run += 1
+        result.fetched += int(stats.get("fetched", 0))
+        result.requests += int(stats.get("pixel_requests", 0))
+        result.blocks += int(stats.get("blocks", 0))
+        result.block_tiles += int(stats.get("block_tiles", 0))
     result.reasons = dict(reasons)
-    result.fetched = sum(int(r.get("fetched", 0)) for r in results)
+    result.repaired = dict(repaired)
     return result
 
 

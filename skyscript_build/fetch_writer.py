@@ -6,12 +6,17 @@
   (the meta dict plus provenance) and ``<key>.txt`` (the tags as text, the caption source),
   written atomically when the shard ends.
 - ``manifest/part-NNNNN.parquet``: one row per request (docs/architecture.md).
+
+Each writer can ``check`` a key its manifest calls done: one ``stat`` per file (present, and of
+the size the manifest recorded), and with ``verify`` also a full decode of the JPEG and a safe
+load of the meta.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import threading
 import zlib
@@ -24,14 +29,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .files import atomic_path, atomic_write_bytes, write_parquet_atomic
+from .meta import MetaError, load_meta
+from .quality import QualityError, decode_jpeg
 
 __all__ = [
     "MANIFEST_SCHEMA",
     "part_of",
     "FilesWriter",
     "WebDatasetWriter",
+    "ManifestError",
     "read_manifest",
     "write_manifest",
+    "row_to_json",
+    "row_from_json",
     "tags_text",
 ]
 
@@ -43,10 +53,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("attempts", pa.int32()),
         ("bytes", pa.int64()),
+        ("meta_bytes", pa.int64()),
         ("collection", pa.string()),
         ("image_id", pa.string()),
         ("acquisition_time", pa.timestamp("ms", tz="UTC")),
         ("filepath", pa.string()),
+        ("block", pa.string()),
     ]
 )
 
@@ -78,10 +90,24 @@ class FilesWriter:
         k = part_of(key, self.parts)
         return f"images{k}/{key}.jpg", f"meta{k}/{key}.pickle"
 
-    def done(self, key: str) -> bool:
-        """Both files of ``key`` exist."""
-        jpg, meta = self.paths(key)
-        return (self.out / jpg).exists() and (self.out / meta).exists()
+    def check(self, row: Mapping[str, Any], verify: bool = False) -> str | None:
+        """What is wrong with the files of a manifest row that says ``ok``: ``missing``,
+        ``size`` (not the size recorded), ``corrupt`` (with ``verify``), or None."""
+        jpg, meta = (self.out / p for p in self.paths(row["key"]))
+        for path, size in ((jpg, row.get("bytes")), (meta, row.get("meta_bytes"))):
+            try:
+                found = os.stat(path).st_size
+            except FileNotFoundError:
+                return "missing"
+            if size is not None and found != size:
+                return "size"
+        if verify:
+            try:
+                decode_jpeg(jpg.read_bytes())
+                load_meta(meta)
+            except (QualityError, MetaError, OSError):
+                return "corrupt"
+        return None
 
     def write(self, key: str, jpeg: bytes, meta: bytes, info: dict[str, Any]) -> str:
         """Write the JPEG, then the pickle; return the JPEG's relative path."""
@@ -103,20 +129,37 @@ class WebDatasetWriter:
         self._members: dict[str, list[tuple[str, bytes]]] = {}
         self._lock = threading.Lock()
         self._shard = shard_name
-        self._old: set[str] | None = None
+        self._old: dict[str, int] | None = None  # member name -> size, of the existing tar
 
     def tar_name(self, shard_name: str) -> str:
         return f"webdataset/{shard_name}.tar"
 
-    def done(self, key: str) -> bool:
-        """``key`` is in this shard's existing tar."""
-        if self._old is None:
-            tar = self.out / self.tar_name(self._shard)
-            self._old = set()
-            if tar.exists():
+    def check(self, row: Mapping[str, Any], verify: bool = False) -> str | None:
+        """What is wrong with a key the manifest calls done (see ``FilesWriter.check``): its
+        members in this shard's tar, their size, and with ``verify`` their content."""
+        tar = self.out / self.tar_name(self._shard)
+        with self._lock:
+            if self._old is None:
+                self._old = {}
+                try:
+                    with tarfile.open(tar) as tf:
+                        self._old = {m.name: m.size for m in tf.getmembers()}
+                except (OSError, tarfile.TarError):
+                    pass  # no tar, or a damaged one: every key is missing
+        key = row["key"]
+        size = self._old.get(f"{key}.jpg")
+        if size is None or f"{key}.json" not in self._old:
+            return "missing"
+        if row.get("bytes") is not None and size != row["bytes"]:
+            return "size"
+        if verify:
+            try:
                 with tarfile.open(tar) as tf:
-                    self._old = {n[: -len(".jpg")] for n in tf.getnames() if n.endswith(".jpg")}
-        return key in self._old
+                    decode_jpeg(_member(tf, f"{key}.jpg"))
+                    json.loads(_member(tf, f"{key}.json"))
+            except (OSError, tarfile.TarError, QualityError, ValueError, KeyError):
+                return "corrupt"
+        return None
 
     def write(self, key: str, jpeg: bytes, meta: bytes, info: dict[str, Any]) -> str:
         text = tags_text(info["center_tags"], info["surrounding_tags"])
@@ -153,6 +196,13 @@ class WebDatasetWriter:
             self._members.clear()
 
 
+def _member(tf: tarfile.TarFile, name: str) -> bytes:
+    f = tf.extractfile(name)
+    if f is None:
+        raise KeyError(name)
+    return f.read()
+
+
 def write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
     """Write manifest rows (in order) to ``path`` atomically."""
     table = pa.Table.from_pylist(
@@ -163,12 +213,30 @@ def write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def read_manifest(path: Path) -> list[dict[str, Any]]:
-    """The rows of a manifest part ([] when it does not exist)."""
+    """The rows of a manifest part ([] when it does not exist); raises ``ManifestError`` when
+    the part cannot be read."""
     if not path.exists():
         return []
-    rows = pq.read_table(path).to_pylist()
-    for row in rows:
-        t = row.get("acquisition_time")
-        if isinstance(t, datetime) and t.tzinfo is None:  # pragma: no cover - old pyarrow
-            row["acquisition_time"] = t
-    return rows
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise ManifestError(f"{path}: unreadable manifest part ({type(e).__name__})") from None
+
+
+class ManifestError(ValueError):
+    """A manifest part (or its journal) that cannot be read."""
+
+
+def row_to_json(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest row as JSON-able data (the time as ISO 8601)."""
+    t = row.get("acquisition_time")
+    return {**row, "acquisition_time": t.isoformat() if isinstance(t, datetime) else t}
+
+
+def row_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of ``row_to_json``."""
+    t = data.get("acquisition_time")
+    return {
+        **{name: data.get(name) for name in MANIFEST_SCHEMA.names},
+        "acquisition_time": datetime.fromisoformat(t) if isinstance(t, str) else t,
+    }

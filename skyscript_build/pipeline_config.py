@@ -35,6 +35,8 @@ from ._schema import (
 )
 from ._stages import register_sources
 from .cluster import ClusterConfig
+from .fetch_blocks import BLOCK_MODES
+from .quality import JPEG_ENCODERS
 
 __all__ = [
     "STAGES",
@@ -90,6 +92,7 @@ class BackendSettings(_Settings):
     url: str | None = None  # earthengine endpoint, or the xyz URL template
     collections: Path | None = None  # emulator
     latency_ms: float | None = None  # emulator
+    latency_ms_per_mpx: float | None = None  # emulator
     folder: Path | None = None  # raster
     concurrency: int | None = None
     rate: float | None = None
@@ -103,6 +106,14 @@ class FetchSettings(_Settings):
     shard_size: int | None = None
     max_attempts: int | None = None
     allow_next_year: bool | None = None
+    blocks: str | None = None
+    block_overhead_ms: float | None = None
+    block_ms_per_mpx: float | None = None
+    block_max_px: int | None = None
+    block_memory_mb: int | None = None
+    jpeg_quality: int | None = None
+    jpeg_encoder: str | None = None
+    verify: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +288,7 @@ _BACKEND_BY_TYPE = {
     "emulator": {
         "collections": Field(_path, required=True, help="the emulator's collections YAML"),
         "latency_ms": Field(as_float(0.0)),
+        "latency_ms_per_mpx": Field(as_float(0.0)),
     },
     "raster": {
         "folder": Field(_path, required=True, help="a folder of GeoTIFFs / COGs"),
@@ -293,6 +305,14 @@ _FETCH = {
     "shard_size": Field(as_int(1, 1_000_000)),
     "max_attempts": Field(as_int(1, 100)),
     "allow_next_year": Field(as_bool()),
+    "blocks": Field(as_choice(*BLOCK_MODES)),
+    "block_overhead_ms": Field(as_float(0.0)),
+    "block_ms_per_mpx": Field(as_float(0.0)),
+    "block_max_px": Field(as_int(1, 32768)),
+    "block_memory_mb": Field(as_int(1)),
+    "jpeg_quality": Field(as_int(1, 100)),
+    "jpeg_encoder": Field(as_choice(*JPEG_ENCODERS)),
+    "verify": Field(as_bool()),
 }
 _OUTPUT = {
     "parts": Field(as_int(1, 1000)),

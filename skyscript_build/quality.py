@@ -2,8 +2,11 @@
 
 A tile is refused (a permanent ``skipped`` with the reason) when too much of it has no data
 (``nodata``), when it is blank or nearly uniform (``blank``), or, for sources with a cloud rule
-(Sentinel-2, Landsat), when too much of it is cloud-white (``cloudy``). JPEG bytes are always
-decoded once (``corrupt`` when they do not decode: a retryable failure).
+(Sentinel-2, Landsat), when too much of it is cloud-white (``cloudy``).
+
+Every JPEG this tool writes is encoded here from the tile's pixels, by one of ``JPEG_ENCODERS``
+at a quality both set by fetch: equal pixels and settings give equal bytes, however the pixels
+were fetched.
 """
 
 from __future__ import annotations
@@ -16,10 +19,26 @@ from PIL import Image
 
 from .errors import ConfigError
 
-__all__ = ["QualityConfig", "QualityError", "decode_jpeg", "encode_jpeg", "check_tile"]
+__all__ = [
+    "JPEG_ENCODERS",
+    "QualityConfig",
+    "QualityError",
+    "decode_jpeg",
+    "encode_jpeg",
+    "check_tile",
+]
 
 # Below this on every channel a pixel is taken as no data (JPEG blurs exact zeros).
 NODATA_LEVEL = 8
+#: JPEG encoders by name: Pillow (libjpeg) save options. ``pillow``: baseline, 4:2:0 chroma
+#: subsampling (what most JPEGs are); ``pillow-optimize``: the same pixels with optimised
+#: Huffman tables (a few % smaller, slower); ``pillow-444``: no chroma subsampling (sharper
+#: colour edges, larger files).
+JPEG_ENCODERS: dict[str, dict[str, object]] = {
+    "pillow": {"optimize": False, "subsampling": "4:2:0"},
+    "pillow-optimize": {"optimize": True, "subsampling": "4:2:0"},
+    "pillow-444": {"optimize": False, "subsampling": "4:4:4"},
+}
 
 
 @dataclass(frozen=True)
@@ -30,21 +49,17 @@ class QualityConfig:
         max_nodata: largest fraction of no-data pixels a kept tile may have.
         min_std: smallest standard deviation of the grey levels (0..255) of a kept tile.
         max_cloud: largest fraction of cloud-white pixels (sources with a cloud rule only).
-        jpeg_quality: quality of the JPEGs this tool encodes.
     """
 
     max_nodata: float = 0.2
     min_std: float = 2.0
     max_cloud: float = 0.3
-    jpeg_quality: int = 90
 
     def __post_init__(self) -> None:
         for name in ("max_nodata", "max_cloud"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{name} must be between 0 and 1, got {value}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"jpeg quality must be 1..100, got {self.jpeg_quality}")
 
 
 class QualityError(ValueError):
@@ -65,10 +80,12 @@ def decode_jpeg(data: bytes) -> np.ndarray:
         raise QualityError(f"undecodable JPEG ({type(e).__name__}: {e})") from None
 
 
-def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    """Encode an (h, w, 3) uint8 array as a baseline JPEG (deterministic for equal input)."""
+def encode_jpeg(rgb: np.ndarray, quality: int = 90, encoder: str = "pillow") -> bytes:
+    """Encode an (h, w, 3) uint8 array as a JPEG (deterministic for equal input)."""
     buf = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=quality, optimize=False)
+    Image.fromarray(np.ascontiguousarray(rgb), "RGB").save(
+        buf, format="JPEG", quality=quality, **JPEG_ENCODERS[encoder]
+    )
     return buf.getvalue()
 
 

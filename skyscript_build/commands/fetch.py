@@ -7,7 +7,8 @@ import logging
 
 from ..backends import BACKENDS
 from ..fetch import FORMATS, FetchConfig, run_fetch
-from ..quality import QualityConfig
+from ..fetch_blocks import BLOCK_MODES
+from ..quality import JPEG_ENCODERS, QualityConfig
 
 HELP = "fetch the planned image tiles: images{k}/*.jpg, meta{k}/*.pickle, manifest/"
 
@@ -48,6 +49,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-nodata", type=float, default=0.2, help="largest no-data fraction")
     parser.add_argument("--max-cloud", type=float, default=0.3, help="largest cloud fraction")
+    blocks = parser.add_argument_group(
+        "block requests",
+        "Earth Engine: neighbouring tiles of one image are fetched with one request for their "
+        "block where the cost model (overhead + cost per megapixel of a request) says it pays; "
+        "tiles are cut from it locally, identical to their own requests.",
+    )
+    blocks.add_argument(
+        "--blocks", choices=BLOCK_MODES, default="auto", help="auto: where they pay; off: per tile"
+    )
+    blocks.add_argument(
+        "--block-overhead-ms", type=float, default=500.0, help="cost model: ms per request"
+    )
+    blocks.add_argument(
+        "--block-ms-per-mpx", type=float, default=100.0, help="cost model: ms per megapixel"
+    )
+    blocks.add_argument(
+        "--block-max-px", type=int, default=2048, help="largest block side in pixels (<= 32768)"
+    )
+    blocks.add_argument(
+        "--block-memory-mb",
+        type=int,
+        default=512,
+        help="megabytes of block pixels a process holds at once",
+    )
+    parser.add_argument(
+        "--jpeg-quality", type=int, default=90, help="quality of the JPEGs written (1-100)"
+    )
+    parser.add_argument(
+        "--jpeg-encoder",
+        choices=list(JPEG_ENCODERS),
+        default="pillow",
+        help="JPEG encoder (changing it or the quality refetches tiles encoded otherwise)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="also decode every JPEG and load every pickle of earlier runs (a rerun always "
+        "checks each file's presence and size); damaged files are fetched again",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -70,6 +110,14 @@ def main(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         max_attempts=args.max_attempts,
         allow_next_year=args.allow_next_year,
+        blocks=args.blocks,
+        block_overhead_ms=args.block_overhead_ms,
+        block_ms_per_mpx=args.block_ms_per_mpx,
+        block_max_px=args.block_max_px,
+        block_memory_mb=args.block_memory_mb,
+        jpeg_quality=args.jpeg_quality,
+        jpeg_encoder=args.jpeg_encoder,
+        verify=args.verify,
         quality=QualityConfig(max_nodata=args.max_nodata, max_cloud=args.max_cloud),
     )
     result = run_fetch(config)
