@@ -21,6 +21,7 @@ are lost), and a key that ends not ``ok`` has its files removed.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -32,7 +33,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -346,10 +346,17 @@ def list_shards(
     return shards
 
 
+@functools.lru_cache(maxsize=2)
+def _ordered_part(path: str, mtime_ns: int, size: int) -> pa.Table:
+    """A requests part in fetch order (kept for the part's next shards in this process)."""
+    table = pq.read_table(path)
+    return table.take(fetch_order(table.select(list(ORDER_COLUMNS))))
+
+
 def _shard_requests(shard: FetchShard) -> list[TileRequest]:
-    table = pq.read_table(shard.requests_file)
-    order = fetch_order(table.select(list(ORDER_COLUMNS)))
-    rows = table.take(order[shard.start : shard.stop]).to_pylist()
+    st = shard.requests_file.stat()
+    table = _ordered_part(str(shard.requests_file), st.st_mtime_ns, st.st_size)
+    rows = table.slice(shard.start, shard.stop - shard.start).to_pylist()
     return [TileRequest.from_row(r) for r in rows]
 
 
@@ -621,7 +628,7 @@ def _jobs(
     for name, group in by_backend.items():
         backend = get_backend(config.backend_config(name, run.shard.limits))
         if not backend.supports_blocks:
-            jobs += [(partial(_run_tile, backend, r, run), [r]) for r in group]
+            jobs += [(functools.partial(_run_tile, backend, r, run), [r]) for r in group]
             continue
         by_image: dict[tuple[Any, ...], list[tuple[TileRequest, ImageChoice]]] = {}
         for request, choice in zip(group, backend.choose_images(group), strict=True):
@@ -633,7 +640,7 @@ def _jobs(
         for members in by_image.values():
             for block in plan_blocks([r.grid for r, _ in members], config.block_settings):
                 chosen = [members[i] for i in block]
-                job = partial(_run_block, backend, chosen, run)
+                job = functools.partial(_run_block, backend, chosen, run)
                 jobs.append((job, [r for r, _ in chosen]))
     if settled:
         run.journal.add(settled)

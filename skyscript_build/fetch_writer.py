@@ -14,7 +14,9 @@ load of the meta.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -28,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import atomic_path, atomic_write_bytes, write_parquet_atomic
+from .files import TEMP_SUFFIX, atomic_path, write_parquet_atomic
 from .meta import MetaError, load_meta
 from .quality import QualityError, decode_jpeg
 
@@ -75,6 +77,31 @@ def tags_text(center: Mapping[str, str], surrounding: Sequence[Mapping[str, str]
     return "\n".join(lines).rstrip() + "\n"
 
 
+_TEMP_NUMBER = itertools.count()
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (a temporary name beside it, then a rename).
+
+    ``files.atomic_write_bytes`` without its per-file costs, which were a quarter of fetch's
+    CPU per tile (a random name from ``mkstemp``, ``mkdir`` and ``chmod``): the folder exists,
+    the name is unique to this process and thread, and the umask gives the usual mode. The
+    name ends in ``.tmp``, so ``files.remove_temp_files`` clears what a crash leaves.
+    """
+    tmp = path.with_name(
+        f".{path.name}.{os.getpid()}-{threading.get_ident()}-{next(_TEMP_NUMBER)}{TEMP_SUFFIX}"
+    )
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
 class FilesWriter:
     """SkyScript's released layout: ``images{k}/`` and ``meta{k}/``."""
 
@@ -112,8 +139,8 @@ class FilesWriter:
     def write(self, key: str, jpeg: bytes, meta: bytes, info: dict[str, Any]) -> str:
         """Write the JPEG, then the pickle; return the JPEG's relative path."""
         jpg, pickle_path = self.paths(key)
-        atomic_write_bytes(self.out / jpg, jpeg)
-        atomic_write_bytes(self.out / pickle_path, meta)
+        _write_file(self.out / jpg, jpeg)
+        _write_file(self.out / pickle_path, meta)
         return jpg
 
     def finish(self, shard_name: str, keep: Sequence[str]) -> None:

@@ -229,3 +229,65 @@ def test_a_pipeline_source_reaches_dask_workers(fx, tmp_path):
         image_sources.remove_source("HX")
     assert (result.ok, result.shards_run) == (6, 2), result.summary()
     assert {r["image_id"] for r in iter_manifest(tmp_path / "ds")} == {"helsinki_2019"}
+
+
+def test_a_rerun_repairs_lost_and_damaged_files(fx, tmp_path):
+    out = tmp_path / "ds"
+    run_fetch(_config(fx, out, shard_size=4))
+    clean = _files(out)
+    jpgs, metas = sorted(out.glob("images*/*.jpg")), sorted(out.glob("meta*/*.pickle"))
+    jpgs[0].unlink()
+    metas[1].unlink()
+    jpgs[2].write_bytes(jpgs[2].read_bytes()[:100])  # truncated
+    part = out / "manifest" / "part-00001.parquet"
+    part.write_bytes(part.read_bytes()[:50])  # a truncated manifest part: its shard is redone
+    result = run_fetch(_config(fx, out, shard_size=4))
+    assert result.repaired == {"missing": 2, "size": 1, "manifest": 1}
+    assert "repaired 4 (manifest 1, missing 2, size 1)" in result.summary()
+    assert result.ok == 10 and _files(out) == clean
+    assert len(list(iter_manifest(out))) == 10
+    # Same size, other bytes: only --verify decodes, and finds it.
+    data = jpgs[3].read_bytes()
+    jpgs[3].write_bytes(bytes(64) + data[64:])  # its header zeroed
+    assert run_fetch(_config(fx, out, shard_size=4)).repaired == {}
+    verified = run_fetch(_config(fx, out, shard_size=4, verify=True))
+    assert verified.repaired == {"corrupt": 1} and _files(out) == clean
+    again = run_fetch(_config(fx, out, shard_size=4, verify=True))
+    assert again.repaired == {} and again.fetched == 0 and again.shards_done_before == 4
+
+
+def test_a_changed_jpeg_encoding_refetches(fx, tmp_path):
+    out = tmp_path / "ds"
+    run_fetch(_config(fx, out))
+    before = _files(out)
+    result = run_fetch(_config(fx, out, jpeg_quality=70))
+    assert result.fetched == 10
+    after = _files(out)
+    assert after.keys() == before.keys()
+    assert all(len(after[k]) < len(before[k]) for k in after if k.endswith(".jpg"))
+
+
+def test_bad_backend_settings_stop_before_any_work(fx, tmp_path, cli):
+    out = tmp_path / "ds"
+    base = ("fetch", "--requests", fx["requests"], "--out", out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (("--backend", "raster"), "image source FI has no raster folder: give --location"),
+        (("--backend", "raster", "--location", empty), "no GeoTIFF files (*.tif) for source FI"),
+        (("--backend", "xyz"), "image source FI needs an XYZ URL template"),
+        (
+            ("--backend", "xyz", "--location", "http://127.0.0.1:9/{z}/{x}/{y}.png"),
+            "cannot reach the tile server 127.0.0.1:9 (connection)",
+        ),
+    ]
+    for args, message in cases:
+        result = cli(*base, *args, "--max-attempts", "1")
+        assert result.returncode == 2, result.stderr
+        assert message in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not out.exists()
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    result = cli("fetch", "--requests", fx["requests"], "--out", afile, "--backend", "raster")
+    assert result.returncode == 2 and "exists and is not a folder" in result.stderr

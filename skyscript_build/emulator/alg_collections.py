@@ -201,6 +201,17 @@ def _list_get(ev: Any, name: str, a: dict[str, Any]) -> Any:
     return items[index]
 
 
+@alg("List.map")
+def _list_map(ev: Any, name: str, a: dict[str, Any]) -> list[Any]:
+    items, fn = a["list"], a["baseAlgorithm"]
+    if not isinstance(items, list):
+        raise EvalError(f"List.map: Invalid type: expected List, got {type_name(items)}.")
+    if not isinstance(fn, Closure):
+        raise EvalError(f"{name}: 'baseAlgorithm' must be a function.")
+    out = [fn(i) for i in items]
+    return [o for o in out if o is not None] if a.get("dropNulls") else out
+
+
 @alg("List.size", "List.length")
 def _list_size(ev: Any, name: str, a: dict[str, Any]) -> int:
     return len(a["list"])
