@@ -94,7 +94,7 @@ REQUIRED_COLUMNS = (
 ORDER_COLUMNS = ("key", "alias", "crs", "x_min", "y_min", "x_max", "y_max")
 # Shards in flight at once in one process, so one shard's image lookup and slow start overlap
 # another's tiles.
-SHARDS_IN_FLIGHT = 4
+SHARDS_IN_FLIGHT = 8
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,11 @@ blocks in flight fit the memory budget) and at most 48 MiB of pixels (Earth Engi
 one answer; 32,768 px a side is its other one). A block Earth Engine still finds too large is
 split along its tiles by the caller (``split``).
 
+Blocks never change which image a tile shows: each tile's image is chosen first, per tile
+(for Sentinel-2 and Landsat by the cloud rule over the tile's own box), and only tiles that
+chose the same image share a block; so a cloud-ruled source gets blocks where neighbouring
+tiles agree on their scene, and per-tile requests where they do not.
+
 The planner merges greedily: every tile starts as its own request; while some merge of two
 requests into their bounding block saves time and fits the limits, the merge that saves the
 most is made. Sparse tiles thus stay single; crowded ones end in few, full blocks.

@@ -327,6 +327,24 @@ def test_latency_and_client_retries(emulator_collections):
             assert emu.stats.count("value:compute", 429) == 1 + retries
 
 
+def test_latency_grows_with_the_megapixels_of_a_request(emulator_collections):
+    with Emulator(emulator_collections, latency_ms=50, latency_ms_per_mpx=2000) as emu:
+        init_ee_client(emu.url, max_retries=0)
+        image = ee.ImageCollection(FI).first()
+        times = {}
+        for side in (10, 500):  # 0.0001 and 0.25 Mpx: 50 ms and 550 ms
+            start = time.perf_counter()
+            ee.data.computePixels(
+                {"expression": image, "fileFormat": "NPY", "grid": grid(0, 0, side, side)}
+            )
+            times[side] = time.perf_counter() - start
+        start = time.perf_counter()
+        assert ee.Number(3).getInfo() == 3  # value:compute: the fixed latency only
+        value_s = time.perf_counter() - start
+    assert 0.05 <= times[10] < 0.4 and times[500] >= 0.55 and 0.05 <= value_s < 0.4
+    assert emu.stats.bytes_sent["image:computePixels"] > 500 * 500 * 3
+
+
 def test_forty_concurrent_clients(emulator_collections):
     n = 40
     with Emulator(emulator_collections, latency_ms=400) as emu:

@@ -145,6 +145,7 @@ def test_sigkill_during_block_fetching_then_rerun_equals_a_clean_run(fx, tmp_pat
     with Emulator(fx["collections"], latency_ms=150, latency_ms_per_mpx=20_000) as emu:
         reference = run_fetch(_ee(fx, tmp_path / "ref", emu, requests=requests, blocks="off"))
         assert reference.ok == 48
+        emu.reset()
         out = tmp_path / "ds"
         cmd = [sys.executable, "-m", "skyscript_build.cli", "fetch", "--requests", str(requests)]
         cmd += ["--out", str(out), "--backend", "earthengine", "--ee-url", emu.url]
@@ -163,6 +164,7 @@ def test_sigkill_during_block_fetching_then_rerun_equals_a_clean_run(fx, tmp_pat
         assert proc.returncode == -signal.SIGKILL
         killed_with = len(list(out.glob("images*/*.jpg")))
         assert 0 < killed_with < 48  # it really was mid-run
+        assert emu.stats.max_concurrency <= 2  # a block is a request for the caps
         emu.reset()
         rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         assert rerun.returncode == 0, rerun.stderr
@@ -171,3 +173,39 @@ def test_sigkill_during_block_fetching_then_rerun_equals_a_clean_run(fx, tmp_pat
     assert resent < reference.ok  # the blocks finished before the kill were not fetched again
     assert _files(out) == _files(tmp_path / "ref")
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.journal.jsonl"))
+
+
+def test_pipeline_fetch_settings_reach_the_stage(fx, tmp_path):
+    import shutil
+
+    import skyscript_build.fetch as fetch_module
+    from skyscript_build._stages import STAGE_SPECS, RunContext
+    from skyscript_build.pipeline import load_pipeline
+
+    text = f"""\
+name: blocks
+build_dir: {tmp_path / "build"}
+input: data/helsinki.osm.pbf
+sources: [FI]
+backend:
+  type: emulator
+  collections: {fx["collections"]}
+  latency_ms_per_mpx: 50
+fetch:
+  blocks: "off"
+  block_ms_per_mpx: 20
+  jpeg_quality: 80
+  jpeg_encoder: pillow-optimize
+  verify: true
+"""
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    pipeline = load_pipeline(path)
+    assert pipeline.backend.latency_ms_per_mpx == 50
+    shutil.copytree(fx["requests"], pipeline.requests_dir)
+    config = STAGE_SPECS["fetch"].build(pipeline, RunContext(emulator_url="http://x"), fetch_module)
+    assert (config.blocks, config.block_ms_per_mpx, config.jpeg_quality) == ("off", 20, 80)
+    assert config.jpeg_encoder == "pillow-optimize" and config.verify
+    path.write_text(text.replace('blocks: "off"', "blocks: on"))
+    with pytest.raises(ConfigError, match="fetch.blocks: 'on' is not one of auto, off"):
+        load_pipeline(path)

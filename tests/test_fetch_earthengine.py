@@ -372,3 +372,18 @@ def test_without_any_credentials_the_error_says_what_to_do(fx, tmp_path, capsys,
     err = capsys.readouterr().err
     assert "no Earth Engine credentials: pass --key-file" in err
     assert not (tmp_path / "ds").exists()
+
+
+def test_an_unknown_collection_stops_before_any_work(fx, tmp_path, cli):
+    entries = fixture_data.write_s2(tmp_path / "s2")
+    only_s2 = tmp_path / "collections.yaml"
+    only_s2.write_text(json.dumps({fixture_data.S2: entries}))  # JSON is YAML
+    out = tmp_path / "ds"
+    with Emulator(only_s2) as emu:
+        args = ["fetch", "--requests", fx["requests"], "--out", out, "--backend", "earthengine"]
+        result = cli(*args, "--ee-url", emu.url, "--project", "p")
+        assert emu.stats.count("image:computePixels") == 0
+    assert result.returncode == 2
+    assert "refused the settings check of collection(s) Finland/SMK/V/50cm" in result.stderr
+    assert "not found" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

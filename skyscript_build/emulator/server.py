@@ -70,6 +70,7 @@ class EmulatorStats:
     requests: Counter = field(default_factory=Counter)
     faults: Counter = field(default_factory=Counter)
     refused: Counter = field(default_factory=Counter)  # quota refusals: concurrency, rate
+    bytes_sent: Counter = field(default_factory=Counter)  # answer bodies by endpoint
     max_concurrency: int = 0
     concurrency: int = 0
 
@@ -87,6 +88,7 @@ class EmulatorStats:
             "requests": {f"{e} {s}": n for (e, s), n in sorted(self.requests.items())},
             "faults": dict(sorted(self.faults.items())),
             "refused": dict(sorted(self.refused.items())),
+            "bytes_sent": dict(sorted(self.bytes_sent.items())),
             "max_concurrency": self.max_concurrency,
         }
 
@@ -143,7 +145,7 @@ class _Handler(BaseHTTPRequestHandler):
         endpoint: str,
         headers: dict[str, str] | None = None,
     ) -> None:
-        self.server.emulator._record(endpoint, status)
+        self.server.emulator._record(endpoint, status, len(body))
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -435,9 +437,10 @@ class Emulator:
         return delay
 
     # -- bookkeeping (called by the handler threads) -------------------------------------
-    def _record(self, endpoint: str, status: int) -> None:
+    def _record(self, endpoint: str, status: int, nbytes: int = 0) -> None:
         with self._lock:
             self.stats.requests[(endpoint, status)] += 1
+            self.stats.bytes_sent[endpoint] += nbytes
 
     def _enter(self) -> str | None:
         """Count a request in; the message of a quota refusal (429), or None."""
