@@ -69,7 +69,7 @@ from .fetch_writer import (
     row_to_json,
     write_manifest,
 )
-from .files import remove_temp_files, write_json_atomic
+from .files import check_out_dir, leave_no_empty_folders, remove_temp_files, write_json_atomic
 from .meta import dumps_meta, make_meta
 from .progress import progress_bar
 from .quality import JPEG_ENCODERS, QualityConfig, check_tile, encode_jpeg
@@ -180,8 +180,7 @@ class FetchConfig:
             raise ConfigError(f"--block-memory-mb must be at least 1, got {self.block_memory_mb}")
         self.block_settings  # noqa: B018 - validates the block settings
         LimitsConfig(self.concurrency, self.rate)  # validates both
-        if self.out.exists() and not self.out.is_dir():
-            raise InputError(self.out, "exists and is not a folder (the dataset folder)")
+        check_out_dir(self.out)
         if not self.requests.is_dir():
             raise InputError(self.requests, "requests folder does not exist (run the plan stage)")
         parts = self.request_parts()
@@ -864,6 +863,16 @@ def run_fetch(config: FetchConfig) -> FetchResult:
     use_sources(sources)
     _check_backends(config, sources, local)  # before anything is created
     startup = time.monotonic() - t0
+    with leave_no_empty_folders(config.out, depth=1):
+        result = _fetch_all(config, sources, local)
+    result.seconds = time.monotonic() - t0
+    result.startup_seconds = startup
+    return result
+
+
+def _fetch_all(
+    config: FetchConfig, sources: tuple[SourceInfo, ...], local: LimitsConfig
+) -> FetchResult:
     config.out.mkdir(parents=True, exist_ok=True)
     _manifest_dir(config).mkdir(exist_ok=True)
     removed = remove_temp_files(config.out)
@@ -885,13 +894,11 @@ def run_fetch(config: FetchConfig) -> FetchResult:
     # A worker lost in the middle of writing a file leaves its temporary name behind (the
     # retried shard wrote the file itself); every shard is done now, so nothing else is writing.
     remove_temp_files(config.out)
-    result = _summarise(results, time.monotonic() - t0)
-    result.startup_seconds = startup
-    return result
+    return _summarise(results)
 
 
-def _summarise(results: list[dict[str, Any]], seconds: float) -> FetchResult:
-    result = FetchResult(seconds=seconds)
+def _summarise(results: list[dict[str, Any]]) -> FetchResult:
+    result = FetchResult()
     reasons: Counter[str] = Counter()
     repaired: Counter[str] = Counter()
     for stats in results:

@@ -259,6 +259,13 @@ def _years(doc: Doc, where: tuple[str, ...], value: Any) -> tuple[int, ...]:
     return years
 
 
+def _blocks(doc: Doc, where: tuple[str, ...], value: Any) -> str:
+    """``auto`` or ``off``; YAML reads a bare ``off`` (``on``) as false (true): taken as meant."""
+    if isinstance(value, bool):
+        return "auto" if value else "off"
+    return as_choice(*BLOCK_MODES)(doc, where, value)
+
+
 _NAME = (r"[A-Za-z0-9_.-]+", "a name of letters, digits, '_', '.' or '-'")
 _PLAN = {
     "years": Field(_years),
@@ -305,7 +312,7 @@ _FETCH = {
     "shard_size": Field(as_int(1, 1_000_000)),
     "max_attempts": Field(as_int(1, 100)),
     "allow_next_year": Field(as_bool()),
-    "blocks": Field(as_choice(*BLOCK_MODES)),
+    "blocks": Field(_blocks),
     "block_overhead_ms": Field(as_float(0.0)),
     "block_ms_per_mpx": Field(as_float(0.0)),
     "block_max_px": Field(as_int(1, 32768)),

@@ -290,4 +290,4 @@ def test_bad_backend_settings_stop_before_any_work(fx, tmp_path, cli):
     afile = tmp_path / "afile"
     afile.write_text("")
     result = cli("fetch", "--requests", fx["requests"], "--out", afile, "--backend", "raster")
-    assert result.returncode == 2 and "exists and is not a folder" in result.stderr
+    assert result.returncode == 2 and f"--out {afile}: is a file, not a folder" in result.stderr

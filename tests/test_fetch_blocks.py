@@ -192,7 +192,7 @@ backend:
   collections: {fx["collections"]}
   latency_ms_per_mpx: 50
 fetch:
-  blocks: "off"
+  blocks: off
   block_ms_per_mpx: 20
   jpeg_quality: 80
   jpeg_encoder: pillow-optimize
@@ -206,6 +206,6 @@ fetch:
     config = STAGE_SPECS["fetch"].build(pipeline, RunContext(emulator_url="http://x"), fetch_module)
     assert (config.blocks, config.block_ms_per_mpx, config.jpeg_quality) == ("off", 20, 80)
     assert config.jpeg_encoder == "pillow-optimize" and config.verify
-    path.write_text(text.replace('blocks: "off"', "blocks: on"))
-    with pytest.raises(ConfigError, match="fetch.blocks: 'on' is not one of auto, off"):
+    path.write_text(text.replace("blocks: off", "blocks: sometimes"))
+    with pytest.raises(ConfigError, match="fetch.blocks: 'sometimes' is not one of auto, off"):
         load_pipeline(path)

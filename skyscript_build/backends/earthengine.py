@@ -228,7 +228,7 @@ class EarthEngineBackend(Backend):
                     f"cannot reach Earth Engine at {url} ({type(e).__name__})"
                 ) from None
             _initialised = self._signature = signature
-        log.info("Earth Engine client ready: %s, project %s", url, project)
+        log.debug("Earth Engine client ready: %s, project %s", url, project)
 
     @staticmethod
     def _default_credentials() -> Any:
