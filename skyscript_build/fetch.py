@@ -666,6 +666,27 @@ def _previous_rows(
     return old, unreadable
 
 
+CHECK_COLUMNS = ["key", "status", "reason", "bytes", "meta_bytes"]
+
+
+def _still_done(shard: FetchShard, writer: FilesWriter | WebDatasetWriter) -> bool:
+    """Whether a shard an earlier run finished needs nothing: its manifest part reads (only
+    the columns the check needs), nothing in it is retryable, and every ``ok`` key's files
+    pass ``writer.check``. The common case of a rerun, so it is kept cheap."""
+    path = _manifest_dir(shard.config) / f"{shard.name}.parquet"
+    try:
+        rows = pq.ParquetFile(path).read(columns=CHECK_COLUMNS).to_pylist()
+    except (OSError, ValueError, pa.ArrowException):
+        return False  # the full path says what is wrong with it
+    for row in rows:
+        if row["status"] == "ok":
+            if writer.check(row, shard.config.verify) is not None:
+                return False
+        elif row["status"] != "skipped" or row["reason"] in RETRYABLE_REASONS:
+            return False
+    return len(rows) == shard.stop - shard.start
+
+
 def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Check and fetch one shard (module-level: a Dask task); return its stats (also written
     last), plus ``orphans`` (keys an earlier run wrote here that the shard no longer has) and
@@ -676,12 +697,22 @@ def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None)
     stats_path = _stats_path(shard)
     stats_before = _read_json(stats_path)
     journal = _Journal(_journal_path(shard), config.encoding)
-    requests = _shard_requests(shard)
     writer: FilesWriter | WebDatasetWriter
     if config.format == "webdataset":
         writer = WebDatasetWriter(config.out, config.parts, shard.name)
     else:
         writer = FilesWriter(config.out, config.parts)
+    finished_before = (
+        stats_before is not None
+        and stats_before.get("keys_hash") == shard.keys_hash
+        and stats_before.get("encoding", config.encoding) == config.encoding
+        and not journal.path.exists()
+    )
+    if finished_before and _still_done(shard, writer):
+        if on_tile is not None:
+            on_tile(shard.stop - shard.start)
+        return {**(stats_before or {}), "fetched": 0, "repaired": {}, "checked_only": True}
+    requests = _shard_requests(shard)
     old, unreadable = _previous_rows(shard, journal, stats_before)
     current = {r.key for r in requests}
     orphans = [row["key"] for k, row in old.items() if k not in current and row["status"] == "ok"]
@@ -704,15 +735,6 @@ def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None)
             rows[request.key] = prev
             continue
         todo.append(request)
-    finished_before = (
-        stats_before is not None
-        and stats_before.get("keys_hash") == shard.keys_hash
-        and not journal.path.exists()
-    )
-    if finished_before and not todo and not orphans and not unreadable:
-        if on_tile is not None:
-            on_tile(len(requests))
-        return {**(stats_before or {}), "fetched": 0, "repaired": {}, "checked_only": True}
     if on_tile is not None and len(rows):
         on_tile(len(rows))
     run = _ShardRun(shard, writer, journal, on_tile, _budget(config.block_memory_mb))
