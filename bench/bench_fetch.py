@@ -324,7 +324,7 @@ def main() -> None:
         label: fetch(demo, demo_collections, done, "auto", 0, 0, *flag, fresh=False)
         for label, flag in (("stat", ()), ("verify", ("--verify",)))
     }
-    cost = check_cost(done)
+    check = check_cost(done)
     if not args.quick:
         for cost in (0, 50, 200):
             compare("demo", demo, demo_collections, 300, cost)
@@ -376,9 +376,9 @@ def main() -> None:
         f"{stat_s:.1f} s in all with one stat per file, {verify_s:.1f} s with `--verify` "
         "(every JPEG decoded, every pickle loaded); both include the client start and the "
         f"settings probe. Measured alone (one thread, warm page cache): "
-        f"{cost['ms_per_part']:.2f} ms to read a manifest part, {cost['us_per_file']:.1f} µs "
+        f"{check['ms_per_part']:.2f} ms to read a manifest part, {check['us_per_file']:.1f} µs "
         "per file checked; so SkyScript's 5.2 M tiles (26,000 shards of 200, 10.4 M files) "
-        f"take about {26_000 * cost['ms_per_part'] / 1000 + 10.4e6 * cost['us_per_file'] / 1e6:.0f}"
+        f"take about {26_000 * check['ms_per_part'] / 1000 + 10.4e6 * check['us_per_file'] / 1e6:.0f}"
         " s on one thread (fetch checks 8 shards at once).",
     ]
     if not args.quick:
