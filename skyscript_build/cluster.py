@@ -1,26 +1,18 @@
-"""Run a stage's shards: in this process, on a local Dask cluster, or on an existing one.
-
-Tasks are shards (tens to thousands of items), never single items. A shard function must be
-importable (module-level), take one picklable shard description and return a picklable result;
-it writes its own outputs atomically, so a retried shard never leaves half a file.
-"""
+"""Where a stage's shards run: the number of local workers, or a Dask scheduler, and the
+Dask client for it (``runner.run_shards`` runs the shards)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-from .progress import progress_bar
-
-__all__ = ["ClusterConfig", "map_shards", "dask_client"]
+__all__ = ["ClusterConfig", "dask_client"]
 
 log = logging.getLogger(__name__)
-S = TypeVar("S")
-R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -100,44 +92,3 @@ def dask_client(config: ClusterConfig) -> Iterator[Any]:
     finally:
         client.close()
         cluster.close()
-
-
-def map_shards(
-    func: Callable[[S], R],
-    shards: Sequence[S],
-    config: ClusterConfig,
-    *,
-    desc: str = "shards",
-    client: Any = None,
-) -> list[R]:
-    """Apply ``func`` to every shard and return the results in shard order.
-
-    With ``config.inline`` the shards run here, one after the other; otherwise each is a Dask
-    task (``retries`` on worker loss). ``client`` reuses an already open Dask client.
-    """
-    if not shards:
-        return []
-    if config.inline and client is None:
-        results = []
-        for shard in progress_bar(shards, desc=desc, unit="shard"):
-            results.append(func(shard))
-        return results
-    if client is not None:
-        return _map_on_client(client, func, shards, config, desc)
-    with dask_client(config) as own_client:
-        return _map_on_client(own_client, func, shards, config, desc)
-
-
-def _map_on_client(
-    client: Any, func: Callable[[S], R], shards: Sequence[S], config: ClusterConfig, desc: str
-) -> list[R]:
-    from distributed import as_completed
-
-    futures = client.map(func, list(shards), pure=False, retries=config.retries)
-    index = {f.key: i for i, f in enumerate(futures)}
-    results: list[Any] = [None] * len(futures)
-    with progress_bar(total=len(futures), desc=desc, unit="shard") as bar:
-        for future in as_completed(futures):
-            results[index[future.key]] = future.result()
-            bar.update(1)
-    return results

@@ -56,7 +56,7 @@ from .backends import (
 )
 from .backends.base import ImageChoice
 from .backends.limits import LimitsConfig
-from .cluster import ClusterConfig, dask_client, map_shards
+from .cluster import ClusterConfig, dask_client
 from .errors import ConfigError, InputError, SkyScriptError
 from .fetch_blocks import RGB_BYTES, BlockSettings, block_grid, block_id, plan_blocks, split
 from .fetch_writer import (
@@ -73,6 +73,7 @@ from .files import check_out_dir, leave_no_empty_folders, remove_temp_files, wri
 from .meta import dumps_meta, make_meta
 from .progress import progress_bar
 from .quality import JPEG_ENCODERS, QualityConfig, check_tile, encode_jpeg
+from .runner import RunnerConfig, run_shards
 
 __all__ = [
     "FetchConfig",
@@ -784,19 +785,40 @@ def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None)
 
 
 def _run_local(shards: list[FetchShard]) -> list[dict[str, Any]]:
-    """Run shards in this process, ``SHARDS_IN_FLIGHT`` at a time, with a tile progress bar."""
+    """Run shards through the runner on this process's threads, ``SHARDS_IN_FLIGHT`` at a
+    time, with a tile progress bar. No shard is ever skipped as done: a finished one only
+    checks its files."""
     total = sum(s.stop - s.start for s in shards)
-    with (
-        progress_bar(total=total, desc="fetch", unit="tile") as bar,
-        ThreadPoolExecutor(SHARDS_IN_FLIGHT, thread_name_prefix="shard") as outer,
-    ):
+    runner = RunnerConfig(
+        cluster=ClusterConfig(workers=SHARDS_IN_FLIGHT), local="threads", progress=False
+    )
+    with progress_bar(total=total, desc="fetch", unit="tile") as bar:
         lock = threading.Lock()
 
         def tick(n: int) -> None:
             with lock:
                 bar.update(n)
 
-        return list(outer.map(lambda s: fetch_shard(s, tick), shards))
+        return run_shards(functools.partial(fetch_shard, on_tile=tick), shards, runner)
+
+
+@dataclass(frozen=True)
+class FetchGroup:
+    """Shards that one Dask task fetches side by side on threads (a request waits on the
+    network: one shard at a time would leave a worker idle)."""
+
+    index: int
+    shards: tuple[FetchShard, ...]
+
+    @property
+    def name(self) -> str:
+        return f"group-{self.index:05d}"
+
+
+def fetch_group(group: FetchGroup) -> dict[str, Any]:
+    """A Dask task: its shards on threads; their stats, in order, under ``shards``."""
+    with ThreadPoolExecutor(len(group.shards), thread_name_prefix="shard") as pool:
+        return {"shards": list(pool.map(fetch_shard, group.shards))}
 
 
 def _resolve_sources(config: FetchConfig) -> tuple[SourceInfo, ...]:
@@ -911,7 +933,13 @@ def _fetch_all(
             name = f"skyscript-fetch-{zlib.crc32(str(config.out.resolve()).encode()):08x}"
             limits = LimitsConfig(config.concurrency, config.rate, processes, name)
             shards = list_shards(config, limits, sources)
-            results = map_shards(fetch_shard, shards, cluster, desc="fetch", client=client)
+            groups = [
+                FetchGroup(k, tuple(shards[i : i + SHARDS_IN_FLIGHT]))
+                for k, i in enumerate(range(0, len(shards), SHARDS_IN_FLIGHT))
+            ]
+            runner = RunnerConfig(cluster=cluster, desc="fetch")
+            done = run_shards(fetch_group, groups, runner, client=client)
+            results = [stats for group in done for stats in group["shards"]]
     _clean_up(config, shards, [k for r in results for k in r.get("orphans", [])])
     # A worker lost in the middle of writing a file leaves its temporary name behind (the
     # retried shard wrote the file itself); every shard is done now, so nothing else is writing.

@@ -58,6 +58,7 @@ class RunnerConfig:
         markers: folder of the finished shards' markers; None keeps no markers.
         fingerprint: settings hash of the run: a marker of another fingerprint is stale.
         desc: the progress bar's label.
+        progress: show a bar of shards (off for a stage that shows its own, of items).
     """
 
     cluster: ClusterConfig = ClusterConfig()
@@ -65,6 +66,7 @@ class RunnerConfig:
     markers: Path | None = None
     fingerprint: str = ""
     desc: str = "shards"
+    progress: bool = True
 
 
 def marker_path(markers: Path, name: str) -> Path:
@@ -164,7 +166,8 @@ def _on_this_machine(
 ) -> None:
     workers = min(config.cluster.n_workers(), len(todo))
     fp = config.fingerprint
-    with progress_bar(total=len(todo), desc=config.desc, unit="shard") as bar:
+    shown = {} if config.progress else {"disable": True}
+    with progress_bar(None, total=len(todo), desc=config.desc, unit="shard", **shown) as bar:
         if workers <= 1 or config.local == "inline":
             for i in todo:
                 results[i] = run_and_mark(func, shards[i], markers, fp)
@@ -253,7 +256,8 @@ def _on_client(
             priority=len(todo) - rank,
         )
         futures[future] = i
-    with progress_bar(total=len(futures), desc=config.desc, unit="shard") as bar:
+    shown = {} if config.progress else {"disable": True}
+    with progress_bar(None, total=len(futures), desc=config.desc, unit="shard", **shown) as bar:
         for future in dask_completed(list(futures)):
             i = futures[future]
             results[i] = future.result()

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from skyscript_build.cluster import ClusterConfig, map_shards
 from skyscript_build.errors import ConfigError
 from skyscript_build.files import (
     atomic_path,
@@ -81,11 +80,3 @@ def test_output_paths_are_checked_before_work(tmp_path: Path):
     with pytest.raises(ConfigError, match="a_file is a file"):
         check_out_file(tmp_path / "a_file" / "x.csv")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
-
-
-def _square(x: int) -> int:
-    return x * x
-
-
-def test_map_shards_inline_keeps_order():
-    assert map_shards(_square, [3, 1, 2], ClusterConfig(workers=1)) == [9, 1, 4]

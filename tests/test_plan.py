@@ -92,6 +92,9 @@ def test_boxes_hold_objects_pixels_in_range_and_keys(tmp_path):
         assert r["key"] == f"{r['osm_type']}{r['osm_id']}_{r['alias']}_{r['years'][0] % 100:02d}"
         assert r["west"] < r["east"] and r["south"] < r["north"]
         assert r["collection"] == image_sources.get_source(r["alias"]).collection
+        for corner in ("x_min", "y_min", "x_max", "y_max"):  # on the lattice of whole pixels
+            pixels = r[corner] / r["gsd"]
+            assert pixels == pytest.approx(round(pixels), abs=1e-6), (r["key"], corner)
     by_alias = Counter(r["alias"] for r in reqs)
     assert by_alias["FI"] == 300, "Helsinki objects go to the 0.5 m Finnish orthophoto"
     fi = [r for r in reqs if r["alias"] == "FI"]

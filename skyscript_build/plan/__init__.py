@@ -74,7 +74,7 @@ STATS_DIR = "_stats"
 #: The scan files and counts of a run (removed once the plan is finished).
 WORK_DIR = "_work"
 #: Bumped when the rules change, so that an older plan is not reused.
-_RULES_VERSION = 3
+_RULES_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,20 @@ def limit_numbers(h: np.ndarray) -> np.ndarray:
     return uniform(h, STREAM_LIMIT)
 
 
+def _on_lattice(
+    start: np.ndarray, gsd: np.ndarray, first: np.ndarray, last: np.ndarray
+) -> np.ndarray:
+    """``start`` moved to the nearer multiple of ``gsd`` within [first, last] (the other
+    neighbour when the nearer one is out; unchanged in the rare case neither fits)."""
+    down = np.floor(start / gsd) * gsd
+    up = down + gsd
+    near = np.where(start - down <= up - start, down, up)
+    far = np.where(near == down, up, down)
+    fits_near = (near >= first) & (near <= last)
+    fits_far = (far >= first) & (far <= last)
+    return np.where(fits_near, near, np.where(fits_far, far, start))
+
+
 @dataclass
 class Frames:
     """The square tile of every request."""
@@ -258,7 +272,10 @@ def frame(
     """Square boxes of ``pixels * gsd`` metres holding each object, shifted off-centre.
 
     The random shift (seeded per object) moves the box over a fraction ``shift`` of the slack
-    around the object, so the object always stays inside.
+    around the object, so the object always stays inside. The corners then move (by at most
+    one pixel, to the nearer whole pixel that keeps the object inside) onto the lattice of
+    whole ``gsd`` pixels of the CRS, so that tiles of one source cut each other and the block
+    requests that hold them exactly.
     """
     pb = proj.get(epsg, idx)
     side = pixels * gsd
@@ -269,5 +286,6 @@ def frame(
         u = uniform(h[idx], stream)
         start = lo - slack * (0.5 + shift * (u - 0.5))
         start = np.minimum(np.maximum(start, hi - side), lo)
+        start = _on_lattice(start, gsd, hi - side, lo)
         out[:, axis], out[:, axis + 2] = start, start + side
     return Frames(xy=out, lonlat=lonlat_box(epsg, out, proj.threads), pixels=pixels)
