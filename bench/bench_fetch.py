@@ -137,7 +137,7 @@ def k10_collections(folder: Path) -> Path:
 
 def k10_sample(requests: Path, folder: Path, n: int) -> Path:
     """The first ``n`` requests of the tiling's first part, in fetch order (neighbours)."""
-    from skyscript_build.fetch import ORDER_COLUMNS, fetch_order
+    from skyscript_build.fetch.stage import ORDER_COLUMNS, fetch_order
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -150,9 +150,9 @@ def k10_sample(requests: Path, folder: Path, n: int) -> Path:
 def plan_counts(requests: Path, shard_size: int, overhead_ms: float, ms_per_mpx: float) -> dict:
     """Requests and megapixels of a whole plan, per tile and in blocks (the planner alone;
     tiles grouped by the copy of the tiling they lie in, each copy its own image)."""
-    from skyscript_build.backends.base import TileRequest
-    from skyscript_build.fetch import ORDER_COLUMNS, fetch_order
-    from skyscript_build.fetch_blocks import BlockSettings, block_grid, plan_blocks
+    from skyscript_build.fetch._blocks import BlockSettings, block_grid, plan_blocks
+    from skyscript_build.fetch.backends.base import TileRequest
+    from skyscript_build.fetch.stage import ORDER_COLUMNS, fetch_order
 
     shifts, (west, south, east, north) = copy_offsets()
     dx, dy = shifts[10][0], shifts[1][1]
@@ -270,8 +270,8 @@ def check_cost(dataset: Path) -> dict:
     """What fetch's check of earlier work costs per manifest part and per file, in this
     process, one thread: read every part's check columns, then ``FilesWriter.check`` (a stat
     per file), as ``fetch._still_done`` does."""
-    from skyscript_build.fetch import CHECK_COLUMNS
-    from skyscript_build.fetch_writer import FilesWriter
+    from skyscript_build.fetch._writer import FilesWriter
+    from skyscript_build.fetch.stage import CHECK_COLUMNS
 
     parts = sorted((dataset / "manifest").glob("part-*.parquet"))
     t0 = time.perf_counter()

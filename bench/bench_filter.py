@@ -29,8 +29,8 @@ from _results import record  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from skyscript_build.filter import FilterConfig, run_filter  # noqa: E402
-from skyscript_build.filter.decode import read_pixels, split_preprocess  # noqa: E402
-from skyscript_build.filter.models import load_model  # noqa: E402
+from skyscript_build.filter._decode import read_pixels, split_preprocess  # noqa: E402
+from skyscript_build.filter._models import load_model  # noqa: E402
 
 CAPTIONS = [
     "building",

@@ -123,7 +123,7 @@ def forward_bound(model: str, device: str, batch: int = 256, iters: int = 10) ->
     """
     import torch
 
-    from skyscript_build.filter.models import load_model
+    from skyscript_build.filter._models import load_model
 
     loaded = load_model(model, "none", device=device, precision="bf16", warn_random=False)
     size = loaded.preprocess.transforms[1].size
@@ -216,9 +216,9 @@ def loader_only(model: str, root: Path, csv: Path, workers: int, decode: str) ->
     """The decode side alone: the stage's DataLoader (workers, pinning), no model: images/s."""
     import pandas as pd
 
-    from skyscript_build.filter.decode import split_preprocess
-    from skyscript_build.filter.models import load_model
-    from skyscript_build.filter.scoring import Scorer, ScoreSettings
+    from skyscript_build.filter._decode import split_preprocess
+    from skyscript_build.filter._models import load_model
+    from skyscript_build.filter._scoring import Scorer, ScoreSettings
 
     rows = pd.read_csv(csv)["filepath"].tolist()
     scorer = Scorer.__new__(Scorer)  # only what _loader needs: no model on the device
@@ -263,7 +263,7 @@ def decode_levels(device: str) -> dict:
     import open_clip
     import torch
 
-    from skyscript_build.filter.decode import read_pixels, split_preprocess, tensor_pixels
+    from skyscript_build.filter._decode import read_pixels, split_preprocess, tensor_pixels
 
     _, _, pre = open_clip.create_model_and_transforms("ViT-B-32")
     pixels = split_preprocess(pre)

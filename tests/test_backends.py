@@ -15,12 +15,12 @@ import rasterio
 from conftest import load_fixture_script
 from rasterio.windows import from_bounds
 
-from skyscript_build.backends import BackendConfig, TileRequest, close_backends, get_backend
-from skyscript_build.backends.base import FetchError, RetryPolicy, call_with_retries
-from skyscript_build.backends.limits import Limits, LimitsConfig, TokenBucket
-from skyscript_build.backends.xyz import zoom_for_gsd
 from skyscript_build.errors import BackendError, ConfigError
-from skyscript_build.quality import QualityConfig, check_tile
+from skyscript_build.fetch._quality import QualityConfig, check_tile
+from skyscript_build.fetch.backends import BackendConfig, TileRequest, close_backends, get_backend
+from skyscript_build.fetch.backends.base import FetchError, RetryPolicy, call_with_retries
+from skyscript_build.fetch.backends.limits import Limits, LimitsConfig, TokenBucket
+from skyscript_build.fetch.backends.xyz import zoom_for_gsd
 
 DATA = Path(__file__).parent / "data" / "fetch"
 

@@ -26,7 +26,7 @@ from skyscript_build.caption import (
     run_caption,
     stats_path,
 )
-from skyscript_build.caption.worker import csv_row, find_meta_folders
+from skyscript_build.caption._worker import csv_row, find_meta_folders
 from skyscript_build.errors import ConfigError, InputError
 from skyscript_build.meta import MetaError, dumps_meta, load_meta, loads_meta, make_meta
 

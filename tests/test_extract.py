@@ -492,16 +492,16 @@ def test_a_resumed_run_redoes_the_tasks_whose_files_are_gone(
     the node tasks run again instead of the way tasks failing."""
     out, work = tmp_path / "objects", tmp_path / "work"
     config = ExtractConfig(chunked_pbf, out, workers=1, task_mb=0.05, work_dir=work)
-    from skyscript_build.extract import core
+    from skyscript_build.extract import stage
 
-    real = core.run_task
+    real = stage.run_task
 
     def crash_in_the_ways(task):
         if type(task).__name__ == "WayTask":
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(core, "run_task", crash_in_the_ways)
+    monkeypatch.setattr(stage, "run_task", crash_in_the_ways)
     with pytest.raises(KeyboardInterrupt):
         run_extract(config)
     monkeypatch.undo()

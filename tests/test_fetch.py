@@ -13,10 +13,10 @@ import pytest
 from conftest import load_fixture_script
 from PIL import Image
 
-from skyscript_build.backends import close_backends
 from skyscript_build.errors import InputError
 from skyscript_build.fetch import FetchConfig, iter_manifest, part_of, run_fetch
-from skyscript_build.fetch_writer import MANIFEST_SCHEMA
+from skyscript_build.fetch._writer import MANIFEST_SCHEMA
+from skyscript_build.fetch.backends import close_backends
 from skyscript_build.meta import load_meta
 
 DATA = Path(__file__).parent / "data" / "fetch"

@@ -15,12 +15,12 @@ import pytest
 from conftest import load_fixture_script
 
 import skyscript_build.emulator.pixels as emulator_pixels
-from skyscript_build.backends import close_backends
-from skyscript_build.backends.base import PixelGrid
 from skyscript_build.emulator import Emulator
 from skyscript_build.errors import ConfigError
 from skyscript_build.fetch import FetchConfig, iter_manifest, run_fetch
-from skyscript_build.fetch_blocks import BlockSettings, block_grid, plan_blocks, split
+from skyscript_build.fetch._blocks import BlockSettings, block_grid, plan_blocks, split
+from skyscript_build.fetch.backends import close_backends
+from skyscript_build.fetch.backends.base import PixelGrid
 
 REPO = Path(__file__).resolve().parent.parent
 fixture_data = load_fixture_script("fetch")
@@ -179,8 +179,8 @@ def test_pipeline_fetch_settings_reach_the_stage(fx, tmp_path):
     import shutil
 
     import skyscript_build.fetch as fetch_module
-    from skyscript_build._stages import STAGE_SPECS, RunContext
     from skyscript_build.pipeline import load_pipeline
+    from skyscript_build.pipeline._stages import STAGE_SPECS, RunContext
 
     text = f"""\
 name: blocks

@@ -19,10 +19,10 @@ from conftest import load_fixture_script
 from PIL import Image
 
 import skyscript_build.emulator.pixels as emulator_pixels
-from skyscript_build.backends import close_backends
 from skyscript_build.cli import main
 from skyscript_build.emulator import Emulator
 from skyscript_build.fetch import FetchConfig, iter_manifest, run_fetch
+from skyscript_build.fetch.backends import close_backends
 from skyscript_build.meta import load_meta
 
 DATA = Path(__file__).parent / "data" / "fetch"

@@ -29,13 +29,13 @@ from skyscript_build.filter import (  # noqa: E402
     output_names,
     run_filter,
 )
-from skyscript_build.filter.scoring import Scorer, ScoreSettings, cut_shards  # noqa: E402
-from skyscript_build.filter.selection import (  # noqa: E402
+from skyscript_build.filter._scoring import Scorer, ScoreSettings, cut_shards  # noqa: E402
+from skyscript_build.filter._selection import (  # noqa: E402
     size_label,
     top_count,
     top_label,
 )
-from skyscript_build.filter.store import read_store, stat_images  # noqa: E402
+from skyscript_build.filter._store import read_store, stat_images  # noqa: E402
 from skyscript_build.meta import load_meta  # noqa: E402
 
 fixture = load_fixture_script("filter")
@@ -429,7 +429,7 @@ SIZES = [(48, 48), (224, 224), (300, 500), (700, 1024)]
 @pytest.fixture(scope="module")
 def vit_pixels():
     """ViT-B-32's preprocess (224 px), cut at uint8."""
-    from skyscript_build.filter.decode import split_preprocess
+    from skyscript_build.filter._decode import split_preprocess
 
     _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32")
     return split_preprocess(preprocess)
@@ -440,7 +440,7 @@ def test_uint8_pixels_normalised_later_equal_the_models_preprocess(vit_pixels):
 
     from PIL import Image
 
-    from skyscript_build.filter.decode import Normalizer, read_pixels
+    from skyscript_build.filter._decode import Normalizer, read_pixels
 
     assert vit_pixels.part is not None and vit_pixels.tensor_ok
     normalize = Normalizer(vit_pixels, "cpu", torch.float32)
@@ -461,7 +461,7 @@ def _levels(got, expected) -> tuple[int, float]:
 def _tensor_path_levels(vit_pixels, device: str) -> list[tuple[int, float]]:
     import io
 
-    from skyscript_build.filter.decode import read_pixels, tensor_pixels
+    from skyscript_build.filter._decode import read_pixels, tensor_pixels
 
     out = []
     for k, (h, w) in enumerate(SIZES):
@@ -479,7 +479,7 @@ def _tensor_path_levels(vit_pixels, device: str) -> list[tuple[int, float]]:
 
 def test_tensor_decode_path_on_cpu_is_within_the_stated_tolerance(vit_pixels):
     """The GPU path's code (torchvision decode + tensor resize) run on the CPU."""
-    from skyscript_build.filter.decode import TENSOR_MAX_LEVELS, TENSOR_MEAN_LEVELS
+    from skyscript_build.filter._decode import TENSOR_MAX_LEVELS, TENSOR_MEAN_LEVELS
 
     levels = _tensor_path_levels(vit_pixels, "cpu")
     assert max(m for m, _ in levels) <= TENSOR_MAX_LEVELS
@@ -490,7 +490,7 @@ def test_tensor_decode_path_on_cpu_is_within_the_stated_tolerance(vit_pixels):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_decode_is_within_the_stated_tolerance(vit_pixels):
-    from skyscript_build.filter.decode import GPU_MAX_LEVELS, GPU_MEAN_LEVELS
+    from skyscript_build.filter._decode import GPU_MAX_LEVELS, GPU_MEAN_LEVELS
 
     levels = _tensor_path_levels(vit_pixels, "cuda")
     print("GPU decode vs PIL preprocess (max, mean levels):", dict(zip(SIZES, levels, strict=True)))
@@ -501,7 +501,7 @@ def test_gpu_decode_is_within_the_stated_tolerance(vit_pixels):
 def test_files_nvjpeg_cannot_take_go_to_pil(tmp_path):
     from PIL import Image
 
-    from skyscript_build.filter.decode import read_jpeg
+    from skyscript_build.filter._decode import read_jpeg
 
     good = tmp_path / "a.jpg"
     good.write_bytes(_jpeg(64, 64, 0))
@@ -524,7 +524,7 @@ def test_files_nvjpeg_cannot_take_go_to_pil(tmp_path):
 def test_precision_auto_is_bf16_on_cuda_fp32_on_cpu_and_part_of_a_scores_identity(
     dataset, checkpoint
 ):
-    from skyscript_build.filter.models import resolve_precision
+    from skyscript_build.filter._models import resolve_precision
 
     assert resolve_precision("auto", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda:0") == "bf16"

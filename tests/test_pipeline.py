@@ -290,7 +290,7 @@ def test_cli_run_unknown_stage_exits_2(tmp_path: Path, cli):
 
 
 def test_missing_stage_module_is_a_clear_error():
-    from skyscript_build._stages import stage_module
+    from skyscript_build.pipeline._stages import stage_module
 
     with pytest.raises(ConfigError, match="^stage polish2 is not available in this version$"):
         stage_module("polish2", "skyscript_build.polish2")
@@ -331,8 +331,8 @@ def test_run_holds_one_dask_client_for_its_dask_stages(
 
 
 def test_which_stages_run_on_the_runs_dask_client():
-    from skyscript_build._stages import STAGE_SPECS
     from skyscript_build.cluster import ClusterConfig
+    from skyscript_build.pipeline._stages import STAGE_SPECS
 
     def on_dask(cluster: ClusterConfig) -> list[str]:
         return [s for s in STAGES if STAGE_SPECS[s].on_dask(cluster)]

@@ -310,7 +310,7 @@ def test_rerun_reuses_and_changed_settings_replan(tmp_path):
 def test_a_crashed_plan_resumes_with_the_partitions_it_finished(tmp_path, monkeypatch):
     """A partition fails mid-run: the rerun with the same settings runs only the partitions
     not marked done and gives the same bytes as a clean run; other settings start over."""
-    import skyscript_build.plan as plan
+    import skyscript_build.plan.stage as plan
 
     folder = objects(tmp_path, fx.city(400, seed=6, size_m=800.0))
     clean = tmp_path / "clean"

@@ -10,8 +10,8 @@ from _chromium import check_page_in_chromium, needs_chromium
 from conftest import load_fixture_script
 from PIL import Image
 
-from skyscript_build._report_data import Problems, read_captions
 from skyscript_build.report import ReportConfig, run_report
+from skyscript_build.report._data import Problems, read_captions
 
 make_build = load_fixture_script("report").make_build
 
@@ -233,7 +233,7 @@ def test_refused_report_is_one_line_and_creates_nothing(build: Path, tmp_path: P
 def test_a_failed_report_leaves_the_old_one_and_no_new_folder(
     build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from skyscript_build import report as report_module
+    from skyscript_build.report import stage as report_module
 
     out = tmp_path / "report"
     run_report(ReportConfig(build_dir=build, out=out))

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import load_fixture_script
 
-from skyscript_build.backends.base import TileRequest
 from skyscript_build.caption import load_rules, make_captioner
 from skyscript_build.extract import ExtractConfig, run_extract
+from skyscript_build.fetch.backends.base import TileRequest
 from skyscript_build.meta import dumps_meta, loads_meta, make_meta
 from skyscript_build.plan import PlanConfig, run_plan
 

@@ -5,7 +5,7 @@
 - ``stage``: ``CaptionConfig``, ``run_caption`` (parallel, streaming, atomic output).
 """
 
-from .rules import (
+from ._rules import (
     CaptionFunc,
     CaptionRules,
     RuleCaptioner,
@@ -14,8 +14,8 @@ from .rules import (
     make_captioner,
     resolve_rules,
 )
+from ._worker import find_meta_folders
 from .stage import DEFAULT_CSV_NAME, CaptionConfig, CaptionResult, run_caption, stats_path
-from .worker import find_meta_folders
 
 __all__ = [
     "CaptionConfig",

@@ -38,8 +38,8 @@ from ..cluster import ClusterConfig
 from ..errors import ConfigError, InputError
 from ..files import atomic_path, check_out_file, leave_no_empty_folders, write_json_atomic
 from ..runner import RunnerConfig, marker_path, run_shards
-from .rules import CaptionRules, resolve_rules
-from .worker import (
+from ._rules import CaptionRules, resolve_rules
+from ._worker import (
     CSV_HEADER,
     ChunkTask,
     MetaFolder,
@@ -177,7 +177,7 @@ def stats_path(csv_path: str | Path) -> Path:
     return p.with_name(p.stem + ".stats.json")
 
 
-_CODE_FILES = ("rules.py", "worker.py")
+_CODE_FILES = ("_rules.py", "_worker.py")
 
 
 def fingerprint(

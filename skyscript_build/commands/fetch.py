@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..backends import BACKENDS
-from ..fetch import FORMATS, FetchConfig, run_fetch
-from ..fetch_blocks import BLOCK_MODES
-from ..quality import JPEG_ENCODERS, QualityConfig
+from ..fetch._blocks import BLOCK_MODES
+from ..fetch._quality import JPEG_ENCODERS, QualityConfig
+from ..fetch.backends import BACKENDS
+from ..fetch.stage import FORMATS, FetchConfig, run_fetch
 
 HELP = "fetch the planned image tiles: images{k}/*.jpg, meta{k}/*.pickle, manifest/"
 

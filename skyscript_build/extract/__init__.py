@@ -8,6 +8,6 @@ docs/architecture.md. Entry point: ``run_extract(ExtractConfig(...))``.
 from __future__ import annotations
 
 from ._parquet import OSM_CREDIT
-from .core import ExtractConfig, ExtractResult, resolve_inputs, run_extract
+from .stage import ExtractConfig, ExtractResult, resolve_inputs, run_extract
 
 __all__ = ["ExtractConfig", "ExtractResult", "resolve_inputs", "run_extract", "OSM_CREDIT"]

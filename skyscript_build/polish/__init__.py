@@ -5,8 +5,8 @@ see ``core`` for the stage, ``client`` for the HTTP client, ``cache`` for the an
 ``prompt`` for the messages, the answer parser and the guard against bad rewrites.
 """
 
-from .core import COLUMNS, DEFAULT_API_KEY_ENV, PolishConfig, PolishResult, run_polish
-from .prompt import DEFAULT_PROMPT_PATH, check_rewrite, focus_keywords, parse_answer
+from ._prompt import DEFAULT_PROMPT_PATH, check_rewrite, focus_keywords, parse_answer
+from .stage import COLUMNS, DEFAULT_API_KEY_ENV, PolishConfig, PolishResult, run_polish
 
 __all__ = [
     "COLUMNS",

@@ -44,7 +44,7 @@ import requests
 from googleapiclient.errors import HttpError
 from requests.adapters import HTTPAdapter
 
-from ..errors import BackendError, MissingDependencyError
+from ...errors import BackendError, MissingDependencyError
 from . import BackendConfig, SourceInfo, source_info
 from .base import (
     RETRYABLE_REASONS,

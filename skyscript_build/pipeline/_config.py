@@ -2,7 +2,7 @@
 
 ``load_pipeline(path)`` reads and validates the YAML before any work starts (unknown keys, bad
 values and unset ``${VARIABLES}`` are a ``ConfigError`` naming the file, the line and the key).
-``skyscript_build.pipeline.run_pipeline`` runs it; ``skyscript_build._stages`` turns it into
+``skyscript_build.pipeline.run_pipeline`` runs it; ``skyscript_build.pipeline._stages`` turns it into
 each stage's own config.
 
 Paths in a pipeline file are relative to the current directory (where ``skyscript-build run``
@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..cluster import ClusterConfig
+from ..fetch._blocks import BLOCK_MODES
+from ..fetch._quality import JPEG_ENCODERS
 from ._schema import (
     Doc,
     Field,
@@ -34,9 +37,6 @@ from ._schema import (
     parse_section,
 )
 from ._stages import register_sources
-from .cluster import ClusterConfig
-from .fetch_blocks import BLOCK_MODES
-from .quality import JPEG_ENCODERS
 
 __all__ = [
     "STAGES",
@@ -410,7 +410,7 @@ def _register_sources(doc: Doc, definitions: dict[str, Any], sources: tuple[str,
     """Add the pipeline's own source definitions to the catalog; check every alias exists."""
     import image_sources
 
-    from .errors import SkyScriptError
+    from ..errors import SkyScriptError
 
     for alias, entry in definitions.items():
         where = ("source_definitions", alias)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendError
+from ...errors import BackendError
 
 __all__ = ["KEY_ENV", "SCOPES", "load_credentials"]
 

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .decode import (
+from ._decode import (
     Normalizer,
     Pixels,
     pil_from_bytes,
@@ -44,8 +44,8 @@ from .decode import (
     split_preprocess,
     tensor_pixels,
 )
-from .models import LoadedModel, load_model, resolve_precision
-from .store import caption_hash, write_part
+from ._models import LoadedModel, load_model, resolve_precision
+from ._store import caption_hash, write_part
 
 __all__ = [
     "ScoreSettings",

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from ..files import atomic_path
 from ..meta import MetaError, loads_meta, read_meta_bytes
-from .rules import CaptionFunc, CaptionRules, RuleCaptioner, make_captioner
+from ._rules import CaptionFunc, CaptionRules, RuleCaptioner, make_captioner
 
 __all__ = [
     "CSV_HEADER",

@@ -29,7 +29,7 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject, transform_bounds
 
-from ..errors import BackendError
+from ...errors import BackendError
 from . import BackendConfig, SourceInfo, source_info
 from .base import RETRYABLE_REASONS, Backend, FetchError, TileRequest, TileResult, call_with_retries
 from .limits import Limits

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "JPEG_ENCODERS",

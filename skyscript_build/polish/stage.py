@@ -23,10 +23,10 @@ from pathlib import Path
 from ..errors import ConfigError, InputError
 from ..files import check_out_file, leave_no_empty_folders, write_json_atomic
 from ..progress import progress_bar
-from .cache import PolishCache, key_maker
-from .client import ChatAnswer, ChatClient, RequestFailed
-from .inputs import load_items, read_rows, write_output
-from .prompt import (
+from ._cache import PolishCache, key_maker
+from ._client import ChatAnswer, ChatClient, RequestFailed
+from ._inputs import load_items, read_rows, write_output
+from ._prompt import (
     PolishItem,
     build_messages,
     check_rewrite,

@@ -29,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._report_data import (
+from ..errors import ConfigError, InputError
+from ..files import atomic_write_text, check_out_dir, leave_no_empty_folders
+from ._data import (
     Problems,
     count_rows,
     find_dataset_files,
@@ -40,8 +42,6 @@ from ._report_data import (
     read_requests,
     read_scores,
 )
-from .errors import ConfigError, InputError
-from .files import atomic_write_text, check_out_dir, leave_no_empty_folders
 
 __all__ = ["ReportConfig", "ReportResult", "run_report", "find_dataset_files"]
 

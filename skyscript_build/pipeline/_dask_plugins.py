@@ -28,6 +28,6 @@ class SourcesPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         register_sources(self.definitions)
         with contextlib.suppress(ImportError):
-            from .backends import clear_source_cache
+            from ..fetch.backends import clear_source_cache
 
             clear_source_cache()

@@ -16,11 +16,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .cluster import ClusterConfig
-from .errors import ConfigError
+from ..cluster import ClusterConfig
+from ..errors import ConfigError
 
 if TYPE_CHECKING:
-    from .pipeline_config import PipelineConfig
+    from ._config import PipelineConfig
 
 __all__ = [
     "RunContext",
@@ -187,7 +187,7 @@ def _built(build: Callable[[PipelineConfig, RunContext, Any], Any]) -> Callable[
 
 
 def _check_caption(p: PipelineConfig, mod: Any) -> None:
-    from .files import check_out_file
+    from ..files import check_out_file
 
     mod.resolve_rules(p.caption.rules or p.caption.function)
     check_out_file(p.captions_csv, "caption.csv")

@@ -27,7 +27,7 @@ from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 
-from ..errors import BackendError
+from ...errors import BackendError
 from . import BackendConfig, SourceInfo, source_info
 from .base import Backend, TileRequest, TileResult, stretch_to_uint8
 from .limits import Limits

@@ -1,8 +1,8 @@
 """Pipeline files: one YAML file describes a whole dataset build; ``run_pipeline`` runs it.
 
-``load_pipeline(path)`` (``skyscript_build.pipeline_config``) reads and validates the YAML into
+``load_pipeline(path)`` (``skyscript_build.pipeline._config``) reads and validates the YAML into
 a frozen ``PipelineConfig``; ``run_pipeline(config)`` runs the stages in order (extract, plan,
-fetch, caption, filter, report), each from its own frozen config (``skyscript_build._stages``)
+fetch, caption, filter, report), each from its own frozen config (``skyscript_build.pipeline._stages``)
 and each resumable by itself. When the backend is the emulator, the run starts it for the fetch
 and stops it after.
 
@@ -23,7 +23,7 @@ build folder can be written. A run that fails leaves no empty folder it made, an
 once a stage has succeeded (and before the report, its reader): a run that fails before any
 stage succeeds leaves it as it was.
 
-How paths and ``${VARIABLES}`` in a pipeline file resolve: ``skyscript_build.pipeline_config``.
+How paths and ``${VARIABLES}`` in a pipeline file resolve: ``skyscript_build.pipeline._config``.
 """
 
 from __future__ import annotations
@@ -37,21 +37,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import pipeline_config as _pipeline_config
+from ..cluster import dask_client
+from ..errors import ConfigError, InputError
+from ..files import check_out_dir, leave_no_empty_folders, write_json_atomic
+from ._config import DEMO_COLLECTIONS, STAGES, PipelineConfig
 from ._stages import STAGE_SPECS, RunContext, stage_module
-from .cluster import dask_client
-from .errors import ConfigError, InputError
-from .files import check_out_dir, leave_no_empty_folders, write_json_atomic
-from .pipeline_config import *  # noqa: F403  (the pipeline file's names, re-exported)
-from .pipeline_config import DEMO_COLLECTIONS, STAGES, PipelineConfig
 
-__all__ = [
-    *_pipeline_config.__all__,
-    "StageOutcome",
-    "PipelineResult",
-    "select_stages",
-    "run_pipeline",
-]
+__all__ = ["StageOutcome", "PipelineResult", "select_stages", "run_pipeline"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +106,7 @@ def _missing(config: PipelineConfig, key: str, path: Path, what: str) -> ConfigE
 def _check_inputs(config: PipelineConfig, stages: Sequence[str]) -> None:
     """Check, before any work, the files the chosen stages need from the user."""
     if "extract" in stages:
-        from .extract import resolve_inputs
+        from ..extract import resolve_inputs
 
         for entry in config.input:
             try:
@@ -144,7 +136,7 @@ def _demo_collections(config: PipelineConfig) -> Path:
     if path != (Path.cwd() / DEMO_COLLECTIONS).absolute():
         raise _missing(config, "backend.collections", path, "emulator collections file")
     try:
-        from .orthophoto import OrthophotoConfig, render_orthophoto
+        from ..orthophoto import OrthophotoConfig, render_orthophoto
     except ImportError:
         raise ConfigError(
             f"{config.path}: backend.collections: {path} not found; run `make demo-data` first"
@@ -160,7 +152,7 @@ def _demo_collections(config: PipelineConfig) -> Path:
 
 def _emulator(config: PipelineConfig) -> Any:
     """The Earth Engine emulator for this run (not started yet)."""
-    from .emulator import Emulator
+    from ..emulator import Emulator
 
     return Emulator(
         _demo_collections(config),

@@ -30,9 +30,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .files import TEMP_SUFFIX, atomic_path, write_parquet_atomic
-from .meta import MetaError, load_meta
-from .quality import QualityError, decode_jpeg
+from ..files import TEMP_SUFFIX, atomic_path, write_parquet_atomic
+from ..meta import MetaError, load_meta
+from ._quality import QualityError, decode_jpeg
 
 __all__ = [
     "MANIFEST_SCHEMA",

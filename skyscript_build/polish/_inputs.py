@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..files import atomic_path
 from ..meta import MetaError, load_meta
-from .prompt import PolishItem
+from ._prompt import PolishItem
 
 __all__ = ["OUT_COLUMNS", "read_rows", "load_items", "write_output"]
 

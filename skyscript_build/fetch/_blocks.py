@@ -41,8 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import ConfigError
 from .backends.base import PixelGrid
-from .errors import ConfigError
 
 __all__ = [
     "BLOCK_MODES",

@@ -40,6 +40,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..cluster import ClusterConfig, dask_client
+from ..errors import ConfigError, InputError, SkyScriptError
+from ..files import check_out_dir, leave_no_empty_folders, remove_temp_files, write_json_atomic
+from ..meta import dumps_meta, make_meta
+from ..progress import progress_bar
+from ..runner import RunnerConfig, run_shards
+from ._blocks import RGB_BYTES, BlockSettings, block_grid, block_id, plan_blocks, split
+from ._quality import JPEG_ENCODERS, QualityConfig, check_tile, encode_jpeg
+from ._writer import (
+    FilesWriter,
+    ManifestError,
+    WebDatasetWriter,
+    part_of,
+    read_manifest,
+    row_from_json,
+    row_to_json,
+    write_manifest,
+)
 from .backends import (
     BACKENDS,
     RETRYABLE_REASONS,
@@ -56,24 +74,6 @@ from .backends import (
 )
 from .backends.base import ImageChoice
 from .backends.limits import LimitsConfig
-from .cluster import ClusterConfig, dask_client
-from .errors import ConfigError, InputError, SkyScriptError
-from .fetch_blocks import RGB_BYTES, BlockSettings, block_grid, block_id, plan_blocks, split
-from .fetch_writer import (
-    FilesWriter,
-    ManifestError,
-    WebDatasetWriter,
-    part_of,
-    read_manifest,
-    row_from_json,
-    row_to_json,
-    write_manifest,
-)
-from .files import check_out_dir, leave_no_empty_folders, remove_temp_files, write_json_atomic
-from .meta import dumps_meta, make_meta
-from .progress import progress_bar
-from .quality import JPEG_ENCODERS, QualityConfig, check_tile, encode_jpeg
-from .runner import RunnerConfig, run_shards
 
 __all__ = [
     "FetchConfig",

@@ -1,0 +1,37 @@
+"""Pipeline files: one YAML file describes a whole dataset build; ``run_pipeline`` runs it.
+
+``stage``: ``run_pipeline`` (the stages in order, one Dask client for those on Dask); beside it
+``_config`` (the YAML into a frozen ``PipelineConfig``), ``_schema`` (its validation), ``_stages``
+(each stage's config from the pipeline) and ``_dask_plugins``.
+"""
+
+from ._config import (
+    BACKEND_TYPES,
+    STAGES,
+    BackendSettings,
+    CaptionSettings,
+    FetchSettings,
+    FilterSettings,
+    OutputSettings,
+    PipelineConfig,
+    PlanSettings,
+    load_pipeline,
+)
+from .stage import PipelineResult, StageOutcome, run_pipeline, select_stages
+
+__all__ = [
+    "STAGES",
+    "BACKEND_TYPES",
+    "PlanSettings",
+    "BackendSettings",
+    "FetchSettings",
+    "OutputSettings",
+    "CaptionSettings",
+    "FilterSettings",
+    "PipelineConfig",
+    "load_pipeline",
+    "StageOutcome",
+    "PipelineResult",
+    "select_stages",
+    "run_pipeline",
+]

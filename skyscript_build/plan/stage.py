@@ -1,0 +1,551 @@
+"""The plan stage: ``objects/`` -> ``requests/part-*.parquet``, one row per image to fetch.
+
+For every object: the image source (the finest that covers it, is fine enough for its
+``max_gsd`` and gives a tile of ``min_px``..``max_px`` pixels), the year (the latest the source
+has within ``years``), a square tile in a projected CRS (the source's own or the local UTM
+zone) shifted off-centre by a seeded random amount, and the surrounding objects inside the tile
+that are groundable at its GSD. Per-tag quotas (``per_tag_cap``) balance the tags.
+
+The plan runs in two passes, in memory set by the size of a task, never by the input's:
+
+1. ``_scan``: one task per few row groups of the objects reads only their small columns (ids,
+   tags, box, ``max_gsd``), chooses the sources and writes the objects, sorted by the cell of a
+   fixed lon/lat grid, into the work folder, with per-tag and per-cell counts;
+2. ``_partition``: one task per spatial partition (a ``shard_deg`` block of the grid, or a
+   quarter of one where it holds more than ``partition_objects`` objects) decides the requests
+   from the global tag counts and the seed alone, frames the tiles, reads the halo of objects
+   around it, finds the surroundings and writes its parts.
+
+Both run through ``runner.run_shards``: on threads here, or as Dask tasks on ``scheduler``;
+each finished task is marked, so a killed run resumes. The rows are byte-identical for the same
+objects, settings and seed, whatever the workers or the partitions. ``dry_run`` estimates the
+fetch's cost and writes nothing.
+
+    >>> result = run_plan(PlanConfig(objects=Path("build/x/objects"), out=Path("build/x/requests")))
+    >>> print(result.summary())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+import image_sources
+from image_sources import ImageSource
+
+from .._memory import give_back_memory
+from ..cluster import ClusterConfig, dask_client
+from ..errors import ConfigError
+from ..files import atomic_path, remove_temp_files, write_json_atomic, write_parquet_atomic
+from ..runner import RunnerConfig, clear_markers, run_shards
+from ._geo import distinct
+from ._objects import object_parts, read_units
+from ._output import SCHEMA
+from ._partition import LIMIT_BINS, PartitionSettings, PartitionTask, plan_partitions, run_partition
+from ._scan import Grid, ScanSettings, ScanTask, run_scan, scan_path, sum_counts
+from ._surround import warm_up
+
+__all__ = ["PlanConfig", "PlanResult", "run_plan", "SCHEMA", "JPEG_BYTES_PER_PIXEL", "MARKER"]
+
+log = logging.getLogger(__name__)
+
+#: Typical size of an aerial RGB JPEG (quality ~90) per pixel, for the disk estimate.
+JPEG_BYTES_PER_PIXEL = 0.35
+#: Written last into the requests folder: the settings hash and the counts. Names starting
+#: with ``_`` are skipped by parquet dataset readers (``pd.read_parquet("requests")``).
+MARKER = "_plan.json"
+#: Written before the first shard, removed after the marker: an unfinished run's settings
+#: hash, so that a rerun with the same settings keeps the shards it finished.
+PENDING = "_plan.pending.json"
+STATS_DIR = "_stats"
+#: The scan files and counts of a run (removed once the plan is finished).
+WORK_DIR = "_work"
+#: Bumped when the rules change, so that an older plan is not reused.
+_RULES_VERSION = 4
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Settings of the plan stage (validated on creation).
+
+    Attributes:
+        objects: the extract stage's objects folder (``part-*.parquet``).
+        out: the requests folder to write (``part-*.parquet`` + stats).
+        sources: image source aliases to choose from; empty: every registered source.
+        years: acquisition years allowed, as a range ``(first, last)`` or ``(year,)``;
+            empty: any year a source has.
+        seed: seed of the random shift, the sampling and the surroundings order.
+        min_px, max_px: tile side in pixels allowed.
+        point_px: tile side of points and short lines (clamped into min_px..max_px).
+        margin: space around an area's (or long line's) bounding box, as a fraction of its
+            extent on each side.
+        shift: fraction of the free space around the object the random shift may use
+            (0: centred, 1: the object may touch the edge).
+        per_tag_cap: per ``key=value`` quota of objects (None: keep every object).
+        max_surrounding: most surrounding objects per tile.
+        max_requests: most requests (a seeded random subset); None: no limit.
+        tag_filter: groundability table (name or CSV path) deciding which tags are visible
+            at a tile's GSD.
+        dry_run: estimate requests, pixels, disk and time per source; write nothing.
+        rows_per_part: requests per output part file.
+        workers: threads (0: one per core) that run the tasks of both passes; the output
+            does not depend on it.
+        shard_deg: side (degrees) of the blocks of the lon/lat grid that partition the
+            objects (by the centre of their box) for the second pass.
+        partition_objects: a block holding more objects than this is cut into quarters (and
+            so on, down to an eighth of ``shard_deg``): this bounds a task's memory.
+        scheduler: address of an existing Dask scheduler to run the tasks on; without it
+            they run on threads in this process.
+    """
+
+    objects: Path
+    out: Path
+    sources: tuple[str, ...] = ()
+    years: tuple[int, ...] = ()
+    seed: int = 0
+    min_px: int = 256
+    max_px: int = 1024
+    point_px: int = 512
+    margin: float = 0.1
+    shift: float = 0.8
+    per_tag_cap: int | None = None
+    max_surrounding: int = 50
+    max_requests: int | None = None
+    tag_filter: str = "default"
+    dry_run: bool = False
+    rows_per_part: int = 100_000
+    workers: int = 0
+    shard_deg: float = 0.05
+    partition_objects: int = 200_000
+    scheduler: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objects", Path(self.objects))
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "sources", tuple(self.sources))
+        object.__setattr__(self, "years", tuple(int(y) for y in self.years))
+        if self.min_px < 1:
+            raise ConfigError(f"min_px must be at least 1, got {self.min_px}")
+        if self.min_px > self.max_px:
+            raise ConfigError(
+                f"min_px ({self.min_px}) is larger than max_px ({self.max_px}): "
+                "the tile size range is empty"
+            )
+        if self.point_px < 1:
+            raise ConfigError(f"point_px must be at least 1, got {self.point_px}")
+        if not 0 <= self.margin <= 10:
+            raise ConfigError(f"margin must be between 0 and 10 (a fraction), got {self.margin}")
+        if not 0 <= self.shift <= 1:
+            raise ConfigError(f"shift must be between 0 and 1, got {self.shift}")
+        if self.per_tag_cap is not None and self.per_tag_cap < 1:
+            raise ConfigError(f"per_tag_cap must be at least 1, got {self.per_tag_cap}")
+        if self.max_surrounding < 0:
+            raise ConfigError(f"max_surrounding must be 0 or more, got {self.max_surrounding}")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ConfigError(f"max_requests must be at least 1, got {self.max_requests}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 (one per core) or more, got {self.workers}")
+        if not 0 < self.shard_deg <= 360:
+            raise ConfigError(f"shard_deg must be in (0, 360] degrees, got {self.shard_deg}")
+        if self.rows_per_part < 1:
+            raise ConfigError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
+        if self.partition_objects < 1:
+            raise ConfigError(f"partition_objects must be at least 1, got {self.partition_objects}")
+        if len(self.years) > 2 or any(not 1900 <= y <= 2100 for y in self.years):
+            raise ConfigError(f"years must be (first, last) or (year,), got {self.years}")
+        if len(self.years) == 2 and self.years[0] > self.years[1]:
+            raise ConfigError(f"years {self.years[0]}-{self.years[1]} runs backwards")
+        self.image_sources()  # unknown aliases and empty year ranges fail here
+
+    def n_workers(self) -> int:
+        """The threads to use: ``workers``, or one per core."""
+        return ClusterConfig(workers=self.workers).n_workers()
+
+    @property
+    def year_range(self) -> tuple[int | None, int | None]:
+        """(first, last) allowed year; None where open."""
+        if not self.years:
+            return None, None
+        return self.years[0], self.years[-1]
+
+    def image_sources(self) -> list[ImageSource]:
+        """The sources to choose from, finest first, each with a year in range."""
+        explicit = bool(self.sources)
+        aliases = self.sources or tuple(image_sources.list_sources())
+        first, last = self.year_range
+        out = []
+        for alias in aliases:
+            source = image_sources.get_source(alias)
+            if not source.years_within(first, last):
+                if explicit:
+                    raise ConfigError(
+                        f"image source {alias} has no imagery in {_years_text(first, last)} "
+                        f"(it has {source.years[0]}-{source.years[-1]})"
+                    )
+                continue
+            out.append(source)
+        if not out:
+            raise ConfigError(f"no image source has imagery in {_years_text(first, last)}")
+        return sorted(out, key=lambda s: (s.gsd, s.alias))
+
+    def settings_hash(self, objects_fingerprint: str = "") -> str:
+        """Hash of everything that decides the output (not ``dry_run``, ``out``)."""
+        from tag_filters import get_tag_filter_path
+
+        settings: dict[str, Any] = {
+            f.name: str(getattr(self, f.name))
+            for f in fields(self)
+            if f.name
+            not in ("dry_run", "out", "objects", "workers", "scheduler", "partition_objects")
+        }
+        settings["sources"] = [s.fingerprint() for s in self.image_sources()]
+        settings["tag_filter_file"] = hashlib.sha256(
+            get_tag_filter_path(self.tag_filter).read_bytes()
+        ).hexdigest()
+        settings["objects"] = objects_fingerprint
+        settings["rules_version"] = _RULES_VERSION
+        text = json.dumps(settings, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _years_text(first: int | None, last: int | None) -> str:
+    if first is None:
+        return "any year"
+    return f"{first}" if first == last else f"{first}-{last}"
+
+
+@dataclass
+class PlanResult:
+    """What a plan run did (or, with ``dry_run``, would cost)."""
+
+    objects: int = 0
+    requests: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    by_source: dict[str, dict[str, float]] = field(default_factory=dict)
+    surrounding: int = 0
+    duration_s: float = 0.0
+    out: str = ""
+    dry_run: bool = False
+    reused: bool = False
+    settings_hash: str = ""
+    resumed_shards: int = 0
+    scan_tasks: int = 0
+    partitions: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: requests per source, skips by reason, time."""
+        per = ", ".join(f"{a} {int(v['requests']):,}" for a, v in self.by_source.items())
+        skipped = sum(self.skipped.values())
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(self.skipped.items()))
+        verb = "would request" if self.dry_run else "planned"
+        text = f"plan: {verb} {self.requests:,} images from {self.objects:,} objects"
+        if per:
+            text += f" ({per})"
+        if skipped:
+            text += f"; skipped {skipped:,} ({reasons})"
+        if self.reused:
+            text += f"; already planned with these settings, nothing to do -> {self.out}"
+        elif not self.dry_run:
+            text += f" in {self.duration_s:.1f} s -> {self.out}"
+            if self.resumed_shards:
+                text += f" (resumed: {self.resumed_shards:,} partitions were already done)"
+        return text
+
+    def estimate_lines(self) -> list[str]:
+        """The dry-run table: requests, megapixels, disk and time per source."""
+        lines = [f"{'source':<8}{'requests':>12}{'megapixels':>14}{'disk':>12}{'time':>12}"]
+        total = {"requests": 0.0, "megapixels": 0.0, "bytes": 0.0, "seconds": 0.0}
+        for alias, v in self.by_source.items():
+            lines.append(
+                f"{alias:<8}{int(v['requests']):>12,}{v['megapixels']:>14,.1f}"
+                f"{_bytes(v['bytes']):>12}{_duration(v['seconds']):>12}"
+            )
+            for k in total:
+                total[k] += v[k]
+        # Sources have separate quotas but share the project's: the time adds up.
+        lines.append(
+            f"{'total':<8}{int(total['requests']):>12,}{total['megapixels']:>14,.1f}"
+            f"{_bytes(total['bytes']):>12}{_duration(total['seconds']):>12}"
+        )
+        return lines
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 172800:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} d"
+
+
+def _objects_fingerprint(folder: Path) -> str:
+    parts = object_parts(folder)
+    return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in parts)
+
+
+def run_plan(config: PlanConfig) -> PlanResult:
+    """Plan the requests for ``config.objects`` into ``config.out`` (see the module doc).
+
+    Raises:
+        InputError: the objects folder is missing, empty or not the extract's format.
+        ConfigError: bad settings (unknown source, empty pixel range, ...).
+    """
+    t0 = time.perf_counter()
+    sources = tuple(config.image_sources())
+    settings_hash = config.settings_hash(_objects_fingerprint(config.objects))
+    reused = None if config.dry_run else _finished(config.out, settings_hash)
+    if reused is not None:
+        reused.duration_s = time.perf_counter() - t0
+        log.info("plan: %s is up to date (settings %s)", config.out, settings_hash)
+        return reused
+    units = read_units(config.objects)  # bad parts fail here, before anything is written
+    if not config.dry_run and config.max_surrounding > 0:
+        # numba's start-up (~0.5 s) overlaps the scan instead of delaying the first partition.
+        threading.Thread(target=warm_up, name="plan-numba-warm-up", daemon=True).start()
+    clock = _Clock()
+    result = PlanResult(out=str(config.out), dry_run=config.dry_run, settings_hash=settings_hash)
+    if config.dry_run:
+        base = config.out.parent if config.out.parent.is_dir() else None
+        work = Path(tempfile.mkdtemp(prefix=".plan-dry-run-", dir=base))
+    else:
+        _prepare(config.out, settings_hash)
+        work = config.out / WORK_DIR
+    try:
+        with _runner_client(config) as client:
+            _plan(config, sources, units, work, settings_hash, client, clock, result)
+    finally:
+        if config.dry_run:
+            shutil.rmtree(work, ignore_errors=True)
+    result.timings = clock.laps
+    result.duration_s = time.perf_counter() - t0
+    if config.dry_run:
+        return result
+    record = asdict(result)
+    record.pop("reused")
+    record.pop("dry_run")
+    write_json_atomic(config.out / MARKER, record)
+    (config.out / PENDING).unlink(missing_ok=True)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("plan: wrote %d requests to %s", result.requests, config.out)
+    return result
+
+
+def _plan(
+    config: PlanConfig,
+    sources: tuple[ImageSource, ...],
+    units: list,
+    work: Path,
+    settings_hash: str,
+    client: Any,
+    clock: _Clock,
+    result: PlanResult,
+) -> None:
+    """The two passes (see the module doc); fills ``result``."""
+    grid = Grid(config.shard_deg, tuple(sorted({s.gsd for s in sources})))
+    on_dask = client is not None
+    threads = 1 if on_dask else config.n_workers()
+    runner = RunnerConfig(
+        cluster=ClusterConfig(workers=config.workers, scheduler=config.scheduler),
+        local="threads",
+        markers=work / "_shards",
+        fingerprint=settings_hash,
+        desc="plan: scan",
+    )
+    point_px = min(max(config.point_px, config.min_px), config.max_px)
+    scan = ScanSettings(
+        work=str(work), grid=grid, sources=sources, px=(config.min_px, point_px, config.margin),
+        max_px=config.max_px, tag_filter=config.tag_filter, threads=1,
+    )  # fmt: skip
+    names = [f"scan-{i:05d}" for i in range(len(units))]
+    tasks = [ScanTask(name, unit, scan) for name, unit in zip(names, units, strict=True)]
+    scanned = run_shards(run_scan, tasks, runner, client=client)
+    clock.lap("scan")
+    skipped: dict[str, int] = {}
+    for r in scanned:
+        for reason, n in {**r["dropped"], **r["skipped"]}.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    result.objects = sum(r["objects"] + sum(r["dropped"].values()) for r in scanned)
+    tag_counts = None
+    if config.per_tag_cap is not None:
+        counts = sum_counts([scan_path(work, n, "tags.parquet") for n in names], "tag", "count")
+        common = counts.filter(pc.greater(counts["count"], config.per_tag_cap))
+        tag_counts = work / "tag_counts.parquet"
+        write_parquet_atomic(common.sort_by("tag"), tag_counts)
+    give_back_memory()  # what the scan tasks freed, before the partitions' peak
+    relation_keys = work / "relation_keys.npy"
+    keys = [np.load(scan_path(work, n, "relations.npy")) for n in names]
+    with atomic_path(relation_keys) as tmp, open(tmp, "wb") as f:
+        np.save(f, distinct(np.concatenate(keys)) if keys else np.zeros(0, np.int64))
+    del keys
+    cells = [scan_path(work, n, "cells.parquet") for n in names]
+    rects = plan_partitions(grid, cells, config.partition_objects)
+    source_years = tuple(
+        tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
+    )
+    shared = PartitionSettings(
+        out=str(config.out), grid=grid, scans=tuple(str(scan_path(work, n)) for n in names),
+        sources=sources, source_years=source_years, seed=config.seed, shift=config.shift,
+        per_tag_cap=config.per_tag_cap, tag_counts=None if tag_counts is None else str(tag_counts),
+        relation_keys=str(relation_keys),
+        max_surrounding=config.max_surrounding, rows_per_part=config.rows_per_part,
+        threads=threads,
+    )  # fmt: skip
+    parts = [PartitionTask(f"p{k:05d}", k, rect, shared) for k, rect in enumerate(rects)]
+    clock.lap("partitions")
+    cut = None
+    if config.max_requests is not None:
+        cut = _limit_cut(parts, config.max_requests, runner, client)
+        clock.lap("limit")
+    parts = [replace(p, limit_cut=cut, mode="decide" if config.dry_run else "write") for p in parts]
+    done = run_shards(
+        run_partition, parts, replace(
+            runner, markers=None if config.dry_run else config.out / "_shards",
+            desc="plan: partitions",
+        ), client=client, priority=[r[2] * r[3] for r in rects],
+    )  # fmt: skip
+    clock.lap("partitions" if config.dry_run else "surround+write")
+    for r in done:
+        for reason, n in r["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        for alias, v in r["by_source"].items():
+            mine = result.by_source.setdefault(alias, {"requests": 0, "megapixels": 0.0})
+            mine["requests"] += v["requests"]
+            mine["megapixels"] += v["megapixels"]
+    result.requests = sum(r["requests"] for r in done)
+    result.surrounding = sum(r.get("surrounding", 0) for r in done)
+    result.resumed_shards = sum(bool(r.get("already_done")) for r in done)
+    result.partitions = len(parts)
+    result.scan_tasks = len(tasks)
+    result.skipped = {k: v for k, v in sorted(skipped.items()) if v}
+    quota = {s.alias: s.quota.rate() for s in sources}
+    result.by_source = {
+        alias: {
+            **v,
+            "bytes": v["megapixels"] * 1e6 * JPEG_BYTES_PER_PIXEL,
+            "seconds": v["requests"] / quota[alias],
+        }
+        for alias, v in sorted(
+            result.by_source.items(), key=lambda kv: _source_rank(sources, kv[0])
+        )
+    }
+    for phase in ("frame", "surround", "write"):
+        clock.laps[f"partitions_cpu_{phase}"] = round(
+            sum(r.get(f"cpu_{phase}", 0) for r in done), 4
+        )
+    clock.laps["scan_cpu"] = round(sum(r["cpu"] for r in scanned), 4)
+
+
+def _source_rank(sources: tuple[ImageSource, ...], alias: str) -> int:
+    return [s.alias for s in sources].index(alias)
+
+
+def _limit_cut(
+    parts: list[PartitionTask], most: int, runner: RunnerConfig, client: Any
+) -> float | None:
+    """The number below which exactly ``most`` requests rank (None: all fit), found in two
+    rounds over the partitions: a histogram of the ranking numbers, then the values in the bin
+    where the cut falls."""
+    total = np.zeros(LIMIT_BINS, dtype=np.int64)
+
+    def add(_: int, r: dict[str, Any]) -> None:
+        np.add.at(total, r.pop("bins"), r.pop("counts"))
+
+    quiet = replace(runner, markers=None, desc="plan: max-requests")
+    run_shards(run_partition, [replace(p, mode="histogram") for p in parts], quiet,
+               client=client, on_result=add)  # fmt: skip
+    if total.sum() <= most:
+        return None
+    cumulative = np.cumsum(total)
+    b = int(np.searchsorted(cumulative, most))  # the bin holding the most-th number
+    before = int(cumulative[b - 1]) if b else 0
+    values = run_shards(
+        run_partition, [replace(p, mode="values", limit_bin=b) for p in parts], quiet, client=client
+    )
+    in_bin = np.sort(np.concatenate([r["values"] for r in values]))
+    return float(np.nextafter(in_bin[most - before - 1], np.inf))
+
+
+@contextlib.contextmanager
+def _runner_client(config: PlanConfig) -> Iterator[Any]:
+    """One Dask client for the whole plan when a scheduler is given, else None."""
+    if config.scheduler is None:
+        yield None
+        return
+    with dask_client(ClusterConfig(scheduler=config.scheduler)) as client:
+        yield client
+
+
+def _finished(out: Path, settings_hash: str) -> PlanResult | None:
+    """The result a finished plan of the same settings recorded in ``out``, or None."""
+    try:
+        stored = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("settings_hash") != settings_hash:
+        return None
+    result = PlanResult(**{k: v for k, v in stored.items() if k in _RESULT_FIELDS})
+    result.reused, result.dry_run = True, False
+    return result
+
+
+_RESULT_FIELDS = {f.name for f in fields(PlanResult)}
+
+
+class _Clock:
+    """Seconds spent per phase: wall clock, and the process's CPU time under ``cpu_<phase>``
+    (steadier on a shared machine)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+        self._last_cpu = time.process_time()
+
+    def lap(self, name: str) -> None:
+        now, cpu = time.perf_counter(), time.process_time()
+        self.laps[name] = round(now - self._last, 4)
+        self.laps[f"cpu_{name}"] = round(cpu - self._last_cpu, 4)
+        self._last, self._last_cpu = now, cpu
+
+
+def _prepare(out: Path, settings_hash: str) -> bool:
+    """Make ``out`` ready for the passes; True when it holds an unfinished run of the same
+    settings (its finished tasks are kept), else every earlier plan file is removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)  # first, so that a crash never looks finished
+    remove_temp_files(out)
+    pending = out / PENDING
+    try:
+        if json.loads(pending.read_text()).get("settings_hash") == settings_hash:
+            return True
+    except (OSError, ValueError):
+        pass
+    for path in [*sorted(out.glob("part-*")), *sorted((out / STATS_DIR).glob("*.json"))]:
+        path.unlink()
+    clear_markers(out / "_shards")
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    write_json_atomic(pending, {"settings_hash": settings_hash})
+    return False
