@@ -280,7 +280,7 @@ def test_sampling_and_limit_do_not_depend_on_the_partitions(tmp_path):
     for part in range(3):  # three parts: several scan tasks
         fx.write_objects(folder, rows[part::3], part=part)
     keys = {}
-    for name, deg, target in (("one", 360.0, 10**6), ("grid", 0.004, 10**6), ("split", 0.02, 40)):
+    for name, deg, target in (("one", 360.0, 10**6), ("grid", 0.004, 120), ("split", 0.02, 40)):
         out = tmp_path / name
         result = run_plan(
             PlanConfig(objects=folder, out=out, per_tag_cap=80, max_requests=200, seed=5,
@@ -314,13 +314,19 @@ def test_a_crashed_plan_resumes_with_the_partitions_it_finished(tmp_path, monkey
 
     folder = objects(tmp_path, fx.city(400, seed=6, size_m=800.0))
     clean = tmp_path / "clean"
-    run_plan(PlanConfig(objects=folder, out=clean, shard_deg=0.004, rows_per_part=40))
+    run_plan(
+        PlanConfig(
+            objects=folder, out=clean, shard_deg=0.004, rows_per_part=40, partition_objects=60
+        )
+    )
     assert not (clean / plan.WORK_DIR).exists(), "the scan files are gone once finished"
     n_parts = len(list((clean / "_shards").glob("*.done.json")))
     assert n_parts >= 4
 
     out = tmp_path / "requests"
-    config = PlanConfig(objects=folder, out=out, shard_deg=0.004, rows_per_part=40, workers=2)
+    config = PlanConfig(
+        objects=folder, out=out, shard_deg=0.004, rows_per_part=40, workers=2, partition_objects=60
+    )
     real_run_partition = plan.run_partition
     ran: list[int] = []
 
@@ -352,7 +358,12 @@ def test_a_crashed_plan_resumes_with_the_partitions_it_finished(tmp_path, monkey
     (out / MARKER).unlink()
     (out / plan.PENDING).write_text(json.dumps({"settings_hash": "other"}))
     ran.clear()
-    run_plan(PlanConfig(objects=folder, out=out, shard_deg=0.004, rows_per_part=40, seed=9))
+    run_plan(
+        PlanConfig(
+            objects=folder, out=out, shard_deg=0.004, rows_per_part=40, seed=9,
+            partition_objects=60,
+        )
+    )  # fmt: skip
     assert sorted(ran) == list(range(len(list((out / "_shards").glob("*.done.json")))))
 
 
@@ -495,7 +506,12 @@ def test_sharded_plan_equals_the_unsharded_one(tmp_path, cap):
     rows = {}
     for deg in (360.0, 0.0015):
         out = tmp_path / f"shard-{deg}"
-        run_plan(PlanConfig(objects=folder, out=out, shard_deg=deg, max_surrounding=cap, seed=3))
+        run_plan(
+            PlanConfig(
+                objects=folder, out=out, shard_deg=deg, max_surrounding=cap, seed=3,
+                partition_objects=30,
+            )
+        )  # fmt: skip
         rows[deg] = sorted(read_requests(out), key=lambda r: r["key"])
         parts = len(list(out.glob("part-*.parquet")))
         assert parts == 1 if deg == 360.0 else parts > 4
@@ -564,11 +580,14 @@ def test_a_worker_killed_mid_plan_on_dask(tmp_path, dask_cluster):
 
     folder = objects(tmp_path, fx.city(4000, seed=9, size_m=3000.0))
     local = tmp_path / "local"
-    run_plan(PlanConfig(objects=folder, out=local, shard_deg=0.004, workers=1))
+    run_plan(
+        PlanConfig(objects=folder, out=local, shard_deg=0.004, workers=1, partition_objects=300)
+    )
     out = tmp_path / "dask"
     args = [
         sys.executable, "-m", "skyscript_build.cli", "plan", "--objects", str(folder),
-        "--out", str(out), "--shard-deg", "0.004", "--scheduler", dask_cluster["address"],
+        "--out", str(out), "--shard-deg", "0.004", "--partition-objects", "300",
+        "--scheduler", dask_cluster["address"],
     ]  # fmt: skip
     run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

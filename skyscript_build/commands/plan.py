@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--partition-objects",
         type=int,
-        default=200_000,
+        default=100_000,
         help="a block with more objects is cut into quarters (bounds a task's memory)",
     )
     parser.add_argument(

@@ -82,9 +82,11 @@ class PartitionTask:
 
 
 def plan_partitions(grid: Grid, cell_files: Sequence[Path], target: int) -> list[Rect]:
-    """Rectangles of cells holding every object: a block each, or its quarters (recursively,
-    down to one cell) where it holds more than ``target`` objects; in (row, column) order of
-    blocks, then south-west, south-east, north-west, north-east."""
+    """Rectangles of cells holding every object, in (row, column) order of blocks: a run of
+    blocks of one block row holding ``target`` objects at most together (sparse land: few
+    tasks, each reading a few ranges of every scan file), a block, or, where one block holds
+    more than ``target``, its quarters (recursively, down to one cell; south-west, south-east,
+    north-west, north-east)."""
     cols = grid.columns
     block_cols = -(-cols // CELLS_PER_BLOCK)
 
@@ -111,13 +113,31 @@ def plan_partitions(grid: Grid, cell_files: Sequence[Path], target: int) -> list
             zip(cell[keep].tolist(), cells["objects"].to_numpy()[keep].tolist(), strict=True)
         )
     rects: list[Rect] = []
+    run: list[int] = []  # consecutive blocks of one block row, sparse together
+    run_n = 0
+
+    def flush() -> None:
+        nonlocal run, run_n
+        if run:
+            first, last = run[0], run[-1]
+            rects.append((
+                (first // block_cols) * CELLS_PER_BLOCK, (first % block_cols) * CELLS_PER_BLOCK,
+                CELLS_PER_BLOCK, (last - first + 1) * CELLS_PER_BLOCK,
+            ))  # fmt: skip
+        run, run_n = [], 0
+
     for b, n in zip(block_ids.tolist(), block_n.tolist(), strict=True):
-        rect = ((b // block_cols) * CELLS_PER_BLOCK, (b % block_cols) * CELLS_PER_BLOCK,
-                CELLS_PER_BLOCK, CELLS_PER_BLOCK)  # fmt: skip
         if b in dense:
+            flush()
+            rect = ((b // block_cols) * CELLS_PER_BLOCK, (b % block_cols) * CELLS_PER_BLOCK,
+                    CELLS_PER_BLOCK, CELLS_PER_BLOCK)  # fmt: skip
             _split(rect, grid, fine, target, rects)
-        elif n:
-            rects.append(rect)
+            continue
+        if run and (b // block_cols != run[0] // block_cols or run_n + n > target):
+            flush()
+        run.append(b)
+        run_n += n
+    flush()
     return rects
 
 

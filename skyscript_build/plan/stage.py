@@ -105,8 +105,10 @@ class PlanConfig:
             does not depend on it.
         shard_deg: side (degrees) of the blocks of the lon/lat grid that partition the
             objects (by the centre of their box) for the second pass.
-        partition_objects: a block holding more objects than this is cut into quarters (and
-            so on, down to an eighth of ``shard_deg``): this bounds a task's memory.
+        partition_objects: the most objects of a partition (blocks of one row are joined up
+            to it; a block holding more is cut into quarters, and so on, down to an eighth of
+            ``shard_deg``): it sets a task's memory (about 350 MB at 100,000) and how many
+            tasks read every scan file.
         scheduler: address of an existing Dask scheduler to run the tasks on; without it
             they run on threads in this process.
     """
@@ -129,7 +131,7 @@ class PlanConfig:
     rows_per_part: int = 100_000
     workers: int = 0
     shard_deg: float = 0.05
-    partition_objects: int = 200_000
+    partition_objects: int = 100_000
     scheduler: str | None = None
 
     def __post_init__(self) -> None:
