@@ -29,8 +29,12 @@ TYPE_NAMES = np.array(["", "n", "w", "a"])
 ELEMENT_NAMES = np.array(["", "node", "way", "relation"])
 _TYPE_CODES = {"n": 1, "w": 2, "a": 3}
 _ELEMENT_CODES = {"node": 1, "way": 2, "relation": 3}
-#: Rows of one read unit (whole row groups, at least one).
+#: Rows of one read unit (whole row groups, at least one); more for a big input, so that no
+#: more than about MAX_UNITS scan files are made (every partition reads from each of them),
+#: up to MAX_UNIT_ROWS (a scan task's memory grows with its unit).
 UNIT_ROWS = 262_144
+MAX_UNITS = 1024
+MAX_UNIT_ROWS = 2_097_152
 
 
 @dataclass
@@ -96,12 +100,13 @@ class ReadUnit:
     rows: int
 
 
-def read_units(folder: Path, unit_rows: int = UNIT_ROWS) -> list[ReadUnit]:
-    """Cut every part of ``folder`` into units of whole row groups of about ``unit_rows``.
+def read_units(folder: Path, unit_rows: int | None = None) -> list[ReadUnit]:
+    """Cut every part of ``folder`` into units of whole row groups of about ``unit_rows``
+    (default: ``UNIT_ROWS``, or more for a big input, see ``MAX_UNITS``).
 
     Reads only the parts' footers; a part that is not an objects file is an InputError.
     """
-    units = []
+    metas = []
     for part in object_parts(folder):
         try:
             meta = pq.read_metadata(part)
@@ -111,6 +116,12 @@ def read_units(folder: Path, unit_rows: int = UNIT_ROWS) -> list[ReadUnit]:
         missing = [c for c in REQUIRED_COLUMNS if c not in names]
         if missing:
             raise InputError(part, f"not an objects file: missing column(s) {', '.join(missing)}")
+        metas.append((part, meta))
+    if unit_rows is None:
+        total = sum(meta.num_rows for _, meta in metas)
+        unit_rows = min(max(UNIT_ROWS, total // MAX_UNITS), MAX_UNIT_ROWS)
+    units = []
+    for part, meta in metas:
         groups: list[int] = []
         rows = 0
         for g in range(meta.num_row_groups):
