@@ -136,6 +136,37 @@ class FilesWriter:
                 return "corrupt"
         return None
 
+    def all_present(
+        self, keys: Sequence[str], sizes: Sequence[int | None], meta_sizes: Sequence[int | None]
+    ) -> bool:
+        """Whether every key's JPEG and pickle exist with the recorded sizes (None: any size).
+
+        ``check`` for a whole manifest part at once, the common case of a rerun: one ``stat``
+        per file relative to its open folder, no path objects (about 2 us a file)."""
+        folders: dict[int, tuple[int, int]] = {}
+        try:
+            for key, size, meta_size in zip(keys, sizes, meta_sizes, strict=True):
+                k = zlib.crc32(key.encode("utf-8")) % self.parts + 2
+                fds = folders.get(k)
+                if fds is None:
+                    fds = folders[k] = (
+                        os.open(self.out / f"images{k}", os.O_RDONLY),
+                        os.open(self.out / f"meta{k}", os.O_RDONLY),
+                    )
+                jpg = os.stat(key + ".jpg", dir_fd=fds[0]).st_size
+                meta = os.stat(key + ".pickle", dir_fd=fds[1]).st_size
+                if (size is not None and jpg != size) or (
+                    meta_size is not None and meta != meta_size
+                ):
+                    return False
+        except FileNotFoundError:
+            return False
+        finally:
+            for fds in folders.values():
+                for fd in fds:
+                    os.close(fd)
+        return True
+
     def write(self, key: str, jpeg: bytes, meta: bytes, info: dict[str, Any]) -> str:
         """Write the JPEG, then the pickle; return the JPEG's relative path."""
         jpg, pickle_path = self.paths(key)

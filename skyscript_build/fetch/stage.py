@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..cluster import ClusterConfig, dask_client
@@ -676,9 +677,24 @@ def _still_done(shard: FetchShard, writer: FilesWriter | WebDatasetWriter) -> bo
     pass ``writer.check``. The common case of a rerun, so it is kept cheap."""
     path = _manifest_dir(shard.config) / f"{shard.name}.parquet"
     try:
-        rows = pq.ParquetFile(path).read(columns=CHECK_COLUMNS).to_pylist()
+        table = pq.ParquetFile(path).read(columns=CHECK_COLUMNS)
     except (OSError, ValueError, pa.ArrowException):
         return False  # the full path says what is wrong with it
+    if table.num_rows != shard.stop - shard.start:
+        return False
+    if isinstance(writer, FilesWriter) and not shard.config.verify:
+        status = table["status"].to_pylist()
+        reason = table["reason"].to_pylist()
+        if any(
+            st != "ok" and (st != "skipped" or why in RETRYABLE_REASONS)
+            for st, why in zip(status, reason, strict=True)
+        ):
+            return False
+        ok = table.filter(pc.equal(table["status"], "ok"))
+        return writer.all_present(
+            ok["key"].to_pylist(), ok["bytes"].to_pylist(), ok["meta_bytes"].to_pylist()
+        )
+    rows = table.to_pylist()
     for row in rows:
         if row["status"] == "ok":
             if writer.check(row, shard.config.verify) is not None:
