@@ -146,51 +146,87 @@ def run_shards(
     if priority is not None:
         todo.sort(key=lambda i: -priority[i])
     if todo:
-        markers = None if config.markers is None else str(config.markers)
         if config.markers is not None:
             Path(config.markers).mkdir(parents=True, exist_ok=True)
-        run = _on_dask if (client is not None or config.cluster.scheduler) else _on_this_machine
-        run(func, shards, todo, results, config, markers, client, on_result)
+        run = _Run(func, shards, todo, results, config, on_result)
+        if client is not None:
+            run.on_client(client)
+        elif config.cluster.scheduler:
+            with dask_client(config.cluster) as own:
+                run.on_client(own)
+        else:
+            run.here()
     return [r for r in results if r is not None]
 
 
-def _on_this_machine(
-    func: Callable[[Any], dict[str, Any]],
-    shards: Sequence[Any],
-    todo: list[int],
-    results: list[dict[str, Any] | None],
-    config: RunnerConfig,
-    markers: str | None,
-    client: Any,
-    on_result: Callable[[int, dict[str, Any]], None] | None,
-) -> None:
-    workers = min(config.cluster.n_workers(), len(todo))
-    fp = config.fingerprint
-    shown = {} if config.progress else {"disable": True}
-    with progress_bar(None, total=len(todo), desc=config.desc, unit="shard", **shown) as bar:
-        if workers <= 1 or config.local == "inline":
-            for i in todo:
-                results[i] = run_and_mark(func, shards[i], markers, fp)
-                if on_result is not None:
-                    on_result(i, results[i])  # type: ignore[arg-type]
-                bar.update(1)
-            return
-        pool: Executor
-        if config.local == "threads":
-            pool = ThreadPoolExecutor(workers, thread_name_prefix=config.desc)
-        else:
-            pool = ProcessPoolExecutor(workers, mp_context=_process_context())
-        with pool:
-            futures = {pool.submit(run_and_mark, func, shards[i], markers, fp): i for i in todo}
-            for future in as_completed(futures):
-                i = futures[future]
-                try:
-                    results[i] = future.result()
-                except BrokenProcessPool as e:
-                    raise RuntimeError(f"{config.desc}: a worker process died ({e})") from e
-                if on_result is not None:
-                    on_result(i, results[i])  # type: ignore[arg-type]
-                bar.update(1)
+class _Run:
+    """The shards left to run: where they run, and each result put in its place as it comes
+    (with the progress bar and the caller's ``on_result``)."""
+
+    def __init__(
+        self,
+        func: Callable[[Any], dict[str, Any]],
+        shards: Sequence[Any],
+        todo: list[int],
+        results: list[dict[str, Any] | None],
+        config: RunnerConfig,
+        on_result: Callable[[int, dict[str, Any]], None] | None,
+    ) -> None:
+        self.func, self.shards, self.todo, self.results = func, shards, todo, results
+        self.config, self.on_result = config, on_result
+        self.markers = None if config.markers is None else str(config.markers)
+        shown = {} if config.progress else {"disable": True}
+        self.bar = progress_bar(None, total=len(todo), desc=config.desc, unit="shard", **shown)
+
+    def args(self, i: int) -> tuple[Any, ...]:
+        """What ``run_and_mark`` gets for shard ``i``."""
+        return self.func, self.shards[i], self.markers, self.config.fingerprint
+
+    def done(self, i: int, result: dict[str, Any]) -> None:
+        self.results[i] = result
+        if self.on_result is not None:
+            self.on_result(i, result)
+        self.bar.update(1)
+
+    def here(self) -> None:
+        """Inline, or on a pool of this machine's threads or processes."""
+        workers = min(self.config.cluster.n_workers(), len(self.todo))
+        with self.bar:
+            if workers <= 1 or self.config.local == "inline":
+                for i in self.todo:
+                    self.done(i, run_and_mark(*self.args(i)))
+                return
+            pool: Executor
+            if self.config.local == "threads":
+                pool = ThreadPoolExecutor(workers, thread_name_prefix=self.config.desc)
+            else:
+                pool = ProcessPoolExecutor(workers, mp_context=_process_context())
+            with pool:
+                futures = {pool.submit(run_and_mark, *self.args(i)): i for i in self.todo}
+                for future in as_completed(futures):
+                    try:
+                        result = future.result()
+                    except BrokenProcessPool as e:
+                        raise RuntimeError(
+                            f"{self.config.desc}: a worker process died ({e})"
+                        ) from e
+                    self.done(futures[future], result)
+
+    def on_client(self, client: Any) -> None:
+        """Every shard a Dask task (retried on a lost worker), in priority order."""
+        from distributed import as_completed as dask_completed
+
+        futures = {}
+        for rank, i in enumerate(self.todo):
+            name = f"{self.config.desc}-{self.shards[i].name}-{uuid.uuid4().hex[:12]}"
+            future = client.submit(
+                run_and_mark, *self.args(i), key=name, pure=False,
+                retries=self.config.cluster.retries, priority=len(self.todo) - rank,
+            )  # fmt: skip
+            futures[future] = i
+        with self.bar:
+            for future in dask_completed(list(futures)):
+                self.done(futures[future], future.result())
 
 
 def _process_context() -> Any:
@@ -211,56 +247,3 @@ def _only_main_thread() -> bool:
     return all(t is main or isinstance(t, TMonitor) for t in threading.enumerate()) and (
         os.name == "posix"
     )
-
-
-def _on_dask(
-    func: Callable[[Any], dict[str, Any]],
-    shards: Sequence[Any],
-    todo: list[int],
-    results: list[dict[str, Any] | None],
-    config: RunnerConfig,
-    markers: str | None,
-    client: Any,
-    on_result: Callable[[int, dict[str, Any]], None] | None,
-) -> None:
-    if client is None:
-        with dask_client(config.cluster) as own:
-            _on_client(own, func, shards, todo, results, config, markers, on_result)
-    else:
-        _on_client(client, func, shards, todo, results, config, markers, on_result)
-
-
-def _on_client(
-    client: Any,
-    func: Callable[[Any], dict[str, Any]],
-    shards: Sequence[Any],
-    todo: list[int],
-    results: list[dict[str, Any] | None],
-    config: RunnerConfig,
-    markers: str | None,
-    on_result: Callable[[int, dict[str, Any]], None] | None,
-) -> None:
-    from distributed import as_completed as dask_completed
-
-    futures = {}
-    for rank, i in enumerate(todo):
-        future = client.submit(
-            run_and_mark,
-            func,
-            shards[i],
-            markers,
-            config.fingerprint,
-            key=f"{config.desc}-{shards[i].name}-{uuid.uuid4().hex[:12]}",
-            pure=False,
-            retries=config.cluster.retries,
-            priority=len(todo) - rank,
-        )
-        futures[future] = i
-    shown = {} if config.progress else {"disable": True}
-    with progress_bar(None, total=len(futures), desc=config.desc, unit="shard", **shown) as bar:
-        for future in dask_completed(list(futures)):
-            i = futures[future]
-            results[i] = future.result()
-            if on_result is not None:
-                on_result(i, results[i])  # type: ignore[arg-type]
-            bar.update(1)
