@@ -1,8 +1,10 @@
 """The ``skyscript-build`` command line: a thin layer over each stage's library function.
 
 Each subcommand lives in ``skyscript_build/commands/<name>.py`` and defines ``HELP`` (one
-line), ``add_arguments(parser)`` and ``main(args) -> int``; the flags map one to one onto the
-stage's frozen config. User errors (``SkyScriptError``) print one line and exit 2.
+line) and ``main(args) -> int``, plus ``CONFIG``, the stage's frozen config whose declared
+settings are the flags (``skyscript_build.settings``; ``GROUPS`` and ``EPILOG`` shape its
+``--help``), or ``add_arguments(parser)`` for a command with flags of its own. User errors
+(``SkyScriptError``) print one line and exit 2.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .errors import SkyScriptError
+from .settings import add_arguments
 
 __all__ = ["main", "COMMANDS"]
 
@@ -31,6 +34,7 @@ COMMANDS = (
     "report",
     "emulator",
     "orthophoto",
+    "schema",
 )
 
 
@@ -60,8 +64,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             if e.name != _module_name(command):
                 raise
             continue
-        p = sub.add_parser(command, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
+        p = sub.add_parser(
+            command,
+            help=module.HELP,
+            description=module.HELP,
+            epilog=getattr(module, "EPILOG", None),
+        )
+        if hasattr(module, "CONFIG"):
+            add_arguments(p, module.CONFIG, getattr(module, "GROUPS", None))
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(p)
         p.set_defaults(_main=module.main)
     return parser
 

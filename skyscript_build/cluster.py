@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from .settings import SCHEDULER, check_settings, setting
+
 __all__ = ["ClusterConfig", "dask_client"]
 
 log = logging.getLogger(__name__)
@@ -17,19 +19,35 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """Where shards run.
+    """Where shards run (a pipeline's ``cluster:`` section; each field's help is its
+    declaration)."""
 
-    Attributes:
-        workers: local worker processes; 1 runs shards in this process (no Dask), 0 means one
-            per core.
-        scheduler: address of an existing Dask scheduler (``tcp://host:8786``); overrides
-            ``workers``.
-        retries: how often a shard lost with its worker (or failed) is tried again.
-    """
+    workers: int = setting(
+        0,
+        help="local worker processes: 0 = one per core, 1 = in one process (no Dask)",
+        pipeline="cluster.workers",
+        cli=None,
+        minimum=0,
+        maximum=10_000,
+    )
+    scheduler: str | None = setting(
+        None,
+        help="an existing Dask scheduler's address (tcp://host:8786), overriding workers",
+        pipeline="cluster.scheduler",
+        cli=None,
+        pattern=SCHEDULER,
+    )
+    retries: int = setting(
+        2,
+        help="how often a shard lost with its worker (or failed) is tried again",
+        pipeline="cluster.retries",
+        cli=None,
+        minimum=0,
+        maximum=100,
+    )
 
-    workers: int = 0
-    scheduler: str | None = None
-    retries: int = 2
+    def __post_init__(self) -> None:
+        check_settings(self)
 
     def n_workers(self) -> int:
         return self.workers if self.workers > 0 else max(1, os.cpu_count() or 1)

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from ..cluster import ClusterConfig
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..files import atomic_path, check_out_file, leave_no_empty_folders, write_json_atomic
 from ..runner import RunnerConfig, marker_path, run_shards
+from ..settings import check_settings, scheduler_setting, setting
 from ._rules import CaptionRules, resolve_rules
 from ._worker import (
     CSV_HEADER,
@@ -61,52 +62,46 @@ LOGGED_EXAMPLES = 10
 
 @dataclass(frozen=True)
 class CaptionConfig:
-    """Settings of the caption stage, validated when built.
+    """Settings of the caption stage, checked on creation (each field's help is its
+    declaration). The output depends neither on ``chunk_size`` nor on ``workers``; with
+    ``scheduler`` the dataset and output folders must be on a filesystem every worker sees
+    under the same path."""
 
-    Attributes:
-        dataset: the dataset folder holding ``meta*/`` (and ``images*/``) folders.
-        out: the caption CSV; default ``<dataset>/SkyScript_captions.csv``.
-        rules: a rules ``.yaml`` file, a bundled rules name (``default``), or a Python caption
-            function as ``module:function`` / ``file.py:function``; ``None``: the default rules.
-        workers: worker processes; 0 means one per core, 1 runs in this process.
-        scheduler: an existing Dask scheduler's address (``tcp://host:8786``): the chunks run
-            there as Dask tasks (``workers`` is then unused). The dataset and output folders
-            must be on a filesystem every worker sees under the same path.
-        chunk_size: meta files per task (and per temporary chunk CSV). The output does not
-            depend on it nor on ``workers``.
-        force: caption again even when the CSV is up to date (same meta and image folders,
-            unchanged since, same rules and caption code).
-        meta_only: write a row for every meta file without looking for its image (meta files
-            without their images); by default a meta file whose image is missing gets no row.
-    """
-
-    dataset: Path
-    out: Path | None = None
-    rules: str | None = None
-    workers: int = 0
-    scheduler: str | None = None
-    chunk_size: int = 4096
-    force: bool = False
-    meta_only: bool = False
+    dataset: Path = setting(help="dataset folder holding meta2/, meta3/, ...")
+    out: Path | None = setting(None, help="caption CSV (default: DATASET/SkyScript_captions.csv)")
+    rules: str | None = setting(
+        None,
+        help="caption rules: a .yaml file merged over the defaults, a bundled name (default), "
+        "or a Python function module:function / file.py:function taking (center_tags, "
+        "surrounding_tags) and returning (title, title_multi_objects)",
+        pipeline="caption.rules",
+    )
+    workers: int = setting(
+        0, help="worker processes, 0 = one per core, 1 = in this process", minimum=0
+    )
+    scheduler: str | None = scheduler_setting(
+        "an existing Dask scheduler: the chunks run on its workers, which must see the dataset "
+        "folder (and --out's folder) under the same path"
+    )
+    chunk_size: int = setting(4096, help="meta files per task", minimum=1)
+    force: bool = setting(
+        False,
+        help="caption again even if the CSV is up to date (same meta and image folders, rules "
+        "and code)",
+    )
+    meta_only: bool = setting(
+        False,
+        help="write a row for every meta file without looking for its image (e.g. SkyScript's "
+        "released meta files without the images); by default a meta file whose image "
+        "images{k}/<key>.jpg is missing gets no row, and is counted",
+    )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dataset", Path(self.dataset))
-        if self.out is not None:
-            object.__setattr__(self, "out", Path(self.out))
+        check_settings(self)
         if not self.dataset.exists():
             raise InputError(self.dataset, "dataset folder not found")
         if not self.dataset.is_dir():
             raise InputError(self.dataset, "not a folder; give the dataset folder holding meta*/")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ConfigError(f"workers must be a whole number >= 0, not {self.workers!r}")
-        if self.scheduler is not None and (
-            not isinstance(self.scheduler, str) or not self.scheduler.strip()
-        ):
-            raise ConfigError(
-                f"scheduler must be an address (tcp://host:8786), not {self.scheduler!r}"
-            )
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ConfigError(f"chunk_size must be a whole number >= 1, not {self.chunk_size!r}")
         check_out_file(self.out_path, "--out")
         resolve_rules(self.rules)  # fails now, with the file and the problem, not in a worker
 

@@ -51,10 +51,11 @@ from __future__ import annotations
 from .client import init_ee_client
 from .collections import Catalog, ImageRecord, load_collections
 from .faults import FAULT_MODES, FaultPlan, parse_faults
-from .server import Emulator, EmulatorStats
+from .server import Emulator, EmulatorConfig, EmulatorStats
 
 __all__ = [
     "Emulator",
+    "EmulatorConfig",
     "EmulatorStats",
     "Catalog",
     "ImageRecord",

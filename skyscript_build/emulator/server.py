@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..settings import check_settings, setting
 from .collections import Catalog, load_collections
 from .evaluate import EvalError, compute_pixels, compute_value
 from .faults import FaultPlan, parse_faults
@@ -277,6 +278,54 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, payload, content_type, endpoint)
 
 
+@dataclass(frozen=True)
+class EmulatorConfig:
+    """The emulator's settings (``skyscript-build emulator``'s flags; a pipeline's ``backend:``
+    section of type ``emulator`` gives ``collections`` and the latencies). Each field's help is
+    its declaration."""
+
+    collections: Path = setting(
+        help="the collections YAML: collection id -> images",
+        pipeline="backend.collections",
+        backends=("emulator",),
+    )
+    port: int = setting(8765, help="port on 127.0.0.1, 0 = any free one", minimum=0, maximum=65535)
+    latency_ms: float = setting(
+        0.0,
+        help="fixed delay added to each API request, in milliseconds",
+        pipeline="backend.latency_ms",
+        backends=("emulator",),
+        minimum=0,
+    )
+    latency_ms_per_mpx: float = setting(
+        0.0,
+        help="more delay per megapixel of a computePixels request (latency = BASE + COST x Mpx)",
+        pipeline="backend.latency_ms_per_mpx",
+        backends=("emulator",),
+        minimum=0,
+    )
+    fault: str | None = setting(
+        None,
+        help="fault rates, e.g. 429:0.1,500:0.05,503:0.05,timeout:0.02,truncate:0.02,html:0.01,"
+        "memory:0.01",
+    )
+    seed: int = setting(0, help="seed of the fault sequence", minimum=0)
+    stall_s: float = setting(30.0, help="how long a 'timeout' fault stalls, in seconds", minimum=0)
+    retry_after: int = setting(1, help="Retry-After seconds of a 429 fault", minimum=0)
+    max_request_bytes: int | None = setting(
+        None, help="computePixels size limit (default: Earth Engine's 50331648)", minimum=1
+    )
+    max_concurrent: int | None = setting(
+        None,
+        help="answer 429 past this many requests in flight (Earth Engine's quota: 40)",
+        minimum=1,
+    )
+    max_rps: float | None = setting(None, help="answer 429 past this many requests/s", above=0)
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
 class Emulator:
     """A local Earth Engine REST server over the GeoTIFFs of a collections file.
 
@@ -402,6 +451,23 @@ class Emulator:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    @classmethod
+    def from_config(cls, config: EmulatorConfig) -> Emulator:
+        """The emulator ``config`` describes (not started yet)."""
+        return cls(
+            config.collections,
+            port=config.port,
+            latency_ms=config.latency_ms,
+            latency_ms_per_mpx=config.latency_ms_per_mpx,
+            faults=config.fault,
+            seed=config.seed,
+            stall_s=config.stall_s,
+            retry_after_s=config.retry_after,
+            max_request_bytes=config.max_request_bytes,
+            max_concurrent=config.max_concurrent,
+            max_rps=config.max_rps,
+        )
 
     def __enter__(self) -> Emulator:
         return self.start()

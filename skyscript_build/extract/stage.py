@@ -43,9 +43,10 @@ from tag_filters import get_tag_filter_path, load_tag_filter
 
 from .._memory import give_back_memory
 from ..cluster import ClusterConfig
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..files import remove_temp_files, write_json_atomic
 from ..runner import RunnerConfig, finished_result, marker_path, run_shards
+from ..settings import check_settings, scheduler_setting, setting, tag_filter_setting
 from ._areas import RelationTask, relation_task
 from ._merge import MergeTask, merge_task, plan_merges
 from ._nodes import NodeTask, node_task
@@ -72,54 +73,53 @@ RELATION_WORK_PER_MB = 2_500
 #: Rows a merge task reads (several inputs).
 MERGE_ROWS = 250_000
 
+_NO_INPUT = "needs at least one input (.osm.pbf file, folder or glob)"
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    """Settings of one extract.
+    """Settings of one extract, checked on creation (each field's help is its declaration).
 
-    Attributes:
-        input: ``.osm.pbf`` files, folders (their ``*.osm.pbf``) or glob patterns: one path or
-            several. Several inputs (regional extracts) make one set of objects, each object
-            once.
-        out: the output folder (``objects/`` of a build).
-        tag_filter: a shipped table name (``default``) or a CSV path (see tag_filters).
-        workers: processes; 0 = one per core, 1 = in this process.
-        task_mb: compressed input per node or way task (MiB): sets each process's memory.
-        work_dir: folder for the node stores and other files the tasks share (default:
-            ``OUT/_work``); on a cluster, one every worker sees.
-        rows_per_part: the most rows in one parquet part.
-        batch_rows: rows converted to Arrow at a time (bounds memory).
-        force: extract again even when ``out`` holds a finished extract of the same input.
-        scheduler: address of a Dask scheduler (``tcp://host:8786``): the tasks run there (the
-            inputs and ``out`` must be on a file system the workers share); None runs them
-            here or in local processes (``workers``).
+    ``input`` takes one entry or several; several inputs (regional extracts) make one set of
+    objects, each object once. With ``scheduler`` the inputs and ``out`` must be on a file
+    system the workers share.
     """
 
-    input: str | Path | Sequence[str | Path]
-    out: Path
-    tag_filter: str = "default"
-    workers: int = 0
-    task_mb: float = 16.0
-    work_dir: Path | None = None
-    rows_per_part: int = 1_000_000
-    batch_rows: int = 10_000
-    force: bool = False
-    scheduler: str | None = None
+    input: str | Path | Sequence[str | Path] = setting(
+        help="OSM PBF file(s) (.osm.pbf), folders of them, or quoted glob patterns "
+        "('regions/*.osm.pbf'); several inputs (regional extracts that overlap at their "
+        "borders) make one set of objects, each object once",
+        cli="INPUT",
+        pipeline="input",
+        unique=True,
+        check=lambda entries: None if entries else _NO_INPUT,
+    )
+    out: Path = setting(help="output folder (objects/ of a build)")
+    tag_filter: str = tag_filter_setting()
+    workers: int = setting(
+        0, help="worker processes, 0 = one per core, 1 = in this process", minimum=0
+    )
+    task_mb: float = setting(
+        16.0,
+        help="compressed input per node or way task in MiB: each process's memory grows with it",
+        above=0,
+    )
+    work_dir: Path | None = setting(
+        None,
+        help="folder for the node locations and other files the tasks share, removed at the "
+        "end; on a cluster one every worker sees (default: OUT/_work)",
+    )
+    rows_per_part: int = setting(1_000_000, help="most rows per part", minimum=1)
+    batch_rows: int = setting(
+        10_000, help="rows converted to Arrow at a time (bounds memory)", cli=None, minimum=1
+    )
+    force: bool = setting(False, help="extract again even if OUT holds a finished extract")
+    scheduler: str | None = scheduler_setting(
+        "a Dask scheduler to run the tasks on (default: here, or local processes)"
+    )
 
     def __post_init__(self) -> None:
-        entries = (self.input,) if isinstance(self.input, str | Path) else tuple(self.input)
-        object.__setattr__(self, "input", tuple(Path(e) for e in entries))
-        object.__setattr__(self, "out", Path(self.out))
-        if self.work_dir is not None:
-            object.__setattr__(self, "work_dir", Path(self.work_dir))
-        if not self.input:
-            raise ConfigError("extract needs at least one input (.osm.pbf file, folder or glob)")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be 0 (auto) or more, not {self.workers}")
-        if not self.task_mb > 0:
-            raise ConfigError(f"--task-mb must be more than 0, not {self.task_mb}")
-        if self.rows_per_part < 1 or self.batch_rows < 1:
-            raise ConfigError("rows_per_part and batch_rows must be at least 1")
+        check_settings(self)
         get_tag_filter_path(self.tag_filter)  # raises ConfigError for an unknown name
 
     @property

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..errors import ConfigError
+from ..settings import check_settings, setting
 
 __all__ = [
     "JPEG_ENCODERS",
@@ -43,23 +43,26 @@ JPEG_ENCODERS: dict[str, dict[str, object]] = {
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """Thresholds of the quality checks.
+    """Thresholds of the quality checks (each field's help is its declaration)."""
 
-    Attributes:
-        max_nodata: largest fraction of no-data pixels a kept tile may have.
-        min_std: smallest standard deviation of the grey levels (0..255) of a kept tile.
-        max_cloud: largest fraction of cloud-white pixels (sources with a cloud rule only).
-    """
-
-    max_nodata: float = 0.2
-    min_std: float = 2.0
-    max_cloud: float = 0.3
+    max_nodata: float = setting(
+        0.2, help="largest fraction of no-data pixels a kept tile may have", minimum=0, maximum=1
+    )
+    min_std: float = setting(
+        2.0,
+        help="smallest standard deviation of the grey levels (0..255) of a kept tile",
+        cli=None,
+        minimum=0,
+    )
+    max_cloud: float = setting(
+        0.3,
+        help="largest fraction of cloud-white pixels (sources with a cloud rule only)",
+        minimum=0,
+        maximum=1,
+    )
 
     def __post_init__(self) -> None:
-        for name in ("max_nodata", "max_cloud"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must be between 0 and 1, got {value}")
+        check_settings(self)
 
 
 class QualityError(ValueError):

@@ -42,12 +42,22 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..cluster import ClusterConfig, dask_client
-from ..errors import ConfigError, InputError, SkyScriptError
+from ..errors import InputError, SkyScriptError
 from ..files import check_out_dir, leave_no_empty_folders, remove_temp_files, write_json_atomic
 from ..meta import dumps_meta, make_meta
 from ..progress import progress_bar
 from ..runner import RunnerConfig, run_shards
-from ._blocks import RGB_BYTES, BlockSettings, block_grid, block_id, plan_blocks, split
+from ..settings import Form, check_settings, nested, scheduler_setting, setting
+from ._blocks import (
+    BLOCK_MODES,
+    MAX_SIDE,
+    RGB_BYTES,
+    BlockSettings,
+    block_grid,
+    block_id,
+    plan_blocks,
+    split,
+)
 from ._quality import JPEG_ENCODERS, QualityConfig, check_tile, encode_jpeg
 from ._writer import (
     FilesWriter,
@@ -99,89 +109,166 @@ ORDER_COLUMNS = ("key", "alias", "crs", "x_min", "y_min", "x_max", "y_max")
 SHARDS_IN_FLIGHT = 8
 
 
+def _on_off(value: Any) -> Any:
+    # YAML reads a bare ``off`` (``on``) as false (true): taken as meant.
+    if isinstance(value, bool):
+        return "auto" if value else "off"
+    return value
+
+
+_BLOCKS_YAML = Form(_on_off, {"type": "boolean"}, "YAML's bare on/off read as meant")
+_BLOCKS = "block requests"
+
+
 @dataclass(frozen=True)
 class FetchConfig:
-    """Settings of the fetch stage (the CLI's flags, one to one).
+    """Settings of the fetch stage, checked on creation (each field's help is its declaration).
 
-    Attributes:
-        requests: the plan's ``requests/`` folder.
-        out: the dataset folder.
-        backend: ``earthengine``, ``raster`` or ``xyz``; None takes each source's own.
-        ee_url, project, key_file: Earth Engine endpoint, Cloud project, service-account key.
-        location: a raster folder or XYZ URL template, overriding the source's.
-        parts: number of ``images{k}``/``meta{k}`` folders (k = 2 .. parts+1).
-        format: ``files`` (SkyScript's layout) or ``webdataset`` (tar shards).
-        workers: worker processes (1: this process only; 0: one per core).
-        scheduler: an existing Dask scheduler's address.
-        concurrency, rate: requests in flight and requests/s for the whole run.
-        shard_size: requests per shard.
-        timeout_s, max_attempts: per request.
-        allow_next_year: a year without imagery falls back to the request's next year.
-        blocks: ``auto`` (block requests where the cost model says they pay; Earth Engine
-            only) or ``off`` (one request per tile).
-        block_overhead_ms, block_ms_per_mpx: the block cost model (``fetch_blocks``).
-        block_max_px: most pixels on a side of a block.
-        block_memory_mb: most megabytes of block pixels held at once by one process.
-        jpeg_quality, jpeg_encoder: how tiles are encoded (``quality.JPEG_ENCODERS``); changing
-            either refetches the tiles encoded otherwise.
-        verify: also decode every JPEG and load every pickle of earlier runs.
-        quality: thresholds of the quality checks.
+    A pipeline file gives the backend's settings under ``backend:``, the layout under
+    ``output:`` and the rest under ``fetch:``.
     """
 
-    requests: Path
-    out: Path
-    backend: str | None = None
-    ee_url: str | None = None
-    project: str | None = None
-    key_file: str | None = None
-    location: str | None = None
-    parts: int = 6
-    format: str = "files"
-    workers: int = 1
-    scheduler: str | None = None
-    concurrency: int = 40
-    rate: float = 100.0
-    shard_size: int = 200
-    timeout_s: float = 60.0
-    max_attempts: int = 6
+    requests: Path = setting(help="the plan's requests/ folder")
+    out: Path = setting(help="the dataset folder to write")
+    backend: str | None = setting(
+        None, help="imagery backend (default: each source's own)", choices=BACKENDS
+    )
+    ee_url: str | None = setting(
+        None,
+        help="Earth Engine endpoint, e.g. an emulator's URL (default: the high-volume endpoint)",
+        pipeline="backend.url",
+        pattern=(r"https?://\S+", "an http(s) URL"),
+        backends=("earthengine",),
+    )
+    project: str | None = setting(
+        None,
+        help="Google Cloud project registered for Earth Engine (default: the key file's)",
+        pipeline="backend.project",
+        backends=("earthengine",),
+    )
+    key_file: Path | None = setting(
+        None,
+        help="service-account key JSON (default: $EE_SERVICE_ACCOUNT_KEY, else Google's default "
+        "credentials)",
+        pipeline="backend.key_file",
+        backends=("earthengine",),
+    )
+    location: str | None = setting(
+        None,
+        help="a folder of GeoTIFFs / COGs (raster) or a tile URL template such as "
+        "https://host/{z}/{x}/{y}.png (xyz), overriding the source's own",
+        pipeline="backend.location",
+        backends=("raster", "xyz"),
+        deprecated=("backend.folder",),
+    )
+    parts: int = setting(
+        6,
+        help="images{k}/ and meta{k}/ folders, k = 2..PARTS+1",
+        pipeline="output.parts",
+        minimum=1,
+        maximum=1000,
+    )
+    format: str = setting(
+        "files",
+        help="output layout: files (SkyScript's) or webdataset (tar shards)",
+        pipeline="output.format",
+        choices=FORMATS,
+    )
+    workers: int = setting(1, help="worker processes, 0 = one per core", minimum=0)
+    scheduler: str | None = scheduler_setting("an existing Dask scheduler to run the shards on")
+    concurrency: int = setting(
+        40,
+        help="requests in flight, run-wide (Earth Engine's quota: 40)",
+        pipeline="backend.concurrency",
+        minimum=1,
+        maximum=10_000,
+    )
+    rate: float = setting(
+        100.0,
+        help="requests per second, run-wide (Earth Engine's quota: 100)",
+        pipeline="backend.rate",
+        above=0,
+    )
+    shard_size: int = setting(
+        200, help="requests per shard", pipeline="fetch.shard_size", minimum=1, maximum=1_000_000
+    )
+    timeout_s: float = setting(
+        60.0,
+        help="seconds to wait for one request",
+        cli="--timeout",
+        pipeline="backend.timeout_s",
+        above=0,
+    )
+    max_attempts: int = setting(
+        6, help="tries per request", pipeline="fetch.max_attempts", minimum=1, maximum=100
+    )
     backoff_s: float = 0.5
-    allow_next_year: bool = False
-    blocks: str = "auto"
-    block_overhead_ms: float = 500.0
-    block_ms_per_mpx: float = 100.0
-    block_max_px: int = 2048
-    block_memory_mb: int = 512
-    jpeg_quality: int = 90
-    jpeg_encoder: str = "pillow"
-    verify: bool = False
-    quality: QualityConfig = field(default_factory=QualityConfig)
+    allow_next_year: bool = setting(
+        False,
+        help="when a year has no imagery, try the request's next candidate year",
+        pipeline="fetch.allow_next_year",
+    )
+    blocks: str = setting(
+        "auto",
+        help="auto: block requests where the cost model says they pay; off: one per tile",
+        pipeline="fetch.blocks",
+        choices=BLOCK_MODES,
+        form=_BLOCKS_YAML,
+        group=_BLOCKS,
+    )
+    block_overhead_ms: float = setting(
+        500.0,
+        help="cost model: milliseconds per request",
+        pipeline="fetch.block_overhead_ms",
+        minimum=0,
+        group=_BLOCKS,
+    )
+    block_ms_per_mpx: float = setting(
+        100.0,
+        help="cost model: milliseconds per megapixel",
+        pipeline="fetch.block_ms_per_mpx",
+        minimum=0,
+        group=_BLOCKS,
+    )
+    block_max_px: int = setting(
+        2048,
+        help="largest block side in pixels",
+        pipeline="fetch.block_max_px",
+        minimum=1,
+        maximum=MAX_SIDE,
+        group=_BLOCKS,
+    )
+    block_memory_mb: int = setting(
+        512,
+        help="megabytes of block pixels a process holds at once",
+        pipeline="fetch.block_memory_mb",
+        minimum=1,
+        group=_BLOCKS,
+    )
+    jpeg_quality: int = setting(
+        90,
+        help="quality of the JPEGs written",
+        pipeline="fetch.jpeg_quality",
+        minimum=1,
+        maximum=100,
+    )
+    jpeg_encoder: str = setting(
+        "pillow",
+        help="JPEG encoder (changing it or the quality refetches the tiles encoded otherwise)",
+        pipeline="fetch.jpeg_encoder",
+        choices=tuple(JPEG_ENCODERS),
+    )
+    verify: bool = setting(
+        False,
+        help="also decode every JPEG and load every pickle of earlier runs (a rerun always "
+        "checks each file's presence and size); damaged files are fetched again",
+        pipeline="fetch.verify",
+    )
+    quality: QualityConfig = nested(QualityConfig, help="thresholds of the quality checks")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "requests", Path(self.requests))
-        object.__setattr__(self, "out", Path(self.out))
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ConfigError(
-                f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}"
-            )
-        if self.format not in FORMATS:
-            raise ConfigError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.parts < 1:
-            raise ConfigError(f"--parts must be at least 1, got {self.parts}")
-        if self.shard_size < 1:
-            raise ConfigError(f"shard size must be at least 1, got {self.shard_size}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be 0 (one per core) or more, got {self.workers}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"--jpeg-quality must be 1..100, got {self.jpeg_quality}")
-        if self.jpeg_encoder not in JPEG_ENCODERS:
-            raise ConfigError(
-                f"--jpeg-encoder must be one of {', '.join(JPEG_ENCODERS)}, "
-                f"got {self.jpeg_encoder!r}"
-            )
-        if self.block_memory_mb < 1:
-            raise ConfigError(f"--block-memory-mb must be at least 1, got {self.block_memory_mb}")
-        self.block_settings  # noqa: B018 - validates the block settings
-        LimitsConfig(self.concurrency, self.rate)  # validates both
+        check_settings(self)
+        self.block_settings  # noqa: B018 - the cost model needs an overhead or a per-Mpx cost
         check_out_dir(self.out)
         if not self.requests.is_dir():
             raise InputError(self.requests, "requests folder does not exist (run the plan stage)")
@@ -229,7 +316,7 @@ class FetchConfig:
             backend=name,
             ee_url=self.ee_url,
             project=self.project,
-            key_file=self.key_file,
+            key_file=str(self.key_file) if self.key_file is not None else None,
             location=self.location,
             timeout_s=self.timeout_s,
             max_attempts=self.max_attempts,

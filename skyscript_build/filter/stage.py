@@ -41,6 +41,7 @@ from ..errors import ConfigError, InputError
 from ..files import atomic_path, check_out_dir, leave_no_empty_folders, write_json_atomic
 from ..progress import progress_bar
 from ..runner import RunnerConfig, run_shards
+from ..settings import NAME, PERCENT, check_settings, scheduler_setting, seed_setting, setting
 from ._decode import DECODERS
 from ._models import (
     CLIP_CONFIG_DIR,
@@ -91,104 +92,137 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPLIT_BY = ("random", "geo")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_DEVICE_RE = re.compile(r"^(auto|cuda|(cpu|cuda:\d+)(,(cpu|cuda:\d+))*)$")
+
+
+def default_name(model: str) -> str:
+    """The name of a filter when none is given: the model name, made file-safe."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") or "clip"
+
+
+def _distinct_fractions(top: tuple[float, ...]) -> str | None:
+    labels = [top_label(f) for f in top]
+    if not top:
+        return "needs at least one fraction, e.g. 0.3 0.5"
+    return None if len(set(labels)) == len(labels) else "lists a fraction more than once"
 
 
 @dataclass(frozen=True)
 class FilterConfig:
-    """Settings of the filter stage (the CLI flags, one to one).
+    """Settings of the filter stage, checked on creation (each field's help is its declaration).
 
-    Attributes:
-        dataset: folder holding ``images{k}/`` (caption filepaths are relative to it).
-        captions: the caption CSV.
-        name: short name of the filter, used in file names and the similarity column.
-        model: open_clip architecture (``ViT-L-14``) or one of ``clip_configs/``.
-        pretrained: an open_clip tag, a local checkpoint file, or ``none`` (random weights).
-        model_config: an open_clip JSON config to register (its file stem is the model name).
-        caption_column: the caption scored against the image.
-        top: training fractions to keep (0 < f <= 1).
-        val_size, test_size: rows drawn for val and test before the top fractions.
-        split_by: ``random`` or ``geo`` (whole grid cells per split).
-        cell_size: grid cell size in degrees for ``geo``.
-        batch_size: images per model forward pass (every batch is padded to it, so a score
-            does not depend on its batch-mates).
-        workers: decode worker processes per scoring device; 0 decodes in the scoring
-            process; None: the machine's cores (at most 16), shared among the devices.
-        device: ``auto`` (every visible GPU, else the CPU), ``cpu``, ``cuda`` (every visible
-            GPU), or a list such as ``cuda:0,cuda:1``; one scoring process per device.
-        precision: the model's weights and inputs: ``auto`` (bf16 on CUDA, fp32 on a CPU),
-            ``fp32``, ``bf16`` or ``fp16``. Part of a score's identity: another precision
-            scores again.
-        decode: ``auto`` (on the GPU when scoring on one), ``cpu`` or ``gpu`` (nvJPEG).
-        scheduler: an existing Dask scheduler's address: the shards run as tasks on its
-            workers, one model per worker (on its GPU when it has one).
-        shard_size: rows per shard, the unit of resuming and of spreading work; None: 64
-            batches.
-        seed: seeds the splits (and random weights with ``pretrained=none``).
-        out: output folder; None: the dataset folder.
+    ``precision`` is part of a score's identity: another precision scores again. Every batch is
+    padded to ``batch_size``, so a score does not depend on its batch-mates.
     """
 
-    dataset: Path
-    captions: Path
-    name: str
-    model: str
-    pretrained: str
-    model_config: Path | None = None
-    caption_column: str = "title"
-    top: tuple[float, ...] = (0.3, 0.5)
-    val_size: int = 5000
-    test_size: int = 30000
-    split_by: str = "random"
-    cell_size: float = 0.1
-    batch_size: int = 64
-    workers: int | None = None
-    device: str = "auto"
-    precision: str = "auto"
-    decode: str = "auto"
-    scheduler: str | None = None
-    shard_size: int | None = None
-    seed: int = 0
-    out: Path | None = None
+    dataset: Path = setting(help="folder with images{k}/ (caption filepaths are relative to it)")
+    captions: Path = setting(help="the caption CSV")
+    model: str = setting(
+        help="open_clip architecture (e.g. ViT-L-14) or one of skyscript_build/clip_configs/ "
+        "(tiny-random)",
+        pipeline="filter.model",
+    )
+    pretrained: str = setting(
+        help="open_clip tag, local checkpoint file, or none (random weights: the ranking is "
+        "meaningless)",
+        pipeline="filter.pretrained",
+    )
+    name: str | None = setting(
+        None,
+        help="filter name, in file names and the similarity_<NAME> column (default: the model "
+        "name)",
+        pipeline="filter.name",
+        pattern=NAME,
+    )
+    model_config: Path | None = setting(
+        None,
+        help="an open_clip JSON config to register (its file stem is the model name)",
+        pipeline="filter.model_config",
+    )
+    caption_column: str = setting(
+        "title", help="the caption scored against the image", pipeline="filter.caption_column"
+    )
+    top: tuple[float, ...] = setting(
+        (0.3, 0.5),
+        help="train fractions to keep; k = round half up of f x rows, ties by filepath",
+        pipeline="filter.top",
+        above=0,
+        maximum=1,
+        form=PERCENT,
+        check=_distinct_fractions,
+    )
+    val_size: int = setting(
+        5000, help="val rows, drawn before the top fractions", pipeline="filter.val_size", minimum=0
+    )
+    test_size: int = setting(
+        30000,
+        help="test rows, drawn before the top fractions",
+        pipeline="filter.test_size",
+        minimum=0,
+    )
+    split_by: str = setting(
+        "random",
+        help="geo keeps whole grid cells (meta box centre) in one split",
+        pipeline="filter.split_by",
+        choices=SPLIT_BY,
+    )
+    cell_size: float = setting(
+        0.1, help="geo grid cell, degrees", pipeline="filter.cell_size", above=0
+    )
+    batch_size: int = setting(
+        64,
+        help="images per forward pass; 256 suits a GPU",
+        pipeline="filter.batch_size",
+        minimum=1,
+        maximum=1_000_000,
+    )
+    workers: int | None = setting(
+        None,
+        help="decode processes per scoring device, 0 = in the scoring process (default: the "
+        "machine's cores, at most 16, shared among the devices)",
+        pipeline="filter.workers",
+        minimum=0,
+        maximum=1024,
+    )
+    device: str = setting(
+        "auto",
+        help="auto (every visible GPU, else cpu), cpu, cuda (every GPU), cuda:N, or a list such "
+        "as cuda:0,cuda:1: one scoring process and model per device",
+        pipeline="filter.device",
+        pattern=(
+            r"auto|cuda|(cpu|cuda:\d+)(,(cpu|cuda:\d+))*",
+            "auto, cpu, cuda, cuda:N or a list (cuda:0,cuda:1)",
+        ),
+    )
+    precision: str = setting(
+        "auto",
+        help="weights and inputs; auto = bf16 on CUDA, fp32 on a CPU. Stored with each score: "
+        "another precision scores again",
+        pipeline="filter.precision",
+        choices=PRECISIONS,
+    )
+    decode: str = setting(
+        "auto",
+        help="JPEG decode + resize: gpu (nvJPEG) when scoring on a GPU, else cpu",
+        pipeline="filter.decode",
+        choices=DECODERS,
+    )
+    scheduler: str | None = scheduler_setting(
+        "an existing Dask scheduler: shards run on its workers, one model per worker (on its "
+        "GPU when it has one)"
+    )
+    shard_size: int | None = setting(
+        None,
+        help="rows per shard, the unit of resuming and of spreading work (default: 64 batches)",
+        pipeline="filter.shard_size",
+        minimum=1,
+    )
+    seed: int = seed_setting()
+    out: Path | None = setting(None, help="output folder (default: the dataset folder)")
 
     def __post_init__(self) -> None:
-        for attr in ("dataset", "captions", "model_config", "out"):
-            value = getattr(self, attr)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, attr, Path(value))
-        object.__setattr__(self, "top", tuple(float(f) for f in self.top))
-        if not _NAME_RE.match(self.name):
-            raise ConfigError(
-                f"--name {self.name!r}: use letters, digits, '.', '_' or '-' (it goes in file names)"
-            )
-        if not self.top or any(not 0 < f <= 1 for f in self.top):
-            raise ConfigError(f"--top {self.top}: each fraction must be in (0, 1], e.g. 0.3 0.5")
-        if len({top_label(f) for f in self.top}) != len(self.top):
-            raise ConfigError(f"--top {self.top}: fractions repeat")
-        if self.val_size < 0 or self.test_size < 0:
-            raise ConfigError("--val-size and --test-size must be >= 0")
-        if self.split_by not in SPLIT_BY:
-            raise ConfigError(f"--split-by {self.split_by}: choose one of {', '.join(SPLIT_BY)}")
-        if not self.cell_size > 0:
-            raise ConfigError(f"--cell-size {self.cell_size}: must be > 0 degrees")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size {self.batch_size}: must be >= 1")
-        if self.workers is not None and self.workers < 0:
-            raise ConfigError(f"--workers {self.workers}: must be >= 0")
-        if not _DEVICE_RE.match(self.device):
-            raise ConfigError(
-                f"--device {self.device}: choose auto, cpu, cuda, cuda:N or a list (cuda:0,cuda:1)"
-            )
-        if self.precision not in PRECISIONS:
-            raise ConfigError(
-                f"--precision {self.precision}: choose one of {', '.join(PRECISIONS)}"
-            )
-        if self.decode not in DECODERS:
-            raise ConfigError(f"--decode {self.decode}: choose one of {', '.join(DECODERS)}")
-        if self.shard_size is not None and self.shard_size < 1:
-            raise ConfigError(f"--shard-size {self.shard_size}: must be >= 1")
-        if not self.model:
-            raise ConfigError("--model is required")
+        check_settings(self)
+        if self.name is None:
+            object.__setattr__(self, "name", default_name(self.model))
 
     @property
     def out_dir(self) -> Path:

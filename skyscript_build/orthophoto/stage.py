@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, InputError
 from ..files import atomic_path, atomic_write_text, check_out_dir, leave_no_empty_folders
+from ..settings import check_settings, setting
 from ._osm import read_osm
 from ._render import render
 
@@ -40,36 +41,26 @@ RENDERER_VERSION = "2"
 
 @dataclass(frozen=True)
 class OrthophotoConfig:
-    """Settings of one rendering.
+    """Settings of one rendering, checked on creation (each field's help is its declaration)."""
 
-    Args:
-        pbf: the OSM extract (.osm.pbf).
-        out: output folder (the GeoTIFF and ``collections.yaml``).
-        gsd: metres per pixel.
-        crs: the projected CRS of the GeoTIFF.
-        seed: seed of the texture.
-        collection: the collection id registered in ``collections.yaml``.
-        time_start: the acquisition time registered for the image (ISO 8601).
-        force: render even if matching outputs exist.
-    """
-
-    pbf: Path
-    out: Path
-    gsd: float = 0.5
-    crs: str = "EPSG:3067"
-    seed: int = 0
-    collection: str = "Finland/SMK/V/50cm"
-    time_start: str = "2019-06-15T10:30:00Z"
-    force: bool = False
+    pbf: Path = setting(help="the OSM extract (.osm.pbf)")
+    out: Path = setting(help="output folder (the GeoTIFF and collections.yaml)")
+    gsd: float = setting(0.5, help="metres per pixel", minimum=0.05, maximum=100)
+    crs: str = setting("EPSG:3067", help="projected CRS of the GeoTIFF")
+    seed: int = setting(0, help="seed of the texture", minimum=0)
+    collection: str = setting(
+        "Finland/SMK/V/50cm", help="collection id registered in collections.yaml"
+    )
+    time_start: str = setting(
+        "2019-06-15T10:30:00Z", help="acquisition time registered for the image (ISO 8601)"
+    )
+    force: bool = setting(False, help="render even if matching outputs exist")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "pbf", Path(self.pbf))
-        object.__setattr__(self, "out", Path(self.out))
+        check_settings(self)
         if not self.pbf.is_file():
             raise InputError(self.pbf, "OSM extract not found")
         check_out_dir(self.out, "--out")
-        if not 0.05 <= self.gsd <= 100:
-            raise ConfigError(f"--gsd must be between 0.05 and 100 metres, got {self.gsd}")
         from pyproj import CRS
 
         try:

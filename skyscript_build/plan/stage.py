@@ -51,6 +51,7 @@ from ..cluster import ClusterConfig, dask_client
 from ..errors import ConfigError
 from ..files import atomic_path, remove_temp_files, write_json_atomic, write_parquet_atomic
 from ..runner import RunnerConfig, clear_markers, run_shards
+from ..settings import check_settings, scheduler_setting, seed_setting, setting, tag_filter_setting
 from ._geo import distinct
 from ._objects import object_parts, read_units
 from ._output import SCHEMA
@@ -77,99 +78,126 @@ WORK_DIR = "_work"
 _RULES_VERSION = 4
 
 
+def _year_range(years: tuple[int, ...]) -> str | None:
+    if len(years) > 2:
+        return "give one year or a range [first, last]"
+    if len(years) == 2 and years[0] > years[1]:
+        return f"{years[0]}-{years[1]} runs backwards"
+    return None
+
+
 @dataclass(frozen=True)
 class PlanConfig:
-    """Settings of the plan stage (validated on creation).
+    """Settings of the plan stage, checked on creation (each field's help is its declaration).
 
-    Attributes:
-        objects: the extract stage's objects folder (``part-*.parquet``).
-        out: the requests folder to write (``part-*.parquet`` + stats).
-        sources: image source aliases to choose from; empty: every registered source.
-        years: acquisition years allowed, as a range ``(first, last)`` or ``(year,)``;
-            empty: any year a source has.
-        seed: seed of the random shift, the sampling and the surroundings order.
-        min_px, max_px: tile side in pixels allowed.
-        point_px: tile side of points and short lines (clamped into min_px..max_px).
-        margin: space around an area's (or long line's) bounding box, as a fraction of its
-            extent on each side.
-        shift: fraction of the free space around the object the random shift may use
-            (0: centred, 1: the object may touch the edge).
-        per_tag_cap: per ``key=value`` quota of objects (None: keep every object).
-        max_surrounding: most surrounding objects per tile.
-        max_requests: most requests (a seeded random subset); None: no limit.
-        tag_filter: groundability table (name or CSV path) deciding which tags are visible
-            at a tile's GSD.
-        dry_run: estimate requests, pixels, disk and time per source; write nothing.
-        rows_per_part: requests per output part file.
-        workers: threads (0: one per core) that run the tasks of both passes; the output
-            does not depend on it.
-        shard_deg: side (degrees) of the blocks of the lon/lat grid that partition the
-            objects (by the centre of their box) for the second pass.
-        partition_objects: the most objects of a partition (blocks of one row are joined up
-            to it; a block holding more is cut into quarters, and so on, down to an eighth of
-            ``shard_deg``): it sets a task's memory (about 350 MB at 100,000) and how many
-            tasks read every scan file.
-        scheduler: address of an existing Dask scheduler to run the tasks on; without it
-            they run on threads in this process.
+    ``years`` is a range ``(first, last)`` or ``(year,)``; the output does not depend on
+    ``workers``, ``shard_deg``, ``partition_objects`` nor ``scheduler``.
     """
 
-    objects: Path
-    out: Path
-    sources: tuple[str, ...] = ()
-    years: tuple[int, ...] = ()
-    seed: int = 0
-    min_px: int = 256
-    max_px: int = 1024
-    point_px: int = 512
-    margin: float = 0.1
-    shift: float = 0.8
-    per_tag_cap: int | None = None
-    max_surrounding: int = 50
-    max_requests: int | None = None
-    tag_filter: str = "default"
-    dry_run: bool = False
-    rows_per_part: int = 100_000
-    workers: int = 0
-    shard_deg: float = 0.05
-    partition_objects: int = 100_000
-    scheduler: str | None = None
+    objects: Path = setting(help="extract's objects folder (part-*.parquet)")
+    out: Path = setting(help="requests folder to write")
+    sources: tuple[str, ...] = setting(
+        (),
+        help="image source aliases to choose from, comma-separated (default: every source of "
+        "the catalog)",
+        pipeline="sources",
+        split=",",
+        unique=True,
+        metavar="ALIAS,...",
+    )
+    years: tuple[int, ...] = setting(
+        (),
+        help="acquisition years allowed: YYYY or a range YYYY-YYYY (default: any year a source "
+        "has)",
+        pipeline="plan.years",
+        split="-",
+        minimum=1900,
+        maximum=2100,
+        check=_year_range,
+        metavar="YYYY[-YYYY]",
+    )
+    seed: int = seed_setting()
+    min_px: int = setting(
+        256,
+        help="smallest tile side in pixels",
+        pipeline="plan.min_px",
+        minimum=1,
+        maximum=100_000,
+        at_most="max_px",
+    )
+    max_px: int = setting(
+        1024, help="largest tile side in pixels", pipeline="plan.max_px", minimum=1, maximum=100_000
+    )
+    point_px: int = setting(
+        512,
+        help="tile side of points and short lines, in pixels (clamped into min_px..max_px)",
+        pipeline="plan.point_px",
+        minimum=1,
+        maximum=100_000,
+    )
+    margin: float = setting(
+        0.1,
+        help="space around an area's (or long line's) bounding box, a fraction of its extent on "
+        "each side",
+        pipeline="plan.margin",
+        minimum=0,
+        maximum=10,
+    )
+    shift: float = setting(
+        0.8,
+        help="how far off-centre a tile may be shifted at random: 0 centred, 1 the object may "
+        "touch the edge",
+        pipeline="plan.shift",
+        minimum=0,
+        maximum=1,
+    )
+    per_tag_cap: int | None = setting(
+        None,
+        help="most objects per key=value tag, keeping rare tags (default: every object)",
+        pipeline="plan.per_tag_cap",
+        minimum=1,
+    )
+    max_surrounding: int = setting(
+        50, help="most surrounding objects per tile", pipeline="plan.max_surrounding", minimum=0
+    )
+    max_requests: int | None = setting(
+        None,
+        help="most requests, a seeded random subset (default: no limit)",
+        pipeline="plan.max_requests",
+        minimum=1,
+    )
+    tag_filter: str = tag_filter_setting()
+    dry_run: bool = setting(
+        False,
+        help="print the fetch's cost (requests, pixels, disk, time per source); write nothing",
+    )
+    rows_per_part: int = setting(100_000, help="requests per output part file", cli=None, minimum=1)
+    workers: int = setting(
+        0,
+        help="threads that run the tasks of both passes, 0 = one per core; the output is the "
+        "same for any number",
+        minimum=0,
+    )
+    shard_deg: float = setting(
+        0.05,
+        help="side in degrees of the blocks of the lon/lat grid that partition the objects (by "
+        "the centre of their box) for the second pass",
+        above=0,
+        maximum=360,
+    )
+    partition_objects: int = setting(
+        100_000,
+        help="the most objects of a partition (blocks of one row are joined up to it, a block "
+        "holding more is cut into quarters): it sets a task's memory (about 350 MB at 100,000) "
+        "and how many tasks read every scan file",
+        minimum=1,
+    )
+    scheduler: str | None = scheduler_setting(
+        "an existing Dask scheduler to run the tasks on (default: threads here)"
+    )
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "objects", Path(self.objects))
-        object.__setattr__(self, "out", Path(self.out))
-        object.__setattr__(self, "sources", tuple(self.sources))
-        object.__setattr__(self, "years", tuple(int(y) for y in self.years))
-        if self.min_px < 1:
-            raise ConfigError(f"min_px must be at least 1, got {self.min_px}")
-        if self.min_px > self.max_px:
-            raise ConfigError(
-                f"min_px ({self.min_px}) is larger than max_px ({self.max_px}): "
-                "the tile size range is empty"
-            )
-        if self.point_px < 1:
-            raise ConfigError(f"point_px must be at least 1, got {self.point_px}")
-        if not 0 <= self.margin <= 10:
-            raise ConfigError(f"margin must be between 0 and 10 (a fraction), got {self.margin}")
-        if not 0 <= self.shift <= 1:
-            raise ConfigError(f"shift must be between 0 and 1, got {self.shift}")
-        if self.per_tag_cap is not None and self.per_tag_cap < 1:
-            raise ConfigError(f"per_tag_cap must be at least 1, got {self.per_tag_cap}")
-        if self.max_surrounding < 0:
-            raise ConfigError(f"max_surrounding must be 0 or more, got {self.max_surrounding}")
-        if self.max_requests is not None and self.max_requests < 1:
-            raise ConfigError(f"max_requests must be at least 1, got {self.max_requests}")
-        if self.workers < 0:
-            raise ConfigError(f"workers must be 0 (one per core) or more, got {self.workers}")
-        if not 0 < self.shard_deg <= 360:
-            raise ConfigError(f"shard_deg must be in (0, 360] degrees, got {self.shard_deg}")
-        if self.rows_per_part < 1:
-            raise ConfigError(f"rows_per_part must be at least 1, got {self.rows_per_part}")
-        if self.partition_objects < 1:
-            raise ConfigError(f"partition_objects must be at least 1, got {self.partition_objects}")
-        if len(self.years) > 2 or any(not 1900 <= y <= 2100 for y in self.years):
-            raise ConfigError(f"years must be (first, last) or (year,), got {self.years}")
-        if len(self.years) == 2 and self.years[0] > self.years[1]:
-            raise ConfigError(f"years {self.years[0]}-{self.years[1]} runs backwards")
+        check_settings(self)
         self.image_sources()  # unknown aliases and empty year ranges fail here
 
     def n_workers(self) -> int:

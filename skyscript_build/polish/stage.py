@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import ConfigError, InputError
 from ..files import check_out_file, leave_no_empty_folders, write_json_atomic
 from ..progress import progress_bar
+from ..settings import check_settings, setting
 from ._cache import PolishCache, key_maker
 from ._client import ChatAnswer, ChatClient, RequestFailed
 from ._inputs import load_items, read_rows, write_output
@@ -47,82 +48,56 @@ POLISHED = "polished"
 
 @dataclass(frozen=True)
 class PolishConfig:
-    """Settings of one polish run (flags of ``skyscript-build polish``, one to one).
+    """Settings of one polish run, checked on creation (each field's help is its declaration).
 
-    Attributes:
-        captions: the caption CSV (``filepath,title,title_multi_objects``).
-        out: the output CSV; default ``<captions stem>_polished.csv`` beside the input.
-        endpoint: base URL of an OpenAI-compatible API, e.g. ``http://127.0.0.1:8000/v1``.
-        model: the model name the endpoint serves.
-        api_key_env: environment variable holding the API key. None: ``OPENAI_API_KEY`` if
-            set, else no key (local servers); a named variable that is not set is an error.
-        prompt: a prompt file (instructions); None: the packaged default.
-        column: which caption column to polish.
-        batch: captions per request.
-        concurrency: requests in flight.
-        max_rpm: at most this many requests per minute (None: no cap).
-        limit: polish only the first N rows.
-        timeout: seconds to wait for one answer.
-        cache: the SQLite cache; default ``<out>.cache.sqlite``.
-        dry_run: count requests and estimate tokens; send nothing, write nothing.
-        temperature: sampling temperature sent with each request (None: the server's).
-        max_tokens: cap on the tokens of one answer (None: the server's); an answer cut short
-            loses its last captions, which are then asked again alone.
-        max_retries: retries per request (429, 5xx, timeouts, malformed answers).
-        backoff_base: first backoff in seconds (doubles per retry, with jitter).
-        backoff_max: longest backoff in seconds.
+    The API key is read from the environment when needed, never stored in the config. An
+    answer cut short by ``max_tokens`` loses its last captions, which are then asked again
+    alone.
     """
 
-    captions: Path
-    endpoint: str
-    model: str
-    out: Path | None = None
-    api_key_env: str | None = None
-    prompt: Path | None = None
-    column: str = "title"
-    batch: int = 8
-    concurrency: int = 8
-    max_rpm: float | None = None
-    limit: int | None = None
-    timeout: float = 60.0
-    cache: Path | None = None
-    dry_run: bool = False
-    temperature: float | None = 0.0
-    max_tokens: int | None = None
-    max_retries: int = 5
-    backoff_base: float = 1.0
-    backoff_max: float = 60.0
+    captions: Path = setting(help="caption CSV to polish (filepath,title,title_multi_objects)")
+    endpoint: str = setting(
+        help="base URL of the API, e.g. http://127.0.0.1:8000/v1 (vLLM), "
+        "http://127.0.0.1:11434/v1 (Ollama), http://127.0.0.1:8080/v1 (llama.cpp)",
+        pattern=(r"https?://\S+", "an http(s) URL such as http://127.0.0.1:8000/v1"),
+    )
+    model: str = setting(help="model name the endpoint serves")
+    out: Path | None = setting(
+        None, help="output CSV (default: <captions stem>_polished.csv beside it)"
+    )
+    api_key_env: str | None = setting(
+        None,
+        help=f"environment variable holding the API key (default: {DEFAULT_API_KEY_ENV} when "
+        "set; when named, it must be set)",
+        metavar="VAR",
+    )
+    prompt: Path | None = setting(None, help="prompt file (default: the packaged one)")
+    column: str = setting("title", help="caption column to polish", choices=COLUMNS)
+    batch: int = setting(8, help="captions per request", minimum=1, maximum=1000)
+    concurrency: int = setting(8, help="requests in flight", minimum=1, maximum=1000)
+    max_rpm: float | None = setting(None, help="cap on requests per minute", above=0)
+    limit: int | None = setting(None, help="polish only the first N rows", minimum=0)
+    timeout: float = setting(60.0, help="seconds to wait for one answer", above=0)
+    cache: Path | None = setting(None, help="answer cache (default: <out>.cache.sqlite)")
+    dry_run: bool = setting(
+        False, help="print the number of requests and estimated tokens; send nothing"
+    )
+    temperature: float | None = setting(0.0, help="sampling temperature", minimum=0)
+    max_tokens: int | None = setting(
+        None, help="cap on the tokens of one answer (default: the server's)", minimum=1
+    )
+    max_retries: int = setting(
+        5, help="retries per request (429, 5xx, timeouts, malformed answers)", minimum=0
+    )
+    backoff_base: float = setting(
+        1.0, help="first retry delay in seconds; doubles per retry, with jitter", minimum=0
+    )
+    backoff_max: float = setting(60.0, help="longest retry delay in seconds", cli=None, minimum=0)
 
     def __post_init__(self) -> None:
-        for name in ("captions", "out", "prompt", "cache"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, Path):
-                object.__setattr__(self, name, Path(value))
+        check_settings(self)
         if not self.captions.is_file():
             raise InputError(self.captions, "caption CSV not found")
-        if not self.endpoint.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"--endpoint {self.endpoint!r}: give an http(s) URL such as "
-                "http://127.0.0.1:8000/v1"
-            )
-        if not self.model.strip():
-            raise ConfigError("--model: name the model the endpoint serves")
-        if self.column not in COLUMNS:
-            raise ConfigError(f"--column {self.column!r}: one of {', '.join(COLUMNS)}")
-        checks = (
-            ("--batch", self.batch, 1 <= self.batch <= 1000),
-            ("--concurrency", self.concurrency, 1 <= self.concurrency <= 1000),
-            ("--max-rpm", self.max_rpm, self.max_rpm is None or self.max_rpm > 0),
-            ("--limit", self.limit, self.limit is None or self.limit >= 0),
-            ("--timeout", self.timeout, self.timeout > 0),
-            ("--max-tokens", self.max_tokens, self.max_tokens is None or self.max_tokens > 0),
-            ("max_retries", self.max_retries, self.max_retries >= 0),
-            ("backoff_base", self.backoff_base, self.backoff_base >= 0),
-            ("backoff_max", self.backoff_max, self.backoff_max >= 0),
-        )
-        for flag, value, ok in checks:
-            if not ok:
-                raise ConfigError(f"{flag} {value}: out of range")
         if self.prompt is not None:
             if not self.prompt.is_file():
                 raise InputError(self.prompt, "prompt file not found")
@@ -132,15 +107,16 @@ class PolishConfig:
             raise ConfigError("--out: must not be the input caption CSV")
         check_out_file(self.output_path, "--out")
         check_out_file(self.cache_path, "--cache")
-        if self.api_key_env is not None and not self.dry_run:
-            if not self.api_key_env:
-                raise ConfigError("--api-key-env: name an environment variable")
-            if not os.environ.get(self.api_key_env):
-                raise ConfigError(
-                    f"--api-key-env {self.api_key_env}: the environment variable "
-                    f"{self.api_key_env} is not set (export it, or drop --api-key-env for an "
-                    "endpoint that needs no key)"
-                )
+        if (
+            self.api_key_env is not None
+            and not self.dry_run
+            and not os.environ.get(self.api_key_env)
+        ):
+            raise ConfigError(
+                f"--api-key-env {self.api_key_env}: the environment variable "
+                f"{self.api_key_env} is not set (export it, or drop --api-key-env for an "
+                "endpoint that needs no key)"
+            )
 
     @property
     def output_path(self) -> Path:

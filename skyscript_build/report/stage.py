@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, InputError
+from ..errors import InputError
 from ..files import atomic_write_text, check_out_dir, leave_no_empty_folders
+from ..settings import check_settings, setting
 from ._data import (
     Problems,
     count_rows,
@@ -50,36 +51,24 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ReportConfig:
-    """What to report on.
+    """What to report on, checked on creation (each field's help is its declaration)."""
 
-    Attributes:
-        build_dir: the build folder (``objects/``, ``requests/``, ``dataset/``).
-        out: where the report goes (default ``BUILD_DIR/report``).
-        dataset_dir: the dataset folder (default ``BUILD_DIR/dataset``).
-        samples: how many sample images to show.
-        top_tags: how many tag keys the per-key table lists.
-    """
-
-    build_dir: Path
-    out: Path | None = None
-    dataset_dir: Path | None = None
-    samples: int = 12
-    top_tags: int = 50
+    build_dir: Path = setting(
+        help="the build folder (objects/, requests/, dataset/)", cli="BUILD_DIR"
+    )
+    out: Path | None = setting(None, help="report folder (default: BUILD_DIR/report)")
+    dataset_dir: Path | None = setting(
+        None, help="dataset folder (default: BUILD_DIR/dataset)", cli="--dataset"
+    )
+    samples: int = setting(12, help="sample images shown", minimum=0)
+    top_tags: int = setting(50, help="tag keys the per-key table lists", minimum=1)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "build_dir", Path(self.build_dir))
+        check_settings(self)
         if not self.build_dir.is_dir():
             raise InputError(self.build_dir, "build folder not found")
-        if self.dataset_dir is not None and not Path(self.dataset_dir).is_dir():
+        if self.dataset_dir is not None and not self.dataset_dir.is_dir():
             raise InputError(self.dataset_dir, "dataset folder not found")
-        if isinstance(self.samples, bool) or not isinstance(self.samples, int) or self.samples < 0:
-            raise ConfigError(f"--samples {self.samples}: must be a whole number >= 0")
-        if (
-            isinstance(self.top_tags, bool)
-            or not isinstance(self.top_tags, int)
-            or self.top_tags < 1
-        ):
-            raise ConfigError(f"--top-tags {self.top_tags}: must be a whole number >= 1")
         check_out_dir(self.out_dir, "--out")
 
     @property

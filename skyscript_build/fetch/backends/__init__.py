@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from image_sources import BACKENDS
+
 from ...errors import ConfigError
 from .base import (
     RETRYABLE_REASONS,
@@ -38,8 +40,6 @@ __all__ = [
     "source_info",
     "use_sources",
 ]
-
-BACKENDS = ("earthengine", "raster", "xyz")
 
 
 @dataclass(frozen=True)
