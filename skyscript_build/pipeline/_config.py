@@ -1,6 +1,8 @@
-"""Pipeline files: the YAML schema, its validation, and the frozen ``PipelineConfig``.
+"""Pipeline files: their keys, their validation, the frozen ``PipelineConfig``, the JSON Schema.
 
-``load_pipeline(path)`` reads and validates the YAML before any work starts (unknown keys, bad
+A pipeline file's keys are the settings the stages' configs declare with a pipeline key
+(``skyscript_build.settings``; ``pipeline_keys`` collects them), checked by the same code as
+on the command line, so a key takes exactly the values of its flag. ``load_pipeline(path)`` reads and validates the YAML before any work starts (unknown keys, bad
 values and unset ``${VARIABLES}`` are a ``ConfigError`` naming the file, the line and the key).
 ``skyscript_build.pipeline.run_pipeline`` runs it; ``skyscript_build.pipeline._stages`` turns it into
 each stage's own config.
@@ -14,150 +16,171 @@ error when it is unset) and ``${NAME:-default}`` by its value or ``default``.
 from __future__ import annotations
 
 import difflib
+import functools
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from image_sources import BACKENDS
+
+from ..caption import CaptionConfig
 from ..cluster import ClusterConfig
-from ..fetch._blocks import BLOCK_MODES
-from ..fetch._quality import JPEG_ENCODERS
-from ._schema import (
-    Doc,
-    Field,
-    as_bool,
-    as_choice,
-    as_float,
-    as_int,
-    as_list,
-    as_str,
-    as_str_map,
-    load_yaml,
-    parse_section,
-)
+from ..emulator import EmulatorConfig
+from ..extract import ExtractConfig
+from ..fetch import FetchConfig
+from ..filter import FilterConfig
+from ..plan import PlanConfig
+from ..settings import NAME, Refused, Setting, relation_problem, setting, settings_of
+from ._schema import Doc, Field, as_str_map, load_yaml, parse_section
 from ._stages import register_sources
 
 __all__ = [
     "STAGES",
     "BACKEND_TYPES",
-    "PlanSettings",
-    "BackendSettings",
-    "FetchSettings",
-    "OutputSettings",
-    "CaptionSettings",
-    "FilterSettings",
+    "CONFIGS",
+    "SECTIONS",
+    "Section",
+    "FilterSection",
     "PipelineConfig",
+    "pipeline_keys",
+    "json_schema",
     "load_pipeline",
 ]
 
+log = logging.getLogger(__name__)
+
 #: The stages ``run`` knows, in the order they run.
 STAGES = ("extract", "plan", "fetch", "caption", "filter", "report")
-BACKEND_TYPES = ("earthengine", "emulator", "raster", "xyz")
+#: A pipeline's backend types: the imagery backends, and the Earth Engine emulator.
+BACKEND_TYPES = tuple(sorted((*BACKENDS, "emulator")))
 #: Where ``make demo-data`` writes the demo's collections file (relative to the cwd).
 DEMO_COLLECTIONS = Path("build/demo-data/collections.yaml")
 _ALIAS = r"[A-Z][A-Z0-9_]{0,15}"
+#: The sections of a pipeline file, in order; the other keys are at the top level.
+SECTIONS = ("plan", "backend", "fetch", "output", "caption", "filter", "cluster")
+#: What a pipeline must give for its backend type, beyond what that backend's config requires:
+#: a pipeline names its backend, so it says where that backend reads from.
+_REQUIRED_BY_TYPE = {"earthengine": "project", "raster": "location", "xyz": "location"}
+#: Older keys of a backend type, still read (with a warning): the key they now are.
+_RENAMED_BY_TYPE = {"xyz": {"url": "location"}}
 
 
-class _Settings:
-    """A section of the pipeline file; a field left at None takes the stage's own default."""
+@dataclass(frozen=True)
+class PipelineKeys:
+    """The declarations of the pipeline file's own keys (never built: every other key is a
+    setting of a stage's config, ``CONFIGS``)."""
+
+    backend_type: str = setting(
+        help="where pixels come from: earthengine, emulator (the local Earth Engine emulator), "
+        "raster (a folder of GeoTIFFs) or xyz (a tile server)",
+        cli=None,
+        pipeline="backend.type",
+        choices=BACKEND_TYPES,
+    )
+    name: str | None = setting(
+        None,
+        help="the build's name (default: the file's name)",
+        cli=None,
+        pipeline="name",
+        pattern=NAME,
+    )
+    build_dir: Path | None = setting(
+        None, help="the build folder (default: build/<name>)", cli=None, pipeline="build_dir"
+    )
+    caption_function: str | None = setting(
+        None,
+        help="a Python caption function instead of rules: module:function or file.py:function",
+        cli=None,
+        pipeline="caption.function",
+        pattern=(r"[\w./-]+:[A-Za-z_]\w*", "'module:function' or 'file.py:function'"),
+    )
+    caption_csv: str | None = setting(
+        None,
+        help="the caption CSV's file name in the dataset folder (default: SkyScript_captions.csv)",
+        cli=None,
+        pipeline="caption.csv",
+        pattern=(r"[^/\\]+\.csv", "a file name ending in .csv"),
+    )
+
+
+#: The configs whose declared settings make the keys of a pipeline file.
+CONFIGS: tuple[type, ...] = (
+    PipelineKeys,
+    ExtractConfig,
+    PlanConfig,
+    EmulatorConfig,
+    FetchConfig,
+    CaptionConfig,
+    FilterConfig,
+    ClusterConfig,
+)
+
+
+@functools.cache
+def pipeline_keys() -> dict[str, dict[str, Setting]]:
+    """Every key of a pipeline file, from the declarations of ``CONFIGS``: section (``""``
+    for the top level) -> key -> its setting. Configs sharing a key (``seed``) declare it with
+    the same rules."""
+    keys: dict[str, dict[str, Setting]] = {"": {}, **{s: {} for s in SECTIONS}}
+    for config in CONFIGS:
+        for spec in settings_of(config).values():
+            if spec.pipeline is None:
+                continue
+            section, _, key = spec.pipeline.rpartition(".")
+            same = keys[section].setdefault(key, spec)
+            if same.rules() != spec.rules():
+                raise TypeError(f"pipeline key {spec.pipeline} declared with different rules")
+    return keys
+
+
+class Section(Mapping[str, Any]):
+    """A section of a pipeline file (``plan:``, ``backend:``, ...): every key it may hold, read
+    as attributes; None where the file leaves it out (the stage's own default applies)."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(f"a pipeline section has no key {key!r}") from None
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        raise AttributeError("a pipeline section is read-only")
+
+    def __getitem__(self, key: str) -> Any:
+        return self._values[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.given()!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self._values,))
 
     def given(self) -> dict[str, Any]:
         """The settings the pipeline file gave (not None)."""
-        return {k: v for k, v in asdict(self).items() if v is not None}  # type: ignore[call-overload]
+        return {k: v for k, v in self._values.items() if v is not None}
 
 
-@dataclass(frozen=True)
-class PlanSettings(_Settings):
-    """The ``plan:`` section (see ``skyscript-build plan --help`` for each parameter)."""
-
-    years: tuple[int, ...] | None = None
-    min_px: int | None = None
-    max_px: int | None = None
-    point_px: int | None = None
-    margin: float | None = None
-    shift: float | None = None
-    per_tag_cap: int | None = None
-    max_surrounding: int | None = None
-    max_requests: int | None = None
-
-
-@dataclass(frozen=True)
-class BackendSettings(_Settings):
-    """The ``backend:`` section: where pixels come from, and how fast to ask."""
-
-    type: str = "earthengine"
-    project: str | None = None  # earthengine
-    key_file: Path | None = None  # earthengine (None: EE_SERVICE_ACCOUNT_KEY or default)
-    url: str | None = None  # earthengine endpoint, or the xyz URL template
-    collections: Path | None = None  # emulator
-    latency_ms: float | None = None  # emulator
-    latency_ms_per_mpx: float | None = None  # emulator
-    folder: Path | None = None  # raster
-    concurrency: int | None = None
-    rate: float | None = None
-    timeout_s: float | None = None
-
-
-@dataclass(frozen=True)
-class FetchSettings(_Settings):
-    """The ``fetch:`` section."""
-
-    shard_size: int | None = None
-    max_attempts: int | None = None
-    allow_next_year: bool | None = None
-    blocks: str | None = None
-    block_overhead_ms: float | None = None
-    block_ms_per_mpx: float | None = None
-    block_max_px: int | None = None
-    block_memory_mb: int | None = None
-    jpeg_quality: int | None = None
-    jpeg_encoder: str | None = None
-    verify: bool | None = None
-
-
-@dataclass(frozen=True)
-class OutputSettings(_Settings):
-    """The ``output:`` section: the dataset's layout."""
-
-    parts: int | None = None
-    format: str | None = None
-
-
-@dataclass(frozen=True)
-class CaptionSettings(_Settings):
-    """The ``caption:`` section: caption rules (a rules file) or a Python function."""
-
-    rules: str | None = None
-    function: str | None = None
-    csv: str | None = None
-
-
-@dataclass(frozen=True)
-class FilterSettings(_Settings):
-    """The ``filter:`` section: the CLIP model, the kept fractions and the splits."""
-
-    model: str = ""
-    pretrained: str = ""
-    model_config: Path | None = None
-    name: str | None = None
-    caption_column: str | None = None
-    top: tuple[float, ...] | None = None
-    val_size: int | None = None
-    test_size: int | None = None
-    split_by: str | None = None
-    cell_size: float | None = None
-    batch_size: int | None = None
-    device: str | None = None
-    precision: str | None = None
-    decode: str | None = None
-    workers: int | None = None
-    shard_size: int | None = None
+class FilterSection(Section):
+    """The ``filter:`` section."""
 
     @property
     def random_weights(self) -> bool:
         """True when the model has no pretrained weights: its ranking means nothing."""
-        return self.pretrained.lower() == "none"
+        return str(self.pretrained).lower() == "none"
 
 
 @dataclass(frozen=True)
@@ -172,12 +195,12 @@ class PipelineConfig:
     tag_filter: str
     sources: tuple[str, ...]
     source_definitions: Mapping[str, Mapping[str, Any]]
-    plan: PlanSettings
-    backend: BackendSettings
-    fetch: FetchSettings
-    output: OutputSettings
-    caption: CaptionSettings
-    filter: FilterSettings | None
+    plan: Section
+    backend: Section
+    fetch: Section
+    output: Section
+    caption: Section
+    filter: FilterSection | None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @property
@@ -203,7 +226,21 @@ class PipelineConfig:
     @property
     def synthetic_imagery(self) -> bool:
         """True when the pixels come from the emulator (the demo's synthetic orthophoto)."""
-        return self.backend.type == "emulator"
+        return bool(self.backend.type == "emulator")
+
+    def settings_for(self, config: type) -> dict[str, Any]:
+        """What the file gives for the settings of ``config`` (a stage's config class), by
+        field name; the settings it leaves out are not in it."""
+        out = {}
+        for spec in settings_of(config).values():
+            if spec.pipeline is None:
+                continue
+            section, _, key = spec.pipeline.rpartition(".")
+            holder = getattr(self, section) if section else self
+            value = None if holder is None else getattr(holder, key)
+            if value is not None:
+                out[spec.name] = value
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved configuration as plain data (written to ``pipeline.json``)."""
@@ -225,185 +262,181 @@ class PipelineConfig:
 # --- parsing -----------------------------------------------------------------------------
 
 
-def _path(doc: Doc, where: tuple[str, ...], value: Any) -> Path:
-    """A path, relative to the current directory; returned absolute."""
-    text = as_str()(doc, where, value)
-    return (Path.cwd() / Path(text).expanduser()).absolute()
+def _absolute(path: Path) -> Path:
+    """A path relative to the current directory, made absolute."""
+    return (Path.cwd() / path.expanduser()).absolute()
 
 
-def _optional_path(doc: Doc, where: tuple[str, ...], value: Any) -> Path | None:
-    """A path that may come out empty (``${VAR:-}``): empty means "not set"."""
-    if isinstance(value, str) and not doc.expand(where, value).strip():
-        return None
-    return _path(doc, where, value)
+def _expanded(doc: Doc, where: tuple[str, ...], value: Any) -> Any:
+    if isinstance(value, str):
+        return doc.expand(where, value)
+    if isinstance(value, list):
+        return [_expanded(doc, (*where, str(i)), v) for i, v in enumerate(value)]
+    return value
 
 
-def _fraction(doc: Doc, where: tuple[str, ...], value: Any) -> float:
-    if isinstance(value, str) and value.strip().endswith("%"):
+def _field(spec: Setting, default: Any = None) -> Field:
+    """The YAML side of a declared setting: ``${VARIABLES}`` expanded, then ``spec.value``;
+    paths made absolute."""
+
+    def parse(doc: Doc, where: tuple[str, ...], value: Any) -> Any:
         try:
-            value = float(value.strip()[:-1]) / 100
-        except ValueError:
-            raise doc.error(where, f"'{value}' is not a percentage") from None
-    return as_float(0.0, 1.0, exclusive_min=True)(doc, where, value)
+            out = spec.value(_expanded(doc, where, value))
+        except Refused as e:
+            at = where if e.item is None else (*where, str(e.item))
+            raise doc.error(at, e.message()) from None
+        if spec.kind is Path and out is not None:
+            out = tuple(map(_absolute, out)) if spec.many else _absolute(out)
+        return out
+
+    return Field(parse, default, spec.required, help=_short(spec.help))
 
 
-def _years(doc: Doc, where: tuple[str, ...], value: Any) -> tuple[int, ...]:
-    """``2019``, ``[2015, 2022]`` (first, last) or ``"2015-2022"``."""
-    if isinstance(value, str) and re.fullmatch(r"\s*\d{4}\s*-\s*\d{4}\s*", value):
-        value = [int(v) for v in value.split("-")]
-    years = as_list(as_int(1900, 2100))(doc, where, value)
-    if not 1 <= len(years) <= 2:
-        raise doc.error(where, "give one year or a range [first, last]")
-    if len(years) == 2 and years[0] > years[1]:
-        raise doc.error(where, f"{years[0]}-{years[1]} runs backwards")
-    return years
+def _short(help: str) -> str:
+    return help.split("; ")[0].split(" (")[0]
 
 
-def _blocks(doc: Doc, where: tuple[str, ...], value: Any) -> str:
-    """``auto`` or ``off``; YAML reads a bare ``off`` (``on``) as false (true): taken as meant."""
-    if isinstance(value, bool):
-        return "auto" if value else "off"
-    return as_choice(*BLOCK_MODES)(doc, where, value)
+def _renamed(
+    doc: Doc, where: tuple[str, ...], value: dict[str, Any], renames: Mapping[str, str]
+) -> dict[str, Any]:
+    """``value`` with the deprecated keys of ``renames`` (old -> new) renamed, with a warning."""
+    out = dict(value)
+    for old, new in renames.items():
+        if old not in out:
+            continue
+        line = doc.lines.get((*where, old))
+        if new in out:
+            raise doc.error(
+                (*where, old), f"is the old name of {'.'.join((*where, new))}: give one"
+            )
+        log.warning(
+            "%s:%s: %s is deprecated; write %s",
+            doc.path,
+            line,
+            ".".join((*where, old)),
+            ".".join((*where, new)),
+        )
+        out[new] = out.pop(old)
+        if line is not None:
+            doc.lines[(*where, new)] = line
+    return out
 
 
-_NAME = (r"[A-Za-z0-9_.-]+", "a name of letters, digits, '_', '.' or '-'")
-_PLAN = {
-    "years": Field(_years),
-    "min_px": Field(as_int(1, 100_000)),
-    "max_px": Field(as_int(1, 100_000)),
-    "point_px": Field(as_int(1, 100_000)),
-    "margin": Field(as_float(0.0, 10.0)),
-    "shift": Field(as_float(0.0, 1.0)),
-    "per_tag_cap": Field(as_int(1)),
-    "max_surrounding": Field(as_int(0)),
-    "max_requests": Field(as_int(1)),
-}
-_BACKEND_COMMON = {
-    "type": Field(as_choice(*BACKEND_TYPES), required=True, help=" | ".join(BACKEND_TYPES)),
-    "concurrency": Field(as_int(1, 10_000)),
-    "rate": Field(as_float(0.0, exclusive_min=True)),
-    "timeout_s": Field(as_float(0.0, exclusive_min=True)),
-}
-_BACKEND_BY_TYPE = {
-    "earthengine": {
-        "project": Field(
-            as_str(), required=True, help="your Google Cloud project registered for Earth Engine"
-        ),
-        "key_file": Field(_optional_path),
-        "url": Field(as_str(r"https?://\S+", "an http(s) URL")),
-    },
-    "emulator": {
-        "collections": Field(_path, required=True, help="the emulator's collections YAML"),
-        "latency_ms": Field(as_float(0.0)),
-        "latency_ms_per_mpx": Field(as_float(0.0)),
-    },
-    "raster": {
-        "folder": Field(_path, required=True, help="a folder of GeoTIFFs / COGs"),
-    },
-    "xyz": {
-        "url": Field(
-            as_str(r"https?://\S*\{z\}\S*", "a tile URL template with {z}, {x} and {y}"),
-            required=True,
-            help="a tile URL template such as https://host/{z}/{x}/{y}.png",
-        ),
-    },
-}
-_FETCH = {
-    "shard_size": Field(as_int(1, 1_000_000)),
-    "max_attempts": Field(as_int(1, 100)),
-    "allow_next_year": Field(as_bool()),
-    "blocks": Field(_blocks),
-    "block_overhead_ms": Field(as_float(0.0)),
-    "block_ms_per_mpx": Field(as_float(0.0)),
-    "block_max_px": Field(as_int(1, 32768)),
-    "block_memory_mb": Field(as_int(1)),
-    "jpeg_quality": Field(as_int(1, 100)),
-    "jpeg_encoder": Field(as_choice(*JPEG_ENCODERS)),
-    "verify": Field(as_bool()),
-}
-_OUTPUT = {
-    "parts": Field(as_int(1, 1000)),
-    "format": Field(as_choice("files", "webdataset")),
-}
-_CAPTION = {
-    "rules": Field(as_str()),
-    "function": Field(as_str(r"[\w./-]+:[A-Za-z_]\w*", "'module:function' or 'file.py:function'")),
-    "csv": Field(as_str(r"[^/\\]+\.csv", "a file name ending in .csv")),
-}
-_FILTER = {
-    "model": Field(as_str(), required=True, help="an open_clip architecture, e.g. ViT-B-32"),
-    "pretrained": Field(
-        as_str(),
-        required=True,
-        help="an open_clip tag, a checkpoint file, or none for random weights",
-    ),
-    "model_config": Field(_path),
-    "name": Field(as_str(*_NAME)),
-    "caption_column": Field(as_choice("title", "title_multi_objects")),
-    "top": Field(as_list(_fraction, min_len=1, unique=True)),
-    "val_size": Field(as_int(0)),
-    "test_size": Field(as_int(0)),
-    "split_by": Field(as_choice("random", "geo")),
-    "cell_size": Field(as_float(0.0, exclusive_min=True)),
-    "batch_size": Field(as_int(1, 1_000_000)),
-    "device": Field(
-        as_str(r"auto|cuda|(cpu|cuda:\d+)(,(cpu|cuda:\d+))*", "auto, cpu, cuda, cuda:N or a list")
-    ),
-    "precision": Field(as_choice("auto", "fp32", "bf16", "fp16")),
-    "decode": Field(as_choice("auto", "cpu", "gpu")),
-    "workers": Field(as_int(0, 1024)),
-    "shard_size": Field(as_int(1)),
-}
-_CLUSTER = {
-    "workers": Field(as_int(0, 10_000), 0),
-    "scheduler": Field(as_str(r"(tcp|tls|inproc|ucx)://\S+|\S+:\d+", "a scheduler address")),
-    "retries": Field(as_int(0, 100), 2),
-}
-_SECTION = Field(lambda doc, where, value: value)
-_TOP = {
-    "name": Field(as_str(*_NAME)),
-    "build_dir": Field(_path),
-    "seed": Field(as_int(0), 0),
-    "input": Field(
-        as_list(_path, min_len=1, unique=True),
-        required=True,
-        help="the OpenStreetMap .osm.pbf file(s): a path, a list of paths, a folder or a glob",
-    ),
-    "tag_filter": Field(as_str(), "default"),
-    "sources": Field(
-        as_list(
-            as_str(_ALIAS, "an image source alias (upper case, e.g. CH)"), min_len=1, unique=True
-        ),
-        required=True,
-        help="image source aliases, e.g. [CH, S2]",
-    ),
-    "source_definitions": Field(as_str_map(), {}),
-    "plan": _SECTION,
-    "backend": Field(lambda doc, where, value: value, required=True, help="where pixels come from"),
-    "fetch": _SECTION,
-    "output": _SECTION,
-    "caption": _SECTION,
-    "filter": _SECTION,
-    "cluster": _SECTION,
-}
+def _deprecated(keys: Mapping[str, Setting]) -> dict[str, str]:
+    """Old key -> the key a setting of ``keys`` now has."""
+    return {old.rpartition(".")[2]: k for k, s in keys.items() for old in s.deprecated}
 
 
-def _parse_backend(doc: Doc, value: Any) -> BackendSettings:
+def _section(
+    doc: Doc, name: str, value: Any, keys: Mapping[str, Setting] | None = None
+) -> dict[str, Any]:
+    """A section checked against its declared keys; the keys it leaves out are None."""
+    keys = pipeline_keys()[name] if keys is None else keys
+    where = (name,)
+    if isinstance(value, dict):
+        value = _renamed(doc, where, value, _deprecated(keys))
+    parsed = parse_section(doc, where, value, {k: _field(s) for k, s in keys.items()})
+    by_name = {s.name: k for k, s in keys.items()}
+    for key, spec in keys.items():
+        other = by_name.get(spec.at_most or "")
+        if other is None or (parsed[key] is None and parsed[other] is None):
+            continue
+        value_of = {
+            k: parsed[k] if parsed[k] is not None else keys[k].default for k in (key, other)
+        }
+        problem = relation_problem(value_of[key], value_of[other], f"{name}.{other}")
+        if problem:
+            raise doc.error((name, key), f"{value_of[key]} {problem}")
+    return parsed
+
+
+def _parse_backend(doc: Doc, value: Any) -> Section:
     where = ("backend",)
+    keys = pipeline_keys()["backend"]
     if not isinstance(value, dict):
         raise doc.error(where, "expected a mapping with at least 'type'")
     if value.get("type") is None:
         raise doc.error((*where, "type"), f"is required ({' | '.join(BACKEND_TYPES)})")
-    kind = _BACKEND_COMMON["type"].parse(doc, (*where, "type"), value["type"])
-    fields = {**_BACKEND_COMMON, **_BACKEND_BY_TYPE[kind]}
+    kind = _field(keys["type"]).parse(doc, (*where, "type"), value["type"])
+    value = _renamed(doc, where, value, {**_deprecated(keys), **_RENAMED_BY_TYPE.get(kind, {})})
+    own = {k: s for k, s in keys.items() if not s.backends or kind in s.backends}
     for key in value:
-        owners = [t for t, f in _BACKEND_BY_TYPE.items() if key in f]
-        if key not in fields and owners:
+        owners = [t for t in BACKEND_TYPES if key in keys and t in keys[key].backends]
+        if key not in own and owners:
             raise doc.error(
                 (*where, str(key)),
                 f"is a setting of backend type {' / '.join(owners)}, not of '{kind}'",
             )
-    return BackendSettings(**parse_section(doc, where, value, fields))
+    required = _REQUIRED_BY_TYPE.get(kind)
+    if required is not None and value.get(required) is None:
+        raise doc.error((*where, required), f"is required ({_short(keys[required].help)})")
+    parsed = _section(doc, "backend", value, own)
+    if kind == "raster" and parsed["location"] is not None:
+        parsed["location"] = str(_absolute(Path(parsed["location"])))
+    return Section({k: parsed.get(k) for k in keys})
+
+
+def _top_fields() -> dict[str, Field]:
+    """The top level: the declared keys (with their defaults), the pipeline's own sources and
+    the sections (each checked by itself)."""
+    fields = {k: _field(s, s.default) for k, s in pipeline_keys()[""].items()}
+    fields["source_definitions"] = Field(as_str_map(), {})
+    section = Field(lambda doc, where, value: value)
+    for name in SECTIONS:
+        fields[name] = section
+    fields["backend"] = Field(section.parse, required=True, help="where pixels come from")
+    return fields
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of a pipeline file, derived from the declarations, for
+    editors to complete and check the YAML (``skyscript-build schema``)."""
+    keys = pipeline_keys()
+
+    def section(name: str, required: list[str]) -> dict[str, Any]:
+        props = {k: s.json_schema() for k, s in keys[name].items()}
+        for old, new in _deprecated(keys[name]).items():
+            props[old] = {**props[new], "deprecated": True}
+        out: dict[str, Any] = {"type": ["object", "null"], "properties": props}
+        return {**out, "additionalProperties": False, "required": required}
+
+    top: dict[str, Any] = {k: s.json_schema() for k, s in keys[""].items()}
+    top["source_definitions"] = {
+        "description": "your own image sources or overrides: ALIAS: {gsd, years, collection, "
+        "bands, stretch, coverage, backend, location, ...} (image_sources.source_from_dict)",
+        "type": "object",
+        "additionalProperties": {"type": "object"},
+    }
+    for name in SECTIONS:
+        required = [k for k, s in keys[name].items() if s.required and not s.backends]
+        top[name] = section(name, required)
+    backend = top["backend"]
+    backend["type"] = "object"
+    backend["allOf"] = []
+    for kind in BACKEND_TYPES:
+        renamed = {**_deprecated(keys["backend"]), **_RENAMED_BY_TYPE.get(kind, {})}
+        others = [k for k, s in keys["backend"].items() if s.backends and kind not in s.backends]
+        needed = [k for k, s in keys["backend"].items() if s.required and kind in s.backends]
+        needed += [k for k in [_REQUIRED_BY_TYPE.get(kind)] if k]
+        then: dict[str, Any] = {"properties": {k: False for k in others if k not in renamed}}
+        then["allOf"] = [
+            {
+                "anyOf": [
+                    {"required": [k]} for k in [need, *(o for o, n in renamed.items() if n == need)]
+                ]
+            }
+            for need in needed
+        ]
+        condition = {"properties": {"type": {"const": kind}}, "required": ["type"]}
+        backend["allOf"].append({"if": condition, "then": then})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "skyscript-build pipeline file",
+        "type": "object",
+        "properties": top,
+        "required": [k for k, s in keys[""].items() if s.required] + ["backend"],
+        "additionalProperties": False,
+    }
 
 
 def _register_sources(doc: Doc, definitions: dict[str, Any], sources: tuple[str, ...]) -> None:
@@ -452,21 +485,18 @@ def load_pipeline(
     doc = load_yaml(path, variables)
     if not isinstance(doc.data, dict):
         raise doc.error((), "expected a mapping of pipeline settings (name, input, sources, ...)")
-    top = parse_section(doc, (), doc.data, _TOP)
+    top = parse_section(
+        doc, (), _renamed(doc, (), doc.data, _deprecated(pipeline_keys()[""])), _top_fields()
+    )
     name = top["name"] or path.stem
     build_dir = top["build_dir"] or (Path.cwd() / "build" / name).absolute()
-    plan = PlanSettings(**parse_section(doc, ("plan",), top["plan"], _PLAN))
-    if plan.min_px and plan.max_px and plan.min_px > plan.max_px:
-        raise doc.error(
-            ("plan", "min_px"), f"{plan.min_px} is larger than plan.max_px ({plan.max_px})"
-        )
-    caption = CaptionSettings(**parse_section(doc, ("caption",), top["caption"], _CAPTION))
-    if caption.rules and caption.function:
+    caption = _section(doc, "caption", top["caption"])
+    if caption["rules"] and caption["function"]:
         raise doc.error(("caption", "function"), "give either caption.rules or caption.function")
     filt = None
     if top["filter"] is not None:
-        filt = FilterSettings(**parse_section(doc, ("filter",), top["filter"], _FILTER))
-    cluster = ClusterConfig(**parse_section(doc, ("cluster",), top["cluster"], _CLUSTER))
+        filt = FilterSection(_section(doc, "filter", top["filter"]))
+    cluster = ClusterConfig(**Section(_section(doc, "cluster", top["cluster"])).given())
     _register_sources(doc, top["source_definitions"], top["sources"])
     return PipelineConfig(
         path=path,
@@ -477,11 +507,11 @@ def load_pipeline(
         tag_filter=top["tag_filter"],
         sources=top["sources"],
         source_definitions=top["source_definitions"],
-        plan=plan,
+        plan=Section(_section(doc, "plan", top["plan"])),
         backend=_parse_backend(doc, top["backend"]),
-        fetch=FetchSettings(**parse_section(doc, ("fetch",), top["fetch"], _FETCH)),
-        output=OutputSettings(**parse_section(doc, ("output",), top["output"], _OUTPUT)),
-        caption=caption,
+        fetch=Section(_section(doc, "fetch", top["fetch"])),
+        output=Section(_section(doc, "output", top["output"])),
+        caption=Section(caption),
         filter=filt,
         cluster=cluster,
     )

@@ -1,7 +1,9 @@
-"""A small validator for pipeline YAML files: typed fields, defaults, "did you mean" errors.
+"""Reading pipeline YAML files: the line of every key, ``${VARIABLES}``, sections of known
+keys with "did you mean" errors.
 
 Every problem raises ``ConfigError("FILE:LINE: key.path: problem")``: the file, where in it,
-and what is wrong, in one line. Used by ``skyscript_build.pipeline``.
+and what is wrong, in one line. The keys and their checks are the settings declared on the
+stages' configs (``skyscript_build.pipeline._config``).
 """
 
 from __future__ import annotations
@@ -17,20 +19,9 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..settings import what_it_is
 
-__all__ = [
-    "Doc",
-    "Field",
-    "load_yaml",
-    "parse_section",
-    "as_bool",
-    "as_int",
-    "as_float",
-    "as_str",
-    "as_choice",
-    "as_list",
-    "as_str_map",
-]
+__all__ = ["Doc", "Field", "load_yaml", "parse_section", "as_str_map"]
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -136,7 +127,7 @@ def parse_section(
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise doc.error(where, f"expected a mapping of keys, got {_kind(value)}")
+        raise doc.error(where, f"expected a mapping of keys, got {what_it_is(value)}")
     for key in value:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
@@ -154,114 +145,6 @@ def parse_section(
     return out
 
 
-def _kind(value: Any) -> str:
-    if isinstance(value, bool):
-        return f"the boolean {str(value).lower()}"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, str):
-        return f"the text '{value}'"
-    return f"{value!r}"
-
-
-def as_bool() -> Parser:
-    def parse(doc: Doc, where: tuple[str, ...], value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise doc.error(where, f"expected true or false, got {_kind(value)}")
-        return value
-
-    return parse
-
-
-def as_int(min_value: int | None = None, max_value: int | None = None) -> Parser:
-    def parse(doc: Doc, where: tuple[str, ...], value: Any) -> int:
-        if isinstance(value, str):
-            value = doc.expand(where, value)
-            try:
-                value = int(value)
-            except ValueError:
-                raise doc.error(where, f"expected a whole number, got '{value}'") from None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise doc.error(where, f"expected a whole number, got {_kind(value)}")
-        if min_value is not None and value < min_value:
-            raise doc.error(where, f"must be at least {min_value}, got {value}")
-        if max_value is not None and value > max_value:
-            raise doc.error(where, f"must be at most {max_value}, got {value}")
-        return value
-
-    return parse
-
-
-def as_float(
-    min_value: float | None = None,
-    max_value: float | None = None,
-    *,
-    exclusive_min: bool = False,
-) -> Parser:
-    def parse(doc: Doc, where: tuple[str, ...], value: Any) -> float:
-        if isinstance(value, str):
-            value = doc.expand(where, value)
-            try:
-                value = float(value)
-            except ValueError:
-                raise doc.error(where, f"expected a number, got '{value}'") from None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise doc.error(where, f"expected a number, got {_kind(value)}")
-        value = float(value)
-        if min_value is not None and (value <= min_value if exclusive_min else value < min_value):
-            bound = "greater than" if exclusive_min else "at least"
-            raise doc.error(where, f"must be {bound} {min_value:g}, got {value:g}")
-        if max_value is not None and value > max_value:
-            raise doc.error(where, f"must be at most {max_value:g}, got {value:g}")
-        return value
-
-    return parse
-
-
-def as_str(pattern: str | None = None, what: str = "") -> Parser:
-    def parse(doc: Doc, where: tuple[str, ...], value: Any) -> str:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise doc.error(where, f"expected text, got {_kind(value)}")
-        text = doc.expand(where, str(value))
-        if not text.strip():
-            raise doc.error(where, "must not be empty")
-        if pattern is not None and not re.fullmatch(pattern, text):
-            raise doc.error(where, f"'{text}' is not {what or 'valid'}")
-        return text
-
-    return parse
-
-
-def as_choice(*choices: str) -> Parser:
-    def parse(doc: Doc, where: tuple[str, ...], value: Any) -> str:
-        text = as_str()(doc, where, value)
-        if text not in choices:
-            close = difflib.get_close_matches(text, choices, n=1, cutoff=0.5)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise doc.error(where, f"'{text}' is not one of {', '.join(choices)}{hint}")
-        return text
-
-    return parse
-
-
-def as_list(item: Parser, *, min_len: int = 0, unique: bool = False) -> Parser:
-    def parse(doc: Doc, where: tuple[str, ...], value: Any) -> tuple[Any, ...]:
-        if not isinstance(value, list):
-            value = [value]
-        items = tuple(item(doc, (*where, str(i)), v) for i, v in enumerate(value))
-        if len(items) < min_len:
-            raise doc.error(where, f"needs at least {min_len} item(s)")
-        if unique:
-            dupes = sorted({str(x) for x in items if items.count(x) > 1})
-            if dupes:
-                raise doc.error(where, f"lists {', '.join(dupes)} more than once")
-        return items
-
-    return parse
-
-
 def as_str_map() -> Parser:
     """A mapping of text keys to plain values (passed through, ``${VAR}`` expanded)."""
 
@@ -276,7 +159,7 @@ def as_str_map() -> Parser:
 
     def parse(doc: Doc, where: tuple[str, ...], value: Any) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise doc.error(where, f"expected a mapping, got {_kind(value)}")
+            raise doc.error(where, f"expected a mapping, got {what_it_is(value)}")
         return {str(k): expand(doc, (*where, str(k)), v) for k, v in value.items()}
 
     return parse

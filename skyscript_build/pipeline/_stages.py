@@ -11,7 +11,6 @@ setting of the last stage stops the run before the first one starts.
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -94,11 +93,10 @@ def _workers(p: PipelineConfig) -> int:
 
 def _extract(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
     return mod.ExtractConfig(
-        input=p.input,
         out=p.objects_dir,
-        tag_filter=p.tag_filter,
         workers=_workers(p),
         scheduler=ctx.scheduler,
+        **p.settings_for(mod.ExtractConfig),
     )
 
 
@@ -106,42 +104,26 @@ def _plan(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
     return mod.PlanConfig(
         objects=p.objects_dir,
         out=p.requests_dir,
-        sources=p.sources,
-        seed=p.seed,
-        tag_filter=p.tag_filter,
         workers=_workers(p),
         scheduler=ctx.scheduler,
-        **p.plan.given(),
+        **p.settings_for(mod.PlanConfig),
     )
 
 
 def _fetch(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
-    b = p.backend
-    kw: dict[str, Any] = {}
-    if b.type == "emulator":
+    kw = p.settings_for(mod.FetchConfig)
+    if p.backend.type == "emulator":
         if ctx.emulator_url is None:
             raise ConfigError("the emulator is not running")  # run_pipeline starts it
         kw.update(backend="earthengine", ee_url=ctx.emulator_url, project=EMULATOR_PROJECT)
-    elif b.type == "earthengine":
-        # url None: the backend's own default, the high-volume endpoint.
-        kw.update(backend="earthengine", ee_url=b.url, project=b.project)
-        if b.key_file is not None:
-            kw["key_file"] = str(b.key_file)
-    elif b.type == "raster":
-        kw.update(backend="raster", location=str(b.folder))
     else:
-        kw.update(backend="xyz", location=b.url)
-    for key in ("concurrency", "rate", "timeout_s"):
-        if getattr(b, key) is not None:
-            kw[key] = getattr(b, key)
+        kw["backend"] = p.backend.type
     return mod.FetchConfig(
         requests=p.requests_dir,
         out=p.dataset_dir,
         workers=_workers(p),
         scheduler=ctx.scheduler,
         **kw,
-        **p.output.given(),
-        **p.fetch.given(),
     )
 
 
@@ -156,23 +138,14 @@ def _caption(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
     )
 
 
-def filter_name(model: str) -> str:
-    """The default name of a filter (in file names): the model name, made file-safe."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", model).strip("-") or "clip"
-
-
 def _filter(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
-    f = p.filter
-    if f is None:
+    if p.filter is None:
         raise ConfigError(f"{p.path}: has no filter section (model, pretrained, ...)")
-    given = f.given()
-    given.setdefault("name", filter_name(f.model))
     return mod.FilterConfig(
         dataset=p.dataset_dir,
         captions=p.captions_csv,
-        seed=p.seed,
         scheduler=ctx.scheduler,
-        **given,
+        **p.settings_for(mod.FilterConfig),
     )
 
 

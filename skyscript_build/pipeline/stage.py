@@ -123,8 +123,8 @@ def _check_inputs(config: PipelineConfig, stages: Sequence[str]) -> None:
     demo = (Path.cwd() / DEMO_COLLECTIONS).absolute()
     if b.type == "emulator" and b.collections != demo and not Path(str(b.collections)).is_file():
         raise _missing(config, "backend.collections", Path(str(b.collections)), "emulator file")
-    if b.type == "raster" and (b.folder is None or not b.folder.is_dir()):
-        raise _missing(config, "backend.folder", Path(str(b.folder)), "raster folder")
+    if b.type == "raster" and not Path(b.location).is_dir():
+        raise _missing(config, "backend.location", Path(b.location), "raster folder")
 
 
 def _demo_collections(config: PipelineConfig) -> Path:
@@ -152,14 +152,10 @@ def _demo_collections(config: PipelineConfig) -> Path:
 
 def _emulator(config: PipelineConfig) -> Any:
     """The Earth Engine emulator for this run (not started yet)."""
-    from ..emulator import Emulator
+    from ..emulator import Emulator, EmulatorConfig
 
-    return Emulator(
-        _demo_collections(config),
-        port=0,
-        latency_ms=config.backend.latency_ms or 0,
-        latency_ms_per_mpx=config.backend.latency_ms_per_mpx or 0,
-    )
+    settings = {**config.settings_for(EmulatorConfig), "collections": _demo_collections(config)}
+    return Emulator.from_config(EmulatorConfig(port=0, **settings))
 
 
 def _named(config: PipelineConfig, stage: str, error: ConfigError) -> ConfigError:
