@@ -12,7 +12,7 @@ PIPELINE ?= pipelines/demo_helsinki.yaml
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: setup lint test demo demo-data all extract plan fetch captions filter report \
+.PHONY: setup lint test docs demo demo-data all extract plan fetch captions filter report \
         bench bench-extract bench-plan bench-scale bench-emulator bench-fetch bench-caption \
         bench-filter bench-polish system-deps-test system-deps-bench clean
 
@@ -47,6 +47,10 @@ lint: setup
 
 test: setup system-deps-test lint
 	$(VENV)/bin/pytest
+
+# docs/settings.md: every flag and pipeline key, from the settings declared on the configs
+docs: setup
+	$(CLI) schema --markdown > docs/settings.md.tmp && mv docs/settings.md.tmp docs/settings.md
 
 # --- the pipeline, stage by stage (PIPELINE=pipelines/x.yaml) ---------------------------
 
