@@ -100,9 +100,9 @@ def default_name(model: str) -> str:
 
 
 def _distinct_fractions(top: tuple[float, ...]) -> str | None:
-    labels = [top_label(f) for f in top]
     if not top:
         return "needs at least one fraction, e.g. 0.3 0.5"
+    labels = [top_label(f) for f in top]  # 0.3 and 30% name the same files
     return None if len(set(labels)) == len(labels) else "lists a fraction more than once"
 
 
