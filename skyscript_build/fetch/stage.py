@@ -41,6 +41,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from image_sources import Catalog, ImageSource, default_catalog
+
 from ..cluster import ClusterConfig, dask_client
 from ..errors import ConfigError, InputError, SkyScriptError
 from ..files import check_out_dir, leave_no_empty_folders, remove_temp_files, write_json_atomic
@@ -65,13 +67,9 @@ from .backends import (
     Backend,
     BackendConfig,
     FetchError,
-    SourceInfo,
     TileRequest,
     TileResult,
     get_backend,
-    resolve_source,
-    source_info,
-    use_sources,
 )
 from .backends.base import ImageChoice
 from .backends.limits import LimitsConfig
@@ -126,6 +124,9 @@ class FetchConfig:
             either refetches the tiles encoded otherwise.
         verify: also decode every JPEG and load every pickle of earlier runs.
         quality: thresholds of the quality checks.
+        catalog: the image sources the requests name (``image_sources.Catalog``); default:
+            the default catalog when the config is made. It travels to every worker with
+            the config.
     """
 
     requests: Path
@@ -155,6 +156,7 @@ class FetchConfig:
     jpeg_encoder: str = "pillow"
     verify: bool = False
     quality: QualityConfig = field(default_factory=QualityConfig)
+    catalog: Catalog = field(default_factory=default_catalog)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "requests", Path(self.requests))
@@ -236,6 +238,7 @@ class FetchConfig:
             backoff_s=self.backoff_s,
             allow_next_year=self.allow_next_year,
             limits=limits or LimitsConfig(self.concurrency, self.rate),
+            catalog=self.catalog,
         )
 
 
@@ -250,7 +253,6 @@ class FetchShard:
     config: FetchConfig
     limits: LimitsConfig
     keys_hash: str = ""  # of the shard's request keys: a changed plan reruns the shard
-    sources: tuple[SourceInfo, ...] = ()  # resolved by the driver, for the workers
 
     @property
     def name(self) -> str:
@@ -328,9 +330,7 @@ def fetch_order(table: pa.Table) -> np.ndarray:
     return keys.sort_by(by).column("pos").to_numpy()
 
 
-def list_shards(
-    config: FetchConfig, limits: LimitsConfig, sources: tuple[SourceInfo, ...] = ()
-) -> list[FetchShard]:
+def list_shards(config: FetchConfig, limits: LimitsConfig) -> list[FetchShard]:
     """Every shard of the run, in a fixed order (requests part, then fetch order)."""
     shards: list[FetchShard] = []
     for part in config.request_parts():
@@ -340,9 +340,7 @@ def list_shards(
             stop = min(len(keys), start + config.shard_size)
             digest = hashlib.blake2b("\n".join(keys[start:stop]).encode(), digest_size=8)
             shards.append(
-                FetchShard(
-                    len(shards), part, start, stop, config, limits, digest.hexdigest(), sources
-                )
+                FetchShard(len(shards), part, start, stop, config, limits, digest.hexdigest())
             )
     return shards
 
@@ -479,8 +477,8 @@ class _ShardRun:
     budget: _ByteBudget
 
 
-def _backend_name(config: FetchConfig, alias: str, collection: str) -> str:
-    return config.backend or source_info(alias, collection).backend
+def _backend_name(config: FetchConfig, alias: str) -> str:
+    return config.backend or config.catalog.get_source(alias).backend
 
 
 def _remove_files(writer: Any, key: str) -> None:
@@ -495,7 +493,7 @@ def _finish_tile(
 ) -> dict[str, Any]:
     """Check, encode and write one fetched tile; return its manifest row."""
     config = run.shard.config
-    source = source_info(request.alias, request.collection)
+    source = config.catalog.get_source(request.alias)
     key = request.key_for_year(result.year) if result.year else request.key
     row: dict[str, Any] = {
         "key": key,
@@ -505,7 +503,7 @@ def _finish_tile(
         "attempts": result.attempts,
         "bytes": None,
         "meta_bytes": None,
-        "collection": source.collection or request.collection,
+        "collection": source.collection,
         "image_id": result.image_id,
         "acquisition_time": result.acquisition_time,
         "filepath": None,
@@ -513,7 +511,7 @@ def _finish_tile(
     }
     if result.status == "ok":
         assert result.rgb is not None and result.acquisition_time is not None
-        reason = check_tile(result.rgb, result.valid, config.quality, source.has_cloud_rule)
+        reason = check_tile(result.rgb, result.valid, config.quality, source.cloud is not None)
         if reason is not None:
             row.update(status="skipped", reason=reason)
         else:
@@ -622,7 +620,7 @@ def _jobs(
     config = run.shard.config
     by_backend: dict[str, list[TileRequest]] = {}
     for request in todo:
-        name = _backend_name(config, request.alias, request.collection)
+        name = _backend_name(config, request.alias)
         by_backend.setdefault(name, []).append(request)
     jobs: list[tuple[Callable[[], list[dict[str, Any]]], list[TileRequest]]] = []
     settled: list[dict[str, Any]] = []
@@ -709,7 +707,6 @@ def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None)
     last), plus ``orphans`` (keys an earlier run wrote here that the shard no longer has) and
     ``checked_only`` (nothing needed doing)."""
     config = shard.config
-    use_sources(shard.sources)
     t0 = time.monotonic()
     stats_path = _stats_path(shard)
     stats_before = _read_json(stats_path)
@@ -837,17 +834,22 @@ def fetch_group(group: FetchGroup) -> dict[str, Any]:
         return {"shards": list(pool.map(fetch_shard, group.shards))}
 
 
-def _resolve_sources(config: FetchConfig) -> tuple[SourceInfo, ...]:
-    """The sources of every (alias, collection) the requests name, from the catalog now."""
-    pairs: set[tuple[str, str]] = set()
+def _sources_of(config: FetchConfig) -> tuple[ImageSource, ...]:
+    """The sources the requests name, by alias; an alias the catalog does not know stops the
+    run before any work."""
+    aliases: set[str] = set()
     for part in config.request_parts():
-        table = pq.read_table(part, columns=["alias", "collection"])
-        aliases, collections = (
-            table.column("alias").to_pylist(),
-            table.column("collection").to_pylist(),
-        )
-        pairs.update(zip(aliases, collections, strict=True))
-    return tuple(resolve_source(alias, collection) for alias, collection in sorted(pairs))
+        names = set(pq.read_table(part, columns=["alias"]).column("alias").unique().to_pylist())
+        unknown = sorted(names - set(config.catalog))
+        if unknown:
+            raise InputError(
+                part,
+                f"image source(s) {', '.join(unknown)} not in the catalog (known: "
+                f"{', '.join(config.catalog)}): define them as the plan did (a pipeline's "
+                "source_definitions, or image_sources.add_source)",
+            )
+        aliases |= names
+    return tuple(config.catalog.get_source(alias) for alias in sorted(aliases))
 
 
 def _samples(config: FetchConfig, aliases: set[str]) -> list[TileRequest]:
@@ -867,11 +869,11 @@ def _samples(config: FetchConfig, aliases: set[str]) -> list[TileRequest]:
 
 
 def _check_backends(
-    config: FetchConfig, sources: tuple[SourceInfo, ...], limits: LimitsConfig
+    config: FetchConfig, sources: tuple[ImageSource, ...], limits: LimitsConfig
 ) -> None:
     """Open every backend the requests need and check its settings (one probe request where
     one is needed): a bad setting raises before anything is created."""
-    by_backend: dict[str, list[SourceInfo]] = {}
+    by_backend: dict[str, list[ImageSource]] = {}
     for source in sources:
         by_backend.setdefault(config.backend or source.backend, []).append(source)
     for name in sorted(by_backend):
@@ -919,20 +921,16 @@ def run_fetch(config: FetchConfig) -> FetchResult:
     dataset."""
     t0 = time.monotonic()
     local = LimitsConfig(config.concurrency, config.rate)
-    sources = _resolve_sources(config)
-    use_sources(sources)
-    _check_backends(config, sources, local)  # before anything is created
+    _check_backends(config, _sources_of(config), local)  # before anything is created
     startup = time.monotonic() - t0
     with leave_no_empty_folders(config.out, depth=1):
-        result = _fetch_all(config, sources, local)
+        result = _fetch_all(config, local)
     result.seconds = time.monotonic() - t0
     result.startup_seconds = startup
     return result
 
 
-def _fetch_all(
-    config: FetchConfig, sources: tuple[SourceInfo, ...], local: LimitsConfig
-) -> FetchResult:
+def _fetch_all(config: FetchConfig, local: LimitsConfig) -> FetchResult:
     config.out.mkdir(parents=True, exist_ok=True)
     _manifest_dir(config).mkdir(exist_ok=True)
     removed = remove_temp_files(config.out)
@@ -941,14 +939,14 @@ def _fetch_all(
     cluster = config.cluster
     results: list[dict[str, Any]]
     if cluster.inline:
-        shards = list_shards(config, local, sources)
+        shards = list_shards(config, local)
         results = _run_local(shards)
     else:
         with dask_client(cluster) as client:
             processes = max(1, len(client.scheduler_info().get("workers", {})))
             name = f"skyscript-fetch-{zlib.crc32(str(config.out.resolve()).encode()):08x}"
             limits = LimitsConfig(config.concurrency, config.rate, processes, name)
-            shards = list_shards(config, limits, sources)
+            shards = list_shards(config, limits)
             groups = [
                 FetchGroup(k, tuple(shards[i : i + SHARDS_IN_FLIGHT]))
                 for k, i in enumerate(range(0, len(shards), SHARDS_IN_FLIGHT))

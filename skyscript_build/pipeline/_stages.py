@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,6 @@ __all__ = [
     "STAGE_SPECS",
     "stage_module",
     "EMULATOR_PROJECT",
-    "register_sources",
 ]
 
 #: The Cloud project name the emulator is initialised with (any name works there).
@@ -69,15 +68,6 @@ class StageSpec:
         return self.dask == "always" or (self.dask == "scheduler" and bool(cluster.scheduler))
 
 
-def register_sources(definitions: Mapping[str, Mapping[str, Any]]) -> None:
-    """Add a pipeline's ``source_definitions`` to this process's image source catalog."""
-    import image_sources
-
-    for alias, entry in definitions.items():
-        source = image_sources.source_from_dict({**entry, "alias": alias})
-        image_sources.add_source(source, replace=True)
-
-
 def stage_module(stage: str, module: str) -> Any:
     """Import a stage's module; a missing one is a clear ConfigError."""
     try:
@@ -107,6 +97,7 @@ def _plan(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
         objects=p.objects_dir,
         out=p.requests_dir,
         sources=p.sources,
+        catalog=p.catalog,
         seed=p.seed,
         tag_filter=p.tag_filter,
         workers=_workers(p),
@@ -139,6 +130,7 @@ def _fetch(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
         out=p.dataset_dir,
         workers=_workers(p),
         scheduler=ctx.scheduler,
+        catalog=p.catalog,
         **kw,
         **p.output.given(),
         **p.fetch.given(),

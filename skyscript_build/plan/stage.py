@@ -43,8 +43,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-import image_sources
-from image_sources import ImageSource
+from image_sources import Catalog, ImageSource, default_catalog
 
 from .._memory import give_back_memory
 from ..cluster import ClusterConfig, dask_client
@@ -75,6 +74,9 @@ STATS_DIR = "_stats"
 WORK_DIR = "_work"
 #: Bumped when the rules change, so that an older plan is not reused.
 _RULES_VERSION = 4
+#: PlanConfig fields that do not decide the requests (of the catalog, the sources chosen from
+#: are hashed, by their fingerprints).
+_NOT_HASHED = ("dry_run", "out", "objects", "workers", "scheduler", "partition_objects", "catalog")
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class PlanConfig:
     Attributes:
         objects: the extract stage's objects folder (``part-*.parquet``).
         out: the requests folder to write (``part-*.parquet`` + stats).
-        sources: image source aliases to choose from; empty: every registered source.
+        sources: image source aliases to choose from; empty: every source of ``catalog``.
         years: acquisition years allowed, as a range ``(first, last)`` or ``(year,)``;
             empty: any year a source has.
         seed: seed of the random shift, the sampling and the surroundings order.
@@ -111,6 +113,8 @@ class PlanConfig:
             tasks read every scan file.
         scheduler: address of an existing Dask scheduler to run the tasks on; without it
             they run on threads in this process.
+        catalog: the image sources (``image_sources.Catalog``); default: the default catalog
+            when the config is made.
     """
 
     objects: Path
@@ -133,6 +137,7 @@ class PlanConfig:
     shard_deg: float = 0.05
     partition_objects: int = 100_000
     scheduler: str | None = None
+    catalog: Catalog = field(default_factory=default_catalog)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "objects", Path(self.objects))
@@ -186,11 +191,11 @@ class PlanConfig:
     def image_sources(self) -> list[ImageSource]:
         """The sources to choose from, finest first, each with a year in range."""
         explicit = bool(self.sources)
-        aliases = self.sources or tuple(image_sources.list_sources())
+        aliases = self.sources or tuple(self.catalog.aliases())
         first, last = self.year_range
         out = []
         for alias in aliases:
-            source = image_sources.get_source(alias)
+            source = self.catalog.get_source(alias)
             if not source.years_within(first, last):
                 if explicit:
                     raise ConfigError(
@@ -208,10 +213,7 @@ class PlanConfig:
         from tag_filters import get_tag_filter_path
 
         settings: dict[str, Any] = {
-            f.name: str(getattr(self, f.name))
-            for f in fields(self)
-            if f.name
-            not in ("dry_run", "out", "objects", "workers", "scheduler", "partition_objects")
+            f.name: str(getattr(self, f.name)) for f in fields(self) if f.name not in _NOT_HASHED
         }
         settings["sources"] = [s.fingerprint() for s in self.image_sources()]
         settings["tag_filter_file"] = hashlib.sha256(

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 if TYPE_CHECKING:
-    from . import SourceInfo
+    from image_sources import ImageSource
 
 __all__ = [
     "PixelGrid",
@@ -360,7 +360,7 @@ class Backend(ABC):
         """Initialise per process (credentials, indexes); raise ``BackendError`` if unusable."""
 
     def check(  # noqa: B027 - optional hook
-        self, sources: Sequence[SourceInfo], samples: Sequence[TileRequest]
+        self, sources: Sequence[ImageSource], samples: Sequence[TileRequest]
     ) -> None:
         """Check the settings for ``sources`` before any work, with at most one probe request.
 
