@@ -30,11 +30,10 @@ import pyarrow.compute as pc
 
 from tag_filters import TagFilter, load_tag_filter
 
-from ._dense import StringTable, Unsupported, _Judge, judge_tags
+from ._dense import TagJudge, judge_tags
 from ._encode import pbf_file, ranges, way_blocks
 from ._parquet import Batch, PartWriter, batch_to_table, remove_parts
-from ._pbf import read_blob
-from ._ways import Elements
+from ._pbf import Elements, StringTable, Unsupported, read_blob
 
 __all__ = [
     "Picked",
@@ -177,7 +176,7 @@ class _RelationLister:
 
 
 def relation_candidates(
-    judge: _Judge, block: bytes, group: tuple[int, int], table: StringTable
+    judge: TagJudge, block: bytes, group: tuple[int, int], table: StringTable
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, member way counts, member way ids) of the relations of a group that osmium would
     assemble into kept areas (type multipolygon or boundary, a groundable tag), decoded in

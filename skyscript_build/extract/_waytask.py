@@ -21,11 +21,19 @@ from tag_filters import load_tag_filter
 
 from ..files import atomic_path
 from ._areas import MemberSet, assemble_way_areas
-from ._dense import StringTable, Unsupported, _decompress, _fields, _Judge, data_block_parts
+from ._dense import TagJudge
 from ._encode import AREA_STRINGS, way_blocks
 from ._nodestore import NodeStore, save_array
 from ._parquet import PartWriter, area_geometries, columns_to_table, remove_parts
-from ._pbf import read_blob
+from ._pbf import (
+    WAYS,
+    StringTable,
+    Unsupported,
+    data_block_parts,
+    decompress,
+    group_kind,
+    read_blob,
+)
 from ._ways import (
     WayBuilder,
     WayGroup,
@@ -63,12 +71,12 @@ class WayTask:
 def _groups(raw: bytes) -> list[WayGroup]:
     """The way groups of a raw blob, in bulk or else through pyosmium."""
     try:
-        block = _decompress(raw)
+        block = decompress(raw)
         strings, _, groups = data_block_parts(block)
         table: StringTable | None = None
         found = []
         for group in groups:
-            if next(_fields(block, *group), (0, None))[0] != 3:
+            if group_kind(block, group)[0] != WAYS:
                 continue
             if table is None:
                 table = StringTable.of_block(block, strings)
@@ -163,7 +171,7 @@ def way_task(task: WayTask) -> dict[str, Any]:
     counts: Counter = Counter()
     dropped: Counter = Counter()
     build = WayBuilder(
-        _Judge(tf),
+        TagJudge(tf),
         NodeStore(list(task.stores)),
         MemberSet(list(task.members)).contains,
         counts,
