@@ -352,6 +352,16 @@ def _forget_lost(tasks: list[Any], runner: RunnerConfig) -> None:
             marker_path(runner.markers, task.name).unlink(missing_ok=True)
 
 
+def _inputs(paths: list[Path], blobs: list[Blobs], out: Path, work: Path) -> list[_Input]:
+    """Each input with its key and folders: one input writes its parts into ``out``, several
+    into runs (``out/_runs/iNNN``) merged at the end."""
+    several = len(paths) > 1
+    return [
+        _Input(p, f"i{i:03d}", b, out / RUNS / f"i{i:03d}" if several else out, work / f"i{i:03d}")
+        for i, (p, b) in enumerate(zip(paths, blobs, strict=True))
+    ]
+
+
 class _Failed(Exception):
     """A task could not read its input."""
 
@@ -388,17 +398,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         _clear(out, work)
         write_json_atomic(out / MARKERS / RUN_STATE, {"fingerprint": fingerprint})
     remove_temp_files(out)
-    several = len(paths) > 1
-    inputs = [
-        _Input(
-            p,
-            f"i{i:03d}",
-            b,
-            out / RUNS / f"i{i:03d}" if several else out,
-            work / f"i{i:03d}",
-        )
-        for i, (p, b) in enumerate(zip(paths, blobs, strict=True))
-    ]
+    inputs = _inputs(paths, blobs, out, work)
     runner = RunnerConfig(
         cluster=ClusterConfig(workers=config.workers, scheduler=config.scheduler),
         local="processes",
