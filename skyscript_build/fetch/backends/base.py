@@ -171,10 +171,10 @@ class TileRequest:
     def grid(self) -> PixelGrid:
         """The tile's pixel grid: its top-left corner snapped to the lattice of ``gsd`` in ``crs``.
 
-        Plan frames tiles in metres; the corner moves by less than half a pixel onto the
-        lattice of whole pixels, so that tiles of one source, CRS and GSD cut each other (and
-        the blocks that hold them) exactly, and a source whose pixels lie on that lattice is
-        read without resampling.
+        Plan frames tiles on that lattice already; a corner off it (requests made otherwise)
+        moves by less than half a pixel onto it, so that tiles of one source, CRS and GSD cut
+        each other (and the blocks that hold them) exactly, and a source whose pixels lie on
+        that lattice is read without resampling.
         """
         return PixelGrid(
             self.crs,

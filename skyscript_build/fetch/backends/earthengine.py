@@ -46,7 +46,7 @@ from requests.adapters import HTTPAdapter
 
 from image_sources import ImageSource
 
-from ...errors import BackendError, MissingDependencyError
+from ...errors import BackendError
 from . import BackendConfig
 from .base import (
     RETRYABLE_REASONS,
@@ -183,10 +183,8 @@ class EarthEngineBackend(Backend):
     # -- initialisation ----------------------------------------------------------------------
     def open(self) -> None:
         global _initialised
-        try:
-            import ee
-        except ImportError:
-            raise MissingDependencyError("earthengine-api", "earthengine") from None
+        import ee
+
         credentials, key_project = load_credentials(self.config.key_file)
         project = self.config.project or key_project
         if not project:
