@@ -47,6 +47,7 @@ from ._pbf import (
     group_kind,
     read_blob,
 )
+from ._records import NodeStats
 
 __all__ = ["NodeTask", "node_task"]
 
@@ -264,8 +265,8 @@ class _Found:
         return np.concatenate(self.ids), np.concatenate(self.xs), np.concatenate(self.ys)
 
 
-def node_task(task: NodeTask) -> dict[str, Any]:
-    """Run one node task (see the module); return its results (JSON-able), or ``error``."""
+def node_task(task: NodeTask) -> NodeStats:
+    """Run one node task (see the module); what it found, or ``error``."""
     tf = load_tag_filter(task.tag_filter)
     judge = TagJudge(tf)
     out, work = Path(task.out_dir), Path(task.work_dir)
@@ -282,50 +283,44 @@ def node_task(task: NodeTask) -> dict[str, Any]:
                 got = _read(f, offset, size, tf, judge, dropped)
             except (zlib.error, IndexError, ValueError, RuntimeError, OSError) as e:
                 writer.abort()
-                return {"error": f"corrupt OSM PBF block at byte {offset} ({e})"}
+                return NodeStats(error=f"corrupt OSM PBF block at byte {offset} ({e})")
             for item in got.points:
                 points.add(item)
             dropped["invalid_location"] += got.invalid
             found.add(got, offset, size)
     points.flush()
     store = write_store(work, f"nodes-{task.index:05d}", *found.locations())
-    result: dict[str, Any] = {
-        "rows": {"n": writer.rows},
-        "parts": writer.close(),
-        "dropped": dict(sorted((+dropped).items())),
-        "store": store,
-        "way_blobs": found.way_blobs,
-        "relation_blobs": found.relation_blobs,
-        "relations": None,
-        "members": None,
-        "hist": [],
-    }
+    stats = NodeStats(
+        rows={"n": writer.rows},
+        parts=writer.close(),
+        dropped=dict(sorted((+dropped).items())),
+        store=store,
+        way_blobs=found.way_blobs,
+        relation_blobs=found.relation_blobs,
+    )
     if found.relation_ids:
-        result.update(_relation_files(work / f"relations-{task.index:05d}", found))
-    return result
+        _write_relations(work / f"relations-{task.index:05d}", found, stats)
+    return stats
 
 
-def _relation_files(stem: Path, found: _Found) -> dict[str, Any]:
+def _write_relations(stem: Path, found: _Found, stats: NodeStats) -> None:
     """The task's candidate relations (``STEM.npz``) and their member ways' ids
     (``STEM.members.npy``) written for the relation tasks; where they are, and a histogram of
-    the relations' work by id."""
+    the relations' work by id, into ``stats``."""
     rid, count, member = (
         np.concatenate(a) for a in (found.relation_ids, found.member_counts, found.members)
     )
-    out: dict[str, Any] = {
-        "relations": {
-            "path": write_npz(stem.with_suffix(".npz"), ids=rid, counts=count, members=member),
-            "min": int(rid.min()),
-            "max": int(rid.max()),
-            "count": int(rid.size),
-        },
-        "hist": _histogram(rid, count),
+    stats.relations = {
+        "path": write_npz(stem.with_suffix(".npz"), ids=rid, counts=count, members=member),
+        "min": int(rid.min()),
+        "max": int(rid.max()),
+        "count": int(rid.size),
     }
+    stats.hist = _histogram(rid, count)
     unique = np.unique(member)
     if unique.size:
-        out["members"] = {
+        stats.members = {
             "path": save_array(stem.with_suffix(".members.npy"), unique),
             "min": int(unique[0]),
             "max": int(unique[-1]),
         }
-    return out

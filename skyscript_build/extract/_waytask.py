@@ -34,6 +34,7 @@ from ._pbf import (
     group_kind,
     read_blob,
 )
+from ._records import WayStats
 from ._ways import (
     WayBuilder,
     WayGroup,
@@ -164,8 +165,8 @@ class _Side:
         }
 
 
-def way_task(task: WayTask) -> dict[str, Any]:
-    """Run one way task (see the module); return its results (JSON-able), or ``error``."""
+def way_task(task: WayTask) -> WayStats:
+    """Run one way task (see the module); what it wrote, or ``error``."""
     tf = load_tag_filter(task.tag_filter)
     out, work = Path(task.out_dir), Path(task.work_dir)
     counts: Counter = Counter()
@@ -193,7 +194,7 @@ def way_task(task: WayTask) -> dict[str, Any]:
                 lines.abort()
                 areas.writer.abort()
                 side.abort()
-                return {"error": f"corrupt OSM PBF block at byte {offset} ({e})"}
+                return WayStats(error=f"corrupt OSM PBF block at byte {offset} ({e})")
             for g in groups:
                 got = build(g)
                 if got is None:
@@ -214,9 +215,9 @@ def way_task(task: WayTask) -> dict[str, Any]:
     broken = counts["expected_way_areas"] - areas.made - dropped["broken_area"]
     if broken > 0:
         dropped["broken_area"] += broken
-    return {
-        "rows": {"w": lines.rows, "a": areas.writer.rows},
-        "parts": lines.close() + areas.writer.close(),
-        "dropped": dict(sorted((+dropped).items())),
-        "side": side.close(),
-    }
+    return WayStats(
+        rows={"w": lines.rows, "a": areas.writer.rows},
+        parts=lines.close() + areas.writer.close(),
+        dropped=dict(sorted((+dropped).items())),
+        side=side.close(),
+    )
