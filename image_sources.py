@@ -1,31 +1,37 @@
 """The imagery catalog: image source alias -> collection, GSD, bands, stretch, years, coverage.
 
-The ten sources SkyScript used (Wang et al. 2024) are built in, with their Earth Engine
-collection ids, the GSD a tile is fetched at, the RGB bands, the stretch to 8 bits, the years
-each collection has, a simplified coverage polygon (lon/lat) and, for Sentinel-2 and Landsat,
-a cloud rule. A pipeline adds or overrides entries (a local raster folder or a tile server
-under its own alias) with ``add_source(source_from_dict({...}), replace=True)``.
+The ten sources SkyScript used (Wang et al. 2024) are data: ``image_sources.yaml``, shipped
+beside this module, gives their Earth Engine collection ids, the GSD a tile is fetched at, the
+RGB bands, the stretch to 8 bits, the years each collection has, a simplified coverage polygon
+(lon/lat) and, for Sentinel-2 and Landsat, a cloud rule.
+
+A ``Catalog`` is an immutable set of sources. Each stage that needs sources (plan, fetch) gets
+its catalog in its config; a pipeline's ``source_definitions`` make a new catalog from the
+default one, which no other pipeline sees. Your own sources, without editing the package:
+
+- in a pipeline file, under ``source_definitions`` (the keys of ``source_from_dict``);
+- in a YAML file of the same form as ``image_sources.yaml``: ``load_catalog(path)``;
+- in Python: ``builtin_catalog().with_sources(source_from_dict({...}))`` handed to a stage
+  config (``catalog=``), or ``add_source(source)``, which changes the default catalog that
+  the stage configs made afterwards start from.
 
     >>> from image_sources import get_source, list_sources
     >>> get_source("CH").gsd
     0.1
     >>> "S2" in list_sources()
     True
-
-Coverage polygons are deliberately simple (a few dozen vertices, generous along coasts): they
-decide which source plan *tries* for an object; fetch records a ``no-image`` skip where a
-collection turns out to be empty. Years and GSDs follow the Earth Engine catalog pages (dataset
-availability) as of 2025; SkySat's public collection is a sparse set of scenes, so its coverage
-is a conservative set of boxes around known scenes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import shapely
@@ -34,10 +40,15 @@ from shapely.geometry.base import BaseGeometry
 
 __all__ = [
     "BACKENDS",
+    "CATALOG_FILE",
+    "Catalog",
     "CloudRule",
     "Quota",
     "ImageSource",
     "GLOBE",
+    "builtin_catalog",
+    "default_catalog",
+    "load_catalog",
     "list_sources",
     "get_source",
     "add_source",
@@ -183,220 +194,171 @@ class ImageSource:
         return ";".join(parts)
 
 
-# --- coverage: simplified outlines (lon, lat), generous along coasts ------------------------
-
-_SWITZERLAND = [
-    (5.95, 46.13), (6.15, 46.10), (6.32, 46.30), (6.85, 46.40), (6.78, 46.14), (7.04, 45.91),
-    (7.35, 45.89), (7.87, 45.91), (8.05, 46.10), (8.44, 46.26), (8.44, 46.47), (8.68, 46.10),
-    (8.88, 45.95), (8.95, 45.82), (9.08, 45.82), (9.04, 46.03), (9.30, 46.50), (9.42, 46.47),
-    (9.67, 46.30), (10.05, 46.22), (10.15, 46.40), (10.05, 46.55), (10.45, 46.53),
-    (10.50, 46.87), (10.10, 46.85), (9.88, 46.92), (9.60, 47.06), (9.53, 47.27),
-    (9.67, 47.45), (9.55, 47.55), (9.10, 47.68), (8.90, 47.70), (8.65, 47.82), (8.40, 47.70),
-    (8.20, 47.63), (7.70, 47.60), (7.55, 47.61), (7.40, 47.45), (7.00, 47.50), (6.85, 47.38),
-    (6.95, 47.25), (6.45, 46.95), (6.10, 46.60), (6.05, 46.40), (5.95, 46.13),
-]  # fmt: skip
-
-_BRANDENBURG = [
-    (11.26, 52.88), (11.55, 53.07), (12.10, 53.26), (12.60, 53.25), (13.20, 53.28),
-    (13.60, 53.52), (13.95, 53.57), (14.30, 53.45), (14.45, 53.30), (14.15, 52.85),
-    (14.62, 52.58), (14.55, 52.30), (14.72, 51.95), (14.75, 51.55), (14.60, 51.43),
-    (14.00, 51.40), (13.50, 51.42), (13.15, 51.50), (12.85, 51.68), (12.40, 51.80),
-    (12.25, 51.98), (12.30, 52.25), (12.20, 52.55), (12.25, 52.85), (11.80, 52.80),
-    (11.26, 52.88),
-]  # fmt: skip
-_BERLIN = [
-    (13.09, 52.42), (13.12, 52.60), (13.30, 52.66), (13.50, 52.68), (13.66, 52.57),
-    (13.76, 52.46), (13.63, 52.36), (13.40, 52.38), (13.18, 52.39), (13.09, 52.42),
-]  # fmt: skip
-
-_FINLAND = [
-    (19.30, 59.75), (22.50, 59.65), (23.50, 59.80), (25.50, 59.95), (27.00, 60.30),
-    (27.80, 60.50), (29.00, 61.15), (30.00, 61.80), (31.30, 62.50), (31.60, 62.90),
-    (31.20, 63.20), (30.00, 63.80), (30.55, 64.30), (29.60, 64.90), (30.10, 65.70),
-    (29.20, 66.00), (29.90, 66.90), (29.00, 67.60), (30.00, 67.70), (28.70, 68.20),
-    (28.40, 68.90), (28.90, 69.05), (29.35, 69.50), (28.80, 69.80), (27.90, 70.10),
-    (27.00, 69.95), (26.00, 69.75), (25.80, 69.05), (24.90, 68.60), (23.90, 68.85),
-    (22.40, 68.75), (21.00, 69.30), (20.50, 69.06), (21.60, 68.40), (23.10, 68.00),
-    (23.55, 67.00), (23.90, 66.60), (24.15, 65.80), (25.10, 65.25), (24.30, 64.55),
-    (23.00, 63.75), (21.20, 63.30), (21.00, 62.30), (21.15, 61.00), (19.30, 60.60),
-    (19.30, 59.75),
-]  # fmt: skip
-
-_SPAIN_MAINLAND = [
-    (-9.40, 43.25), (-8.00, 43.85), (-5.80, 43.70), (-3.80, 43.55), (-1.80, 43.45),
-    (-1.40, 43.05), (-0.70, 42.80), (0.70, 42.87), (1.45, 42.60), (1.75, 42.50),
-    (3.20, 42.45), (3.40, 41.90), (2.30, 41.30), (1.00, 41.00), (0.20, 40.40),
-    (-0.20, 39.60), (0.30, 38.75), (-0.55, 37.95), (-0.85, 37.55), (-1.90, 36.65),
-    (-4.40, 36.65), (-5.35, 36.10), (-5.65, 35.95), (-6.35, 36.45), (-6.95, 37.15),
-    (-7.45, 37.15), (-7.00, 38.00), (-7.35, 39.40), (-6.90, 40.20), (-6.80, 41.00),
-    (-6.20, 41.60), (-6.60, 41.95), (-8.20, 41.85), (-8.95, 41.85), (-9.40, 43.25),
-]  # fmt: skip
-_SPAIN_BALEARICS = (1.10, 38.55, 4.40, 40.15)
-_SPAIN_CANARIES = (-18.25, 27.55, -13.30, 29.50)
-
-_US_CONTIGUOUS = [
-    (-124.80, 48.45), (-123.00, 49.00), (-95.15, 49.00), (-94.80, 49.40), (-89.60, 48.00),
-    (-84.50, 46.60), (-82.40, 45.30), (-82.40, 43.00), (-79.00, 43.50), (-76.50, 44.25),
-    (-74.90, 45.05), (-71.50, 45.05), (-70.00, 46.70), (-69.20, 47.50), (-67.75, 47.10),
-    (-66.90, 44.80), (-70.00, 43.50), (-69.90, 41.40), (-74.00, 40.30), (-75.40, 35.10),
-    (-81.00, 31.00), (-79.90, 26.50), (-80.30, 24.90), (-81.90, 24.40), (-82.90, 27.90),
-    (-84.50, 29.70), (-89.00, 30.00), (-89.60, 28.90), (-94.00, 29.40), (-97.20, 25.90),
-    (-99.50, 27.50), (-101.40, 29.80), (-103.30, 28.95), (-104.70, 29.90), (-106.50, 31.75),
-    (-108.20, 31.75), (-108.20, 31.33), (-111.10, 31.33), (-114.80, 32.50), (-117.13, 32.53),
-    (-118.50, 33.90), (-120.70, 34.40), (-122.60, 37.50), (-124.50, 40.40), (-124.60, 42.00),
-    (-124.20, 46.00), (-124.80, 48.45),
-]  # fmt: skip
-
-# Known scenes of the public SkySat collection (catalog example sites), 0.3 deg boxes.
-_SKYSAT_SITES = [(-70.892, 41.6555), (-6.131, 40.323)]
+# --- the catalog: an immutable set of sources ------------------------------------------------
 
 
-def _polygon(points: Sequence[tuple[float, float]]) -> BaseGeometry:
-    return shapely.Polygon(points)
+@dataclass(frozen=True, eq=False, repr=False)
+class Catalog:
+    """An immutable set of image sources, by alias, finest GSD first (ties by alias).
+
+    A stage gets the catalog it plans or fetches with in its config; changing a catalog makes
+    a new one (``with_sources``, ``without``), so no run sees another's sources. Two catalogs
+    are equal when their sources are (``digest``).
+
+        >>> mine = builtin_catalog().with_sources(source_from_dict({...}))
+        >>> run_plan(PlanConfig(objects=..., out=..., sources=("MINE",), catalog=mine))
+    """
+
+    sources: tuple[ImageSource, ...] = ()
+    _by_alias: dict[str, ImageSource] = field(init=False, repr=False)
+    _digest: list[str] = field(init=False, repr=False)  # computed on first use
+
+    def __post_init__(self) -> None:
+        ordered = tuple(sorted(self.sources, key=lambda s: (s.gsd, s.alias)))
+        by_alias: dict[str, ImageSource] = {}
+        for source in ordered:
+            if source.alias in by_alias:
+                raise _config_error(f"image source '{source.alias}' is defined twice")
+            by_alias[source.alias] = source
+        object.__setattr__(self, "sources", ordered)
+        object.__setattr__(self, "_by_alias", by_alias)
+        object.__setattr__(self, "_digest", [])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Catalog, (self.sources,))
+
+    def __contains__(self, alias: object) -> bool:
+        return alias in self._by_alias
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.aliases())
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Catalog) and self.digest == other.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def __repr__(self) -> str:
+        return f"Catalog({', '.join(self.aliases())})"
+
+    @property
+    def digest(self) -> str:
+        """A hash of every source's every field (``ImageSource.fingerprint``)."""
+        if not self._digest:
+            text = "\n".join(s.fingerprint() for s in self.sources)
+            self._digest.append(hashlib.sha256(text.encode()).hexdigest())
+        return self._digest[0]
+
+    def aliases(self) -> list[str]:
+        """Every alias, finest GSD first (ties by alias)."""
+        return [s.alias for s in self.sources]
+
+    def get_source(self, alias: str) -> ImageSource:
+        """The source ``alias``; an unknown alias is a ConfigError naming the known ones."""
+        source = self._by_alias.get(alias)
+        if source is None:
+            raise _config_error(
+                f"unknown image source '{alias}': known sources are {', '.join(self.aliases())}"
+            )
+        return source
+
+    def with_sources(self, *sources: ImageSource, replace: bool = False) -> Catalog:
+        """A new catalog with ``sources`` added; an existing alias needs ``replace=True``."""
+        by_alias = dict(self._by_alias)
+        for source in sources:
+            if source.alias in by_alias and not replace:
+                raise _config_error(
+                    f"image source '{source.alias}' already exists: choose another alias or "
+                    "replace it explicitly"
+                )
+            by_alias[source.alias] = source
+        return Catalog(tuple(by_alias.values()))
+
+    def without(self, *aliases: str) -> Catalog:
+        """A new catalog without the sources ``aliases`` (unknown aliases are ignored)."""
+        return Catalog(tuple(s for s in self.sources if s.alias not in aliases))
 
 
-def _builtin_sources() -> list[ImageSource]:
-    spain = shapely.union_all(
-        [_polygon(_SPAIN_MAINLAND), box(*_SPAIN_BALEARICS), box(*_SPAIN_CANARIES)]
-    )
-    skysat = shapely.union_all(
-        [box(x - 0.15, y - 0.15, x + 0.15, y + 0.15) for x, y in _SKYSAT_SITES]
-    )
-    brandenburg = _polygon(_BRANDENBURG).difference(_polygon(_BERLIN))
-    s2_cloud = CloudRule("CLOUDY_PIXEL_PERCENTAGE", 20.0, "QA60", (10, 11))
-    landsat_cloud = CloudRule("CLOUD_COVER", 20.0, "QA_PIXEL", (3, 4))
-    return [
-        ImageSource(
-            alias="US",
-            collection="USDA/NAIP/DOQQ",
-            gsd=0.6,
-            years=tuple(range(2003, 2024)),
-            coverage=_polygon(_US_CONTIGUOUS),
-            description="NAIP aerial imagery, contiguous US (0.6-1 m, fetched at 0.6 m)",
-        ),
-        ImageSource(
-            alias="DE",
-            collection="Germany/Brandenburg/orthos/20cm",
-            gsd=0.2,
-            years=(2021, 2022),
-            coverage=brandenburg,
-            crs="EPSG:25833",
-            description="Brandenburg (Germany) orthophotos 20 cm",
-        ),
-        ImageSource(
-            alias="FI",
-            collection="Finland/SMK/V/50cm",
-            gsd=0.5,
-            years=tuple(range(2015, 2023)),
-            coverage=_polygon(_FINLAND),
-            crs="EPSG:3067",
-            description="Finland RGB NLS orthophotos 50 cm by SMK",
-        ),
-        ImageSource(
-            alias="CH",
-            collection="ORTHO/Switzerland/SWISSIMAGE/10cm",
-            gsd=0.1,
-            years=tuple(range(2017, 2022)),
-            coverage=_polygon(_SWITZERLAND),
-            crs="EPSG:2056",
-            description="SWISSIMAGE 10 cm RGB orthophotos, Switzerland",
-        ),
-        ImageSource(
-            alias="ES",
-            collection="Spain/PNOA/PNOA10",
-            gsd=0.1,
-            years=tuple(range(2007, 2019)),
-            coverage=spain,
-            description="Spain PNOA RGB orthophotos 10 cm",
-        ),
-        ImageSource(
-            alias="P3",
-            collection="SKYSAT/GEN-A/PUBLIC/ORTHO/RGB",
-            gsd=0.8,
-            years=(2014, 2015, 2016),
-            coverage=skysat,
-            description="Planet SkySat public ortho imagery, RGB (sparse scenes)",
-        ),
-        ImageSource(
-            alias="P5",
-            collection="SKYSAT/GEN-A/PUBLIC/ORTHO/MULTISPECTRAL",
-            gsd=2.0,
-            stretch=(200.0, 6000.0),
-            years=(2014, 2015, 2016),
-            coverage=skysat,
-            description="Planet SkySat public ortho imagery, multispectral 16-bit (sparse)",
-        ),
-        ImageSource(
-            alias="S2",
-            collection="COPERNICUS/S2_SR_HARMONIZED",
-            gsd=10.0,
-            bands=("B4", "B3", "B2"),
-            stretch=(0.0, 3000.0),
-            years=tuple(range(2017, 2026)),
-            cloud=s2_cloud,
-            description="Sentinel-2 MSI level-2A surface reflectance (harmonized)",
-        ),
-        ImageSource(
-            alias="L8",
-            collection="LANDSAT/LC08/C02/T1_TOA",
-            gsd=30.0,
-            bands=("B4", "B3", "B2"),
-            stretch=(0.0, 0.4),
-            gamma=1.2,
-            years=tuple(range(2013, 2026)),
-            cloud=landsat_cloud,
-            description="Landsat 8 collection 2 tier 1 TOA reflectance",
-        ),
-        ImageSource(
-            alias="L9",
-            collection="LANDSAT/LC09/C02/T1_TOA",
-            gsd=30.0,
-            bands=("B4", "B3", "B2"),
-            stretch=(0.0, 0.4),
-            gamma=1.2,
-            years=tuple(range(2021, 2026)),
-            cloud=landsat_cloud,
-            description="Landsat 9 collection 2 tier 1 TOA reflectance",
-        ),
-    ]
+#: The built-in sources' data file, shipped beside this module.
+CATALOG_FILE = Path(__file__).with_name("image_sources.yaml")
 
 
+def load_catalog(path: str | Path, base: Catalog | None = None) -> Catalog:
+    """``base`` (default: the built-in catalog) plus the sources of a YAML file.
+
+    The file maps each alias to the keys of ``source_from_dict``, as a pipeline's
+    ``source_definitions`` does; an alias ``base`` has already is overridden, keeping the
+    fields the file does not give. A bad file is an InputError naming it.
+    """
+    return _read_catalog(Path(path), builtin_catalog() if base is None else base)
+
+
+@functools.cache
+def builtin_catalog() -> Catalog:
+    """The sources shipped with the package (``image_sources.yaml``)."""
+    return _read_catalog(CATALOG_FILE, Catalog())
+
+
+def _read_catalog(path: Path, base: Catalog) -> Catalog:
+    import yaml
+
+    from skyscript_build.errors import ConfigError, InputError
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(path, f"not a readable image source catalog ({e})") from None
+    if not isinstance(data, Mapping) or not all(isinstance(v, Mapping) for v in data.values()):
+        raise InputError(path, "expected a mapping of alias -> source fields")
+    try:
+        sources = [source_from_dict({**v, "alias": str(k)}, base) for k, v in data.items()]
+    except ConfigError as e:
+        raise InputError(path, str(e)) from None
+    return base.with_sources(*sources, replace=True)
+
+
+# The catalog ``list_sources``, ``get_source`` and a stage config without its own start from:
+# the built-in one plus what this process's ``add_source`` calls added.
 _LOCK = threading.Lock()
-_REGISTRY: dict[str, ImageSource] = {s.alias: s for s in _builtin_sources()}
+_DEFAULT: list[Catalog] = []
+
+
+def default_catalog() -> Catalog:
+    """The built-in catalog plus the sources ``add_source`` added in this process."""
+    return _update_default(lambda catalog: catalog)
+
+
+def _update_default(change: Callable[[Catalog], Catalog]) -> Catalog:
+    with _LOCK:
+        _DEFAULT[:] = [change(_DEFAULT[0] if _DEFAULT else builtin_catalog())]
+        return _DEFAULT[0]
 
 
 def list_sources() -> list[str]:
-    """Aliases of every registered source, finest GSD first (ties by alias)."""
-    with _LOCK:
-        return [s.alias for s in sorted(_REGISTRY.values(), key=lambda s: (s.gsd, s.alias))]
+    """Aliases of the default catalog, finest GSD first (ties by alias)."""
+    return default_catalog().aliases()
 
 
 def get_source(alias: str) -> ImageSource:
-    """The source registered under ``alias``; an unknown alias is a ConfigError."""
-    with _LOCK:
-        source = _REGISTRY.get(alias)
-    if source is None:
-        raise _config_error(
-            f"unknown image source '{alias}': known sources are {', '.join(list_sources())}"
-        )
-    return source
+    """The default catalog's source ``alias``; an unknown alias is a ConfigError."""
+    return default_catalog().get_source(alias)
 
 
 def add_source(source: ImageSource, replace: bool = False) -> None:
-    """Register ``source`` under its alias; an existing alias needs ``replace=True``."""
-    with _LOCK:
-        if source.alias in _REGISTRY and not replace:
-            raise _config_error(
-                f"image source '{source.alias}' already exists: choose another alias or "
-                "replace it explicitly"
-            )
-        _REGISTRY[source.alias] = source
+    """Add ``source`` to the default catalog (an existing alias needs ``replace=True``).
+
+    Stage configs made afterwards start from it; catalogs made before do not change.
+    """
+    _update_default(lambda catalog: catalog.with_sources(source, replace=replace))
 
 
 def remove_source(alias: str) -> None:
-    """Forget the source ``alias`` (tests and pipelines that registered their own)."""
-    with _LOCK:
-        _REGISTRY.pop(alias, None)
+    """Take the source ``alias`` out of the default catalog (unknown aliases are ignored)."""
+    _update_default(lambda catalog: catalog.without(alias))
 
 
 # --- building a source from a pipeline's YAML mapping ----------------------------------------
@@ -464,9 +426,10 @@ def _raster_coverage(folder: str, alias: str) -> BaseGeometry:
     return shapely.union_all(boxes)
 
 
-def source_from_dict(d: Mapping[str, Any]) -> ImageSource:
-    """Build a source from a pipeline mapping; fields not given come from the source of the
-    same alias when there is one (an override), else from the defaults.
+def source_from_dict(d: Mapping[str, Any], catalog: Catalog | None = None) -> ImageSource:
+    """Build a source from a mapping (a pipeline's or a catalog file's entry); fields not given
+    come from the source of the same alias in ``catalog`` (default: the default catalog) when
+    it has one (an override), else from the defaults. Registers nothing.
 
     Keys: ``alias`` (required), ``collection``, ``gsd``, ``bands``, ``stretch`` ([min, max]),
     ``gamma``, ``years`` (list or ``"2015-2022"``), ``coverage`` ([w, s, e, n], WKT or GeoJSON;
@@ -484,38 +447,10 @@ def source_from_dict(d: Mapping[str, Any]) -> ImageSource:
             f"image source '{alias}': unknown key(s) {', '.join(unknown)} "
             f"(known: {', '.join(sorted(_DICT_KEYS))})"
         )
-    with _LOCK:
-        base = _REGISTRY.get(alias)
-    kw: dict[str, Any] = {}
-    for key, value in d.items():
-        if key == "alias" or value is None:
-            continue
-        try:
-            if key == "gsd":
-                kw[key] = float(value)
-            elif key == "bands":
-                kw[key] = tuple(str(b) for b in value)
-            elif key == "stretch":
-                kw[key] = tuple(float(v) for v in value)
-            elif key == "gamma":
-                kw[key] = float(value)
-            elif key == "years":
-                kw[key] = _parse_years(value, alias)
-            elif key == "coverage":
-                kw[key] = _parse_coverage(value, alias)
-            elif key == "cloud":
-                cloud = dict(value)
-                if "mask_bits" in cloud:
-                    cloud["mask_bits"] = tuple(int(b) for b in cloud["mask_bits"])
-                kw[key] = CloudRule(**cloud)
-            elif key == "quota":
-                kw[key] = Quota(**dict(value))
-            else:
-                kw[key] = str(value)
-        except (TypeError, ValueError) as e:
-            raise _config_error(f"image source '{alias}': bad {key} ({e})") from None
-    if base is not None:
-        return dataclasses.replace(base, **kw)
+    base = catalog if catalog is not None else default_catalog()
+    kw = _parse_fields(d, alias)
+    if alias in base:
+        return dataclasses.replace(base.get_source(alias), **kw)
     kw.setdefault("collection", alias)
     if "gsd" not in kw or "years" not in kw:
         raise _config_error(f"image source '{alias}': a new source needs 'gsd' and 'years'")
@@ -524,3 +459,36 @@ def source_from_dict(d: Mapping[str, Any]) -> ImageSource:
     if kw.get("backend") in ("raster", "xyz") and "quota" not in kw:
         kw["quota"] = Quota(requests_per_s=50.0, concurrency=8, latency_s=0.2)
     return ImageSource(alias=alias, **kw)
+
+
+def _cloud_rule(value: Any, alias: str) -> CloudRule:
+    cloud = dict(value)
+    if "mask_bits" in cloud:
+        cloud["mask_bits"] = tuple(int(b) for b in cloud["mask_bits"])
+    return CloudRule(**cloud)
+
+
+# How each key of a source mapping becomes a field (any other key: its text).
+_FIELD_PARSERS: dict[str, Callable[[Any, str], Any]] = {
+    "gsd": lambda v, alias: float(v),
+    "bands": lambda v, alias: tuple(str(b) for b in v),
+    "stretch": lambda v, alias: tuple(float(x) for x in v),
+    "gamma": lambda v, alias: float(v),
+    "years": _parse_years,
+    "coverage": _parse_coverage,
+    "cloud": _cloud_rule,
+    "quota": lambda v, alias: Quota(**dict(v)),
+}
+
+
+def _parse_fields(d: Mapping[str, Any], alias: str) -> dict[str, Any]:
+    """The fields a source mapping gives (None values left out), parsed."""
+    kw: dict[str, Any] = {}
+    for key, value in d.items():
+        if key == "alias" or value is None:
+            continue
+        try:
+            kw[key] = _FIELD_PARSERS.get(key, lambda v, alias: str(v))(value, alias)
+        except (TypeError, ValueError) as e:
+            raise _config_error(f"image source '{alias}': bad {key} ({e})") from None
+    return kw

@@ -9,7 +9,6 @@ It prints, and writes to ``$OUT/gpu_filter.json``:
 - the stage: ``run_filter`` end to end (decode workers, transfers, text, forward, parquet,
   CSVs) for ViT-L-14 (224 and 512 px tiles) and ViT-B-32 (224 px), with GPU and CPU decoding;
 - bf16 against fp32 scores (ViT-L-14): differences and how much the top-k% sets change;
-- GPU decoding against the model's own PIL preprocess (per-pixel levels and scores);
 - two scoring processes on the one GPU (``--device cuda:0,cuda:0``): CSVs identical to one;
 - where the time goes: torch.profiler over a ViT-B-32 run (and py-spy when installed).
 
@@ -253,45 +252,6 @@ def compare_scores(a: Path, b: Path, fractions=(0.3, 0.5)) -> dict:
         tb = set(sb.sort_values(ascending=False, kind="stable").index[:k])
         res[f"top{int(f * 100)}pct_changed"] = len(ta - tb)
         res[f"top{int(f * 100)}pct_changed_share"] = round(len(ta - tb) / max(k, 1), 5)
-    return res
-
-
-def decode_levels(device: str) -> dict:
-    """GPU (or CPU tensor path) decode + resize against the model's PIL preprocess."""
-    import io
-
-    import open_clip
-    import torch
-
-    from skyscript_build.filter._decode import read_pixels, split_preprocess, tensor_pixels
-
-    _, _, pre = open_clip.create_model_and_transforms("ViT-B-32")
-    pixels = split_preprocess(pre)
-    rng = np.random.default_rng(1)
-    res = {}
-    for h, w in [(48, 48), (224, 224), (300, 500), (512, 512), (1024, 700)]:
-        diffs = []
-        for _ in range(8):
-            yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-            base = np.stack(
-                [
-                    np.sin(xx * rng.uniform(2, 9) + c) * np.cos(yy * rng.uniform(2, 9))
-                    for c in range(3)
-                ],
-                -1,
-            )
-            img = ((base + 1) * 100 + rng.normal(0, 12, base.shape)).clip(0, 255)
-            buf = io.BytesIO()
-            Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=90)
-            data = buf.getvalue()
-            ref, _ = read_pixels(io.BytesIO(data), pixels)
-            got, failed = tensor_pixels(
-                [torch.frombuffer(bytearray(data), dtype=torch.uint8)], pixels, device
-            )
-            assert not failed
-            diffs.append((got[0].cpu().int() - ref.int()).abs())
-        d = torch.stack(diffs).float()
-        res[f"{h}x{w}"] = {"max_levels": int(d.max()), "mean_levels": round(float(d.mean()), 4)}
     return res
 
 

@@ -11,8 +11,11 @@ each and returns the results in shard order:
   ``<markers>/<name>.done.json`` (its result and the run's ``fingerprint``), written where
   the shard ran, after its own outputs. A rerun with the same fingerprint reads the result
   back instead of running the shard again, so a killed run (or a killed worker) resumes the
-  same way in every stage. A shard whose result says ``"incomplete": true`` (a fetch shard
-  with tiles to retry, say) is not marked, and runs again next time.
+  same way in every stage. A shard whose result says ``"incomplete": true`` is not marked,
+  and runs again next time.
+
+A shard's result is a typed record (a ``ShardRecord`` dataclass; ``run_shards(...,
+record=Type)`` reads a marker back as one) or a JSON-able dict.
 
 A shard function writes its outputs atomically (``files.atomic_path``), so that a shard
 retried after a crash never meets half a file of its own.
@@ -20,13 +23,14 @@ retried after a crash never meets half a file of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import multiprocessing
 import os
 import threading
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -37,7 +41,15 @@ from .cluster import ClusterConfig, dask_client
 from .files import write_json_atomic
 from .progress import progress_bar
 
-__all__ = ["Local", "RunnerConfig", "run_shards", "finished_result", "marker_path", "clear_markers"]
+__all__ = [
+    "Local",
+    "RunnerConfig",
+    "ShardRecord",
+    "run_shards",
+    "finished_result",
+    "marker_path",
+    "clear_markers",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,34 @@ log = logging.getLogger(__name__)
 #: releases the GIL: numpy, numba, arrow, I/O), or on worker processes (pure Python work).
 Local = Literal["inline", "threads", "processes"]
 MARKER_SUFFIX = ".done.json"
+
+
+class ShardRecord:
+    """Base of a shard's result as a typed record: a dataclass of JSON-able fields.
+
+    The runner keeps ``to_json()`` in the shard's marker and, given ``record=`` the class,
+    reads it back with ``from_json`` (keys the class does not know are left out, so a marker
+    of an older version still reads). A field whose metadata says ``{"saved": False}`` is not
+    kept (``already_done``, which the runner sets on a result read back from a marker).
+    """
+
+    def to_json(self) -> dict[str, Any]:
+        """The saved fields, in declaration order."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.metadata.get("saved", True)
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Any:
+        """The record of ``data`` (as ``to_json`` wrote it)."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def _saved(result: Any) -> dict[str, Any]:
+    return result.to_json() if isinstance(result, ShardRecord) else result
 
 
 @dataclass(frozen=True)
@@ -98,45 +138,51 @@ def clear_markers(markers: Path) -> int:
 
 
 def run_and_mark(
-    func: Callable[[Any], dict[str, Any]], shard: Any, markers: str | None, fingerprint: str
-) -> dict[str, Any]:
+    func: Callable[[Any], Any], shard: Any, markers: str | None, fingerprint: str
+) -> Any:
     """Run one shard and mark it finished (module level: what a worker runs)."""
     result = func(shard)
-    if markers is not None and not result.get("incomplete"):
-        write_json_atomic(
-            marker_path(Path(markers), shard.name), {"fingerprint": fingerprint, "result": result}
-        )
+    if markers is not None:
+        saved = _saved(result)
+        if not saved.get("incomplete"):
+            record = {"fingerprint": fingerprint, "result": saved}
+            write_json_atomic(marker_path(Path(markers), shard.name), record)
     return result
 
 
 def run_shards(
-    func: Callable[[Any], dict[str, Any]],
+    func: Callable[[Any], Any],
     shards: Sequence[Any],
     config: RunnerConfig,
     *,
     client: Any = None,
     priority: Sequence[float] | None = None,
-    on_result: Callable[[int, dict[str, Any]], None] | None = None,
-) -> list[dict[str, Any]]:
+    on_result: Callable[[int, Any], None] | None = None,
+    record: type[ShardRecord] | None = None,
+) -> list[Any]:
     """Run ``func`` on every shard not finished yet; the results of all, in shard order.
 
     Args:
-        func: module-level function of one shard returning a JSON-able dict.
+        func: module-level function of one shard returning its result: a ``ShardRecord`` or
+            a JSON-able dict (anything picklable when there are no markers).
         shards: shard descriptions, each with a ``name``.
         config: where they run and where their markers go.
         client: an open ``distributed.Client`` to use (else ``config.cluster`` decides).
         priority: per shard, higher starts first (the largest shards, say); default: in order.
         on_result: called with (shard index, result) as each shard finishes (in this process).
+        record: the ``ShardRecord`` class of the results, to read finished shards' markers
+            back as; None: markers are read back as dicts.
     """
     names = [s.name for s in shards]
     if len(set(names)) != len(names):
         raise ValueError("shard names must be unique")
-    results: list[dict[str, Any] | None] = [None] * len(shards)
+    results: list[Any] = [None] * len(shards)
     todo: list[int] = []
     for i, shard in enumerate(shards):
         done = finished_result(config.markers, shard.name, config.fingerprint)
         if done is not None:
-            results[i] = {**done, "already_done": True}
+            done = {**done, "already_done": True}
+            results[i] = record.from_json(done) if record is not None else done
         else:
             todo.append(i)
     if len(todo) < len(shards):
@@ -165,12 +211,12 @@ class _Run:
 
     def __init__(
         self,
-        func: Callable[[Any], dict[str, Any]],
+        func: Callable[[Any], Any],
         shards: Sequence[Any],
         todo: list[int],
-        results: list[dict[str, Any] | None],
+        results: list[Any],
         config: RunnerConfig,
-        on_result: Callable[[int, dict[str, Any]], None] | None,
+        on_result: Callable[[int, Any], None] | None,
     ) -> None:
         self.func, self.shards, self.todo, self.results = func, shards, todo, results
         self.config, self.on_result = config, on_result
@@ -182,7 +228,7 @@ class _Run:
         """What ``run_and_mark`` gets for shard ``i``."""
         return self.func, self.shards[i], self.markers, self.config.fingerprint
 
-    def done(self, i: int, result: dict[str, Any]) -> None:
+    def done(self, i: int, result: Any) -> None:
         self.results[i] = result
         if self.on_result is not None:
             self.on_result(i, result)

@@ -439,7 +439,7 @@ def test_blobs_decoded_by_pyosmium_give_the_same_rows(
     """Blobs the bulk decoders do not cover (plain nodes, another compression, an odd field
     order) go through pyosmium: forced here for every blob, the rows are the same."""
     from skyscript_build.extract import _nodes, _waytask
-    from skyscript_build.extract._dense import Unsupported
+    from skyscript_build.extract._pbf import Unsupported
 
     def unsupported(*args, **kwargs):
         raise Unsupported("forced for the test")

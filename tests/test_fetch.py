@@ -231,6 +231,22 @@ def test_a_pipeline_source_reaches_dask_workers(fx, tmp_path):
     assert {r["image_id"] for r in iter_manifest(tmp_path / "ds")} == {"helsinki_2019"}
 
 
+def test_an_alias_the_catalog_lacks_stops_before_any_work(fx, tmp_path, cli):
+    """No fallback to the request's collection: an unknown alias is an error, naming the file."""
+    rows = fixture_data.request_rows(4, seed=3)
+    rows[2].update(alias="ZZ", key=rows[2]["key"].replace("FI", "ZZ"))
+    requests = fixture_data.write_requests(tmp_path / "req", [rows])
+    out = tmp_path / "ds"
+    result = cli("fetch", "--requests", requests, "--out", out, "--backend", "raster",
+                 "--location", fx["rasters"])  # fmt: skip
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "part-00000.parquet" in result.stderr and "image source(s) ZZ not in the catalog" in (
+        result.stderr
+    )
+    assert not out.exists()
+
+
 def test_a_rerun_repairs_lost_and_damaged_files(fx, tmp_path):
     out = tmp_path / "ds"
     run_fetch(_config(fx, out, shard_size=4))

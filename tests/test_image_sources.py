@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import pickle
+from pathlib import Path
+
 import numpy as np
 import pytest
 import shapely
+import yaml
 
 import image_sources as cat
 from skyscript_build.errors import ConfigError, InputError
@@ -158,3 +163,45 @@ def test_raster_source_covers_its_files(tmp_path):
                 "years": [2019],
             }  # fmt: skip
         )
+
+
+def test_the_builtin_sources_are_the_data_file_beside_the_module():
+    assert cat.CATALOG_FILE.parent == Path(cat.__file__).parent
+    data = yaml.safe_load(cat.CATALOG_FILE.read_text())
+    assert sorted(data) == sorted(DESIGN_TABLE) == sorted(cat.builtin_catalog().aliases())
+
+
+def test_a_catalog_is_an_immutable_value():
+    base = cat.builtin_catalog()
+    fi_2019 = cat.source_from_dict({"alias": "FI", "years": [2019]}, base)
+    mine = base.with_sources(fi_2019, replace=True)
+    assert mine.get_source("FI").years == (2019,)
+    assert base.get_source("FI").years != (2019,) and cat.get_source("FI").years != (2019,)
+    assert mine != base and mine == base.with_sources(fi_2019, replace=True)
+    again = pickle.loads(pickle.dumps(mine))  # how a catalog reaches Dask workers
+    assert again == mine and hash(again) == hash(mine) and again.aliases() == mine.aliases()
+    with pytest.raises(ConfigError, match="already exists"):
+        base.with_sources(fi_2019)
+    assert "CH" not in base.without("CH") and "CH" in base
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        base.sources = ()  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="unknown image source 'XX'"):
+        mine.get_source("XX")
+
+
+def test_load_catalog_adds_a_users_own_file(tmp_path):
+    path = tmp_path / "my_sources.yaml"
+    path.write_text(
+        "MINE:\n  gsd: 0.25\n  years: 2020-2021\n  coverage: [24.0, 60.0, 25.0, 61.0]\n"
+        "FI:\n  years: [2019]\n"
+    )
+    mine = cat.load_catalog(path)
+    assert mine.get_source("MINE").years == (2020, 2021) and mine.get_source("FI").gsd == 0.5
+    assert mine.get_source("FI").years == (2019,) and "MINE" not in cat.list_sources()
+    assert set(mine.aliases()) == set(cat.builtin_catalog().aliases()) | {"MINE"}
+    path.write_text("NEW:\n  gsd: 1\n")
+    with pytest.raises(InputError, match="my_sources.yaml.*needs 'gsd' and 'years'"):
+        cat.load_catalog(path)
+    path.write_text("- just a list\n")
+    with pytest.raises(InputError, match="my_sources.yaml.*mapping of alias"):
+        cat.load_catalog(path)

@@ -118,14 +118,29 @@ def test_source_definitions_add_a_source(tmp_path: Path, monkeypatch: pytest.Mon
         "    backend: xyz\n"
         "    location: http://127.0.0.1:1/{z}/{x}/{y}.png\n"
     )
-    try:
-        config = load_pipeline(write(tmp_path, text))
-        assert config.sources == ("FI", "MYXYZ")
-        assert image_sources.get_source("MYXYZ").gsd == 0.3
-    finally:
-        image_sources.remove_source("MYXYZ")
+    config = load_pipeline(write(tmp_path, text))
+    assert config.sources == ("FI", "MYXYZ")
+    assert config.catalog.get_source("MYXYZ").gsd == 0.3
+    assert "MYXYZ" not in image_sources.list_sources(), "a pipeline changes no other catalog"
     bad = MINIMAL + "source_definitions:\n  NEW:\n    gsd: 1\n"
     assert "source_definitions.NEW:" in error_of(write(tmp_path, bad))
+
+
+def test_a_pipeline_that_overrides_a_builtin_source_leaves_it_alone(tmp_path: Path):
+    """Validating a pipeline makes its own catalog: the built-in FI is the same afterwards,
+    for this process and for the next pipeline loaded."""
+    import image_sources
+
+    before = image_sources.get_source("FI")
+    text = MINIMAL + "source_definitions:\n  FI:\n    years: [2019]\n    gsd: 0.25\n"
+    config = load_pipeline(write(tmp_path, text))
+    assert (config.catalog.get_source("FI").gsd, config.catalog.get_source("FI").years) == (
+        0.25,
+        (2019,),
+    )
+    assert image_sources.get_source("FI") is before
+    assert load_pipeline(write(tmp_path, MINIMAL, "q.yaml")).catalog.get_source("FI") is before
+    assert "catalog" not in config.to_dict()  # pipeline.json keeps source_definitions only
 
 
 def test_unset_variable_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -3,14 +3,15 @@ shards are marked and not run again; a changed fingerprint or an incomplete shar
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from skyscript_build.cluster import ClusterConfig
-from skyscript_build.runner import RunnerConfig, marker_path, run_shards
+from skyscript_build.runner import RunnerConfig, ShardRecord, marker_path, run_shards
 
 
 @dataclass(frozen=True)
@@ -69,3 +70,26 @@ def test_duplicate_names_refused(tmp_path: Path):
     shard = _shards(tmp_path)[0]
     with pytest.raises(ValueError, match="unique"):
         run_shards(_square, [shard, shard], RunnerConfig())
+
+
+@dataclass
+class _Squared(ShardRecord):
+    square: int
+    pid: int
+    already_done: bool = field(default=False, metadata={"saved": False})
+
+
+def _square_record(shard: _Shard) -> _Squared:
+    return _Squared(**{k: v for k, v in _square(shard).items() if k != "incomplete"})
+
+
+def test_typed_results_are_marked_and_read_back_as_records(tmp_path: Path):
+    config = RunnerConfig(local="inline", markers=tmp_path / "m", fingerprint="a")
+    shards = _shards(tmp_path)[:3]
+    first = run_shards(_square_record, shards, config, record=_Squared)
+    assert [type(r) for r in first] == [_Squared] * 3 and not any(r.already_done for r in first)
+    saved = json.loads(marker_path(tmp_path / "m", "s03").read_text())["result"]
+    assert saved == {"square": 9, "pid": os.getpid()}  # already_done is not saved
+    again = run_shards(_square_record, shards, config, record=_Squared)
+    assert [(r.square, r.already_done) for r in again] == [(9, True), (1, True), (4, True)]
+    assert _runs(tmp_path) == ["s01", "s02", "s03"]  # each ran once

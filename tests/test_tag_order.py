@@ -76,7 +76,7 @@ def test_extract_keeps_each_element_s_tag_order(objects: Path):
 
 def test_extract_s_pyosmium_readers_keep_it_too(objects: Path, tmp_path: Path, monkeypatch):
     from skyscript_build.extract import _nodes, _waytask
-    from skyscript_build.extract._dense import Unsupported
+    from skyscript_build.extract._pbf import Unsupported
 
     def unsupported(*args, **kwargs):
         raise Unsupported("forced for the test")

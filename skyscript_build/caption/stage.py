@@ -268,6 +268,14 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
     with leave_no_empty_folders(out.parent):
         _caption_into(config, folders, rules, print_, result)
     result.seconds = time.perf_counter() - start
+    _warn_about_missing(result)
+    _write_stats(config, result, print_)
+    log.debug("%s", result.summary())
+    return result
+
+
+def _warn_about_missing(result: CaptionResult) -> None:
+    """A warning when no meta file gave a caption, or some had no image."""
     if result.files and not result.written:
         log.warning(
             "caption: none of the %d meta files gave a caption (%d empty, %d without their "
@@ -276,14 +284,20 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
             result.empty,
             result.missing_images,
             result.n_refused,
-            stats_path(out),
+            stats_path(result.out),
         )
     elif result.missing_images:
         log.warning(
             "caption: %d meta files have no image (no row for them); see %s",
             result.missing_images,
-            stats_path(out),
+            stats_path(result.out),
         )
+
+
+def _write_stats(config: CaptionConfig, result: CaptionResult, print_: str) -> None:
+    """``<csv>.stats.json``: counts, refusals with examples, and the inputs' fingerprint (a
+    rerun with the same fingerprint and CSV is up to date)."""
+    out = result.out
     write_json_atomic(
         stats_path(out),
         {
@@ -307,8 +321,6 @@ def run_caption(config: CaptionConfig) -> CaptionResult:
             "csv": [out.stat().st_size, out.stat().st_mtime_ns],
         },
     )
-    log.debug("%s", result.summary())
-    return result
 
 
 def _check_image_folders(dataset: Path, folders: list[MetaFolder]) -> None:

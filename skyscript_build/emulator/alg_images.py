@@ -205,6 +205,41 @@ def _palette(colors: Any) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
+def _visual_ranges(
+    n: int, vmin: Any, vmax: Any, gain: Any, bias: Any
+) -> tuple[list[float], list[float]]:
+    """Per band, the values mapped to 0 and 255: ``min``/``max``, or from ``gain``/``bias``."""
+    if gain is not None or bias is not None:
+        g = _per_band(gain, n, 1.0, "gain")
+        b = _per_band(bias, n, 0.0, "bias")
+        lo = [-bb / gg for gg, bb in zip(g, b, strict=True)]
+        hi = [(255 - bb) / gg for gg, bb in zip(g, b, strict=True)]
+        return lo, hi
+    return _per_band(vmin, n, 0.0, "min"), _per_band(vmax, n, 1.0, "max")
+
+
+def _to_uint8(
+    data: np.ndarray, lo: list[float], hi: list[float], gammas: list[float],
+    pal: np.ndarray | None,
+) -> np.ndarray:  # fmt: skip
+    """Bands scaled from [lo, hi] to 0..255, with gamma; one band through ``pal`` to RGB."""
+    n = data.shape[0]
+    out = np.empty(data.shape, dtype=np.uint8)
+    for k in range(n):
+        span = (hi[k] - lo[k]) or 1e-12
+        v = np.clip((data[k].astype(np.float32) - lo[k]) / span, 0, 1)
+        if gammas[k] != 1:
+            v = v ** (1.0 / gammas[k])
+        if pal is not None:
+            out = np.empty((3, *data.shape[1:]), dtype=np.uint8)
+            stops = np.linspace(0, 1, len(pal))
+            for c in range(3):
+                out[c] = np.rint(np.interp(v, stops, pal[:, c]))
+            return out
+        out[k] = np.rint(v * 255)
+    return out
+
+
 def visualize_image(
     image: Img,
     bands: Any = None,
@@ -228,14 +263,7 @@ def visualize_image(
         )
     if palette is not None and n != 1:
         raise EvalError("Image.visualize: Can't specify a palette with more than 1 band.")
-    if gain is not None or bias is not None:
-        g = _per_band(gain, n, 1.0, "gain")
-        b = _per_band(bias, n, 0.0, "bias")
-        lo = [-bb / gg for gg, bb in zip(g, b, strict=True)]
-        hi = [(255 - bb) / gg for gg, bb in zip(g, b, strict=True)]
-    else:
-        lo = _per_band(vmin, n, 0.0, "min")
-        hi = _per_band(vmax, n, 1.0, "max")
+    lo, hi = _visual_ranges(n, vmin, vmax, gain, bias)
     gammas = _per_band(gamma, n, 1.0, "gamma")
     pal = _palette(palette) if palette is not None else None
     identity = (
@@ -253,22 +281,7 @@ def visualize_image(
     def render(grid: Grid, wanted: list[int]) -> tuple[np.ndarray, np.ndarray]:
         data, mask = src_render(grid, list(range(n)))
         valid = mask if mask.ndim == 2 else mask.all(axis=0)
-        if identity:
-            out = data
-        else:
-            out = np.empty(data.shape, dtype=np.uint8)
-            for k in range(n):
-                span = (hi[k] - lo[k]) or 1e-12
-                v = np.clip((data[k].astype(np.float32) - lo[k]) / span, 0, 1)
-                if gammas[k] != 1:
-                    v = v ** (1.0 / gammas[k])
-                if pal is not None:
-                    out = np.empty((3, *data.shape[1:]), dtype=np.uint8)
-                    stops = np.linspace(0, 1, len(pal))
-                    for c in range(3):
-                        out[c] = np.rint(np.interp(v, stops, pal[:, c]))
-                    break
-                out[k] = np.rint(v * 255)
+        out = data if identity else _to_uint8(data, lo, hi, gammas, pal)
         if opacity is not None and float(opacity) <= 0:
             valid = np.zeros_like(valid)
         if wanted != list(range(out.shape[0])):

@@ -30,11 +30,11 @@ import pyarrow.compute as pc
 
 from tag_filters import TagFilter, load_tag_filter
 
-from ._dense import StringTable, Unsupported, _Judge, judge_tags
+from ._dense import TagJudge, judge_tags
 from ._encode import pbf_file, ranges, way_blocks
 from ._parquet import Batch, PartWriter, batch_to_table, remove_parts
-from ._pbf import read_blob
-from ._ways import Elements
+from ._pbf import Elements, StringTable, Unsupported, read_blob
+from ._records import RelationStats
 
 __all__ = [
     "Picked",
@@ -177,7 +177,7 @@ class _RelationLister:
 
 
 def relation_candidates(
-    judge: _Judge, block: bytes, group: tuple[int, int], table: StringTable
+    judge: TagJudge, block: bytes, group: tuple[int, int], table: StringTable
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, member way counts, member way ids) of the relations of a group that osmium would
     assemble into kept areas (type multipolygon or boundary, a groundable tag), decoded in
@@ -310,7 +310,7 @@ def _member_ways(task: RelationTask, need: np.ndarray) -> list[bytes]:
     return way_blocks(np.concatenate(flats), np.concatenate(lengths))
 
 
-def relation_task(task: RelationTask) -> dict[str, Any]:
+def relation_task(task: RelationTask) -> RelationStats:
     """Assemble the task's relations, write their areas sorted by id (``part-3-*``); return
     counts (``error`` set when the input cannot be read)."""
     tf = load_tag_filter(task.tag_filter)
@@ -331,7 +331,7 @@ def relation_task(task: RelationTask) -> dict[str, Any]:
             with osmium.io.Reader(buffer, osmium.osm.RELATION) as r:
                 osmium.apply(r, only, manager.first_pass_handler())
         except (RuntimeError, OSError, ValueError) as e:
-            return {"error": f"corrupt OSM PBF relation blocks ({e})"}
+            return RelationStats(error=f"corrupt OSM PBF relation blocks ({e})")
         del relations, buffer
         buffer = osmium.io.FileBuffer(pbf_file(_member_ways(task, need)), "pbf")
         with osmium.io.Reader(buffer, osmium.osm.WAY) as r:
@@ -342,8 +342,6 @@ def relation_task(task: RelationTask) -> dict[str, Any]:
     writer = PartWriter(out, prefix, task.rows_per_part)
     writer.write(table)
     dropped["broken_multipolygon"] += max(0, int(ids.size) - made - dropped["broken_multipolygon"])
-    return {
-        "rows": {"a": table.num_rows},
-        "parts": writer.close(),
-        "dropped": dict(sorted((+dropped).items())),
-    }
+    return RelationStats(
+        rows={"a": table.num_rows}, parts=writer.close(), dropped=dict(sorted((+dropped).items()))
+    )

@@ -35,15 +35,8 @@ AREA_STRINGS = b"\x0a\x00\x0a\x04area\x0a\x03yes"
 
 
 def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
+    """One varint (a header's length, say: ``varints`` does the bulk)."""
+    return varints(np.array([value], np.uint64))[0].tobytes()
 
 
 def _field(number: int, payload: bytes) -> bytes:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ._parquet import PartWriter, remove_parts
+from ._records import MergeStats
 
 __all__ = ["MergeTask", "plan_merges", "merge_task", "KINDS"]
 
@@ -106,7 +106,7 @@ def plan_merges(
     return tasks
 
 
-def merge_task(task: MergeTask) -> dict[str, Any]:
+def merge_task(task: MergeTask) -> MergeStats:
     """Merge the task's id range of every input, one row per id; write it (``part-K-*``)."""
     out = Path(task.out_dir)
     prefix = f"{task.kind}-{task.index:05d}"
@@ -134,4 +134,4 @@ def merge_task(task: MergeTask) -> dict[str, Any]:
         writer.write(table)
         kept = table.num_rows
     kind = "n" if task.kind == 0 else "w" if task.kind == 1 else "a"
-    return {"kind": kind, "rows": kept, "duplicates": total - kept, "parts": writer.close()}
+    return MergeStats(kind=kind, rows=kept, duplicates=total - kept, parts=writer.close())

@@ -16,6 +16,7 @@ pyosmium, with the same rows.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -29,26 +30,27 @@ import pyarrow as pa
 from tag_filters import TagFilter, load_tag_filter
 
 from ._areas import add_row, prescan_relations, relation_candidates, tag_picker
-from ._dense import (
-    PointBlock,
-    StringTable,
-    Unsupported,
-    _decompress,
-    _dense_points,
-    _fields,
-    _Judge,
-    _packed_varints,
-    _zigzag_delta,
-    data_block_parts,
-)
+from ._dense import LIMIT_X, LIMIT_Y, PointBlock, TagJudge, dense_points
 from ._encode import pbf_file
 from ._nodestore import save_array, write_npz, write_store
 from ._parquet import Batch, PartWriter, batch_to_table, columns_to_table, point_wkb, remove_parts
-from ._pbf import read_blob
+from ._pbf import (
+    DENSE_NODES,
+    NODES,
+    RELATIONS,
+    WAYS,
+    StringTable,
+    Unsupported,
+    data_block_parts,
+    decompress,
+    dense_nodes,
+    group_kind,
+    read_blob,
+)
+from ._records import NodeStats
 
 __all__ = ["NodeTask", "node_task"]
 
-_LIMIT_X, _LIMIT_Y = 1_800_000_000, 900_000_000
 #: The finest cut of the relations into relation tasks: this many relations and member ways.
 HIST_STEP = 250
 
@@ -68,31 +70,6 @@ class NodeTask:
     batch_rows: int
 
 
-def _div100(a: np.ndarray) -> np.ndarray:
-    return np.sign(a) * (np.abs(a) // 100)
-
-
-def _decode_dense(
-    block: bytes, dense: tuple[int, int], meta: dict[str, int]
-) -> tuple[np.ndarray, ...] | None:
-    """(ids, raw lats, raw lons, x, y) of a DenseNodes group; x and y are osmium's integers."""
-    spans: dict[int, tuple[int, int]] = {}
-    for field, value in _fields(block, *dense):
-        if field in (1, 8, 9):
-            spans[field] = value
-    if 1 not in spans:
-        return None
-    ids = _zigzag_delta(_packed_varints(block, spans[1]))
-    lat = _zigzag_delta(_packed_varints(block, spans[8]))
-    lon = _zigzag_delta(_packed_varints(block, spans[9]))
-    if not ids.size == lat.size == lon.size:
-        raise Unsupported("DenseNodes fields of different lengths")
-    gran = meta["granularity"]
-    x = _div100(meta["lon_offset"] + gran * lon)
-    y = _div100(meta["lat_offset"] + gran * lat)
-    return ids, lat, lon, x, y
-
-
 class _Blob:
     """What one blob gave, kept apart until the whole blob is decoded."""
 
@@ -108,36 +85,34 @@ class _Blob:
         self.relation_list: tuple[np.ndarray, ...] = (empty, empty, empty)  # all of the blob
 
 
-def _bulk(block: bytes, judge: _Judge) -> _Blob:
+def _bulk(block: bytes, judge: TagJudge) -> _Blob:
     """Decode a blob in bulk: its nodes, and the relations to assemble; note whether it
     holds ways. Raises ``Unsupported``."""
     got = _Blob()
     strings, meta, groups = data_block_parts(block)
     table: StringTable | None = None
     for group in groups:
-        field, value = next(_fields(block, *group), (0, None))
-        if field == 1:
+        kind, value = group_kind(block, group)
+        if kind == NODES:
             raise Unsupported("plain (not dense) nodes")
-        if field == 3:
-            got.ways = True
-        if field in (2, 4) and table is None:
+        got.ways |= kind == WAYS
+        if kind in (DENSE_NODES, RELATIONS) and table is None:
             table = StringTable.of_block(block, strings)
-        if field == 4:
+        if kind == RELATIONS:
             assert table is not None
             got.relations = True
             got.candidates.append(relation_candidates(judge, block, group, table))
-        if field != 2:
+        if kind != DENSE_NODES:
             continue
         assert isinstance(value, tuple) and table is not None
-        decoded = _decode_dense(block, value, meta)
-        if decoded is None:
+        nodes = dense_nodes(block, value, meta)
+        if nodes is None:
             continue
-        ids, lat, lon, x, y = decoded
-        valid = (np.abs(x) <= _LIMIT_X) & (np.abs(y) <= _LIMIT_Y)
-        got.ids.append(ids[valid])
-        got.xs.append(x[valid].astype(np.int32))
-        got.ys.append(y[valid].astype(np.int32))
-        points = _dense_points(block, value, table, meta, judge, (ids, lat, lon))
+        valid = (np.abs(nodes.x) <= LIMIT_X) & (np.abs(nodes.y) <= LIMIT_Y)
+        got.ids.append(nodes.ids[valid])
+        got.xs.append(nodes.x[valid].astype(np.int32))
+        got.ys.append(nodes.y[valid].astype(np.int32))
+        points = dense_points(block, nodes, table, judge)
         if points is not None:
             got.invalid += points.invalid
             if len(points):
@@ -183,12 +158,12 @@ def _with_osmium(raw: bytes, tf: TagFilter, dropped: Counter) -> _Blob:
 
 
 def _read(
-    f: BinaryIO, offset: int, size: int, tf: TagFilter, judge: _Judge, dropped: Counter
+    f: BinaryIO, offset: int, size: int, tf: TagFilter, judge: TagJudge, dropped: Counter
 ) -> _Blob:
     """Decode one blob, in bulk or else through pyosmium; raises on a corrupt blob."""
     raw = read_blob(f, offset, size)
     try:
-        got = _bulk(_decompress(raw), judge)
+        got = _bulk(decompress(raw), judge)
     except Unsupported:
         got = _with_osmium(raw, tf, dropped)
     if got.candidates:
@@ -256,10 +231,44 @@ def _histogram(ids: np.ndarray, counts: np.ndarray) -> list[list[int]]:
     return [[int(ids[e]), int(w - d)] for e, w, d in zip(ends, work[ends], done, strict=True)]
 
 
-def node_task(task: NodeTask) -> dict[str, Any]:
-    """Run one node task (see the module); return its results (JSON-able), or ``error``."""
+@dataclass
+class _Found:
+    """What a node task's blobs hold besides points: node locations, the blobs with ways and
+    relations, the candidate relations with their member ways."""
+
+    ids: list[np.ndarray] = dataclasses.field(default_factory=list)
+    xs: list[np.ndarray] = dataclasses.field(default_factory=list)
+    ys: list[np.ndarray] = dataclasses.field(default_factory=list)
+    way_blobs: list[list[int]] = dataclasses.field(default_factory=list)  # [offset, size]
+    relation_blobs: list[list[int]] = dataclasses.field(default_factory=list)  # + first and last id
+    relation_ids: list[np.ndarray] = dataclasses.field(default_factory=list)
+    member_counts: list[np.ndarray] = dataclasses.field(default_factory=list)
+    members: list[np.ndarray] = dataclasses.field(default_factory=list)
+
+    def add(self, got: _Blob, offset: int, size: int) -> None:
+        self.ids += got.ids
+        self.xs += got.xs
+        self.ys += got.ys
+        if got.ways:
+            self.way_blobs.append([offset, size])
+        rid, count, member = got.relation_list
+        if rid.size:
+            self.relation_blobs.append([offset, size, int(rid.min()), int(rid.max())])
+            self.relation_ids.append(rid)
+            self.member_counts.append(count)
+            self.members.append(member)
+
+    def locations(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Ids, x and y of the located nodes, in file order."""
+        if not self.ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.int32)
+        return np.concatenate(self.ids), np.concatenate(self.xs), np.concatenate(self.ys)
+
+
+def node_task(task: NodeTask) -> NodeStats:
+    """Run one node task (see the module); what it found, or ``error``."""
     tf = load_tag_filter(task.tag_filter)
-    judge = _Judge(tf)
+    judge = TagJudge(tf)
     out, work = Path(task.out_dir), Path(task.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     prefix = f"0-{task.index:05d}"
@@ -267,69 +276,51 @@ def node_task(task: NodeTask) -> dict[str, Any]:
     writer = PartWriter(out, prefix, task.rows_per_part)
     points = _Points(writer, task.batch_rows)
     dropped: Counter = Counter()
-    ids: list[np.ndarray] = []
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    way_blobs: list[list[int]] = []
-    relation_blobs: list[list[int]] = []
-    rel_ids: list[np.ndarray] = []
-    rel_counts: list[np.ndarray] = []
-    rel_members: list[np.ndarray] = []
+    found = _Found()
     with open(task.input, "rb") as f:
         for offset, size in task.blobs:
             try:
                 got = _read(f, offset, size, tf, judge, dropped)
             except (zlib.error, IndexError, ValueError, RuntimeError, OSError) as e:
                 writer.abort()
-                return {"error": f"corrupt OSM PBF block at byte {offset} ({e})"}
+                return NodeStats(error=f"corrupt OSM PBF block at byte {offset} ({e})")
             for item in got.points:
                 points.add(item)
-            ids += got.ids
-            xs += got.xs
-            ys += got.ys
             dropped["invalid_location"] += got.invalid
-            if got.ways:
-                way_blobs.append([offset, size])
-            rid, count, member = got.relation_list
-            if rid.size:
-                relation_blobs.append([offset, size, int(rid.min()), int(rid.max())])
-                rel_ids.append(rid)
-                rel_counts.append(count)
-                rel_members.append(member)
+            found.add(got, offset, size)
     points.flush()
-    store = write_store(
-        work,
-        f"nodes-{task.index:05d}",
-        np.concatenate(ids) if ids else np.zeros(0, np.int64),
-        np.concatenate(xs) if xs else np.zeros(0, np.int32),
-        np.concatenate(ys) if ys else np.zeros(0, np.int32),
+    store = write_store(work, f"nodes-{task.index:05d}", *found.locations())
+    stats = NodeStats(
+        rows={"n": writer.rows},
+        parts=writer.close(),
+        dropped=dict(sorted((+dropped).items())),
+        store=store,
+        way_blobs=found.way_blobs,
+        relation_blobs=found.relation_blobs,
     )
-    result: dict[str, Any] = {
-        "rows": {"n": writer.rows},
-        "parts": writer.close(),
-        "dropped": dict(sorted((+dropped).items())),
-        "store": store,
-        "way_blobs": way_blobs,
-        "relation_blobs": relation_blobs,
-        "relations": None,
-        "members": None,
-        "hist": [],
+    if found.relation_ids:
+        _write_relations(work / f"relations-{task.index:05d}", found, stats)
+    return stats
+
+
+def _write_relations(stem: Path, found: _Found, stats: NodeStats) -> None:
+    """The task's candidate relations (``STEM.npz``) and their member ways' ids
+    (``STEM.members.npy``) written for the relation tasks; where they are, and a histogram of
+    the relations' work by id, into ``stats``."""
+    rid, count, member = (
+        np.concatenate(a) for a in (found.relation_ids, found.member_counts, found.members)
+    )
+    stats.relations = {
+        "path": write_npz(stem.with_suffix(".npz"), ids=rid, counts=count, members=member),
+        "min": int(rid.min()),
+        "max": int(rid.max()),
+        "count": int(rid.size),
     }
-    if rel_ids:
-        rid, count, member = (np.concatenate(a) for a in (rel_ids, rel_counts, rel_members))
-        name = f"relations-{task.index:05d}"
-        result["relations"] = {
-            "path": write_npz(work / f"{name}.npz", ids=rid, counts=count, members=member),
-            "min": int(rid.min()),
-            "max": int(rid.max()),
-            "count": int(rid.size),
+    stats.hist = _histogram(rid, count)
+    unique = np.unique(member)
+    if unique.size:
+        stats.members = {
+            "path": save_array(stem.with_suffix(".members.npy"), unique),
+            "min": int(unique[0]),
+            "max": int(unique[-1]),
         }
-        unique = np.unique(member)
-        if unique.size:
-            result["members"] = {
-                "path": save_array(work / f"{name}.members.npy", unique),
-                "min": int(unique[0]),
-                "max": int(unique[-1]),
-            }
-        result["hist"] = _histogram(rid, count)
-    return result

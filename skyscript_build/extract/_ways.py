@@ -12,9 +12,9 @@ Then, per group:
 - member ways of candidate relations are written again with their locations for the relation
   tasks.
 
-A group this reader does not decode (a field out of the usual order, say) raises
-``Unsupported``; the caller then decodes the block with pyosmium (``decode_with_osmium``) into
-the same arrays.
+A group the bulk decoder (``_pbf.Elements``) does not cover (a field out of the usual order,
+say) raises ``Unsupported``; the caller then decodes the block with pyosmium
+(``decode_with_osmium``) into the same arrays.
 """
 
 from __future__ import annotations
@@ -28,17 +28,10 @@ import numpy as np
 import osmium
 import pyarrow as pa
 
-from ._dense import (
-    StringTable,
-    Unsupported,
-    _Judge,
-    _packed_varints,
-    by_owner,
-    judge_tags,
-    repeated_field,
-)
+from ._dense import TagJudge, by_owner, judge_tags
 from ._encode import UNDEFINED, pbf_file, ranges, way_messages
 from ._nodestore import NodeStore
+from ._pbf import Elements, StringTable
 from ._rules import RULE_KEYS, area_vote
 
 __all__ = [
@@ -50,91 +43,6 @@ __all__ = [
     "concat_columns",
     "take_rows",
 ]
-
-
-def _varint_at(raw: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Varints starting at ``pos`` (``raw`` padded with 10 zero bytes) -> (values, next pos)."""
-    window = raw[pos[:, None] + np.arange(10)]
-    length = np.argmax(window < 0x80, axis=1) + 1
-    payload = (window & 0x7F).astype(np.uint64) << (7 * np.arange(10, dtype=np.uint64))
-    payload[np.arange(10) >= length[:, None]] = 0
-    return payload.sum(axis=1, dtype=np.uint64), pos + length
-
-
-def _packed(raw: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Packed varint fields of many messages -> (all values, per-message counts)."""
-    data = raw[ranges(starts, ends - starts)]
-    ends_mask = data < 0x80
-    cum = np.concatenate(([0], np.cumsum(ends_mask)))
-    bounds = np.concatenate(([0], np.cumsum(ends - starts)))
-    counts = cum[bounds[1:]] - cum[bounds[:-1]]
-    if data.size == 0:
-        return np.zeros(0, np.uint64), counts
-    if not ends_mask[-1]:
-        raise Unsupported("a packed field cut inside a varint")
-    data_bytes = data.tobytes()
-    return _packed_varints(data_bytes, (0, len(data_bytes))), counts
-
-
-# Way and Relation fields in the order osmium (and most writers) store them: keys, vals, info,
-# then refs, lats, lons of a way, or roles, member ids, member types of a relation.
-_FIELDS = ((2, 0x12), (3, 0x1A), (4, 0x22), (8, 0x42), (9, 0x4A), (10, 0x52))
-
-
-class Elements:
-    """The Way (group field 3, ``tag`` 0x1A) or Relation (field 4, 0x22) messages of one
-    group, parsed across all of them at once."""
-
-    def __init__(self, block: bytes, group: tuple[int, int], tag: int = 0x1A) -> None:
-        spans = repeated_field(block, group, tag, "a group mixing elements of two kinds")
-        starts = [s for s, _ in spans]
-        ends = [e for _, e in spans]
-        raw = np.frombuffer(block, np.uint8)
-        raw = np.concatenate((raw, np.zeros(10, np.uint8)))
-        self.raw = raw
-        p = np.asarray(starts, np.int64)
-        e = np.asarray(ends, np.int64)
-        if (raw[p] != 0x08).any():
-            raise Unsupported("an element without its id first")
-        ids, p = _varint_at(raw, p + 1)
-        self.ids = ids.astype(np.int64)
-        self.spans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for field, field_tag in _FIELDS:
-            here = (p < e) & (raw[np.minimum(p, raw.size - 1)] == field_tag)
-            s = p.copy()
-            f_end = p.copy()
-            if here.any():
-                flen, body = _varint_at(raw, p[here] + 1)
-                s[here] = body
-                f_end[here] = body + flen.astype(np.int64)
-            self.spans[field] = (s, f_end)
-            p = f_end
-        if (p != e).any():
-            raise Unsupported("an element field out of the usual order")
-
-    def tags(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(key indices, value indices, tags per element)."""
-        kidx, kcount = self.packed(2)
-        vidx, vcount = self.packed(3)
-        if not np.array_equal(kcount, vcount):
-            raise Unsupported("an element with keys and values of different counts")
-        return kidx.astype(np.int64), vidx.astype(np.int64), kcount
-
-    def deltas(self, field: int) -> tuple[np.ndarray, np.ndarray]:
-        """A packed sint64 field delta-coded within each element -> (values, per element)."""
-        raw, count = self.packed(field)
-        deltas = (raw >> np.uint64(1)).astype(np.int64) ^ -(raw & np.uint64(1)).astype(np.int64)
-        cs = np.cumsum(deltas)
-        start = np.cumsum(count) - count
-        base = np.where(start > 0, cs[np.maximum(start - 1, 0)], 0)
-        return cs - np.repeat(base, count), count
-
-    def __len__(self) -> int:
-        return self.ids.size
-
-    def packed(self, field: int) -> tuple[np.ndarray, np.ndarray]:
-        s, e = self.spans[field]
-        return _packed(self.raw, s, e)
 
 
 @dataclass
@@ -211,7 +119,7 @@ class WayBuilder:
 
     def __init__(
         self,
-        judge: _Judge,
+        judge: TagJudge,
         store: NodeStore,
         is_member: Callable[[np.ndarray], np.ndarray],
         counts: Counter,
@@ -237,11 +145,10 @@ class WayBuilder:
         if not kept_way.any() and not member.any():
             return None
         refs = g.refs
-        rstart = np.cumsum(rcount) - rcount
-        rend = rstart + rcount
+        first_ref = np.cumsum(rcount) - rcount
         closed = np.zeros(n, bool)
-        big = rcount >= 4
-        closed[big] = refs[rstart[big]] == refs[rend[big] - 1]
+        big = rcount >= 4  # a closed way has at least 4 references
+        closed[big] = refs[first_ref[big]] == refs[first_ref[big] + rcount[big] - 1]
         # Closed ways that are areas go to osmium's area assembly, the others are lines.
         area = kept_way & closed
         if area.any():
@@ -288,21 +195,21 @@ class WayBuilder:
         y_s: np.ndarray,
         way_s: np.ndarray,
     ) -> dict[str, Any] | None:
-        """Line columns of the ways ``line``: osmium's UNIQUE rule (repeated locations dropped,
-        leading missing nodes skipped, a missing node after a located one is an error), then
-        its ALL check."""
+        """Line columns of the ways ``line`` (``*_s``: their node references in order, found
+        or not, located at x, y, of way ``way_s``): osmium's UNIQUE rule (repeated locations
+        dropped, leading missing nodes skipped, a missing node after a located one is an
+        error), then its ALL check."""
         n = g.ids.size
-        sel_counts = g.rcount[line]
-        sstart = np.repeat(np.cumsum(sel_counts) - sel_counts, sel_counts)
+        way_start = np.repeat(np.cumsum(g.rcount[line]) - g.rcount[line], g.rcount[line])
         located_before = np.concatenate(([0], np.cumsum(found_s)))[:-1]
-        after_located = located_before - located_before[sstart] > 0
+        after_located = located_before - located_before[way_start] > 0
         bad_missing = np.zeros(n, bool)
         bad_missing[way_s[~found_s & after_located]] = True
-        same = np.zeros(way_s.size, bool)
+        repeated = np.zeros(way_s.size, bool)
         if way_s.size > 1:
-            same[1:] = (way_s[1:] == way_s[:-1]) & (x_s[1:] == x_s[:-1]) & (y_s[1:] == y_s[:-1])
-            same[1:] &= found_s[1:] == found_s[:-1]
-        point = found_s & ~same
+            repeated[1:] = (way_s[1:] == way_s[:-1]) & (x_s[1:] == x_s[:-1])
+            repeated[1:] &= (y_s[1:] == y_s[:-1]) & (found_s[1:] == found_s[:-1])
+        point = found_s & ~repeated
         npoints = np.bincount(way_s[point], minlength=n)
         any_missing = np.zeros(n, bool)
         any_missing[way_s[~found_s]] = True
@@ -313,39 +220,45 @@ class WayBuilder:
         out = line & ~missing & ~too_few
         if not out.any():
             return None
-        # WKB: byte order, type 2 (LineString), count, then lon/lat doubles.
-        pmask = point & out[way_s]
-        px, py = x_s[pmask] / 1e7, y_s[pmask] / 1e7
-        counts = npoints[out]
-        size = 9 + 16 * counts
-        offsets = np.zeros(counts.size + 1, np.int64)
-        np.cumsum(size, out=offsets[1:])
-        buf = np.zeros(int(offsets[-1]), np.uint8)
-        head = np.zeros((counts.size, 9), np.uint8)
-        head[:, 0] = 1
-        head[:, 1] = 2
-        head[:, 5:9] = counts.astype("<u4").view(np.uint8).reshape(-1, 4)
-        buf[ranges(offsets[:-1], np.full(counts.size, 9))] = head.ravel()
-        coords = np.empty((px.size, 2), "<f8")
-        coords[:, 0] = px
-        coords[:, 1] = py
-        first = np.cumsum(counts) - counts
-        pstart = np.repeat(offsets[:-1] + 9, counts)
-        within = np.arange(px.size) - np.repeat(first, counts)
-        buf[ranges(pstart + 16 * within, np.full(px.size, 16))] = coords.view(np.uint8).ravel()
-        wkb = pa.Array.from_buffers(
-            pa.large_binary(), counts.size, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
-        ).cast(pa.binary())
-        bbox = np.stack(
-            [
-                np.minimum.reduceat(px, first),
-                np.minimum.reduceat(py, first),
-                np.maximum.reduceat(px, first),
-                np.maximum.reduceat(py, first),
-            ],
-            axis=1,
-        )
+        points = point & out[way_s]
+        wkb, bbox = _linestrings(x_s[points] / 1e7, y_s[points] / 1e7, npoints[out])
         return {**_tag_columns(g, out, keep, gsd, tag_way), "wkb": wkb, "bbox": bbox}
+
+
+def _linestrings(
+    lon: np.ndarray, lat: np.ndarray, counts: np.ndarray
+) -> tuple[pa.Array, np.ndarray]:
+    """LineString WKB (byte order, type 2, count, then lon/lat doubles) of ``counts[i]``
+    points each, from the points of all lines in order; and each line's bounding box."""
+    size = 9 + 16 * counts
+    offsets = np.zeros(counts.size + 1, np.int64)
+    np.cumsum(size, out=offsets[1:])
+    buf = np.zeros(int(offsets[-1]), np.uint8)
+    head = np.zeros((counts.size, 9), np.uint8)
+    head[:, 0] = 1
+    head[:, 1] = 2
+    head[:, 5:9] = counts.astype("<u4").view(np.uint8).reshape(-1, 4)
+    buf[ranges(offsets[:-1], np.full(counts.size, 9))] = head.ravel()
+    coords = np.empty((lon.size, 2), "<f8")
+    coords[:, 0] = lon
+    coords[:, 1] = lat
+    first = np.cumsum(counts) - counts
+    point_start = np.repeat(offsets[:-1] + 9, counts)
+    within = np.arange(lon.size) - np.repeat(first, counts)
+    buf[ranges(point_start + 16 * within, np.full(lon.size, 16))] = coords.view(np.uint8).ravel()
+    wkb = pa.Array.from_buffers(
+        pa.large_binary(), counts.size, [None, pa.py_buffer(offsets), pa.py_buffer(buf)]
+    ).cast(pa.binary())
+    bbox = np.stack(
+        [
+            np.minimum.reduceat(lon, first),
+            np.minimum.reduceat(lat, first),
+            np.maximum.reduceat(lon, first),
+            np.maximum.reduceat(lat, first),
+        ],
+        axis=1,
+    )
+    return wkb, bbox
 
 
 def _are_areas(g: WayGroup, tag_way: np.ndarray, ways: np.ndarray) -> np.ndarray:
@@ -370,19 +283,20 @@ def _are_areas(g: WayGroup, tag_way: np.ndarray, ways: np.ndarray) -> np.ndarray
 def _tag_columns(
     g: WayGroup, rows: np.ndarray, keep: np.ndarray, gsd: np.ndarray, tag_way: np.ndarray
 ) -> dict[str, Any]:
-    """Ids and groundable tags (in each way's own order) of the ways ``rows``."""
-    tmask = rows[tag_way[keep]]
-    tkeep, tgsd = keep[tmask], gsd[tmask]
-    tway = tag_way[tkeep]
-    order = by_owner(tway)
-    tkeep, tgsd, tway = tkeep[order], tgsd[order], tway[order]
-    ways_out, first_tag, tcounts = np.unique(tway, return_index=True, return_counts=True)
+    """Ids and groundable tags (in each way's own order) of the ways ``rows`` (``keep``: the
+    groundable tags' entries, ``gsd`` theirs; ``tag_way``: each entry's way)."""
+    mine = rows[tag_way[keep]]
+    entries, entry_gsd = keep[mine], gsd[mine]
+    way = tag_way[entries]
+    order = by_owner(way)
+    entries, entry_gsd, way = entries[order], entry_gsd[order], way[order]
+    ways_out, first_tag, tag_counts = np.unique(way, return_index=True, return_counts=True)
     return {
         "ids": g.ids[ways_out],
-        "tag_counts": tcounts,
-        "keys": g.table.arrow(g.kidx[tkeep]),
-        "values": g.table.arrow(g.vidx[tkeep]),
-        "max_gsd": np.maximum.reduceat(tgsd, first_tag),
+        "tag_counts": tag_counts,
+        "keys": g.table.arrow(g.kidx[entries]),
+        "values": g.table.arrow(g.vidx[entries]),
+        "max_gsd": np.maximum.reduceat(entry_gsd, first_tag),
     }
 
 

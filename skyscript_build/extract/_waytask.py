@@ -21,11 +21,20 @@ from tag_filters import load_tag_filter
 
 from ..files import atomic_path
 from ._areas import MemberSet, assemble_way_areas
-from ._dense import StringTable, Unsupported, _decompress, _fields, _Judge, data_block_parts
+from ._dense import TagJudge
 from ._encode import AREA_STRINGS, way_blocks
 from ._nodestore import NodeStore, save_array
 from ._parquet import PartWriter, area_geometries, columns_to_table, remove_parts
-from ._pbf import read_blob
+from ._pbf import (
+    WAYS,
+    StringTable,
+    Unsupported,
+    data_block_parts,
+    decompress,
+    group_kind,
+    read_blob,
+)
+from ._records import WayStats
 from ._ways import (
     WayBuilder,
     WayGroup,
@@ -63,12 +72,12 @@ class WayTask:
 def _groups(raw: bytes) -> list[WayGroup]:
     """The way groups of a raw blob, in bulk or else through pyosmium."""
     try:
-        block = _decompress(raw)
+        block = decompress(raw)
         strings, _, groups = data_block_parts(block)
         table: StringTable | None = None
         found = []
         for group in groups:
-            if next(_fields(block, *group), (0, None))[0] != 3:
+            if group_kind(block, group)[0] != WAYS:
                 continue
             if table is None:
                 table = StringTable.of_block(block, strings)
@@ -156,14 +165,14 @@ class _Side:
         }
 
 
-def way_task(task: WayTask) -> dict[str, Any]:
-    """Run one way task (see the module); return its results (JSON-able), or ``error``."""
+def way_task(task: WayTask) -> WayStats:
+    """Run one way task (see the module); what it wrote, or ``error``."""
     tf = load_tag_filter(task.tag_filter)
     out, work = Path(task.out_dir), Path(task.work_dir)
     counts: Counter = Counter()
     dropped: Counter = Counter()
     build = WayBuilder(
-        _Judge(tf),
+        TagJudge(tf),
         NodeStore(list(task.stores)),
         MemberSet(list(task.members)).contains,
         counts,
@@ -185,7 +194,7 @@ def way_task(task: WayTask) -> dict[str, Any]:
                 lines.abort()
                 areas.writer.abort()
                 side.abort()
-                return {"error": f"corrupt OSM PBF block at byte {offset} ({e})"}
+                return WayStats(error=f"corrupt OSM PBF block at byte {offset} ({e})")
             for g in groups:
                 got = build(g)
                 if got is None:
@@ -206,9 +215,9 @@ def way_task(task: WayTask) -> dict[str, Any]:
     broken = counts["expected_way_areas"] - areas.made - dropped["broken_area"]
     if broken > 0:
         dropped["broken_area"] += broken
-    return {
-        "rows": {"w": lines.rows, "a": areas.writer.rows},
-        "parts": lines.close() + areas.writer.close(),
-        "dropped": dict(sorted((+dropped).items())),
-        "side": side.close(),
-    }
+    return WayStats(
+        rows={"w": lines.rows, "a": areas.writer.rows},
+        parts=lines.close() + areas.writer.close(),
+        dropped=dict(sorted((+dropped).items())),
+        side=side.close(),
+    )

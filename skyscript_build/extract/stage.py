@@ -34,7 +34,7 @@ import resource
 import shutil
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ from ._merge import MergeTask, merge_task, plan_merges
 from ._nodes import NodeTask, node_task
 from ._parquet import OSM_CREDIT, write_empty_part
 from ._pbf import Blobs, check_pbf, file_fingerprint, sha256_file
+from ._records import MergeStats, NodeStats, RelationStats, TaskStats, WayStats
 from ._waytask import WayTask, way_task
 
 __all__ = ["ExtractConfig", "ExtractResult", "run_extract", "resolve_inputs"]
@@ -247,10 +248,10 @@ def _node_tasks(config: ExtractConfig, inp: _Input) -> list[NodeTask]:
     ]
 
 
-def _way_tasks(config: ExtractConfig, inp: _Input, nodes: list[dict]) -> list[WayTask]:
-    blobs = [(b[0], b[1]) for r in nodes for b in r["way_blobs"]]
-    stores = tuple(r["store"] for r in nodes if r["store"])
-    members = tuple(r["members"] for r in nodes if r["members"])
+def _way_tasks(config: ExtractConfig, inp: _Input, nodes: list[NodeStats]) -> list[WayTask]:
+    blobs = [(b[0], b[1]) for r in nodes for b in r.way_blobs]
+    stores = tuple(r.store for r in nodes if r.store)
+    members = tuple(r.members for r in nodes if r.members)
     return [
         WayTask(
             f"{inp.key}-ways-{i:05d}",
@@ -270,11 +271,11 @@ def _way_tasks(config: ExtractConfig, inp: _Input, nodes: list[dict]) -> list[Wa
 
 
 def _relation_tasks(
-    config: ExtractConfig, inp: _Input, nodes: list[dict], ways: list[dict]
+    config: ExtractConfig, inp: _Input, nodes: list[NodeStats], ways: list[WayStats]
 ) -> list[RelationTask]:
     """Relation tasks of about ``RELATION_WORK_PER_MB * task_mb`` relations and member ways
     each, cut by relation id."""
-    hist = sorted((last, work) for r in nodes for last, work in r["hist"])
+    hist = sorted((last, work) for r in nodes for last, work in r.hist)
     if not hist:
         return []
     total = sum(w for _, w in hist)
@@ -286,9 +287,9 @@ def _relation_tasks(
         if work >= share * len(cuts):
             cuts.append(last + 1)
     cuts.append(2**63 - 1)
-    lists = [r["relations"] for r in nodes if r["relations"]]
-    blobs = [b for r in nodes for b in r["relation_blobs"]]
-    sides = tuple(r["side"] for r in ways if r["side"])
+    lists = [r.relations for r in nodes if r.relations]
+    blobs = [b for r in nodes for b in r.relation_blobs]
+    sides = tuple(r.side for r in ways if r.side)
     tasks = []
     for i, (low, high) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
         tasks.append(
@@ -320,18 +321,24 @@ def _clear(out: Path, work: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_task(task: NodeTask | WayTask | RelationTask | MergeTask) -> dict[str, Any]:
+#: Each kind of task: its function and the record it returns.
+_TASKS: dict[type, tuple[Callable[[Any], TaskStats], type[TaskStats]]] = {
+    NodeTask: (node_task, NodeStats),
+    WayTask: (way_task, WayStats),
+    RelationTask: (relation_task, RelationStats),
+    MergeTask: (merge_task, MergeStats),
+}
+
+
+def run_task(task: NodeTask | WayTask | RelationTask | MergeTask) -> TaskStats:
     """Run any extract task and time it (module level: what a worker runs)."""
     start, cpu = time.monotonic(), time.process_time()
-    func = {NodeTask: node_task, WayTask: way_task, RelationTask: relation_task}.get(
-        type(task), merge_task
-    )
-    result = func(task)  # type: ignore[operator]
+    result = _TASKS[type(task)][0](task)
     give_back_memory()  # a worker runs many tasks: the last one's peak should not stay
-    result["seconds"] = round(time.monotonic() - start, 3)
-    result["cpu_seconds"] = round(time.process_time() - cpu, 3)
-    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    result["pid"] = os.getpid()
+    result.seconds = round(time.monotonic() - start, 3)
+    result.cpu_seconds = round(time.process_time() - cpu, 3)
+    result.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    result.pid = os.getpid()
     return result
 
 
@@ -343,13 +350,20 @@ def _forget_lost(tasks: list[Any], runner: RunnerConfig) -> None:
         done = finished_result(runner.markers, task.name, runner.fingerprint)
         if done is None:
             continue
-        files = [Path(task.out_dir) / p for p in done.get("parts", [])]
-        for key, fields in (("store", ("xy", "ids")), ("side", ("data", "index"))):
-            files += [Path(done[key][f]) for f in fields if done.get(key) and done[key][f]]
-        files += [Path(done[k]["path"]) for k in ("relations", "members") if done.get(k)]
+        files = _TASKS[type(task)][1].from_json(done).files(Path(task.out_dir))
         if not all(f.exists() for f in files):
             log.info("extract: %s ran before but its files are gone: running it again", task.name)
             marker_path(runner.markers, task.name).unlink(missing_ok=True)
+
+
+def _inputs(paths: list[Path], blobs: list[Blobs], out: Path, work: Path) -> list[_Input]:
+    """Each input with its key and folders: one input writes its parts into ``out``, several
+    into runs (``out/_runs/iNNN``) merged at the end."""
+    several = len(paths) > 1
+    return [
+        _Input(p, f"i{i:03d}", b, out / RUNS / f"i{i:03d}" if several else out, work / f"i{i:03d}")
+        for i, (p, b) in enumerate(zip(paths, blobs, strict=True))
+    ]
 
 
 class _Failed(Exception):
@@ -388,17 +402,7 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
         _clear(out, work)
         write_json_atomic(out / MARKERS / RUN_STATE, {"fingerprint": fingerprint})
     remove_temp_files(out)
-    several = len(paths) > 1
-    inputs = [
-        _Input(
-            p,
-            f"i{i:03d}",
-            b,
-            out / RUNS / f"i{i:03d}" if several else out,
-            work / f"i{i:03d}",
-        )
-        for i, (p, b) in enumerate(zip(paths, blobs, strict=True))
-    ]
+    inputs = _inputs(paths, blobs, out, work)
     runner = RunnerConfig(
         cluster=ClusterConfig(workers=config.workers, scheduler=config.scheduler),
         local="processes",
@@ -432,26 +436,28 @@ def run_extract(config: ExtractConfig) -> ExtractResult:
 
 def _run_all(
     config: ExtractConfig, inputs: list[_Input], runner: RunnerConfig, out: Path
-) -> dict[str, list[dict[str, Any]]]:
+) -> dict[str, list[Any]]:
     """The three passes over every input (and the merge of several); every task's result."""
 
-    def run(per_input: dict[str, list[Any]], desc: str) -> dict[str, list[dict]]:
+    def run(per_input: dict[str, list[Any]], desc: str, record: type[TaskStats]) -> dict[str, list]:
         tasks = [t for inp in inputs for t in per_input[inp.key]]
         owners = [inp for inp in inputs for _ in per_input[inp.key]]
         _forget_lost(tasks, runner)
-        results = run_shards(run_task, tasks, replace(runner, desc=f"extract {desc}"))
-        by_input: dict[str, list[dict]] = {inp.key: [] for inp in inputs}
+        step = replace(runner, desc=f"extract {desc}")
+        results: list[TaskStats] = run_shards(run_task, tasks, step, record=record)
+        by_input: dict[str, list[Any]] = {inp.key: [] for inp in inputs}
         for inp, r in zip(owners, results, strict=True):
-            if "error" in r:
-                raise _Failed(inp.path, r["error"])
+            if r.error is not None:
+                raise _Failed(inp.path, r.error)
             by_input[inp.key].append(r)
         return by_input
 
-    nodes = run({i.key: _node_tasks(config, i) for i in inputs}, "nodes")
-    ways = run({i.key: _way_tasks(config, i, nodes[i.key]) for i in inputs}, "ways")
+    nodes = run({i.key: _node_tasks(config, i) for i in inputs}, "nodes", NodeStats)
+    ways = run({i.key: _way_tasks(config, i, nodes[i.key]) for i in inputs}, "ways", WayStats)
     relations = run(
         {i.key: _relation_tasks(config, i, nodes[i.key], ways[i.key]) for i in inputs},
         "relations",
+        RelationStats,
     )
     results = {
         name: [r for inp in inputs for r in phase[inp.key]]
@@ -461,28 +467,29 @@ def _run_all(
     if len(inputs) > 1:
         merges = plan_merges([i.parts for i in inputs], out, MERGE_ROWS, config.rows_per_part)
         _forget_lost(merges, runner)
-        results["merge"] = run_shards(run_task, merges, replace(runner, desc="extract merge"))
+        step = replace(runner, desc="extract merge")
+        results["merge"] = run_shards(run_task, merges, step, record=MergeStats)
     return results
 
 
 def _summarise(
-    config: ExtractConfig, paths: list[Path], results: dict[str, list[dict]], out: Path
+    config: ExtractConfig, paths: list[Path], results: dict[str, list[Any]], out: Path
 ) -> dict[str, Any]:
     dropped: Counter = Counter()
     rows: Counter = Counter()
     parts: list[str] = []
     for phase in ("nodes", "ways", "relations"):
         for r in results[phase]:
-            dropped.update(r["dropped"])
-            rows.update(r["rows"])
-            parts += r["parts"]
+            dropped.update(r.dropped)
+            rows.update(r.rows)
+            parts += r.parts
     duplicates = 0
     if results["merge"]:
-        parts = [p for r in results["merge"] for p in r["parts"]]
-        duplicates = sum(r["duplicates"] for r in results["merge"])
+        parts = [p for r in results["merge"] for p in r.parts]
+        duplicates = sum(r.duplicates for r in results["merge"])
         rows = Counter()
         for r in results["merge"]:
-            rows[r["kind"]] += r["rows"]
+            rows[r.kind] += r.rows
     repaired = dropped.pop("repaired_geometry", 0)
     return {
         "inputs": [str(p) for p in paths],

@@ -15,6 +15,7 @@ load of the meta.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -23,6 +24,7 @@ import tarfile
 import threading
 import zlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,14 +38,14 @@ from ._quality import QualityError, decode_jpeg
 
 __all__ = [
     "MANIFEST_SCHEMA",
+    "ManifestRow",
+    "ShardStats",
     "part_of",
     "FilesWriter",
     "WebDatasetWriter",
     "ManifestError",
     "read_manifest",
     "write_manifest",
-    "row_to_json",
-    "row_from_json",
     "tags_text",
 ]
 
@@ -63,6 +65,73 @@ MANIFEST_SCHEMA = pa.schema(
         ("block", pa.string()),
     ]
 )
+
+
+@dataclass
+class ManifestRow:
+    """One manifest row: what became of one request's tile (docs/architecture.md)."""
+
+    key: str  # the file stem (the year of the image used)
+    request_key: str  # the request's key (differs from key when a later year was used)
+    status: str  # ok, skipped (permanent) or failed (retried by the next run)
+    reason: str | None = None
+    attempts: int | None = None  # requests spent on the tile's pixels
+    bytes: int | None = None  # of the JPEG
+    meta_bytes: int | None = None  # of the pickle
+    collection: str | None = None
+    image_id: str | None = None
+    acquisition_time: datetime | None = None
+    filepath: str | None = None  # images{k}/<key>.jpg, or webdataset/part-NNNNN.tar#<key>.jpg
+    block: str | None = None  # the block request the tile was cut from
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as JSON-able data (the time as ISO 8601), for the shard's journal."""
+        t = self.acquisition_time
+        return {**self.__dict__, "acquisition_time": t.isoformat() if t is not None else None}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ManifestRow:
+        """The inverse of ``to_json`` (also a row read from parquet, as a dict)."""
+        values: dict[str, Any] = {name: data.get(name) for name in MANIFEST_SCHEMA.names}
+        row = cls(**values)
+        if isinstance(row.acquisition_time, str):
+            row.acquisition_time = datetime.fromisoformat(row.acquisition_time)
+        return row
+
+
+assert MANIFEST_SCHEMA.names == [f.name for f in dataclasses.fields(ManifestRow)]
+
+
+@dataclass
+class ShardStats:
+    """A fetch shard's ``manifest/part-NNNNN.stats.json``, written last: the shard is done."""
+
+    shard: str = ""
+    requests_file: str = ""
+    positions: list[int] = field(default_factory=list)  # [start, stop) in fetch order
+    keys_hash: str = ""  # of the shard's request keys: a changed plan reruns the shard
+    encoding: str | None = None  # what the JPEGs' bytes depend on (None: before it was kept)
+    ok: int = 0
+    skipped: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    retryable: int = 0
+    fetched: int = 0  # tiles fetched by this run of the shard
+    pixel_requests: int = 0
+    blocks: int = 0
+    block_tiles: int = 0
+    repaired: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @classmethod
+    def read(cls, path: Path) -> ShardStats | None:
+        """The stats in ``path``; None when there are none, or they cannot be read."""
+        try:
+            data = json.loads(path.read_text())
+            names = {f.name for f in dataclasses.fields(cls)}
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
 
 
 def part_of(key: str, parts: int = 6) -> int:
@@ -117,11 +186,14 @@ class FilesWriter:
         k = part_of(key, self.parts)
         return f"images{k}/{key}.jpg", f"meta{k}/{key}.pickle"
 
-    def check(self, row: Mapping[str, Any], verify: bool = False) -> str | None:
-        """What is wrong with the files of a manifest row that says ``ok``: ``missing``,
-        ``size`` (not the size recorded), ``corrupt`` (with ``verify``), or None."""
-        jpg, meta = (self.out / p for p in self.paths(row["key"]))
-        for path, size in ((jpg, row.get("bytes")), (meta, row.get("meta_bytes"))):
+    def check(
+        self, key: str, jpeg_bytes: int | None, meta_bytes: int | None, verify: bool = False
+    ) -> str | None:
+        """What is wrong with the files of a key the manifest calls ``ok`` (with the sizes it
+        recorded): ``missing``, ``size`` (not the size recorded), ``corrupt`` (with
+        ``verify``), or None. A hot loop of a rerun: one ``stat`` per file."""
+        jpg, meta = (self.out / p for p in self.paths(key))
+        for path, size in ((jpg, jpeg_bytes), (meta, meta_bytes)):
             try:
                 found = os.stat(path).st_size
             except FileNotFoundError:
@@ -192,7 +264,9 @@ class WebDatasetWriter:
     def tar_name(self, shard_name: str) -> str:
         return f"webdataset/{shard_name}.tar"
 
-    def check(self, row: Mapping[str, Any], verify: bool = False) -> str | None:
+    def check(
+        self, key: str, jpeg_bytes: int | None, meta_bytes: int | None, verify: bool = False
+    ) -> str | None:
         """What is wrong with a key the manifest calls done (see ``FilesWriter.check``): its
         members in this shard's tar, their size, and with ``verify`` their content."""
         tar = self.out / self.tar_name(self._shard)
@@ -204,11 +278,10 @@ class WebDatasetWriter:
                         self._old = {m.name: m.size for m in tf.getmembers()}
                 except (OSError, tarfile.TarError):
                     pass  # no tar, or a damaged one: every key is missing
-        key = row["key"]
         size = self._old.get(f"{key}.jpg")
         if size is None or f"{key}.json" not in self._old:
             return "missing"
-        if row.get("bytes") is not None and size != row["bytes"]:
+        if jpeg_bytes is not None and size != jpeg_bytes:
             return "size"
         if verify:
             try:
@@ -261,40 +334,23 @@ def _member(tf: tarfile.TarFile, name: str) -> bytes:
     return f.read()
 
 
-def write_manifest(rows: list[dict[str, Any]], path: Path) -> None:
+def write_manifest(rows: Sequence[ManifestRow], path: Path) -> None:
     """Write manifest rows (in order) to ``path`` atomically."""
-    table = pa.Table.from_pylist(
-        [{name: row.get(name) for name in MANIFEST_SCHEMA.names} for row in rows],
-        schema=MANIFEST_SCHEMA,
-    )
-    write_parquet_atomic(table, path)
+    columns = {name: [getattr(row, name) for row in rows] for name in MANIFEST_SCHEMA.names}
+    write_parquet_atomic(pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA), path)
 
 
-def read_manifest(path: Path) -> list[dict[str, Any]]:
+def read_manifest(path: Path) -> list[ManifestRow]:
     """The rows of a manifest part ([] when it does not exist); raises ``ManifestError`` when
     the part cannot be read."""
     if not path.exists():
         return []
     try:
-        return pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()
     except (OSError, ValueError, pa.ArrowException) as e:
         raise ManifestError(f"{path}: unreadable manifest part ({type(e).__name__})") from None
+    return [ManifestRow.from_json(row) for row in rows]
 
 
 class ManifestError(ValueError):
     """A manifest part (or its journal) that cannot be read."""
-
-
-def row_to_json(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A manifest row as JSON-able data (the time as ISO 8601)."""
-    t = row.get("acquisition_time")
-    return {**row, "acquisition_time": t.isoformat() if isinstance(t, datetime) else t}
-
-
-def row_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of ``row_to_json``."""
-    t = data.get("acquisition_time")
-    return {
-        **{name: data.get(name) for name in MANIFEST_SCHEMA.names},
-        "acquisition_time": datetime.fromisoformat(t) if isinstance(t, str) else t,
-    }

@@ -21,6 +21,7 @@ are lost), and a key that ends not ``ok`` has its files removed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -40,6 +41,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from image_sources import Catalog, ImageSource, default_catalog
 
 from ..cluster import ClusterConfig, dask_client
 from ..errors import InputError, SkyScriptError
@@ -62,11 +65,11 @@ from ._quality import JPEG_ENCODERS, QualityConfig, check_tile, encode_jpeg
 from ._writer import (
     FilesWriter,
     ManifestError,
+    ManifestRow,
+    ShardStats,
     WebDatasetWriter,
     part_of,
     read_manifest,
-    row_from_json,
-    row_to_json,
     write_manifest,
 )
 from .backends import (
@@ -75,13 +78,9 @@ from .backends import (
     Backend,
     BackendConfig,
     FetchError,
-    SourceInfo,
     TileRequest,
     TileResult,
     get_backend,
-    resolve_source,
-    source_info,
-    use_sources,
 )
 from .backends.base import ImageChoice
 from .backends.limits import LimitsConfig
@@ -125,7 +124,8 @@ class FetchConfig:
     """Settings of the fetch stage, checked on creation (each field's help is its declaration).
 
     A pipeline file gives the backend's settings under ``backend:``, the layout under
-    ``output:`` and the rest under ``fetch:``.
+    ``output:`` and the rest under ``fetch:``. The image sources the requests name (``catalog``: the default catalog when the config is
+    made, or a pipeline's own) travel to every worker with the config.
     """
 
     requests: Path = setting(help="the plan's requests/ folder")
@@ -265,6 +265,7 @@ class FetchConfig:
         pipeline="fetch.verify",
     )
     quality: QualityConfig = nested(QualityConfig, help="thresholds of the quality checks")
+    catalog: Catalog = field(default_factory=default_catalog)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -323,6 +324,7 @@ class FetchConfig:
             backoff_s=self.backoff_s,
             allow_next_year=self.allow_next_year,
             limits=limits or LimitsConfig(self.concurrency, self.rate),
+            catalog=self.catalog,
         )
 
 
@@ -337,7 +339,6 @@ class FetchShard:
     config: FetchConfig
     limits: LimitsConfig
     keys_hash: str = ""  # of the shard's request keys: a changed plan reruns the shard
-    sources: tuple[SourceInfo, ...] = ()  # resolved by the driver, for the workers
 
     @property
     def name(self) -> str:
@@ -415,9 +416,7 @@ def fetch_order(table: pa.Table) -> np.ndarray:
     return keys.sort_by(by).column("pos").to_numpy()
 
 
-def list_shards(
-    config: FetchConfig, limits: LimitsConfig, sources: tuple[SourceInfo, ...] = ()
-) -> list[FetchShard]:
+def list_shards(config: FetchConfig, limits: LimitsConfig) -> list[FetchShard]:
     """Every shard of the run, in a fixed order (requests part, then fetch order)."""
     shards: list[FetchShard] = []
     for part in config.request_parts():
@@ -427,9 +426,7 @@ def list_shards(
             stop = min(len(keys), start + config.shard_size)
             digest = hashlib.blake2b("\n".join(keys[start:stop]).encode(), digest_size=8)
             shards.append(
-                FetchShard(
-                    len(shards), part, start, stop, config, limits, digest.hexdigest(), sources
-                )
+                FetchShard(len(shards), part, start, stop, config, limits, digest.hexdigest())
             )
     return shards
 
@@ -459,14 +456,6 @@ def _stats_path(shard: FetchShard) -> Path:
 def _journal_path(shard: FetchShard) -> Path:
     # "_" first: readers of manifest/ as a parquet dataset skip it.
     return _manifest_dir(shard.config) / f"_{shard.name}.journal.jsonl"
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 _EXECUTORS: dict[int, ThreadPoolExecutor] = {}
@@ -522,8 +511,8 @@ class _Journal:
         self.encoding = encoding
         self._lock = threading.Lock()
 
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        line = json.dumps({"encoding": self.encoding, "rows": [row_to_json(r) for r in rows]})
+    def add(self, rows: list[ManifestRow]) -> None:
+        line = json.dumps({"encoding": self.encoding, "rows": [r.to_json() for r in rows]})
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
@@ -531,9 +520,9 @@ class _Journal:
             finally:
                 os.close(fd)
 
-    def read(self) -> dict[str, dict[str, Any]]:
+    def read(self) -> dict[str, ManifestRow]:
         """Rows by request key (later lines win); lines of another encoding are ignored."""
-        rows: dict[str, dict[str, Any]] = {}
+        rows: dict[str, ManifestRow] = {}
         try:
             lines = self.path.read_text().splitlines()
         except (OSError, UnicodeDecodeError):
@@ -544,8 +533,8 @@ class _Journal:
                 if entry.get("encoding") != self.encoding:
                     continue
                 for data in entry["rows"]:
-                    row = row_from_json(data)
-                    rows[row["request_key"]] = row
+                    row = ManifestRow.from_json(data)
+                    rows[row.request_key] = row
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # the line a crash cut short
         return rows
@@ -566,8 +555,8 @@ class _ShardRun:
     budget: _ByteBudget
 
 
-def _backend_name(config: FetchConfig, alias: str, collection: str) -> str:
-    return config.backend or source_info(alias, collection).backend
+def _backend_name(config: FetchConfig, alias: str) -> str:
+    return config.backend or config.catalog.get_source(alias).backend
 
 
 def _remove_files(writer: Any, key: str) -> None:
@@ -579,52 +568,55 @@ def _remove_files(writer: Any, key: str) -> None:
 
 def _finish_tile(
     request: TileRequest, result: TileResult, run: _ShardRun, block: str | None
-) -> dict[str, Any]:
+) -> ManifestRow:
     """Check, encode and write one fetched tile; return its manifest row."""
     config = run.shard.config
-    source = source_info(request.alias, request.collection)
+    source = config.catalog.get_source(request.alias)
     key = request.key_for_year(result.year) if result.year else request.key
-    row: dict[str, Any] = {
-        "key": key,
-        "request_key": request.key,
-        "status": result.status,
-        "reason": result.reason,
-        "attempts": result.attempts,
-        "bytes": None,
-        "meta_bytes": None,
-        "collection": source.collection or request.collection,
-        "image_id": result.image_id,
-        "acquisition_time": result.acquisition_time,
-        "filepath": None,
-        "block": block,
-    }
+    row = ManifestRow(
+        key=key,
+        request_key=request.key,
+        status=result.status,
+        reason=result.reason,
+        attempts=result.attempts,
+        collection=source.collection,
+        image_id=result.image_id,
+        acquisition_time=result.acquisition_time,
+        block=block,
+    )
     if result.status == "ok":
         assert result.rgb is not None and result.acquisition_time is not None
-        reason = check_tile(result.rgb, result.valid, config.quality, source.has_cloud_rule)
-        if reason is not None:
-            row.update(status="skipped", reason=reason)
-        else:
-            jpeg = encode_jpeg(result.rgb, config.jpeg_quality, config.jpeg_encoder)
-            t = result.acquisition_time
-            meta = make_meta(
-                request.box,
-                (t.year, t.month, t.day, t.hour, t.minute),
-                request.center_tags,
-                list(request.surrounding_tags),
-            )
-            info = {
-                **meta,
-                "key": key,
-                "collection": row["collection"],
-                "image_id": result.image_id,
-                "acquisition_time": t.isoformat(),
-            }
-            meta_bytes = dumps_meta(meta)
-            row["filepath"] = run.writer.write(key, jpeg, meta_bytes, info)
-            row.update(bytes=len(jpeg), meta_bytes=len(meta_bytes))
+        reason = check_tile(result.rgb, result.valid, config.quality, source.cloud is not None)
+        if reason is None:
+            _write_tile(request, result, row, run)
             return row
+        row.status, row.reason = "skipped", reason
     _remove_files(run.writer, key)
     return row
+
+
+def _write_tile(request: TileRequest, result: TileResult, row: ManifestRow, run: _ShardRun) -> None:
+    """Encode the tile's JPEG and write it with its meta pickle; fill in ``row``'s files."""
+    config = run.shard.config
+    assert result.rgb is not None and result.acquisition_time is not None
+    jpeg = encode_jpeg(result.rgb, config.jpeg_quality, config.jpeg_encoder)
+    t = result.acquisition_time
+    meta = make_meta(
+        request.box,
+        (t.year, t.month, t.day, t.hour, t.minute),
+        request.center_tags,
+        list(request.surrounding_tags),
+    )
+    info = {
+        **meta,
+        "key": row.key,
+        "collection": row.collection,
+        "image_id": result.image_id,
+        "acquisition_time": t.isoformat(),
+    }
+    meta_bytes = dumps_meta(meta)
+    row.filepath = run.writer.write(row.key, jpeg, meta_bytes, info)
+    row.bytes, row.meta_bytes = len(jpeg), len(meta_bytes)
 
 
 def _failure(error: FetchError, attempts: int) -> TileResult:
@@ -634,8 +626,8 @@ def _failure(error: FetchError, attempts: int) -> TileResult:
 
 
 def _guarded(
-    job: Callable[[], list[dict[str, Any]]], requests: Sequence[TileRequest], run: _ShardRun
-) -> list[dict[str, Any]]:
+    job: Callable[[], list[ManifestRow]], requests: Sequence[TileRequest], run: _ShardRun
+) -> list[ManifestRow]:
     """Run one request's job; record its rows in the journal. A bug in a backend fails the
     job's tiles (retried by the next run) with one log entry; a settings error stops the run."""
     try:
@@ -654,7 +646,7 @@ def _guarded(
     return rows
 
 
-def _run_tile(backend: Backend, request: TileRequest, run: _ShardRun) -> list[dict[str, Any]]:
+def _run_tile(backend: Backend, request: TileRequest, run: _ShardRun) -> list[ManifestRow]:
     return [_finish_tile(request, backend.fetch(request), run, None)]
 
 
@@ -663,7 +655,7 @@ def _run_block(
     members: list[tuple[TileRequest, ImageChoice]],
     run: _ShardRun,
     spent: int = 0,
-) -> list[dict[str, Any]]:
+) -> list[ManifestRow]:
     """Fetch one request (a tile alone, or the block of several) and write its tiles."""
     requests = [r for r, _ in members]
     image = members[0][1]
@@ -699,20 +691,20 @@ def _run_block(
     return [_finish_tile(r, _failure(error, spent), run, None) for r in requests]
 
 
-def _jobs(
-    todo: list[TileRequest], run: _ShardRun
-) -> tuple[
-    list[tuple[Callable[[], list[dict[str, Any]]], list[TileRequest]]], list[dict[str, Any]]
-]:
+#: One request to send (a tile alone, or a block of tiles): the job, and the tiles it covers.
+_Job = tuple[Callable[[], list[ManifestRow]], list[TileRequest]]
+
+
+def _jobs(todo: list[TileRequest], run: _ShardRun) -> tuple[list[_Job], list[ManifestRow]]:
     """The shard's requests as jobs (one request each: a tile, or a block of tiles), and the
     rows of tiles settled without a pixel request (no image, a failed lookup)."""
     config = run.shard.config
     by_backend: dict[str, list[TileRequest]] = {}
     for request in todo:
-        name = _backend_name(config, request.alias, request.collection)
+        name = _backend_name(config, request.alias)
         by_backend.setdefault(name, []).append(request)
-    jobs: list[tuple[Callable[[], list[dict[str, Any]]], list[TileRequest]]] = []
-    settled: list[dict[str, Any]] = []
+    jobs: list[_Job] = []
+    settled: list[ManifestRow] = []
     for name, group in by_backend.items():
         backend = get_backend(config.backend_config(name, run.shard.limits))
         if not backend.supports_blocks:
@@ -738,8 +730,8 @@ def _jobs(
 
 
 def _previous_rows(
-    shard: FetchShard, journal: _Journal, stats: dict[str, Any] | None
-) -> tuple[dict[str, dict[str, Any]], bool]:
+    shard: FetchShard, journal: _Journal, stats: ShardStats | None
+) -> tuple[dict[str, ManifestRow], bool]:
     """The rows earlier runs left for this shard (manifest part, then journal), by request key,
     and whether the manifest part was unreadable. Rows of another JPEG encoding are dropped."""
     unreadable = False
@@ -748,9 +740,9 @@ def _previous_rows(
     except ManifestError as e:
         log.warning("%s: its shard is fetched again", e)
         rows, unreadable = [], True
-    if stats is not None and stats.get("encoding", shard.config.encoding) != shard.config.encoding:
+    if stats is not None and stats.encoding not in (None, shard.config.encoding):
         rows = []  # encoded otherwise: fetched again
-    old = {row["request_key"]: row for row in rows}
+    old = {row.request_key: row for row in rows}
     old.update(journal.read())
     return old, unreadable
 
@@ -760,8 +752,10 @@ CHECK_COLUMNS = ["key", "status", "reason", "bytes", "meta_bytes"]
 
 def _still_done(shard: FetchShard, writer: FilesWriter | WebDatasetWriter) -> bool:
     """Whether a shard an earlier run finished needs nothing: its manifest part reads (only
-    the columns the check needs), nothing in it is retryable, and every ``ok`` key's files
-    pass ``writer.check``. The common case of a rerun, so it is kept cheap."""
+    the columns the check needs), it has a row per request, nothing in it is retryable, and
+    every ``ok`` key's files are there (``all_present``, or ``writer.check`` with ``verify``
+    or a WebDataset). The common case of a rerun: measured (bench/bench_fetch.py, the check's
+    cost per part and per file), kept cheap."""
     path = _manifest_dir(shard.config) / f"{shard.name}.parquet"
     try:
         table = pq.ParquetFile(path).read(columns=CHECK_COLUMNS)
@@ -781,113 +775,133 @@ def _still_done(shard: FetchShard, writer: FilesWriter | WebDatasetWriter) -> bo
         return writer.all_present(
             ok["key"].to_pylist(), ok["bytes"].to_pylist(), ok["meta_bytes"].to_pylist()
         )
-    rows = table.to_pylist()
-    for row in rows:
-        if row["status"] == "ok":
-            if writer.check(row, shard.config.verify) is not None:
+    verify = shard.config.verify
+    for key, status, reason, jpeg_bytes, meta_bytes in zip(
+        *(table.column(c).to_pylist() for c in CHECK_COLUMNS), strict=True
+    ):
+        if status == "ok":
+            if writer.check(key, jpeg_bytes, meta_bytes, verify) is not None:
                 return False
-        elif row["status"] != "skipped" or row["reason"] in RETRYABLE_REASONS:
+        elif status != "skipped" or reason in RETRYABLE_REASONS:
             return False
-    return len(rows) == shard.stop - shard.start
+    return True
 
 
-def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Check and fetch one shard (module-level: a Dask task); return its stats (also written
-    last), plus ``orphans`` (keys an earlier run wrote here that the shard no longer has) and
-    ``checked_only`` (nothing needed doing)."""
+@dataclass
+class ShardOutcome:
+    """What ``fetch_shard`` did: the shard's stats, the keys an earlier run wrote that the shard
+    no longer has (``orphans``: their files go at the end of the run), and whether it only
+    checked the files of an earlier run (``checked_only``)."""
+
+    stats: ShardStats
+    orphans: list[str] = field(default_factory=list)
+    checked_only: bool = False
+
+
+def _writer(shard: FetchShard) -> FilesWriter | WebDatasetWriter:
     config = shard.config
-    use_sources(shard.sources)
-    t0 = time.monotonic()
-    stats_path = _stats_path(shard)
-    stats_before = _read_json(stats_path)
-    journal = _Journal(_journal_path(shard), config.encoding)
-    writer: FilesWriter | WebDatasetWriter
     if config.format == "webdataset":
-        writer = WebDatasetWriter(config.out, config.parts, shard.name)
-    else:
-        writer = FilesWriter(config.out, config.parts)
+        return WebDatasetWriter(config.out, config.parts, shard.name)
+    return FilesWriter(config.out, config.parts)
+
+
+def fetch_shard(shard: FetchShard, on_tile: Callable[[int], None] | None = None) -> ShardOutcome:
+    """Check and fetch one shard (module-level: a Dask task); its stats are written last."""
+    config = shard.config
+    t0 = time.monotonic()
+    stats_before = ShardStats.read(_stats_path(shard))
+    journal = _Journal(_journal_path(shard), config.encoding)
+    writer = _writer(shard)
     finished_before = (
         stats_before is not None
-        and stats_before.get("keys_hash") == shard.keys_hash
-        and stats_before.get("encoding", config.encoding) == config.encoding
+        and stats_before.keys_hash == shard.keys_hash
+        and stats_before.encoding in (None, config.encoding)
         and not journal.path.exists()
     )
-    if finished_before and _still_done(shard, writer):
+    if stats_before is not None and finished_before and _still_done(shard, writer):
         if on_tile is not None:
             on_tile(shard.stop - shard.start)
-        return {**(stats_before or {}), "fetched": 0, "repaired": {}, "checked_only": True}
+        stats = dataclasses.replace(stats_before, fetched=0, repaired={})
+        return ShardOutcome(stats, checked_only=True)
     requests = _shard_requests(shard)
     old, unreadable = _previous_rows(shard, journal, stats_before)
     current = {r.key for r in requests}
-    orphans = [row["key"] for k, row in old.items() if k not in current and row["status"] == "ok"]
-    rows: dict[str, dict[str, Any]] = {}
+    orphans = [row.key for k, row in old.items() if k not in current and row.status == "ok"]
+    rows, todo, repaired = _kept_rows(requests, old, writer, config.verify)
+    if unreadable:
+        repaired["manifest"] += 1
+    if on_tile is not None and len(rows):
+        on_tile(len(rows))
+    run = _ShardRun(shard, writer, journal, on_tile, _budget(config.block_memory_mb))
+    stats = _fetch_todo(todo, run, rows)
+    ordered = [rows[r.key] for r in requests]
+    writer.finish(shard.name, [row.key for row in ordered if row.status == "ok"])
+    write_manifest(ordered, _manifest_dir(config) / f"{shard.name}.parquet")
+    counts = Counter(row.status for row in ordered)
+    stats.shard, stats.requests_file = shard.name, shard.requests_file.name
+    stats.positions, stats.keys_hash = [shard.start, shard.stop], shard.keys_hash
+    stats.encoding = config.encoding
+    stats.ok, stats.skipped, stats.failed = counts["ok"], counts["skipped"], counts["failed"]
+    stats.reasons = dict(sorted(Counter(row.reason for row in ordered if row.reason).items()))
+    stats.retryable = counts["failed"]
+    stats.repaired = dict(sorted(repaired.items()))
+    stats.seconds = round(time.monotonic() - t0, 3)
+    write_json_atomic(_stats_path(shard), dataclasses.asdict(stats))
+    journal.remove()
+    return ShardOutcome(stats, orphans)
+
+
+def _kept_rows(
+    requests: list[TileRequest],
+    old: dict[str, ManifestRow],
+    writer: FilesWriter | WebDatasetWriter,
+    verify: bool,
+) -> tuple[dict[str, ManifestRow], list[TileRequest], Counter[str]]:
+    """The earlier rows that stand (``ok`` with sound files, permanent skips), by request key;
+    the requests to fetch; what was repaired, by problem."""
+    rows: dict[str, ManifestRow] = {}
     todo: list[TileRequest] = []
-    repaired: Counter[str] = Counter({"manifest": 1} if unreadable else {})
+    repaired: Counter[str] = Counter()
     for request in requests:
         prev = old.get(request.key)
-        if prev is not None and prev["status"] == "ok":
-            problem = writer.check(prev, config.verify)
+        if prev is not None and prev.status == "ok":
+            problem = writer.check(prev.key, prev.bytes, prev.meta_bytes, verify)
             if problem is None:
                 rows[request.key] = prev
                 continue
             repaired[problem] += 1
-        elif (
-            prev is not None
-            and prev["status"] == "skipped"
-            and prev["reason"] not in RETRYABLE_REASONS
-        ):
+        elif prev is not None and prev.status == "skipped" and prev.reason not in RETRYABLE_REASONS:
             rows[request.key] = prev
             continue
         todo.append(request)
-    if on_tile is not None and len(rows):
-        on_tile(len(rows))
-    run = _ShardRun(shard, writer, journal, on_tile, _budget(config.block_memory_mb))
+    return rows, todo, repaired
+
+
+def _fetch_todo(
+    todo: list[TileRequest], run: _ShardRun, rows: dict[str, ManifestRow]
+) -> ShardStats:
+    """Fetch the tiles of ``todo`` into ``rows`` (by request key); the counts of the requests
+    sent (the rest of the shard's stats is filled in by the caller)."""
+    stats = ShardStats(fetched=len(todo))
     jobs, settled = _jobs(todo, run)
     for row in settled:
-        rows[row["request_key"]] = row
+        rows[row.request_key] = row
     # More threads than request slots: a thread encoding or writing tiles holds no slot.
-    pool = _executor(min(256, 2 * config.concurrency + 2))
-    requests_sent = 0
-    blocks = block_tiles = 0
+    pool = _executor(min(256, 2 * run.shard.config.concurrency + 2))
     for job_rows in pool.map(lambda job: _guarded(job[0], job[1], run), jobs):
         for row in job_rows:
-            rows[row["request_key"]] = row
-        requests_sent += max(int(row["attempts"] or 0) for row in job_rows)
-        if job_rows[0]["block"] is not None:
-            blocks += 1
-            block_tiles += len(job_rows)
-    ordered = [rows[r.key] for r in requests]
-    writer.finish(shard.name, [row["key"] for row in ordered if row["status"] == "ok"])
-    write_manifest(ordered, _manifest_dir(config) / f"{shard.name}.parquet")
-    counts = Counter(row["status"] for row in ordered)
-    reasons = Counter(row["reason"] for row in ordered if row["reason"])
-    stats = {
-        "shard": shard.name,
-        "requests_file": shard.requests_file.name,
-        "positions": [shard.start, shard.stop],
-        "keys_hash": shard.keys_hash,
-        "encoding": config.encoding,
-        "ok": counts.get("ok", 0),
-        "skipped": counts.get("skipped", 0),
-        "failed": counts.get("failed", 0),
-        "reasons": dict(sorted(reasons.items())),
-        "retryable": counts.get("failed", 0),
-        "fetched": len(todo),
-        "pixel_requests": requests_sent,
-        "blocks": blocks,
-        "block_tiles": block_tiles,
-        "repaired": dict(sorted(repaired.items())),
-        "seconds": round(time.monotonic() - t0, 3),
-    }
-    write_json_atomic(stats_path, stats)
-    journal.remove()
-    return {**stats, "orphans": orphans, "checked_only": False}
+            rows[row.request_key] = row
+        stats.pixel_requests += max(int(row.attempts or 0) for row in job_rows)
+        if job_rows[0].block is not None:
+            stats.blocks += 1
+            stats.block_tiles += len(job_rows)
+    return stats
 
 
 # --- the run --------------------------------------------------------------------------------
 
 
-def _run_local(shards: list[FetchShard]) -> list[dict[str, Any]]:
+def _run_local(shards: list[FetchShard]) -> list[ShardOutcome]:
     """Run shards through the runner on this process's threads, ``SHARDS_IN_FLIGHT`` at a
     time, with a tile progress bar. No shard is ever skipped as done: a finished one only
     checks its files."""
@@ -918,23 +932,28 @@ class FetchGroup:
         return f"group-{self.index:05d}"
 
 
-def fetch_group(group: FetchGroup) -> dict[str, Any]:
-    """A Dask task: its shards on threads; their stats, in order, under ``shards``."""
+def fetch_group(group: FetchGroup) -> list[ShardOutcome]:
+    """A Dask task: its shards on threads; what each did, in order."""
     with ThreadPoolExecutor(len(group.shards), thread_name_prefix="shard") as pool:
-        return {"shards": list(pool.map(fetch_shard, group.shards))}
+        return list(pool.map(fetch_shard, group.shards))
 
 
-def _resolve_sources(config: FetchConfig) -> tuple[SourceInfo, ...]:
-    """The sources of every (alias, collection) the requests name, from the catalog now."""
-    pairs: set[tuple[str, str]] = set()
+def _sources_of(config: FetchConfig) -> tuple[ImageSource, ...]:
+    """The sources the requests name, by alias; an alias the catalog does not know stops the
+    run before any work."""
+    aliases: set[str] = set()
     for part in config.request_parts():
-        table = pq.read_table(part, columns=["alias", "collection"])
-        aliases, collections = (
-            table.column("alias").to_pylist(),
-            table.column("collection").to_pylist(),
-        )
-        pairs.update(zip(aliases, collections, strict=True))
-    return tuple(resolve_source(alias, collection) for alias, collection in sorted(pairs))
+        names = set(pq.read_table(part, columns=["alias"]).column("alias").unique().to_pylist())
+        unknown = sorted(names - set(config.catalog))
+        if unknown:
+            raise InputError(
+                part,
+                f"image source(s) {', '.join(unknown)} not in the catalog (known: "
+                f"{', '.join(config.catalog)}): define them as the plan did (a pipeline's "
+                "source_definitions, or image_sources.add_source)",
+            )
+        aliases |= names
+    return tuple(config.catalog.get_source(alias) for alias in sorted(aliases))
 
 
 def _samples(config: FetchConfig, aliases: set[str]) -> list[TileRequest]:
@@ -954,11 +973,11 @@ def _samples(config: FetchConfig, aliases: set[str]) -> list[TileRequest]:
 
 
 def _check_backends(
-    config: FetchConfig, sources: tuple[SourceInfo, ...], limits: LimitsConfig
+    config: FetchConfig, sources: tuple[ImageSource, ...], limits: LimitsConfig
 ) -> None:
     """Open every backend the requests need and check its settings (one probe request where
     one is needed): a bad setting raises before anything is created."""
-    by_backend: dict[str, list[SourceInfo]] = {}
+    by_backend: dict[str, list[ImageSource]] = {}
     for source in sources:
         by_backend.setdefault(config.backend or source.backend, []).append(source)
     for name in sorted(by_backend):
@@ -980,7 +999,7 @@ def _clean_up(config: FetchConfig, shards: list[FetchShard], orphans: list[str])
     ]
     for part in stale:
         with contextlib.suppress(ManifestError):
-            orphans += [r["key"] for r in read_manifest(part) if r["status"] == "ok"]
+            orphans += [r.key for r in read_manifest(part) if r.status == "ok"]
         name = part.name[: -len(".parquet")]
         for path in (
             part,
@@ -995,7 +1014,7 @@ def _clean_up(config: FetchConfig, shards: list[FetchShard], orphans: list[str])
     for shard in shards:
         with contextlib.suppress(ManifestError):
             part = folder / f"{shard.name}.parquet"
-            done.update(r["key"] for r in read_manifest(part) if r["status"] == "ok")
+            done.update(r.key for r in read_manifest(part) if r.status == "ok")
     writer = FilesWriter(config.out, config.parts)
     for key in sorted(set(orphans) - done):
         _remove_files(writer, key)
@@ -1006,74 +1025,71 @@ def run_fetch(config: FetchConfig) -> FetchResult:
     dataset."""
     t0 = time.monotonic()
     local = LimitsConfig(config.concurrency, config.rate)
-    sources = _resolve_sources(config)
-    use_sources(sources)
-    _check_backends(config, sources, local)  # before anything is created
+    _check_backends(config, _sources_of(config), local)  # before anything is created
     startup = time.monotonic() - t0
     with leave_no_empty_folders(config.out, depth=1):
-        result = _fetch_all(config, sources, local)
+        result = _fetch_all(config, local)
     result.seconds = time.monotonic() - t0
     result.startup_seconds = startup
     return result
 
 
-def _fetch_all(
-    config: FetchConfig, sources: tuple[SourceInfo, ...], local: LimitsConfig
-) -> FetchResult:
+def _fetch_all(config: FetchConfig, local: LimitsConfig) -> FetchResult:
     config.out.mkdir(parents=True, exist_ok=True)
     _manifest_dir(config).mkdir(exist_ok=True)
     removed = remove_temp_files(config.out)
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
     cluster = config.cluster
-    results: list[dict[str, Any]]
+    results: list[ShardOutcome]
     if cluster.inline:
-        shards = list_shards(config, local, sources)
+        shards = list_shards(config, local)
         results = _run_local(shards)
     else:
         with dask_client(cluster) as client:
             processes = max(1, len(client.scheduler_info().get("workers", {})))
             name = f"skyscript-fetch-{zlib.crc32(str(config.out.resolve()).encode()):08x}"
             limits = LimitsConfig(config.concurrency, config.rate, processes, name)
-            shards = list_shards(config, limits, sources)
+            shards = list_shards(config, limits)
             groups = [
                 FetchGroup(k, tuple(shards[i : i + SHARDS_IN_FLIGHT]))
                 for k, i in enumerate(range(0, len(shards), SHARDS_IN_FLIGHT))
             ]
             runner = RunnerConfig(cluster=cluster, desc="fetch")
             done = run_shards(fetch_group, groups, runner, client=client)
-            results = [stats for group in done for stats in group["shards"]]
-    _clean_up(config, shards, [k for r in results for k in r.get("orphans", [])])
+            results = [outcome for group in done for outcome in group]
+    _clean_up(config, shards, [k for r in results for k in r.orphans])
     # A worker lost in the middle of writing a file leaves its temporary name behind (the
     # retried shard wrote the file itself); every shard is done now, so nothing else is writing.
     remove_temp_files(config.out)
     return _summarise(results)
 
 
-def _summarise(results: list[dict[str, Any]]) -> FetchResult:
+def _summarise(outcomes: list[ShardOutcome]) -> FetchResult:
     result = FetchResult()
     reasons: Counter[str] = Counter()
     repaired: Counter[str] = Counter()
-    for stats in results:
-        result.ok += stats["ok"]
-        result.skipped += stats["skipped"]
-        result.failed += stats["failed"]
-        reasons.update(stats["reasons"])
-        repaired.update(stats.get("repaired", {}))
-        if stats.get("checked_only"):
+    for outcome in outcomes:
+        stats = outcome.stats
+        result.ok += stats.ok
+        result.skipped += stats.skipped
+        result.failed += stats.failed
+        reasons.update(stats.reasons)
+        repaired.update(stats.repaired)
+        if outcome.checked_only:
             result.shards_done_before += 1
             continue
         result.shards_run += 1
-        result.fetched += int(stats.get("fetched", 0))
-        result.requests += int(stats.get("pixel_requests", 0))
-        result.blocks += int(stats.get("blocks", 0))
-        result.block_tiles += int(stats.get("block_tiles", 0))
+        result.fetched += stats.fetched
+        result.requests += stats.pixel_requests
+        result.blocks += stats.blocks
+        result.block_tiles += stats.block_tiles
     result.reasons = dict(reasons)
     result.repaired = dict(repaired)
     return result
 
 
 def iter_manifest(out: Path) -> Iterator[dict[str, Any]]:
-    """Every manifest row of a dataset, in shard order."""
+    """Every manifest row of a dataset, in shard order, as a dict of its columns."""
     for path in sorted((Path(out) / "manifest").glob("part-*.parquet")):
-        yield from read_manifest(path)
+        yield from (dataclasses.asdict(row) for row in read_manifest(path))

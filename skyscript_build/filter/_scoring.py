@@ -278,6 +278,25 @@ def default_workers() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
 
+def _batch_plan(
+    shards: Sequence[Shard], batch_size: int
+) -> tuple[list[str], list[list[int]], dict[int, int], list[int]]:
+    """The shards' image paths in order; batches of positions (a batch never spans two
+    shards); the last batch of each shard -> its position; each shard's first position."""
+    paths: list[str] = []
+    batches: list[list[int]] = []
+    ends: dict[int, int] = {}
+    starts: list[int] = []
+    for s, shard in enumerate(shards):
+        first = len(paths)
+        starts.append(first)
+        paths += [str(Path(shard.root) / p) for p in shard.filepaths]
+        for i in range(first, len(paths), batch_size):
+            batches.append(list(range(i, min(i + batch_size, len(paths)))))
+        ends[len(batches) - 1] = s
+    return paths, batches, ends, starts
+
+
 class Scorer:
     """One CLIP model on one device, scoring shards."""
 
@@ -409,21 +428,14 @@ class Scorer:
         on_batch: Callable[[int], None] | None = None,
         worker_name: str = "local",
     ) -> list[ShardResult]:
-        """Score ``shards`` in order; write each one's part as it finishes."""
+        """Score ``shards`` in order; write each one's part as it finishes.
+
+        The loop over batches is a measured hot loop (bench/gpu_filter.py: images/s against
+        the model's own forward throughput), kept in one piece."""
         import torch
 
         started = time.perf_counter()
-        paths: list[str] = []
-        batches: list[list[int]] = []
-        ends: dict[int, int] = {}  # last batch number of each shard -> shard position
-        starts: list[int] = []
-        for s, shard in enumerate(shards):
-            first = len(paths)
-            starts.append(first)
-            paths += [str(Path(shard.root) / p) for p in shard.filepaths]
-            for i in range(first, len(paths), self.settings.batch_size):
-                batches.append(list(range(i, min(i + self.settings.batch_size, len(paths)))))
-            ends[len(batches) - 1] = s
+        paths, batches, ends, starts = _batch_plan(shards, self.settings.batch_size)
         texts = [t for shard in shards for t in shard.texts]
         results = [ShardResult(index=shard.index, worker=worker_name) for shard in shards]
         sims = np.full(len(paths), np.nan, dtype=np.float32)

@@ -31,6 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -426,85 +427,111 @@ def _check_inputs(config: FilterConfig) -> tuple[pd.DataFrame, np.ndarray]:
     return captions, stats
 
 
+_SCORE_KEY = ["filepath", "caption_hash", "size", "mtime_ns"]
+
+
+def _scored(stored: pd.DataFrame, rows: pd.DataFrame, config: FilterConfig, identity: str,
+            precision: str) -> pd.DataFrame:  # fmt: skip
+    """``rows`` with the similarity ``stored`` holds for them (this model, checkpoint and
+    precision; the same caption, and the image of the same size and mtime)."""
+    mine = stored[
+        (stored["model"] == config.model)
+        & (stored["pretrained"] == identity)
+        & (stored["precision"] == precision)
+    ]
+    return rows.merge(mine[[*_SCORE_KEY, "similarity"]], on=_SCORE_KEY)
+
+
+def _devices(config: FilterConfig, client: Any) -> tuple[list[str], str]:
+    """Where the scores are computed, and at which precision."""
+    if client is not None:
+        return [f"dask {config.scheduler}"], _cluster_precision(client, config)
+    devices = resolve_devices(config.device)
+    precision = resolve_precision(config.precision, devices[0])
+    if len({resolve_precision(config.precision, d) for d in devices}) > 1:
+        raise ConfigError(
+            f"--device {config.device}: a CPU and a GPU would score at different "
+            "precisions: pass --precision"
+        )
+    return devices, precision
+
+
 def run_filter(config: FilterConfig) -> FilterResult:
     """Score the caption CSV's pairs, then write the train/val/test CSVs (see module doc)."""
     import_clip()
     captions, stats = _check_inputs(config)
-    out = config.out_dir
     result = FilterResult(rows=len(captions))
     texts = captions[config.caption_column].tolist()
     captions["caption_hash"] = [caption_hash(t) for t in texts]
     captions["size"], captions["mtime_ns"] = stats[:, 0], stats[:, 1]
     present = captions["size"].to_numpy() >= 0
     missing = captions["filepath"][~present].tolist()
-    identity = pretrained_identity(config.pretrained, config.seed)
-    result.identity = identity
-
+    result.identity = identity = pretrained_identity(config.pretrained, config.seed)
     with contextlib.ExitStack() as stack:
         client = None
         if config.scheduler:
             client = stack.enter_context(dask_client(ClusterConfig(scheduler=config.scheduler)))
-            precision = _cluster_precision(client, config)
-            devices = [f"dask {config.scheduler}"]
-        else:
-            devices = resolve_devices(config.device)
-            precision = resolve_precision(config.precision, devices[0])
-            if len({resolve_precision(config.precision, d) for d in devices}) > 1:
-                raise ConfigError(
-                    f"--device {config.device}: a CPU and a GPU would score at different "
-                    "precisions: pass --precision"
-                )
+        devices, precision = _devices(config, client)
         result.precision, result.devices = precision, devices
-
-        stored, stale = read_store(out)
-        key = ["filepath", "caption_hash", "size", "mtime_ns"]
-        mine = stored[
-            (stored["model"] == config.model)
-            & (stored["pretrained"] == identity)
-            & (stored["precision"] == precision)
-        ]
-        reusable = captions[present].merge(mine[[*key, "similarity"]], on=key)
+        stored, stale = read_store(config.out_dir)
+        reusable = _scored(stored, captions[present], config, identity, precision)
         todo = captions[present & ~captions["filepath"].isin(reusable["filepath"])]
         result.reused = len(reusable)
-
-        scorer_first = None
+        scorer = None
         if len(todo) and client is None and len(devices) == 1:
             # built before anything is written: a checkpoint that does not fit creates nothing
-            scorer_first = Scorer(config.settings(precision), devices[0])
-        stack.enter_context(leave_no_empty_folders(out, depth=1))
-        out.mkdir(parents=True, exist_ok=True)
+            scorer = Scorer(config.settings(precision), devices[0])
+        stack.enter_context(leave_no_empty_folders(config.out_dir, depth=1))
+        config.out_dir.mkdir(parents=True, exist_ok=True)
         if stale:
-            stored = write_store(out, stored, add_parts=False)
-        runs: list[ShardResult] = []
-        if len(todo):
-            shards = cut_shards(
-                todo["filepath"].tolist(),
-                todo[config.caption_column].tolist(),
-                todo[["size", "mtime_ns"]].to_numpy(),
-                root=config.dataset,
-                out=out,
-                shard_size=config.rows_per_shard,
-            )
-            result.shards = len(shards)
-            log.info(
-                "scoring %d of %d rows in %d shard(s), %s on %s",
-                len(todo), len(captions), len(shards), precision, ", ".join(devices),
-            )  # fmt: skip
-            started = time.perf_counter()
-            if scorer_first is not None:
-                with progress_bar(total=len(todo), desc="filter: scoring", unit="img") as bar:
-                    runs = scorer_first.run(
-                        shards, workers=config.workers, on_batch=bar.update,
-                        worker_name=devices[0],
-                    )  # fmt: skip
-                del scorer_first
-            elif client is not None:
-                runs = _score_dask(config, shards, client, precision)
-            else:
-                runs = _score_processes(config, shards, devices, precision)
-            result.score_seconds = time.perf_counter() - started
-        stored = write_store(out, stored)
+            stored = write_store(config.out_dir, stored, add_parts=False)
+        runs = _score(config, todo, result, client, scorer) if len(todo) else []
+        del scorer
+        stored = write_store(config.out_dir, stored)
+    _tally_runs(result, runs, missing)
+    rows = _scored(stored, captions[present], config, identity, result.precision)
+    rows = rows.sort_values("filepath", kind="stable").reset_index(drop=True)
+    result.kept = len(rows)
+    _check_sizes(config, len(rows), "scored rows")
+    _write_outputs(config, rows, result)
+    return result
 
+
+def _score(
+    config: FilterConfig, todo: pd.DataFrame, result: FilterResult, client: Any,
+    scorer: Scorer | None,
+) -> list[ShardResult]:  # fmt: skip
+    """Score the rows ``todo`` in shards: on ``scorer`` here, on the Dask ``client``, or in a
+    process per device (``result.devices``); each shard's scores go to a part file."""
+    shards = cut_shards(
+        todo["filepath"].tolist(),
+        todo[config.caption_column].tolist(),
+        todo[["size", "mtime_ns"]].to_numpy(),
+        root=config.dataset,
+        out=config.out_dir,
+        shard_size=config.rows_per_shard,
+    )
+    result.shards = len(shards)
+    devices, precision = result.devices, result.precision
+    log.info(
+        "scoring %d of %d rows in %d shard(s), %s on %s",
+        len(todo), result.rows, len(shards), precision, ", ".join(devices),
+    )  # fmt: skip
+    started = time.perf_counter()
+    if scorer is not None:
+        with progress_bar(total=len(todo), desc="filter: scoring", unit="img") as bar:
+            runs = scorer.run(shards, workers=config.workers, on_batch=bar.update,
+                              worker_name=devices[0])  # fmt: skip
+    elif client is not None:
+        runs = _score_dask(config, shards, client, precision)
+    else:
+        runs = _score_processes(config, shards, devices, precision)
+    result.score_seconds = time.perf_counter() - started
+    return runs
+
+
+def _tally_runs(result: FilterResult, runs: list[ShardResult], missing: list[str]) -> None:
+    """The shards' counts into ``result``; the images missing or corrupt, counted and logged."""
     failed: dict[str, list[str]] = {"missing": missing} if missing else {}
     for run in runs:
         result.scored_new += run.scored
@@ -524,19 +551,6 @@ def run_filter(config: FilterConfig) -> FilterResult:
             ", ".join(result.failed_examples),
             ", ..." if n_failed > len(result.failed_examples) else "",
         )
-
-    mine = stored[
-        (stored["model"] == config.model)
-        & (stored["pretrained"] == identity)
-        & (stored["precision"] == precision)
-    ]
-    key = ["filepath", "caption_hash", "size", "mtime_ns"]
-    rows = captions[present].merge(mine[[*key, "similarity"]], on=key)
-    rows = rows.sort_values("filepath", kind="stable").reset_index(drop=True)
-    result.kept = len(rows)
-    _check_sizes(config, len(rows), "scored rows")
-    _write_outputs(config, rows, result)
-    return result
 
 
 def _write_outputs(config: FilterConfig, rows: pd.DataFrame, result: FilterResult) -> None:

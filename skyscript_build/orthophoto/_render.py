@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -209,7 +210,18 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def render(config: Any, osm: dict[str, list[Any]]) -> tuple[np.ndarray, Any, int]:
+@dataclass(frozen=True)
+class _Frame:
+    """The orthophoto's grid: ``h`` x ``w`` pixels of the config's GSD in its CRS, covering the
+    extract's header box (snapped outwards to 10 m)."""
+
+    transform: Any
+    h: int
+    w: int
+    box: Any  # shapely box of the frame, in the CRS
+
+
+def _frame(config: Any) -> _Frame:
     import osmium
     from affine import Affine
     from pyproj import Transformer
@@ -226,13 +238,38 @@ def render(config: Any, osm: dict[str, list[Any]]) -> tuple[np.ndarray, Any, int
     y0, y1 = np.floor(min(ys) / step) * step, np.ceil(max(ys) / step) * step
     gsd = config.gsd
     w, h = int(round((x1 - x0) / gsd)), int(round((y1 - y0) / gsd))
-    transform = Affine(gsd, 0, x0, 0, -gsd, y1)
-    rng = np.random.default_rng(config.seed)
+    return _Frame(Affine(gsd, 0, x0, 0, -gsd, y1), h, w, shapely.box(x0, y0, x1, y1))
 
-    # Land cover: areas then lines, in class order (later shapes overwrite earlier ones).
-    area_geoms = _project([a[0] for a in osm["areas"]], config.crs)
+
+def _line_covers(tags: dict[str, str], geom: Any) -> list[tuple[int, Any]]:
+    """The land cover a line paints: roads, rails and tram tracks, waterways (buffered)."""
+    hw, rail, ww = tags.get("highway"), tags.get("railway"), tags.get("waterway")
+    if hw in _HIGHWAYS:
+        width, cls = _HIGHWAYS[hw]
+        return [(cls, shapely.buffer(geom, width / 2, quad_segs=3))]
+    if rail in ("rail", "light_rail", "subway", "narrow_gauge"):
+        if tags.get("tunnel") in ("yes", "building_passage") or rail == "subway":
+            return []
+        return [
+            (RAIL_BED, shapely.buffer(geom, 2.2, quad_segs=2)),
+            (TRAM, shapely.buffer(geom, 0.8, cap_style="flat")),
+        ]
+    if rail == "tram":
+        return [(TRAM, shapely.buffer(geom, 0.9, cap_style="flat"))]
+    if ww in ("river", "canal", "stream", "ditch"):
+        width = {"river": 12.0, "canal": 8.0}.get(ww, 2.0)
+        return [(WATER, shapely.buffer(geom, width / 2))]
+    return []
+
+
+def _land_cover(
+    osm: dict[str, list[Any]], crs: str, frame: _Frame
+) -> tuple[list[tuple[int, Any]], list[tuple[Any, int]]]:
+    """(class, geometry) of the land cover, in painting order (areas then lines, by class; a
+    later shape overwrites an earlier one), and (geometry, OSM id) of the buildings."""
     covers: list[tuple[int, Any]] = []
     buildings: list[tuple[Any, int]] = []
+    area_geoms = _project([a[0] for a in osm["areas"]], crs)
     for geom, (_, tags, osm_id) in zip(area_geoms, osm["areas"], strict=True):
         if geom is None or geom.is_empty:
             continue
@@ -242,107 +279,125 @@ def render(config: Any, osm: dict[str, list[Any]]) -> tuple[np.ndarray, Any, int
         cls = _area_class(tags)
         if cls is not None:
             covers.append((cls, geom))
-    line_geoms = _project([ln[0] for ln in osm["lines"]], config.crs)
+    line_geoms = _project([ln[0] for ln in osm["lines"]], crs)
     for geom, (_, tags) in zip(line_geoms, osm["lines"], strict=True):
-        if geom is None or geom.is_empty:
-            continue
-        hw, rail, ww = tags.get("highway"), tags.get("railway"), tags.get("waterway")
-        if hw in _HIGHWAYS:
-            width, cls = _HIGHWAYS[hw]
-            covers.append((cls, shapely.buffer(geom, width / 2, quad_segs=3)))
-        elif rail in ("rail", "light_rail", "subway", "narrow_gauge"):
-            if tags.get("tunnel") in ("yes", "building_passage") or rail == "subway":
-                continue
-            covers.append((RAIL_BED, shapely.buffer(geom, 2.2, quad_segs=2)))
-            covers.append((TRAM, shapely.buffer(geom, 0.8, cap_style="flat")))
-        elif rail == "tram":
-            covers.append((TRAM, shapely.buffer(geom, 0.9, cap_style="flat")))
-        elif ww in ("river", "canal", "stream", "ditch"):
-            width = {"river": 12.0, "canal": 8.0}.get(ww, 2.0)
-            covers.append((WATER, shapely.buffer(geom, width / 2)))
+        if geom is not None and not geom.is_empty:
+            covers += _line_covers(tags, geom)
     # Water bodies and sea cut by the extract's boundary.
-    frame = shapely.box(x0, y0, x1, y1)
     for runs in osm["partial_water"]:
-        pts = np.concatenate([_project_points(r, config.crs) for r in runs])
+        pts = np.concatenate([_project_points(r, crs) for r in runs])
         if len(pts) >= 3:
             poly = shapely.make_valid(shapely.Polygon(pts))
-            covers.append((WATER, poly.intersection(frame)))
-    coast = [_project_points(r, config.crs) for runs in osm["coastline"] for r in runs]
-    covers.extend((WATER, sea) for sea in _sea(coast, frame))
+            covers.append((WATER, poly.intersection(frame.box)))
+    coast = [_project_points(r, crs) for runs in osm["coastline"] for r in runs]
+    covers.extend((WATER, sea) for sea in _sea(coast, frame.box))
     covers.sort(key=lambda c: c[0])  # stable: file order within a class
-    cls_raster = _rasterize([(g, c) for c, g in covers], h, w, transform, np.uint8)
+    return covers, buildings
 
-    # Buildings: id raster (index + 1), roofs chosen per OSM id.
-    b_raster = _rasterize(
-        [(g, i + 1) for i, (g, _) in enumerate(buildings)], h, w, transform, np.int32
+
+def _paint_trees(
+    img: np.ndarray, frame: _Frame, crowns: Any, centers: np.ndarray, radii: np.ndarray,
+    noise: tuple[np.ndarray, np.ndarray],
+) -> None:  # fmt: skip
+    """Tree crowns, darker green, shaded as lit from the south-west (sun at 10:30 in June),
+    with their shadows."""
+    t_raster = _rasterize(
+        [(g, i + 1) for i, g in enumerate(crowns)], frame.h, frame.w, frame.transform, np.int32
     )
+    trees = t_raster > 0
+    if not trees.any():
+        return
+    fine, med = noise
+    px, py = _pixel_xy(frame.transform, frame.h, frame.w)
+    idx = t_raster[trees] - 1
+    xx = np.broadcast_to(px, (frame.h, frame.w))[trees] - centers[idx, 0]
+    yy = np.broadcast_to(py, (frame.h, frame.w))[trees] - centers[idx, 1]
+    lit = np.clip((-xx * 0.5 - yy * 0.5 + 0.0) / (radii[idx] + 1e-6), -1, 1)
+    green = np.array([58, 88, 44], dtype=np.float32)
+    tone = green[None, :] * (1 + 0.25 * lit[:, None]) + 18 * med[trees][:, None]
+    img[trees] = tone + 8 * fine[trees][:, None]
+    shadow = _shift(trees, 4, 5) & ~trees
+    img[shadow] *= 0.7
+
+
+def _gables(buildings: list[tuple[Any, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Each building's centre, and the normal of its roof's long axis (its minimum rotated
+    rectangle's) pointing to the shaded half."""
+    centers = np.zeros((len(buildings), 2))
+    normals = np.zeros((len(buildings), 2))
+    for i, (g, _) in enumerate(buildings):
+        rect = shapely.minimum_rotated_rectangle(g)
+        c = np.asarray(rect.exterior.coords)[:4]
+        e1, e2 = c[1] - c[0], c[2] - c[1]
+        axis = e1 if np.hypot(*e1) >= np.hypot(*e2) else e2
+        n = np.array([-axis[1], axis[0]]) / (np.hypot(*axis) + 1e-9)
+        centers[i] = g.centroid.x, g.centroid.y
+        normals[i] = n if (n[0] + n[1]) <= 0 else -n  # lit side faces the sun
+    return centers, normals
+
+
+def _paint_buildings(
+    img: np.ndarray, frame: _Frame, buildings: list[tuple[Any, int]],
+    noise: tuple[np.ndarray, np.ndarray],
+) -> None:  # fmt: skip
+    """Buildings: cast shadows first, then roofs (a colour per OSM id) with gable shading and
+    darker eaves."""
+    h, w = frame.h, frame.w
+    b_raster = _rasterize(
+        [(g, i + 1) for i, (g, _) in enumerate(buildings)], h, w, frame.transform, np.int32
+    )
+    bmask = b_raster > 0
+    if not bmask.any():
+        return
+    fine, med = noise
+    shadow = np.zeros_like(bmask)
+    for k in range(2, 14, 2):  # taller buildings: a longer shadow band
+        shadow |= _shift(bmask, k, int(k * 0.6))
+    shadow &= ~bmask
+    img[shadow] *= 0.55
+    roofs = np.array(
+        [_ROOFS[(osm_id * 2654435761 >> 7) % len(_ROOFS)] for _, osm_id in buildings],
+        dtype=np.float32,
+    )
+    centers, normals = _gables(buildings)
+    px, py = _pixel_xy(frame.transform, h, w)
+    idx = b_raster[bmask] - 1
+    xx = np.broadcast_to(px, (h, w))[bmask] - centers[idx, 0]
+    yy = np.broadcast_to(py, (h, w))[bmask] - centers[idx, 1]
+    side = xx * normals[idx, 0] + yy * normals[idx, 1]
+    factor = np.where(side > 0, 1.12, 0.86).astype(np.float32)
+    roof = roofs[idx] * factor[:, None] + 5 * fine[bmask][:, None] + 4 * med[bmask][:, None]
+    img[bmask] = roof
+    eaves = bmask & ~(
+        _shift(bmask, 1, 0) & _shift(bmask, -1, 0) & _shift(bmask, 0, 1) & _shift(bmask, 0, -1)
+    )
+    img[eaves] *= 0.8
+
+
+def render(config: Any, osm: dict[str, list[Any]]) -> tuple[np.ndarray, Any, int]:
+    """The orthophoto of ``osm`` (the extract's shapes) as (3, h, w) uint8, its transform and
+    the number of features painted."""
+    frame = _frame(config)
+    h, w = frame.h, frame.w
+    rng = np.random.default_rng(config.seed)
+    covers, buildings = _land_cover(osm, config.crs, frame)
+    cls_raster = _rasterize([(g, c) for c, g in covers], h, w, frame.transform, np.uint8)
     # Trees: crowns of 2.5 to 4.5 m radius.
     tree_pts = _project([tr[0] for tr in osm["trees"]], config.crs)
     radii = np.array([2.5 + (tid * 2654435761 % 1000) / 500.0 for _, tid in osm["trees"]])
     crowns = shapely.buffer(tree_pts, radii, quad_segs=4) if len(tree_pts) else []
-    t_raster = _rasterize([(g, i + 1) for i, g in enumerate(crowns)], h, w, transform, np.int32)
-
-    # Colour and texture of the land cover.
+    # Colour and texture of the land cover; water with gentle ripples.
     base = np.array([_STYLE[c][0] for c in range(N_CLASSES)], dtype=np.float32)
     amps = np.array([_STYLE[c][1] for c in range(N_CLASSES)], dtype=np.float32)
     fine, med, coarse = _noise(rng, h, w, 1), _noise(rng, h, w, 6), _noise(rng, h, w, 48)
     a = amps[cls_raster]
     shade = a[..., 0] * fine + a[..., 1] * med + a[..., 2] * coarse
     img = base[cls_raster] + shade[..., None]
-    # Water: gentle ripples, a bit of blue-green tint variation.
     water = cls_raster == WATER
     img[water, 2] += 6 * med[water]
-
-    # Trees: darker green, crown shading lit from the south-west (sun at 10:30 in June).
-    px, py = _pixel_xy(transform, h, w)
-    trees = t_raster > 0
-    if trees.any():
-        centers = np.array([[p.x, p.y] for p in tree_pts], dtype=np.float64)
-        idx = t_raster[trees] - 1
-        xx = np.broadcast_to(px, (h, w))[trees] - centers[idx, 0]
-        yy = np.broadcast_to(py, (h, w))[trees] - centers[idx, 1]
-        lit = np.clip((-xx * 0.5 - yy * 0.5 + 0.0) / (radii[idx] + 1e-6), -1, 1)
-        green = np.array([58, 88, 44], dtype=np.float32)
-        tone = green[None, :] * (1 + 0.25 * lit[:, None]) + 18 * med[trees][:, None]
-        img[trees] = tone + 8 * fine[trees][:, None]
-        shadow = _shift(trees, 4, 5) & ~trees
-        img[shadow] *= 0.7
-
-    # Buildings: cast shadows first, then roofs with gable shading and darker eaves.
-    bmask = b_raster > 0
-    if bmask.any():
-        shadow = np.zeros_like(bmask)
-        for k in range(2, 14, 2):  # taller buildings: a longer shadow band
-            shadow |= _shift(bmask, k, int(k * 0.6))
-        shadow &= ~bmask
-        img[shadow] *= 0.55
-        roofs = np.array(
-            [_ROOFS[(osm_id * 2654435761 >> 7) % len(_ROOFS)] for _, osm_id in buildings],
-            dtype=np.float32,
-        )
-        # Gable: the roof's long axis (minimum rotated rectangle) splits it into a lit half
-        # and a shaded half.
-        centers = np.zeros((len(buildings), 2))
-        normals = np.zeros((len(buildings), 2))
-        for i, (g, _) in enumerate(buildings):
-            rect = shapely.minimum_rotated_rectangle(g)
-            c = np.asarray(rect.exterior.coords)[:4]
-            e1, e2 = c[1] - c[0], c[2] - c[1]
-            axis = e1 if np.hypot(*e1) >= np.hypot(*e2) else e2
-            n = np.array([-axis[1], axis[0]]) / (np.hypot(*axis) + 1e-9)
-            centers[i] = g.centroid.x, g.centroid.y
-            normals[i] = n if (n[0] + n[1]) <= 0 else -n  # lit side faces the sun
-        idx = b_raster[bmask] - 1
-        xx = np.broadcast_to(px, (h, w))[bmask] - centers[idx, 0]
-        yy = np.broadcast_to(py, (h, w))[bmask] - centers[idx, 1]
-        side = xx * normals[idx, 0] + yy * normals[idx, 1]
-        factor = np.where(side > 0, 1.12, 0.86).astype(np.float32)
-        roof = roofs[idx] * factor[:, None] + 5 * fine[bmask][:, None] + 4 * med[bmask][:, None]
-        img[bmask] = roof
-        eaves = bmask & ~(
-            _shift(bmask, 1, 0) & _shift(bmask, -1, 0) & _shift(bmask, 0, 1) & _shift(bmask, 0, -1)
-        )
-        img[eaves] *= 0.8
+    centers = np.array([[p.x, p.y] for p in tree_pts], dtype=np.float64).reshape(-1, 2)
+    _paint_trees(img, frame, crowns, centers, radii, (fine, med))
+    _paint_buildings(img, frame, buildings, (fine, med))
     out = np.clip(np.rint(img), 0, 255).astype(np.uint8).transpose(2, 0, 1)
     features = len(covers) + len(buildings) + len(crowns)
-    return out, transform, features
+    return out, frame.transform, features

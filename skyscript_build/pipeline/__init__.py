@@ -1,8 +1,8 @@
 """Pipeline files: one YAML file describes a whole dataset build; ``run_pipeline`` runs it.
 
 ``stage``: ``run_pipeline`` (the stages in order, one Dask client for those on Dask); beside it
-``_config`` (the YAML into a frozen ``PipelineConfig``), ``_schema`` (its validation), ``_stages``
-(each stage's config from the pipeline) and ``_dask_plugins``.
+``_config`` (the YAML into a frozen ``PipelineConfig``), ``_schema`` (its validation) and
+``_stages`` (each stage's config from the pipeline).
 """
 
 from ._config import (

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from image_sources import BACKENDS
+from image_sources import BACKENDS, Catalog, default_catalog, source_from_dict
 
 from ..caption import CaptionConfig
 from ..cluster import ClusterConfig
@@ -35,7 +35,6 @@ from ..filter import FilterConfig
 from ..plan import PlanConfig
 from ..settings import NAME, Refused, Setting, relation_problem, setting, settings_of
 from ._schema import Doc, Field, as_str_map, load_yaml, parse_section
-from ._stages import register_sources
 
 __all__ = [
     "STAGES",
@@ -185,7 +184,11 @@ class FilterSection(Section):
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """A validated pipeline file. ``path`` is the file as given; the other paths are absolute."""
+    """A validated pipeline file. ``path`` is the file as given; the other paths are absolute.
+
+    ``catalog``: the image sources of this pipeline (the default catalog plus its
+    ``source_definitions``), handed to the plan and fetch stages.
+    """
 
     path: Path
     name: str
@@ -202,6 +205,7 @@ class PipelineConfig:
     caption: Section
     filter: FilterSection | None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    catalog: Catalog = field(default_factory=default_catalog)
 
     @property
     def objects_dir(self) -> Path:
@@ -256,7 +260,9 @@ class PipelineConfig:
                 return plain(asdict(value))
             return value
 
-        return plain({k: getattr(self, k) for k in self.__dataclass_fields__})
+        # the catalog is there as source_definitions
+        fields = [k for k in self.__dataclass_fields__ if k != "catalog"]
+        return plain({k: getattr(self, k) for k in fields})
 
 
 # --- parsing -----------------------------------------------------------------------------
@@ -439,12 +445,13 @@ def json_schema() -> dict[str, Any]:
     }
 
 
-def _register_sources(doc: Doc, definitions: dict[str, Any], sources: tuple[str, ...]) -> None:
-    """Add the pipeline's own source definitions to the catalog; check every alias exists."""
-    import image_sources
-
+def _catalog(doc: Doc, definitions: dict[str, Any], sources: tuple[str, ...]) -> Catalog:
+    """The default catalog plus the pipeline's own source definitions (a new catalog: no other
+    pipeline sees them); every alias of ``sources`` must be in it."""
     from ..errors import SkyScriptError
 
+    base = default_catalog()
+    defined = []
     for alias, entry in definitions.items():
         where = ("source_definitions", alias)
         if not re.fullmatch(_ALIAS, alias):
@@ -452,10 +459,11 @@ def _register_sources(doc: Doc, definitions: dict[str, Any], sources: tuple[str,
         if not isinstance(entry, dict):
             raise doc.error(where, "expected a mapping of source fields")
         try:
-            register_sources({alias: entry})
+            defined.append(source_from_dict({**entry, "alias": alias}, base))
         except (SkyScriptError, ValueError, TypeError) as e:
             raise doc.error(where, str(e)) from None
-    known = image_sources.list_sources()
+    catalog = base.with_sources(*defined, replace=True)
+    known = catalog.aliases()
     for i, alias in enumerate(sources):
         if alias not in known:
             close = difflib.get_close_matches(alias, known, n=1)
@@ -465,6 +473,7 @@ def _register_sources(doc: Doc, definitions: dict[str, Any], sources: tuple[str,
                 f"unknown image source '{alias}'{hint} (known: {', '.join(known)}; "
                 "define your own under source_definitions)",
             )
+    return catalog
 
 
 def load_pipeline(
@@ -497,7 +506,7 @@ def load_pipeline(
     if top["filter"] is not None:
         filt = FilterSection(_section(doc, "filter", top["filter"]))
     cluster = ClusterConfig(**Section(_section(doc, "cluster", top["cluster"])).given())
-    _register_sources(doc, top["source_definitions"], top["sources"])
+    catalog = _catalog(doc, top["source_definitions"], top["sources"])
     return PipelineConfig(
         path=path,
         name=name,
@@ -514,4 +523,5 @@ def load_pipeline(
         caption=Section(caption),
         filter=filt,
         cluster=cluster,
+        catalog=catalog,
     )

@@ -11,7 +11,7 @@ setting of the last stage stops the run before the first one starts.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,6 @@ __all__ = [
     "STAGE_SPECS",
     "stage_module",
     "EMULATOR_PROJECT",
-    "register_sources",
 ]
 
 #: The Cloud project name the emulator is initialised with (any name works there).
@@ -68,15 +67,6 @@ class StageSpec:
         return self.dask == "always" or (self.dask == "scheduler" and bool(cluster.scheduler))
 
 
-def register_sources(definitions: Mapping[str, Mapping[str, Any]]) -> None:
-    """Add a pipeline's ``source_definitions`` to this process's image source catalog."""
-    import image_sources
-
-    for alias, entry in definitions.items():
-        source = image_sources.source_from_dict({**entry, "alias": alias})
-        image_sources.add_source(source, replace=True)
-
-
 def stage_module(stage: str, module: str) -> Any:
     """Import a stage's module; a missing one is a clear ConfigError."""
     try:
@@ -104,6 +94,7 @@ def _plan(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
     return mod.PlanConfig(
         objects=p.objects_dir,
         out=p.requests_dir,
+        catalog=p.catalog,
         workers=_workers(p),
         scheduler=ctx.scheduler,
         **p.settings_for(mod.PlanConfig),
@@ -123,6 +114,7 @@ def _fetch(p: PipelineConfig, ctx: RunContext, mod: Any) -> Any:
         out=p.dataset_dir,
         workers=_workers(p),
         scheduler=ctx.scheduler,
+        catalog=p.catalog,
         **kw,
     )
 

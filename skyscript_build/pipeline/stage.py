@@ -9,9 +9,9 @@ and stops it after.
 Dask: when the pipeline uses Dask (``cluster.scheduler`` or ``--scheduler``: an existing
 cluster; ``cluster.workers`` other than 1: a LocalCluster), the run holds ONE client from the
 first stage that runs on Dask to the last (``StageSpec.dask``: fetch and caption always,
-extract only on an existing cluster), logs the dashboard link once, registers the pipeline's
-own image sources on the workers, and gives those stages the scheduler's address (their
-``dask_client`` reuses the open client). Their shards are Dask tasks, retried on a lost worker.
+extract only on an existing cluster), logs the dashboard link once, and gives those stages the
+scheduler's address (their ``dask_client`` reuses the open client). The pipeline's image
+sources (``PipelineConfig.catalog``) reach the workers inside the plan and fetch configs. Their shards are Dask tasks, retried on a lost worker.
 Plan, and extract without a scheduler, use their own local pools; filter scores with one model
 per visible GPU (or on the CPU) locally, and one model per worker on an existing cluster. On a cluster of several machines the build folder
 must be on a filesystem that every worker sees under the same path.
@@ -215,10 +215,6 @@ def _run_stage(config: PipelineConfig, stage: str, module: Any, ctx: RunContext)
 def _open_dask(config: PipelineConfig, stack: contextlib.ExitStack) -> str:
     """Open the run's Dask client (closed with ``stack``); its scheduler's address."""
     client = stack.enter_context(dask_client(config.cluster))
-    if config.source_definitions:
-        from ._dask_plugins import SourcesPlugin
-
-        client.register_plugin(SourcesPlugin(config.source_definitions))
     return str(client.scheduler.address)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from image_sources import ImageSource
 
+from ..runner import ShardRecord
 from ._choose import DUPLICATE, OVER_LIMIT, SAMPLED_OUT, frame, limit_numbers, sample_by_tag
 from ._geo import ProjectedBounds, distinct, object_hash
 from ._objects import Objects
@@ -332,26 +333,68 @@ def _by_source(
     return out
 
 
-def run_partition(task: PartitionTask) -> dict[str, Any]:
-    """One partition: decide, frame, find surroundings, write its parts; its counts (in the
-    ``histogram``, ``values`` and ``decide`` modes only what those need)."""
+@dataclass
+class PartitionStats(ShardRecord):
+    """What one partition task decided and wrote (kept in its marker)."""
+
+    partition: int
+    requests: int
+    by_source: dict[str, dict[str, float]]  # alias -> requests, megapixels
+    skipped: dict[str, int]  # by reason
+    parts: list[str] = field(default_factory=list)
+    surrounding: int = 0  # (request, surrounding object) pairs
+    halo: int = 0  # objects read from the cells around
+    cpu_frame: float = 0.0
+    cpu_surround: float = 0.0
+    cpu_write: float = 0.0
+    already_done: bool = field(default=False, metadata={"saved": False})
+
+
+@dataclass
+class LimitNumbers:
+    """A partition's share of the ``max_requests`` cut: a histogram of its requests' ranking
+    numbers (``bins``, ``counts``), or their values in one bin (``values``)."""
+
+    bins: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    values: np.ndarray | None = None
+
+
+def _decided(task: PartitionTask) -> tuple[ScanReader, Rows, Members, np.ndarray, np.ndarray, dict]:
+    """The partition's objects read (the reader left open), and its decisions (``_decide``)."""
+    reader = ScanReader(task.settings.scans)
+    try:
+        own = reader.rows(task.settings.grid.key_ranges(task.rect))
+        m = _members([(own, True)])
+        return (reader, own, m, *_decide(m, task))
+    except BaseException:
+        reader.close()
+        raise
+
+
+def partition_limit_numbers(task: PartitionTask) -> LimitNumbers:
+    """The ``max_requests`` rounds (``task.mode`` ``histogram`` or ``values``): a histogram of
+    the ranking numbers of the partition's requests, or their values in ``task.limit_bin``."""
+    reader, _, _, idx, h, _ = _decided(task)
+    reader.close()
+    r = limit_numbers(h[idx])
+    bins = np.minimum((r * LIMIT_BINS).astype(np.int64), LIMIT_BINS - 1)
+    if task.mode == "values":
+        return LimitNumbers(values=np.sort(r[bins == task.limit_bin]))
+    used, counts = np.unique(bins, return_counts=True)
+    return LimitNumbers(bins=used, counts=counts)
+
+
+def run_partition(task: PartitionTask) -> PartitionStats:
+    """One partition: decide, frame, find surroundings, write its parts; its counts (only the
+    decisions' in the ``decide`` mode, the dry run's)."""
     cpu0 = time.thread_time()
     s = task.settings
-    reader = ScanReader(s.scans)
+    reader, own, m, idx, h, skipped = _decided(task)
     try:
-        own = reader.rows(s.grid.key_ranges(task.rect))
-        m = _members([(own, True)])
-        idx, h, skipped = _decide(m, task)
-        if task.mode in ("histogram", "values"):
-            return _limit_numbers(task, h[idx])
-        result: dict[str, Any] = {
-            "partition": task.number,
-            "requests": len(idx),
-            "by_source": _by_source(m, idx, s.sources),
-            "skipped": skipped,
-        }
+        stats = PartitionStats(task.number, len(idx), _by_source(m, idx, s.sources), skipped)
         if task.mode == "decide":
-            return result
+            return stats
         src, epsg, pixels = m.src[idx], m.epsg[idx], m.pixels[idx]
         gsd = np.array([x.gsd for x in s.sources], dtype=np.float64)[src]
         frames = frame(m.objs, idx, epsg, gsd, pixels, ProjectedBounds(m.objs.bounds), h, s.shift)
@@ -362,6 +405,7 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
     finally:
         reader.close()
     cpu1 = time.thread_time()
+    pair_req, pair_obj = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
     if s.max_surrounding > 0 and len(idx):
         proj = ProjectedBounds(m.objs.bounds, s.threads)
         pair_req, pair_obj = surroundings(
@@ -369,8 +413,6 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
             s.max_surrounding, s.threads,
         )  # fmt: skip
         del proj
-    else:
-        pair_req = pair_obj = np.zeros(0, dtype=np.int64)
     cpu2 = time.thread_time()
 
     def build(start: int, stop: int) -> pa.Table:
@@ -382,31 +424,15 @@ def run_partition(task: PartitionTask) -> dict[str, Any]:
             pair_req[lo:hi] - start, pair_obj[lo:hi],
         )  # fmt: skip
 
-    parts = []
     if len(idx):
         stem = f"part-{task.number:05d}"
         parts = write_parts(build, len(idx), Path(s.out), s.rows_per_part, s.threads, stem)
+        stats.parts = [p.name for p in parts]
     pa.default_memory_pool().release_unused()  # arrow's allocator keeps freed pages else
-    result.update(
-        parts=[p.name for p in parts],
-        surrounding=int(len(pair_req)),
-        halo=int((~m.inside).sum()),
-        cpu_frame=round(cpu1 - cpu0, 4),
-        cpu_surround=round(cpu2 - cpu1, 4),
-        cpu_write=round(time.thread_time() - cpu2, 4),
-    )
-    return result
-
-
-def _limit_numbers(task: PartitionTask, h: np.ndarray) -> dict[str, Any]:
-    """The ``max_requests`` rounds: a histogram of the ranking numbers of the requests, or
-    their values in bin ``task.limit_bin`` (``h``: the requests' hashes)."""
-    r = limit_numbers(h)
-    bins = np.minimum((r * LIMIT_BINS).astype(np.int64), LIMIT_BINS - 1)
-    if task.mode == "values":
-        return {"values": np.sort(r[bins == task.limit_bin])}
-    used, counts = np.unique(bins, return_counts=True)
-    return {"bins": used, "counts": counts}
+    stats.surrounding, stats.halo = int(len(pair_req)), int((~m.inside).sum())
+    stats.cpu_frame, stats.cpu_surround = round(cpu1 - cpu0, 4), round(cpu2 - cpu1, 4)
+    stats.cpu_write = round(time.thread_time() - cpu2, 4)
+    return stats
 
 
 def _with_halo(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from image_sources import ImageSource
 
 from ..files import atomic_path
+from ..runner import ShardRecord
 from ._choose import choose_sources
 from ._geo import ProjectedBounds, ranges
 from ._objects import Objects, ReadUnit, read_unit
@@ -162,7 +163,19 @@ def entry_gsd(objs: Objects, tag_filter: str) -> np.ndarray:
     return gsd
 
 
-def run_scan(task: ScanTask) -> dict[str, Any]:
+@dataclass
+class ScanStats(ShardRecord):
+    """What one scan task found (kept in its marker)."""
+
+    objects: int  # kept by the objects' reader
+    candidates: int  # with a source
+    dropped: dict[str, int]  # by the objects' reader, by reason
+    skipped: dict[str, int]  # no source, by reason
+    cpu: float
+    already_done: bool = field(default=False, metadata={"saved": False})
+
+
+def run_scan(task: ScanTask) -> ScanStats:
     """Scan one unit: decisions, cell keys, tag and cell counts (see the module doc)."""
     cpu0 = time.thread_time()
     settings = task.settings
@@ -189,13 +202,13 @@ def run_scan(task: ScanTask) -> dict[str, Any]:
     cells, counts = np.unique(cell, return_counts=True)
     with atomic_path(scan_path(settings.work, task.name, "cells.parquet")) as tmp:
         pq.write_table(pa.table({"cell": cells, "objects": counts.astype(np.int64)}), tmp)
-    return {
-        "objects": len(objs),
-        "candidates": len(candidates),
-        "dropped": objs.dropped,
-        "skipped": {k: v for k, v in choice.skipped.items() if v},
-        "cpu": round(time.thread_time() - cpu0, 4),
-    }
+    return ScanStats(
+        objects=len(objs),
+        candidates=len(candidates),
+        dropped=objs.dropped,
+        skipped={k: v for k, v in choice.skipped.items() if v},
+        cpu=round(time.thread_time() - cpu0, 4),
+    )
 
 
 def _write_objects(

@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -43,8 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-import image_sources
-from image_sources import ImageSource
+from image_sources import Catalog, ImageSource, default_catalog
 
 from .._memory import give_back_memory
 from ..cluster import ClusterConfig, dask_client
@@ -55,8 +55,17 @@ from ..settings import check_settings, scheduler_setting, seed_setting, setting,
 from ._geo import distinct
 from ._objects import object_parts, read_units
 from ._output import SCHEMA
-from ._partition import LIMIT_BINS, PartitionSettings, PartitionTask, plan_partitions, run_partition
-from ._scan import Grid, ScanSettings, ScanTask, run_scan, scan_path, sum_counts
+from ._partition import (
+    LIMIT_BINS,
+    LimitNumbers,
+    PartitionSettings,
+    PartitionStats,
+    PartitionTask,
+    partition_limit_numbers,
+    plan_partitions,
+    run_partition,
+)
+from ._scan import Grid, ScanSettings, ScanStats, ScanTask, run_scan, scan_path, sum_counts
 from ._surround import warm_up
 
 __all__ = ["PlanConfig", "PlanResult", "run_plan", "SCHEMA", "JPEG_BYTES_PER_PIXEL", "MARKER"]
@@ -76,6 +85,9 @@ STATS_DIR = "_stats"
 WORK_DIR = "_work"
 #: Bumped when the rules change, so that an older plan is not reused.
 _RULES_VERSION = 4
+#: PlanConfig fields that do not decide the requests (of the catalog, the sources chosen from
+#: are hashed, by their fingerprints).
+_NOT_HASHED = ("dry_run", "out", "objects", "workers", "scheduler", "partition_objects", "catalog")
 
 
 def _year_range(years: tuple[int, ...]) -> str | None:
@@ -195,6 +207,8 @@ class PlanConfig:
     scheduler: str | None = scheduler_setting(
         "an existing Dask scheduler to run the tasks on (default: threads here)"
     )
+    #: the image sources (the default catalog when the config is made, or a pipeline's own)
+    catalog: Catalog = field(default_factory=default_catalog)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -214,11 +228,11 @@ class PlanConfig:
     def image_sources(self) -> list[ImageSource]:
         """The sources to choose from, finest first, each with a year in range."""
         explicit = bool(self.sources)
-        aliases = self.sources or tuple(image_sources.list_sources())
+        aliases = self.sources or tuple(self.catalog.aliases())
         first, last = self.year_range
         out = []
         for alias in aliases:
-            source = image_sources.get_source(alias)
+            source = self.catalog.get_source(alias)
             if not source.years_within(first, last):
                 if explicit:
                     raise ConfigError(
@@ -236,10 +250,7 @@ class PlanConfig:
         from tag_filters import get_tag_filter_path
 
         settings: dict[str, Any] = {
-            f.name: str(getattr(self, f.name))
-            for f in fields(self)
-            if f.name
-            not in ("dry_run", "out", "objects", "workers", "scheduler", "partition_objects")
+            f.name: str(getattr(self, f.name)) for f in fields(self) if f.name not in _NOT_HASHED
         }
         settings["sources"] = [s.fingerprint() for s in self.image_sources()]
         settings["tag_filter_file"] = hashlib.sha256(
@@ -396,8 +407,6 @@ def _plan(
 ) -> None:
     """The two passes (see the module doc); fills ``result``."""
     grid = Grid(config.shard_deg, tuple(sorted({s.gsd for s in sources})))
-    on_dask = client is not None
-    threads = 1 if on_dask else config.n_workers()
     runner = RunnerConfig(
         cluster=ClusterConfig(workers=config.workers, scheduler=config.scheduler),
         local="threads",
@@ -405,20 +414,63 @@ def _plan(
         fingerprint=settings_hash,
         desc="plan: scan",
     )
+    names = [f"scan-{i:05d}" for i in range(len(units))]
+    scanned = _scan_pass(config, sources, grid, units, names, work, runner, client)
+    clock.lap("scan")
+    threads = 1 if client is not None else config.n_workers()  # on Dask: a thread per task
+    shared = _partition_settings(config, sources, grid, names, work, threads)
+    rects = plan_partitions(
+        grid, [scan_path(work, n, "cells.parquet") for n in names], config.partition_objects
+    )
+    parts = [PartitionTask(f"p{k:05d}", k, rect, shared) for k, rect in enumerate(rects)]
+    clock.lap("partitions")
+    cut = None
+    if config.max_requests is not None:
+        cut = _limit_cut(parts, config.max_requests, runner, client)
+        clock.lap("limit")
+    parts = [replace(p, limit_cut=cut, mode="decide" if config.dry_run else "write") for p in parts]
+    done: list[PartitionStats] = run_shards(
+        run_partition, parts, replace(
+            runner, markers=None if config.dry_run else config.out / "_shards",
+            desc="plan: partitions",
+        ), client=client, priority=[r[2] * r[3] for r in rects], record=PartitionStats,
+    )  # fmt: skip
+    clock.lap("partitions" if config.dry_run else "surround+write")
+    result.partitions, result.scan_tasks = len(parts), len(units)
+    _tally(result, sources, scanned, done, clock)
+
+
+def _scan_pass(
+    config: PlanConfig,
+    sources: tuple[ImageSource, ...],
+    grid: Grid,
+    units: list,
+    names: list[str],
+    work: Path,
+    runner: RunnerConfig,
+    client: Any,
+) -> list[ScanStats]:
+    """Pass 1: one scan task per unit of the objects (marked, so a rerun skips it)."""
     point_px = min(max(config.point_px, config.min_px), config.max_px)
     scan = ScanSettings(
         work=str(work), grid=grid, sources=sources, px=(config.min_px, point_px, config.margin),
         max_px=config.max_px, tag_filter=config.tag_filter, threads=1,
     )  # fmt: skip
-    names = [f"scan-{i:05d}" for i in range(len(units))]
     tasks = [ScanTask(name, unit, scan) for name, unit in zip(names, units, strict=True)]
-    scanned = run_shards(run_scan, tasks, runner, client=client)
-    clock.lap("scan")
-    skipped: dict[str, int] = {}
-    for r in scanned:
-        for reason, n in {**r["dropped"], **r["skipped"]}.items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    result.objects = sum(r["objects"] + sum(r["dropped"].values()) for r in scanned)
+    scanned: list[ScanStats] = run_shards(run_scan, tasks, runner, client=client, record=ScanStats)
+    return scanned
+
+
+def _partition_settings(
+    config: PlanConfig,
+    sources: tuple[ImageSource, ...],
+    grid: Grid,
+    names: list[str],
+    work: Path,
+    threads: int,
+) -> PartitionSettings:
+    """What pass 2's tasks share, with the global counts of pass 1 written to ``work``: the
+    common tags' counts (with ``per_tag_cap``) and the keys of the relation areas."""
     tag_counts = None
     if config.per_tag_cap is not None:
         counts = sum_counts([scan_path(work, n, "tags.parquet") for n in names], "tag", "count")
@@ -431,12 +483,10 @@ def _plan(
     with atomic_path(relation_keys) as tmp, open(tmp, "wb") as f:
         np.save(f, distinct(np.concatenate(keys)) if keys else np.zeros(0, np.int64))
     del keys
-    cells = [scan_path(work, n, "cells.parquet") for n in names]
-    rects = plan_partitions(grid, cells, config.partition_objects)
     source_years = tuple(
         tuple(sorted(s.years_within(*config.year_range), reverse=True)) for s in sources
     )
-    shared = PartitionSettings(
+    return PartitionSettings(
         out=str(config.out), grid=grid, scans=tuple(str(scan_path(work, n)) for n in names),
         sources=sources, source_years=source_years, seed=config.seed, shift=config.shift,
         per_tag_cap=config.per_tag_cap, tag_counts=None if tag_counts is None else str(tag_counts),
@@ -444,53 +494,46 @@ def _plan(
         max_surrounding=config.max_surrounding, rows_per_part=config.rows_per_part,
         threads=threads,
     )  # fmt: skip
-    parts = [PartitionTask(f"p{k:05d}", k, rect, shared) for k, rect in enumerate(rects)]
-    clock.lap("partitions")
-    cut = None
-    if config.max_requests is not None:
-        cut = _limit_cut(parts, config.max_requests, runner, client)
-        clock.lap("limit")
-    parts = [replace(p, limit_cut=cut, mode="decide" if config.dry_run else "write") for p in parts]
-    done = run_shards(
-        run_partition, parts, replace(
-            runner, markers=None if config.dry_run else config.out / "_shards",
-            desc="plan: partitions",
-        ), client=client, priority=[r[2] * r[3] for r in rects],
-    )  # fmt: skip
-    clock.lap("partitions" if config.dry_run else "surround+write")
-    for r in done:
-        for reason, n in r["skipped"].items():
-            skipped[reason] = skipped.get(reason, 0) + n
-        for alias, v in r["by_source"].items():
-            mine = result.by_source.setdefault(alias, {"requests": 0, "megapixels": 0.0})
+
+
+def _tally(
+    result: PlanResult,
+    sources: tuple[ImageSource, ...],
+    scanned: list[ScanStats],
+    done: list[PartitionStats],
+    clock: _Clock,
+) -> None:
+    """The passes' counts into ``result``: objects, requests and skips, per source with the
+    fetch's cost (pixels, disk, time at the source's quota), CPU time per phase."""
+    skipped: Counter[str] = Counter()
+    for scan in scanned:
+        skipped.update({**scan.dropped, **scan.skipped})
+    by_source: dict[str, dict[str, float]] = {}
+    for part in done:
+        skipped.update(part.skipped)
+        for alias, v in part.by_source.items():
+            mine = by_source.setdefault(alias, {"requests": 0, "megapixels": 0.0})
             mine["requests"] += v["requests"]
             mine["megapixels"] += v["megapixels"]
-    result.requests = sum(r["requests"] for r in done)
-    result.surrounding = sum(r.get("surrounding", 0) for r in done)
-    result.resumed_shards = sum(bool(r.get("already_done")) for r in done)
-    result.partitions = len(parts)
-    result.scan_tasks = len(tasks)
+    result.objects = sum(r.objects + sum(r.dropped.values()) for r in scanned)
+    result.requests = sum(r.requests for r in done)
+    result.surrounding = sum(r.surrounding for r in done)
+    result.resumed_shards = sum(r.already_done for r in done)
     result.skipped = {k: v for k, v in sorted(skipped.items()) if v}
-    quota = {s.alias: s.quota.rate() for s in sources}
+    rank = {s.alias: k for k, s in enumerate(sources)}
+    rate = {s.alias: s.quota.rate() for s in sources}
     result.by_source = {
         alias: {
             **v,
             "bytes": v["megapixels"] * 1e6 * JPEG_BYTES_PER_PIXEL,
-            "seconds": v["requests"] / quota[alias],
+            "seconds": v["requests"] / rate[alias],
         }
-        for alias, v in sorted(
-            result.by_source.items(), key=lambda kv: _source_rank(sources, kv[0])
-        )
+        for alias, v in sorted(by_source.items(), key=lambda kv: rank[kv[0]])
     }
     for phase in ("frame", "surround", "write"):
-        clock.laps[f"partitions_cpu_{phase}"] = round(
-            sum(r.get(f"cpu_{phase}", 0) for r in done), 4
-        )
-    clock.laps["scan_cpu"] = round(sum(r["cpu"] for r in scanned), 4)
-
-
-def _source_rank(sources: tuple[ImageSource, ...], alias: str) -> int:
-    return [s.alias for s in sources].index(alias)
+        cpu = sum(getattr(r, f"cpu_{phase}") for r in done)
+        clock.laps[f"partitions_cpu_{phase}"] = round(cpu, 4)
+    clock.laps["scan_cpu"] = round(sum(r.cpu for r in scanned), 4)
 
 
 def _limit_cut(
@@ -501,21 +544,25 @@ def _limit_cut(
     where the cut falls."""
     total = np.zeros(LIMIT_BINS, dtype=np.int64)
 
-    def add(_: int, r: dict[str, Any]) -> None:
-        np.add.at(total, r.pop("bins"), r.pop("counts"))
+    def add(_: int, r: LimitNumbers) -> None:
+        assert r.bins is not None and r.counts is not None
+        np.add.at(total, r.bins, r.counts)
 
     quiet = replace(runner, markers=None, desc="plan: max-requests")
-    run_shards(run_partition, [replace(p, mode="histogram") for p in parts], quiet,
+    run_shards(partition_limit_numbers, [replace(p, mode="histogram") for p in parts], quiet,
                client=client, on_result=add)  # fmt: skip
     if total.sum() <= most:
         return None
     cumulative = np.cumsum(total)
     b = int(np.searchsorted(cumulative, most))  # the bin holding the most-th number
     before = int(cumulative[b - 1]) if b else 0
-    values = run_shards(
-        run_partition, [replace(p, mode="values", limit_bin=b) for p in parts], quiet, client=client
+    values: list[LimitNumbers] = run_shards(
+        partition_limit_numbers,
+        [replace(p, mode="values", limit_bin=b) for p in parts],
+        quiet,
+        client=client,
     )
-    in_bin = np.sort(np.concatenate([r["values"] for r in values]))
+    in_bin = np.sort(np.concatenate([r.values for r in values]))
     return float(np.nextafter(in_bin[most - before - 1], np.inf))
 
 

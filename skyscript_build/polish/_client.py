@@ -189,40 +189,14 @@ class ChatClient:
                 reason, detail = "transport", _short(f"{type(e).__name__}: {e}")
             else:
                 self.answered = True
-                status = response.status_code
-                if status == 200:
-                    try:
-                        data = response.json()
-                        content = data["choices"][0]["message"].get("content") or ""
-                        usage = data.get("usage") or {}
-                        return ChatAnswer(
-                            content=str(content),
-                            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-                            completion_tokens=int(usage.get("completion_tokens") or 0),
-                            attempts=attempt + 1,
-                        )
-                    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                        reason = "malformed-response"
-                        detail = f"HTTP 200 but not a chat completion: {_short(response.text)}"
-                elif status in (401, 403):
-                    raise BackendError(
-                        f"{self.url} refused the request (HTTP {status}): check the API key "
-                        "variable (--api-key-env) and its value"
-                    )
-                elif status == 404:
-                    raise BackendError(
-                        f"{self.url}: HTTP 404 ({_short(response.text, 120)}); check --endpoint "
-                        "(it should end in /v1) and --model"
-                    )
-                elif status in _RETRY_STATUS or status >= 500:
-                    reason, detail = f"http-{status}", _short(response.text)
-                    retry_after = parse_retry_after(response.headers.get("Retry-After"))
-                    if retry_after is not None:
-                        wait = retry_after + random.uniform(0, 0.1 * self.backoff_base)
-                        if status == 429:
-                            self.limiter.pause(wait)
-                else:
-                    raise RequestFailed(f"http-{status}", _short(response.text))
+                answer = self._answer(response, attempt)
+                if isinstance(answer, ChatAnswer):
+                    return answer
+                reason, detail, retry_after = answer
+                if retry_after is not None:
+                    wait = retry_after + random.uniform(0, 0.1 * self.backoff_base)
+                    if reason == "http-429":
+                        self.limiter.pause(wait)
             if attempt < self.max_retries:
                 log.debug("retrying in %.2f s after %s (%s)", wait, reason, detail)
                 self.stop.wait(wait)
@@ -232,3 +206,38 @@ class ChatClient:
                 "--endpoint right?"
             )
         raise RequestFailed(reason, detail)
+
+    def _answer(
+        self, response: requests.Response, attempt: int
+    ) -> ChatAnswer | tuple[str, str, float | None]:
+        """The chat answer of an HTTP response, or (reason, detail, Retry-After seconds) of one
+        to retry; raises for an answer that no retry can change."""
+        status = response.status_code
+        if status == 200:
+            try:
+                data = response.json()
+                content = data["choices"][0]["message"].get("content") or ""
+                usage = data.get("usage") or {}
+                return ChatAnswer(
+                    content=str(content),
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0),
+                    attempts=attempt + 1,
+                )
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                detail = f"HTTP 200 but not a chat completion: {_short(response.text)}"
+                return "malformed-response", detail, None
+        if status in (401, 403):
+            raise BackendError(
+                f"{self.url} refused the request (HTTP {status}): check the API key "
+                "variable (--api-key-env) and its value"
+            )
+        if status == 404:
+            raise BackendError(
+                f"{self.url}: HTTP 404 ({_short(response.text, 120)}); check --endpoint "
+                "(it should end in /v1) and --model"
+            )
+        if status in _RETRY_STATUS or status >= 500:
+            retry_after = parse_retry_after(response.headers.get("Retry-After"))
+            return f"http-{status}", _short(response.text), retry_after
+        raise RequestFailed(f"http-{status}", _short(response.text))

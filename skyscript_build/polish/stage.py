@@ -287,27 +287,12 @@ def _polish(config: PolishConfig) -> PolishResult:
     out = config.output_path
     result = PolishResult(out=None if config.dry_run else out, rows=len(rows))
     result.with_tags = sum(1 for item in items if item.center_tags)
-
     cache_file_existed = config.cache_path.exists()
-    if config.dry_run and not cache_file_existed:
-        hits: dict[str, tuple[str, str]] = {}
-    else:
-        cache = PolishCache(config.cache_path)
-        hits = cache.get_many(run.keys)
-        if config.dry_run:
-            cache.close()
-    todo: list[int] = []
-    for index, item in enumerate(items):
-        if not item.raw.strip():
-            run.finish(index, item.raw, "fallback:empty-input")
-        elif run.keys[index] in hits:
-            title, status = hits[run.keys[index]]
-            run.finish(index, title, status)
-            result.cached += 1
-        else:
-            todo.append(index)
-
+    cache = None if config.dry_run and not cache_file_existed else PolishCache(config.cache_path)
+    todo = _answered_before(run, items, cache, result)
     if config.dry_run:
+        if cache is not None:
+            cache.close()
         result.dry_run = True
         result.requests = math.ceil(len(todo) / config.batch)
         result.estimated_input_tokens, result.estimated_output_tokens = _estimate(
@@ -315,28 +300,13 @@ def _polish(config: PolishConfig) -> PolishResult:
         )
         result.seconds = time.monotonic() - started
         return result
-
+    assert cache is not None
     log.info(
         "polish: %d rows, %d from cache, %d to send in about %d requests to %s (model %s)",
-        len(rows),
-        result.cached,
-        len(todo),
-        math.ceil(len(todo) / config.batch),
-        config.endpoint,
-        config.model,
-    )
-    client = ChatClient(
-        config.endpoint,
-        config.model,
-        api_key=config.api_key(),
-        timeout=config.timeout,
-        max_retries=config.max_retries,
-        backoff_base=config.backoff_base,
-        backoff_max=config.backoff_max,
-        max_rpm=config.max_rpm,
-        temperature=config.temperature,
-        max_tokens=config.max_tokens,
-    )
+        len(rows), result.cached, len(todo), math.ceil(len(todo) / config.batch),
+        config.endpoint, config.model,
+    )  # fmt: skip
+    client = _client(config)
     try:
         _send_all(config, run, client, cache, todo)
     except BaseException:
@@ -348,9 +318,49 @@ def _polish(config: PolishConfig) -> PolishResult:
     finally:
         client.stop.set()
         cache.close()
-
     titles = [t if t is not None else items[i].raw for i, t in enumerate(run.titles)]
     write_output(out, rows, titles)
+    _tally(result, run, client)
+    result.seconds = time.monotonic() - started
+    write_json_atomic(config.stats_path, result.stats())
+    log.debug("rejected answers (before retrying alone): %s", dict(run.rejected))
+    return result
+
+
+def _answered_before(
+    run: _Run, items: list[PolishItem], cache: PolishCache | None, result: PolishResult
+) -> list[int]:
+    """Settle the rows with an empty caption or a cached answer; the indices of the others."""
+    hits = cache.get_many(run.keys) if cache is not None else {}
+    todo: list[int] = []
+    for index, item in enumerate(items):
+        if not item.raw.strip():
+            run.finish(index, item.raw, "fallback:empty-input")
+        elif run.keys[index] in hits:
+            title, status = hits[run.keys[index]]
+            run.finish(index, title, status)
+            result.cached += 1
+        else:
+            todo.append(index)
+    return todo
+
+
+def _client(config: PolishConfig) -> ChatClient:
+    return ChatClient(
+        config.endpoint,
+        config.model,
+        api_key=config.api_key(),
+        timeout=config.timeout,
+        max_retries=config.max_retries,
+        backoff_base=config.backoff_base,
+        backoff_max=config.backoff_max,
+        max_rpm=config.max_rpm,
+        temperature=config.temperature,
+        max_tokens=config.max_tokens,
+    )
+
+
+def _tally(result: PolishResult, run: _Run, client: ChatClient) -> None:
     result.polished = run.polished
     result.fallback = dict(run.fallback)
     result.rejected = dict(run.rejected)
@@ -360,10 +370,6 @@ def _polish(config: PolishConfig) -> PolishResult:
     result.failed_requests = run.failed_requests
     result.prompt_tokens = run.prompt_tokens
     result.completion_tokens = run.completion_tokens
-    result.seconds = time.monotonic() - started
-    write_json_atomic(config.stats_path, result.stats())
-    log.debug("rejected answers (before retrying alone): %s", dict(run.rejected))
-    return result
 
 
 def _send_all(

@@ -16,11 +16,10 @@ nothing.
 
 from __future__ import annotations
 
-import html
+import functools
 import logging
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections import Counter
@@ -192,15 +191,8 @@ def _map_chart(requests: dict[str, Any], extent: tuple[float, ...] | None, path:
 # --- the page ----------------------------------------------------------------------------
 
 
-def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _fmt(value: Any) -> str:
+def _number(value: Any) -> str:
+    """A table cell: whole numbers with thousands separators, floats to 4 digits."""
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
@@ -208,32 +200,26 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _img(name: str, alt: str) -> str:
-    return f'<img src="{html.escape(name)}" alt="{html.escape(alt)}">'
-
-
-def _none(what: str) -> str:
-    return f'<p class="none">No data yet: {html.escape(what)}</p>'
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{margin-bottom:.2em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.5em 0} td,th{border:1px solid #ddd;padding:3px 9px}
-td:not(:first-child){text-align:right} th{background:#f3f3f3}
-.note{background:#fff4d6;border-left:4px solid #e0a800;padding:.5em 1em;margin:.6em 0}
-.none{color:#777;font-style:italic} img{max-width:100%}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(220px,1fr));gap:12px}
-.grid figure{margin:0;border:1px solid #ddd;padding:6px;font-size:.85em}
-.toc{margin:1em 0;line-height:1.8} .grid img{width:100%;height:auto;display:block} footer{margin-top:2em;color:#555;font-size:.9em}
-"""
-
-
 def _shorten(text: str, limit: int) -> str:
     """``text`` cut at a word boundary before ``limit`` characters, with an ellipsis."""
     if len(text) <= limit:
         return text
     return text[:limit].rsplit(" ", 1)[0].rstrip(",;") + " …"
+
+
+@functools.cache
+def _template() -> Any:
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("skyscript_build.report", "."),
+        autoescape=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["number"] = _number
+    env.filters["shorten"] = _shorten
+    return env.get_template("report.html")
 
 
 def _thumbnails(
@@ -264,38 +250,25 @@ def _thumbnails(
 
 def _samples(
     candidates: list[dict[str, str]], dataset: Path, out: Path, n: int, problems: Problems
-) -> list[str]:
+) -> list[dict[str, str]]:
+    """Thumbnails of up to ``n`` captioned images in ``out/samples/``, with their captions."""
     chosen = _thumbnails(candidates, dataset, n, problems)
     if not chosen:
         return []
     (out / "samples").mkdir()
-    figures = []
+    samples = []
     for i, (row, thumb) in enumerate(chosen):
         name = f"samples/{i:03d}.jpg"
         thumb.save(out / name, quality=85)
-        multi = row.get("title_multi_objects", "")
-        figures.append(
-            f"<figure>{_img(name, row['filepath'])}<figcaption><b>{html.escape(row['filepath'])}"
-            f'</b><br>{html.escape(row.get("title", ""))}<br><i title="{html.escape(multi)}">'
-            f"{html.escape(_shorten(multi, 240))}</i></figcaption></figure>"
+        samples.append(
+            {
+                "image": name,
+                "filepath": row["filepath"],
+                "title": row.get("title", ""),
+                "multi": row.get("title_multi_objects", ""),
+            }
         )
-    return figures
-
-
-def _with_contents(body: str) -> str:
-    """Give every section heading an anchor and put a list of them after the notes."""
-    links = []
-
-    def anchor(m: re.Match[str]) -> str:
-        slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"<[^>]+>|\(.*?\)", "", m.group(1)).lower())
-        slug = slug.strip("-")
-        links.append(f'<a href="#{slug}">{m.group(1)}</a>')
-        return f'<h2 id="{slug}">{m.group(1)}</h2>'
-
-    body = re.sub(r"<h2>(.*?)</h2>", anchor, body)
-    nav = '<nav class="toc">' + " · ".join(links) + "</nav>"
-    first = body.find("<h2 ")
-    return body[:first] + nav + "\n" + body[first:] if first >= 0 else body
+    return samples
 
 
 def run_report(config: ReportConfig) -> ReportResult:
@@ -331,237 +304,200 @@ def _publish(work: Path, out: Path) -> None:
     os.replace(work / "index.html", out / "index.html")
 
 
-def _write_report(config: ReportConfig, out: Path) -> ReportResult:
-    """The report's files, written into the (empty) folder ``out``."""
-    problems = Problems()
+@dataclass
+class _Build:
+    """What the report read from a build folder; a stage's entry is None until it has run."""
+
+    name: str
+    snapshot: dict[str, Any]
+    captions_csv: Path | None
+    objects: dict[str, Any] | None
+    requests: dict[str, Any] | None
+    manifest: dict[str, Any] | None
+    captions: dict[str, Any] | None
+    scores: dict[str, Any] | None
+    filtered: dict[str, int]  # rows per filtered CSV
+
+    @property
+    def synthetic(self) -> bool:
+        """The imagery came from the emulator (the backend, or the images' ids say so)."""
+        backend = (self.snapshot.get("backend") or {}).get("type")
+        return backend == "emulator" or bool(self.manifest and self.manifest["synthetic"])
+
+    @property
+    def random_weights(self) -> bool:
+        """The scores (or the filtered CSVs) came from a CLIP model with random weights."""
+        if self.scores and any(_random_weights(p) for p in self.scores["pretrained"]):
+            return True
+        pretrained = (self.snapshot.get("filter") or {}).get("pretrained")
+        return (
+            "filter" in self.snapshot
+            and _random_weights(pretrained)
+            and (self.scores is not None or bool(self.filtered))
+        )
+
+
+def _read_build(config: ReportConfig, problems: Problems) -> _Build:
     snapshot = load_pipeline_snapshot(config.build_dir, problems)
     files = find_dataset_files(config.dataset)
-    objects = read_objects(config.build_dir / "objects", problems)
-    requests = read_requests(config.build_dir / "requests", problems)
-    manifest = read_manifest(config.dataset / "manifest", problems)
-    captions = read_captions(files["captions"], problems, keep=4 * config.samples)
-    scores = read_scores(files["scores"], problems)
     filtered: dict[str, int] = {}
     for p in files["filtered"]:
         rows = count_rows(p, problems)
         if rows is not None:
             filtered[p.name] = rows
+    return _Build(
+        name=str(snapshot.get("name") or config.build_dir.name),
+        snapshot=snapshot,
+        captions_csv=files["captions"],
+        objects=read_objects(config.build_dir / "objects", problems),
+        requests=read_requests(config.build_dir / "requests", problems),
+        manifest=read_manifest(config.dataset / "manifest", problems),
+        captions=read_captions(files["captions"], problems, keep=4 * config.samples),
+        scores=read_scores(files["scores"], problems),
+        filtered=filtered,
+    )
 
-    result = ReportResult(path=out / "index.html")
-    counts = result.counts
-    if objects is not None:
-        counts["objects"] = objects["n"]
-    if requests is not None:
-        counts["requests"] = requests["n"]
-    if manifest is not None:
+
+def _counts(build: _Build) -> dict[str, int]:
+    """The counts of the summary line (and of ``ReportResult.counts``)."""
+    counts: dict[str, int] = {}
+    if build.objects is not None:
+        counts["objects"] = build.objects["n"]
+    if build.requests is not None:
+        counts["requests"] = build.requests["n"]
+    if build.manifest is not None:
         for st in ("ok", "skipped", "failed"):
-            counts[f"fetched {st}"] = manifest["status"].get(st, 0)
-    if captions is not None:
-        counts["captions"] = captions["n"]
-    for name, rows in filtered.items():
-        counts[name] = rows
+            counts[f"fetched {st}"] = build.manifest["status"].get(st, 0)
+    if build.captions is not None:
+        counts["captions"] = build.captions["n"]
+    return {**counts, **build.filtered}
 
-    backend = (snapshot.get("backend") or {}).get("type")
-    synthetic = backend == "emulator" or bool(manifest and manifest["synthetic"])
-    pretrained = (snapshot.get("filter") or {}).get("pretrained")
-    random_weights = bool(scores and any(_random_weights(p) for p in scores["pretrained"])) or (
-        "filter" in snapshot
-        and _random_weights(pretrained)
-        and (scores is not None or bool(filtered))
+
+def _draw_charts(build: _Build, top_tags: int, out: Path) -> list[str]:
+    """The PNG charts of the data the build has, drawn into ``out``; their file names."""
+    charts = []
+    objects, requests, captions, scores = (
+        build.objects,
+        build.requests,
+        build.captions,
+        build.scores,
     )
-
-    s: list[str] = []  # the page's sections
-    name = snapshot.get("name") or config.build_dir.name
-    s.append(f"<h1>Build report: {html.escape(str(name))}</h1>")
-    s.append(f"<p>Build folder: <code>{html.escape(str(config.build_dir))}</code></p>")
-    if synthetic:
-        s.append(
-            '<p class="note"><b>Synthetic imagery.</b> The images come from the Earth '
-            "Engine emulator: a synthetic orthophoto rendered from the OpenStreetMap data "
-            "itself, not real aerial or satellite imagery.</p>"
+    if requests:
+        counts = sorted(requests["aliases"].items())
+        charts.append(
+            _bar_chart(counts, "requests per source", out / "sources.png", horizontal=False)
         )
-    if random_weights:
-        s.append(
-            '<p class="note"><b>CLIP ranking is meaningless.</b> The filter used a CLIP '
-            "model with random weights (no pretrained checkpoint), so its similarity "
-            "scores and the top-k% selections carry no information.</p>"
-        )
-
-    notes_end = len(s)
-    stage_rows = [
-        ("extract: objects", objects["n"] if objects else "not run"),
-        ("plan: requests", requests["n"] if requests else "not run"),
-    ]
-    if manifest is not None:
-        stage_rows += [
-            (f"fetch: {st}", manifest["status"].get(st, 0)) for st in ("ok", "skipped", "failed")
-        ]
-        stage_rows.append(("fetch: MB written", round(manifest["bytes"] / 1e6, 2)))
-    else:
-        stage_rows.append(("fetch", "not run"))
-    stage_rows.append(("caption: rows", captions["n"] if captions is not None else "not run"))
-    if filtered:
-        stage_rows += [(f"filter: {n}", rows) for n, rows in sorted(filtered.items())]
-    else:
-        stage_rows.append(("filter", "not run"))
-    s.append("<h2>Counts per stage</h2>" + _table(stage_rows, ("stage", "count")))
-
-    s.append("<h2>Per image source</h2>")
-    if requests is None and manifest is None:
-        s.append(_none("no requests or manifest (plan and fetch have not run)"))
-    else:
-        aliases = sorted(
-            set(requests["aliases"] if requests else {})
-            | set(manifest["per_alias"] if manifest else {})
-        )
-        source_rows = []
-        for a in aliases:
-            per = manifest["per_alias"].get(a, Counter()) if manifest else Counter()
-            source_rows.append(
-                (
-                    a,
-                    requests["aliases"].get(a, 0) if requests else 0,
-                    per.get("ok", 0),
-                    per.get("skipped", 0),
-                    per.get("failed", 0),
-                )
-            )
-        s.append(_table(source_rows, ("source", "requests", "ok", "skipped", "failed")))
-        if requests:
-            result.charts.append(
-                _bar_chart(
-                    sorted(requests["aliases"].items()),
-                    "requests per source",
-                    out / "sources.png",
-                    horizontal=False,
-                )
-            )
-            s.append(_img("sources.png", "requests per source"))
-
-    s.append(f"<h2>Tag keys (top {config.top_tags})</h2>")
-    if objects is None:
-        s.append(_none("no objects (extract has not run)"))
-    else:
-        top = objects["keys"].most_common(config.top_tags)
-        kinds = ", ".join(f"{k}: {v:,}" for k, v in sorted(objects["types"].items()))
-        s.append(
-            f"<p>Objects by OSM type ({html.escape(kinds)}); a tag key counts once per "
-            "object that has it.</p>"
-        )
-        if top:
-            result.charts.append(
-                _bar_chart(top, "objects per tag key", out / "tag_keys.png", horizontal=True)
-            )
-            s.append(_img("tag_keys.png", "objects per tag key"))
-        s.append(_table(top, ("tag key", "objects")))
-
-    s.append("<h2>Caption lengths</h2>")
-    if not captions or not captions["n"]:
-        s.append(_none("no caption CSV (caption has not run)"))
-    else:
-        n = captions["n"]
+    top = objects["keys"].most_common(top_tags) if objects else []
+    if top:
+        charts.append(_bar_chart(top, "objects per tag key", out / "tag_keys.png", horizontal=True))
+    if captions and captions["n"]:
         lengths = captions["lengths"]
-        result.charts.append(
-            _histogram(
-                sorted(lengths),
-                "words per title_multi_objects",
-                "words",
-                out / "caption_lengths.png",
-                bins=range(0, max(lengths) + 2) if max(lengths) < 60 else 50,
-                weights=[lengths[k] for k in sorted(lengths)],
-            )
-        )
-        s.append(_img("caption_lengths.png", "caption length histogram"))
-        s.append(
-            f"<p>{n:,} captions in <code>{html.escape(files['captions'].name)}"
-            f"</code>; mean words: title {captions['title_words'] / n:.1f}, "
-            f"title_multi_objects {captions['multi_words'] / n:.1f}.</p>"
-        )
+        bins = range(0, max(lengths) + 2) if max(lengths) < 60 else 50
+        weights = [lengths[k] for k in sorted(lengths)]
+        path = out / "caption_lengths.png"
+        title = "words per title_multi_objects"
+        charts.append(_histogram(sorted(lengths), title, "words", path, bins=bins, weights=weights))
+    if requests and requests["lons"]:
+        charts.append(_map_chart(requests, objects["extent"] if objects else None, out / "map.png"))
+    if build.manifest and build.manifest["reasons"]:
+        reasons = build.manifest["reasons"].most_common()
+        title = "tiles not written, by reason"
+        charts.append(_bar_chart(reasons, title, out / "failures.png", horizontal=True))
+    if scores and scores["similarity"]:
+        path = out / "scores.png"
+        title = "image-caption similarity"
+        charts.append(_histogram(scores["similarity"], title, "cosine similarity", path))
+    return charts
 
-    s.append("<h2>Map of tiles</h2>")
-    if not requests or not requests["lons"]:
-        s.append(_none("no tile requests (plan has not run)"))
+
+def _stage_rows(build: _Build) -> list[tuple[str, Any]]:
+    """The "Counts per stage" table."""
+    rows: list[tuple[str, Any]] = [
+        ("extract: objects", build.objects["n"] if build.objects else "not run"),
+        ("plan: requests", build.requests["n"] if build.requests else "not run"),
+    ]
+    if build.manifest is not None:
+        status = build.manifest["status"]
+        rows += [(f"fetch: {st}", status.get(st, 0)) for st in ("ok", "skipped", "failed")]
+        rows.append(("fetch: MB written", round(build.manifest["bytes"] / 1e6, 2)))
     else:
-        result.charts.append(
-            _map_chart(requests, objects["extent"] if objects else None, out / "map.png")
-        )
-        s.append(_img("map.png", "map of tile centres"))
-
-    s.append("<h2>Sample images</h2>")
-    figures = (
-        _samples(captions["candidates"], config.dataset, out, config.samples, problems)
-        if captions
-        else []
-    )
-    if figures:
-        s.append(f'<div class="grid">{"".join(figures)}</div>')
-    elif config.samples == 0:
-        s.append("<p>None asked for (<code>--samples 0</code>).</p>")
-    elif captions and captions["n"]:
-        s.append(_none("no sample image could be read (see Problems found)"))
+        rows.append(("fetch", "not run"))
+    rows.append(("caption: rows", build.captions["n"] if build.captions is not None else "not run"))
+    if build.filtered:
+        rows += [(f"filter: {n}", rows) for n, rows in sorted(build.filtered.items())]
     else:
-        s.append(_none("no captioned images (fetch and caption have not run)"))
-
-    s.append("<h2>Failures by reason</h2>")
-    if manifest is None:
-        s.append(_none("no fetch manifest (fetch has not run)"))
-    elif not manifest["reasons"]:
-        s.append("<p>No tile was skipped or failed.</p>")
-    else:
-        reasons = manifest["reasons"].most_common()
-        result.charts.append(
-            _bar_chart(
-                reasons, "tiles not written, by reason", out / "failures.png", horizontal=True
-            )
-        )
-        s.append(_img("failures.png", "failures by reason"))
-        s.append(_table(reasons, ("status: reason", "tiles")))
-
-    s.append("<h2>CLIP scores</h2>")
-    if not scores or not scores["similarity"]:
-        s.append(_none("no scores.parquet (filter has not run)"))
-    else:
-        sims = scores["similarity"]
-        result.charts.append(
-            _histogram(sims, "image-caption similarity", "cosine similarity", out / "scores.png")
-        )
-        s.append(_img("scores.png", "CLIP score distribution"))
-        s.append(
-            f"<p>Model {html.escape(', '.join(scores['model']))}, pretrained "
-            f"{html.escape(', '.join(scores['pretrained']))}; {len(sims):,} scores, "
-            f"min {min(sims):.4f}, max {max(sims):.4f}.</p>"
-        )
-
-    s.append(
-        '<footer>Map data and tags (c) <a href="https://www.openstreetmap.org/copyright">'
-        "OpenStreetMap contributors, ODbL</a>. "
-        + ("Imagery: synthetic (rendered from OpenStreetMap data). " if synthetic else "")
-        + "Made by skyscript-build.</footer>"
-    )
-    result.skipped = dict(problems.counts)
-    if problems:
-        s.insert(notes_end, _problems_section(problems))
-    body = _with_contents("\n".join(s))
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        '<link rel="icon" href="data:,">'
-        f"<title>skyscript-build report: {html.escape(str(name))}</title>"
-        f"<style>{_CSS}</style></head><body>\n" + body + "\n</body></html>\n"
-    )
-    atomic_write_text(result.path, page)
-    return result
+        rows.append(("filter", "not run"))
+    return rows
 
 
-def _problems_section(problems: Problems) -> str:
-    """The files the report skipped: counts by kind, then the first ones by name."""
-    kinds = ", ".join(f"{n:,} {kind}" for kind, n in sorted(problems.counts.items()))
-    listed = _table(problems.files, ("problem", "file", "detail"))
+def _source_rows(build: _Build) -> list[tuple[str, int, int, int, int]] | None:
+    """The "Per image source" table: requests, and fetched tiles by status, per alias."""
+    requests, manifest = build.requests, build.manifest
+    if requests is None and manifest is None:
+        return None
+    planned = requests["aliases"] if requests else {}
+    fetched = manifest["per_alias"] if manifest else {}
+    rows = []
+    for alias in sorted(set(planned) | set(fetched)):
+        per = fetched.get(alias, Counter())
+        rows.append((alias, planned.get(alias, 0), per["ok"], per["skipped"], per["failed"]))
+    return rows
+
+
+def _page(
+    build: _Build,
+    config: ReportConfig,
+    charts: list[str],
+    samples: list[dict[str, str]],
+    problems: Problems,
+) -> str:
+    """The page (``report.html``) for what the build has."""
+    objects, captions, scores = build.objects, build.captions, build.scores
     more = sum(problems.counts.values()) - len(problems.files)
-    return (
-        f'<h2>Problems found</h2><p class="note">Skipped {html.escape(kinds)}: the counts '
-        "on this page leave them out. Rerun the stage that wrote them (fetch checks and "
-        "repairs its files) and then the report.</p>"
-        + listed
-        + (f"<p>... and {more:,} more.</p>" if more > 0 else "")
-    )
+    kinds = ", ".join(f"{n:,} {kind}" for kind, n in sorted(problems.counts.items()))
+    return str(
+        _template().render(
+            name=build.name,
+            build_dir=str(config.build_dir),
+            synthetic=build.synthetic,
+            random_weights=build.random_weights,
+            charts=set(charts),
+            problems={"kinds": kinds, "files": problems.files, "more": more} if problems else None,
+            stage_rows=_stage_rows(build),
+            source_rows=_source_rows(build),
+            top_tags=config.top_tags,
+            objects=objects and {
+                "types": ", ".join(f"{k}: {v:,}" for k, v in sorted(objects["types"].items())),
+                "top": objects["keys"].most_common(config.top_tags),
+            },
+            captions=captions and captions["n"] and {
+                "n": captions["n"],
+                "file": build.captions_csv.name if build.captions_csv else "",
+                "mean_title_words": captions["title_words"] / captions["n"],
+                "mean_multi_words": captions["multi_words"] / captions["n"],
+            },
+            samples=samples,
+            samples_asked=config.samples,
+            reasons=None if build.manifest is None else build.manifest["reasons"].most_common(),
+            scores=scores and scores["similarity"] and {
+                "model": ", ".join(scores["model"]),
+                "pretrained": ", ".join(scores["pretrained"]),
+                "n": len(scores["similarity"]),
+                "min": min(scores["similarity"]),
+                "max": max(scores["similarity"]),
+            },
+        )
+    )  # fmt: skip
+
+
+def _write_report(config: ReportConfig, out: Path) -> ReportResult:
+    """The report's files, written into the (empty) folder ``out``."""
+    problems = Problems()
+    build = _read_build(config, problems)
+    result = ReportResult(path=out / "index.html", counts=_counts(build))
+    result.charts = _draw_charts(build, config.top_tags, out)
+    candidates = build.captions["candidates"] if build.captions else []
+    samples = _samples(candidates, config.dataset, out, config.samples, problems)
+    result.skipped = dict(problems.counts)
+    atomic_write_text(result.path, _page(build, config, result.charts, samples, problems))
+    return result

@@ -1,17 +1,17 @@
 """Imagery backends: Earth Engine, local rasters, XYZ tile servers; one interface.
 
 ``get_backend(config)`` returns this process's backend for a ``BackendConfig`` (opened once per
-worker process and shared by its threads); ``Backend.fetch(TileRequest) -> TileResult``.
+worker process and shared by its threads); ``Backend.fetch(TileRequest) -> TileResult``. A
+request names its image source by alias; the backend reads the source (bands, stretch, cloud
+rule, location) from the catalog in its ``BackendConfig``.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
-from image_sources import BACKENDS
+from image_sources import BACKENDS, Catalog, ImageSource, default_catalog
 
 from ...errors import ConfigError
 from .base import (
@@ -28,123 +28,13 @@ __all__ = [
     "BACKENDS",
     "Backend",
     "BackendConfig",
-    "clear_source_cache",
     "FetchError",
     "RETRYABLE_REASONS",
     "RetryPolicy",
-    "SourceInfo",
     "TileRequest",
     "TileResult",
     "get_backend",
-    "resolve_source",
-    "source_info",
-    "use_sources",
 ]
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    """What a backend needs to know about an image source (from ``image_sources.py``)."""
-
-    alias: str
-    collection: str
-    bands: tuple[str, ...] = ("R", "G", "B")
-    vmin: tuple[float, ...] = (0.0, 0.0, 0.0)
-    vmax: tuple[float, ...] = (255.0, 255.0, 255.0)
-    gamma: float = 1.0
-    backend: str = "earthengine"
-    location: str | None = None
-    cloud_property: str | None = None
-    cloud_max: float | None = None
-    cloud_mask_band: str | None = None
-    cloud_mask_bits: tuple[int, ...] = ()
-
-    @property
-    def has_cloud_rule(self) -> bool:
-        return self.cloud_property is not None or self.cloud_mask_band is not None
-
-
-def _triple(value: Any, default: float) -> tuple[float, ...]:
-    if value is None:
-        return (default,) * 3
-    if isinstance(value, int | float):
-        return (float(value),) * 3
-    return tuple(float(v) for v in value)
-
-
-# Sources resolved by the driver of a run (``use_sources``): a Dask worker process does not
-# see sources a pipeline registered in the driver's ``image_sources`` catalog.
-_RESOLVED: dict[str, SourceInfo] = {}
-_CONVERTED: dict[tuple[str, str], tuple[Any, SourceInfo]] = {}
-_SOURCES_LOCK = threading.Lock()
-
-
-def use_sources(infos: Iterable[SourceInfo]) -> None:
-    """Make ``source_info`` answer these (resolved elsewhere, e.g. in the run's driver)."""
-    with _SOURCES_LOCK:
-        for info in infos:
-            _RESOLVED[info.alias] = info
-
-
-def source_info(alias: str, collection: str = "") -> SourceInfo:
-    """The source ``alias``, reduced to what backends use.
-
-    From ``use_sources`` when the run's driver resolved it, else from
-    ``image_sources.get_source``. Without ``image_sources`` (or for an alias it does not know)
-    the source is taken as an 8-bit R, G, B Earth Engine collection named ``collection``.
-    """
-    info = _RESOLVED.get(alias)
-    return info if info is not None else resolve_source(alias, collection)
-
-
-def clear_source_cache() -> None:
-    """Forget resolved and converted sources (after the catalog changed)."""
-    with _SOURCES_LOCK:
-        _RESOLVED.clear()
-        _CONVERTED.clear()
-
-
-def resolve_source(alias: str, collection: str = "") -> SourceInfo:
-    """The source ``alias`` as ``image_sources`` has it now (see ``source_info``)."""
-    try:
-        import image_sources  # type: ignore[import-not-found]
-
-        src = image_sources.get_source(alias)
-    except (ImportError, AttributeError, KeyError):
-        return SourceInfo(alias=alias, collection=collection)
-    except Exception as e:  # an unknown alias: image_sources raises its own error
-        if collection:
-            return SourceInfo(alias=alias, collection=collection)
-        raise ConfigError(f"unknown image source {alias!r}: {e}") from None
-    cached = _CONVERTED.get((alias, collection))
-    if cached is not None and cached[0] is src:  # the catalog entry has not been replaced
-        return cached[1]
-    info = _convert(src, alias, collection)
-    with _SOURCES_LOCK:
-        _CONVERTED[(alias, collection)] = (src, info)
-    return info
-
-
-def _convert(src: Any, alias: str, collection: str) -> SourceInfo:
-    stretch: tuple[float, ...] = tuple(getattr(src, "stretch", None) or (0.0, 255.0))
-    vmin, vmax = (stretch[0], stretch[1]) if len(stretch) >= 2 else (0.0, 255.0)
-    gamma = getattr(src, "gamma", None) or (stretch[2] if len(stretch) > 2 else 1.0)
-    cloud = getattr(src, "cloud", None)
-    bits = getattr(cloud, "mask_bits", None) or ()
-    return SourceInfo(
-        alias=alias,
-        collection=str(getattr(src, "collection", None) or collection),
-        bands=tuple(getattr(src, "bands", None) or ("R", "G", "B")),
-        vmin=_triple(vmin, 0.0),
-        vmax=_triple(vmax, 255.0),
-        gamma=float(gamma or 1.0),
-        backend=str(getattr(src, "backend", None) or "earthengine"),
-        location=getattr(src, "location", None),
-        cloud_property=getattr(cloud, "scene_property", None),
-        cloud_max=getattr(cloud, "max_scene_percent", None),
-        cloud_mask_band=getattr(cloud, "mask_band", None),
-        cloud_mask_bits=tuple(int(b) for b in bits),
-    )
 
 
 @dataclass(frozen=True)
@@ -162,6 +52,7 @@ class BackendConfig:
         max_attempts: requests per tile before it is recorded as failed.
         allow_next_year: try the request's next candidate year when a year has no image.
         limits: the run's concurrency and rate caps.
+        catalog: the image sources the requests name (default: the default catalog).
     """
 
     backend: str = "earthengine"
@@ -174,6 +65,7 @@ class BackendConfig:
     backoff_s: float = 0.5
     allow_next_year: bool = False
     limits: LimitsConfig = LimitsConfig()
+    catalog: Catalog = field(default_factory=default_catalog)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -188,6 +80,10 @@ class BackendConfig:
     @property
     def retry(self) -> RetryPolicy:
         return RetryPolicy(max_attempts=self.max_attempts, base_s=self.backoff_s)
+
+    def source(self, alias: str) -> ImageSource:
+        """The image source ``alias`` (an unknown alias is a ConfigError)."""
+        return self.catalog.get_source(alias)
 
 
 _BACKENDS: dict[BackendConfig, Backend] = {}
@@ -218,9 +114,8 @@ def get_backend(config: BackendConfig) -> Backend:
 
 
 def close_backends() -> None:
-    """Close every backend this process opened and forget resolved sources (tests)."""
+    """Close every backend this process opened (tests)."""
     with _LOCK:
         for backend in _BACKENDS.values():
             backend.close()
         _BACKENDS.clear()
-    clear_source_cache()

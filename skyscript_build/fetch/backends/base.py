@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 if TYPE_CHECKING:
-    from . import SourceInfo
+    from image_sources import ImageSource
 
 __all__ = [
     "PixelGrid",
@@ -171,10 +171,10 @@ class TileRequest:
     def grid(self) -> PixelGrid:
         """The tile's pixel grid: its top-left corner snapped to the lattice of ``gsd`` in ``crs``.
 
-        Plan frames tiles in metres; the corner moves by less than half a pixel onto the
-        lattice of whole pixels, so that tiles of one source, CRS and GSD cut each other (and
-        the blocks that hold them) exactly, and a source whose pixels lie on that lattice is
-        read without resampling.
+        Plan frames tiles on that lattice already; a corner off it (requests made otherwise)
+        moves by less than half a pixel onto it, so that tiles of one source, CRS and GSD cut
+        each other (and the blocks that hold them) exactly, and a source whose pixels lie on
+        that lattice is read without resampling.
         """
         return PixelGrid(
             self.crs,
@@ -360,7 +360,7 @@ class Backend(ABC):
         """Initialise per process (credentials, indexes); raise ``BackendError`` if unusable."""
 
     def check(  # noqa: B027 - optional hook
-        self, sources: Sequence[SourceInfo], samples: Sequence[TileRequest]
+        self, sources: Sequence[ImageSource], samples: Sequence[TileRequest]
     ) -> None:
         """Check the settings for ``sources`` before any work, with at most one probe request.
 

@@ -44,8 +44,10 @@ import requests
 from googleapiclient.errors import HttpError
 from requests.adapters import HTTPAdapter
 
-from ...errors import BackendError, MissingDependencyError
-from . import BackendConfig, SourceInfo, source_info
+from image_sources import ImageSource
+
+from ...errors import BackendError
+from . import BackendConfig
 from .base import (
     RETRYABLE_REASONS,
     Backend,
@@ -132,7 +134,7 @@ class _Transport:
         return httplib2.Response(out_headers), content
 
 
-def _images_at(source: SourceInfo, item: Any) -> Any:
+def _images_at(source: ImageSource, item: Any) -> Any:
     """The image lookup of one request, as a server-side function of ``[w, s, e, n, year]``:
     the ids and start times of the source's images of that year over that box, best first."""
     import ee
@@ -145,9 +147,10 @@ def _images_at(source: SourceInfo, item: Any) -> Any:
         .filterBounds(region)
         .filterDate(start, start.advance(1, "year"))
     )
-    if source.cloud_property and source.cloud_max is not None:
-        coll = coll.filter(ee.Filter.lt(source.cloud_property, source.cloud_max))
-        coll = coll.sort(source.cloud_property).limit(1)
+    if source.cloud is not None:
+        scene = source.cloud.scene_property
+        coll = coll.filter(ee.Filter.lt(scene, source.cloud.max_scene_percent))
+        coll = coll.sort(scene).limit(1)
     else:
         coll = coll.sort("system:time_start", False).limit(1)
     return ee.List(
@@ -167,7 +170,7 @@ class EarthEngineBackend(Backend):
         self._transport: _Transport | None = None
         self._lock = threading.Lock()
         self._signature: tuple[Any, ...] | None = None
-        self._visuals: dict[tuple[SourceInfo, str], _Visual] = {}
+        self._visuals: dict[tuple[str, str], _Visual] = {}  # by (alias, image id)
         self._image_api: tuple[Any, str] | None = None
 
     def _ensure_current(self) -> None:
@@ -180,10 +183,8 @@ class EarthEngineBackend(Backend):
     # -- initialisation ----------------------------------------------------------------------
     def open(self) -> None:
         global _initialised
-        try:
-            import ee
-        except ImportError:
-            raise MissingDependencyError("earthengine-api", "earthengine") from None
+        import ee
+
         credentials, key_project = load_credentials(self.config.key_file)
         project = self.config.project or key_project
         if not project:
@@ -287,7 +288,7 @@ class EarthEngineBackend(Backend):
         return FetchError(f"http-{status}" if status else "error", text)
 
     # -- settings ------------------------------------------------------------------------------
-    def check(self, sources: Sequence[SourceInfo], samples: Sequence[TileRequest]) -> None:
+    def check(self, sources: Sequence[ImageSource], samples: Sequence[TileRequest]) -> None:
         """One ``value:compute`` probe: the project and credentials work and every collection
         exists. Refused credentials, an unknown project or collection, or no connection are a
         ``BackendError``; a busy or failing service (429, 5xx) only a warning."""
@@ -321,12 +322,13 @@ class EarthEngineBackend(Backend):
         about 1 ms of CPU per tile)."""
         import ee
 
-        by_source: dict[SourceInfo, list[int]] = {}
+        by_source: dict[str, list[int]] = {}
         for k, (request, _) in enumerate(pairs):
-            by_source.setdefault(source_info(request.alias, request.collection), []).append(k)
+            by_source.setdefault(request.alias, []).append(k)
         lists = []
-        for source, ks in by_source.items():
+        for alias, ks in by_source.items():
             items = [[*pairs[k][0].box, pairs[k][1]] for k in ks]
+            source = self.config.source(alias)
             lists.append(ee.List(items).map(partial(_images_at, source)))
         answer = self._call(ee.data.computeValue, ee.List(lists))
         if not isinstance(answer, list) or [len(a) for a in answer] != [
@@ -384,33 +386,34 @@ class EarthEngineBackend(Backend):
                 if found is None:
                     pending.append((i, years[1:]))
                     continue
-                request = requests[i]
-                collection = source_info(request.alias, request.collection).collection
+                collection = self.config.source(requests[i].alias).collection
                 out[i] = ImageChoice(f"{collection}/{found[0]}", ms_to_datetime(found[1]), years[0])
         return [o for o in out if o is not None]
 
     # -- pixels ----------------------------------------------------------------------------------
-    def _visual_for(self, source: SourceInfo, image_id: str) -> _Visual:
-        visual = self._visuals.get((source, image_id))
+    def _visual_for(self, alias: str, image_id: str) -> _Visual:
+        visual = self._visuals.get((alias, image_id))
         if visual is None:  # ee objects are immutable: one per image, shared
             if len(self._visuals) > 4096:
                 self._visuals.clear()
-            visual = _Visual(self._visual(source, image_id))
-            self._visuals[(source, image_id)] = visual
+            visual = _Visual(self._visual(self.config.source(alias), image_id))
+            self._visuals[(alias, image_id)] = visual
         return visual
 
-    def _visual(self, source: SourceInfo, image_id: str) -> Any:
+    def _visual(self, source: ImageSource, image_id: str) -> Any:
         import ee
 
         image = ee.Image(image_id)
         selected = image.select(list(source.bands))
-        if source.cloud_mask_band and source.cloud_mask_bits:
-            bits = sum(1 << b for b in source.cloud_mask_bits)
-            clear = image.select(source.cloud_mask_band).bitwiseAnd(bits).eq(0)
+        cloud = source.cloud
+        if cloud is not None and cloud.mask_band and cloud.mask_bits:
+            bits = sum(1 << b for b in cloud.mask_bits)
+            clear = image.select(cloud.mask_band).bitwiseAnd(bits).eq(0)
             selected = selected.updateMask(clear)
-        return selected.visualize(
-            min=list(source.vmin), max=list(source.vmax), gamma=[source.gamma] * len(source.bands)
-        )
+        n = len(source.bands)
+        low, high = (float(v) for v in source.stretch)
+        gamma = float(source.gamma or 1.0)
+        return selected.visualize(min=[low] * n, max=[high] * n, gamma=[gamma] * n)
 
     def _compute_pixels(self, visual: _Visual, params: dict[str, Any]) -> Any:
         """``image:computePixels`` of ``visual`` through the ee client's own API resource.
@@ -458,7 +461,7 @@ class EarthEngineBackend(Backend):
         self, request: TileRequest, image: ImageChoice, grid: PixelGrid, split: bool = True
     ) -> tuple[np.ndarray, int]:
         self._ensure_current()
-        visual = self._visual_for(source_info(request.alias, request.collection), image.image_id)
+        visual = self._visual_for(request.alias, image.image_id)
         return self._fetch_pixels(visual, grid, split)
 
     def _fetch_pixels(

@@ -1,6 +1,6 @@
 """Local-raster backend: a folder of GeoTIFF/COG files under an alias, warped to the tile grid.
 
-The folder is the source's ``location`` (``image_sources.py``) or ``--location``. Every
+The folder is the source's ``location`` (its catalog entry) or ``--location``. Every
 ``*.tif``/``*.tiff`` in it is one image; its id is the file stem. Its acquisition time is
 read, in order, from the GDAL metadata tag ``ACQUISITION_TIME`` (ISO 8601, UTC unless it has an
 offset), the TIFF tag ``TIFFTAG_DATETIME`` (``YYYY:MM:DD HH:MM:SS``, taken as UTC), else the
@@ -27,8 +27,10 @@ from rasterio.transform import Affine
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 
+from image_sources import ImageSource
+
 from ...errors import BackendError
-from . import BackendConfig, SourceInfo, source_info
+from . import BackendConfig
 from .base import Backend, TileRequest, TileResult, stretch_to_uint8
 from .limits import Limits
 
@@ -94,24 +96,24 @@ class RasterBackend(Backend):
         self._bounds_cache: dict[tuple[Path, str], tuple[float, float, float, float]] = {}
         self._lock = threading.Lock()
 
-    def _folder(self, source: SourceInfo) -> Path:
+    def _folder(self, source: ImageSource) -> Path:
         location = self.config.location or source.location
         if not location:
             raise BackendError(
                 f"image source {source.alias} has no raster folder: give --location DIR "
-                "or set its location in image_sources.py"
+                "or set the source's location (a pipeline's source_definitions)"
             )
         folder = Path(location)
         if not folder.is_dir():
             raise BackendError(f"{folder}: raster folder of source {source.alias} does not exist")
         return folder
 
-    def check(self, sources: Sequence[SourceInfo], samples: Sequence[TileRequest]) -> None:
+    def check(self, sources: Sequence[ImageSource], samples: Sequence[TileRequest]) -> None:
         """Every source's folder exists and holds readable GeoTIFFs (indexed here, once)."""
         for source in sources:
             self.images(source)
 
-    def images(self, source: SourceInfo) -> list[RasterImage]:
+    def images(self, source: ImageSource) -> list[RasterImage]:
         """The indexed files of ``source``'s folder, latest first (built once)."""
         with self._lock:
             if source.alias in self._index:
@@ -148,7 +150,7 @@ class RasterBackend(Backend):
         return bounds
 
     def fetch(self, request: TileRequest) -> TileResult:
-        source = source_info(request.alias, request.collection)
+        source = self.config.source(request.alias)
         images = self.images(source)
         years = request.years if self.config.allow_next_year else request.years[:1]
         for year in years or (None,):
@@ -172,7 +174,7 @@ class RasterBackend(Backend):
     def _mosaic(
         self,
         request: TileRequest,
-        source: SourceInfo,
+        source: ImageSource,
         candidates: list[RasterImage],
         year: int | None,
     ) -> TileResult:
@@ -210,7 +212,8 @@ class RasterBackend(Backend):
                 break
         if best is None or out is None:
             return TileResult.skipped("no-image", attempts=1)
-        rgb = stretch_to_uint8(out, source.vmin, source.vmax, source.gamma)
+        low, high = source.stretch
+        rgb = stretch_to_uint8(out, low, high, source.gamma or 1.0)
         rgb[~valid] = 0
         image = best[1]
         return TileResult(

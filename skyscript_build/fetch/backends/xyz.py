@@ -29,8 +29,10 @@ from rasterio.enums import Resampling
 from rasterio.transform import Affine
 from rasterio.warp import reproject, transform_bounds
 
+from image_sources import ImageSource
+
 from ...errors import BackendError
-from . import BackendConfig, SourceInfo, source_info
+from . import BackendConfig
 from .base import RETRYABLE_REASONS, Backend, FetchError, TileRequest, TileResult, call_with_retries
 from .limits import Limits
 
@@ -77,12 +79,12 @@ class XyzBackend(Backend):
             session.headers["User-Agent"] = "skyscript-build"
         return session
 
-    def _template(self, alias: str, collection: str) -> str:
-        template = self.config.location or source_info(alias, collection).location
+    def _template(self, alias: str) -> str:
+        template = self.config.location or self.config.source(alias).location
         if not template or not all(p in template for p in ("{z}", "{x}", "{y}")):
             raise BackendError(
                 f"image source {alias} needs an XYZ URL template with {{z}}, {{x}} and {{y}} "
-                f"(--location or its location in image_sources.py), got {template!r}"
+                f"(--location, or the source's location in a pipeline's source_definitions), got {template!r}"
             )
         return template
 
@@ -124,14 +126,14 @@ class XyzBackend(Backend):
                 self._cache.popitem(last=False)
         return tile
 
-    def check(self, sources: Sequence[SourceInfo], samples: Sequence[TileRequest]) -> None:
+    def check(self, sources: Sequence[ImageSource], samples: Sequence[TileRequest]) -> None:
         """Every source has a URL template, and the server answers one probe request (for the
         first tile of the first sample): no connection, a timeout or a refusal (401, 403, other
         4xx but 404) is a ``BackendError``; a busy or failing server (429, 5xx) a warning."""
         for source in sources:
-            self._template(source.alias, source.collection)
+            self._template(source.alias)
         for request in samples[:1]:
-            template = self._template(request.alias, request.collection)
+            template = self._template(request.alias)
             z, (x0, _, y0, _) = self._tile_range(request)
             url = template.format(z=z, x=x0, y=y0)
             host = urlsplit(template).netloc or template
@@ -164,7 +166,7 @@ class XyzBackend(Backend):
         return z, (x0, x1, y0, y1)
 
     def fetch(self, request: TileRequest) -> TileResult:
-        template = self._template(request.alias, request.collection)
+        template = self._template(request.alias)
         z, (x0, x1, y0, y1) = self._tile_range(request)
         span = 2 * ORIGIN / 2**z
         mosaic = np.zeros((4, (y1 - y0 + 1) * TILE_SIZE, (x1 - x0 + 1) * TILE_SIZE), np.uint8)
