@@ -23,6 +23,7 @@ from pyproj import Transformer
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
+from .._once import once_per_process
 from .collections import ImageRecord
 from .values import EvalError
 
@@ -54,17 +55,10 @@ class Grid:
         return min(xs), min(ys), max(xs), max(ys)
 
 
-_crs_cache: dict[str, CRS] = {}
-_crs_lock = threading.Lock()
-
-
+@once_per_process
 def crs_of(text: str) -> CRS:
     """A cached ``rasterio.crs.CRS`` from its text."""
-    with _crs_lock:
-        crs = _crs_cache.get(text)
-        if crs is None:
-            crs = _crs_cache[text] = CRS.from_user_input(text)
-        return crs
+    return CRS.from_user_input(text)
 
 
 class _DatasetPool:

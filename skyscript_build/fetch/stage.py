@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 
 from image_sources import Catalog, ImageSource, default_catalog
 
+from .._once import once_per_process
 from ..cluster import ClusterConfig, dask_client
 from ..errors import InputError, SkyScriptError
 from ..files import check_out_dir, leave_no_empty_folders, remove_temp_files, write_json_atomic
@@ -458,17 +459,10 @@ def _journal_path(shard: FetchShard) -> Path:
     return _manifest_dir(shard.config) / f"_{shard.name}.journal.jsonl"
 
 
-_EXECUTORS: dict[int, ThreadPoolExecutor] = {}
-_EXECUTOR_LOCK = threading.Lock()
-
-
+@once_per_process
 def _executor(threads: int) -> ThreadPoolExecutor:
     """This process's request thread pool (shared by its shards)."""
-    with _EXECUTOR_LOCK:
-        pool = _EXECUTORS.get(threads)
-        if pool is None:
-            pool = _EXECUTORS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="fetch")
-        return pool
+    return ThreadPoolExecutor(threads, thread_name_prefix="fetch")
 
 
 class _ByteBudget:
@@ -494,12 +488,10 @@ class _ByteBudget:
                 self._cond.notify_all()
 
 
-_BUDGETS: dict[int, _ByteBudget] = {}
-
-
+@once_per_process
 def _budget(megabytes: int) -> _ByteBudget:
-    with _EXECUTOR_LOCK:
-        return _BUDGETS.setdefault(megabytes, _ByteBudget(megabytes * 2**20))
+    """This process's budget of block pixels (shared by its shards)."""
+    return _ByteBudget(megabytes * 2**20)
 
 
 class _Journal:

@@ -8,11 +8,11 @@ rule, location) from the catalog in its ``BackendConfig``.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 from image_sources import BACKENDS, Catalog, ImageSource, default_catalog
 
+from ..._once import once_per_process
 from ...errors import ConfigError
 from .base import (
     RETRYABLE_REASONS,
@@ -86,36 +86,27 @@ class BackendConfig:
         return self.catalog.get_source(alias)
 
 
-_BACKENDS: dict[BackendConfig, Backend] = {}
-_LOCK = threading.Lock()
-
-
+@once_per_process
 def get_backend(config: BackendConfig) -> Backend:
     """This process's backend for ``config``, opened on first use."""
-    with _LOCK:
-        backend = _BACKENDS.get(config)
-        if backend is None:
-            limits = process_limits(config.limits)
-            if config.backend == "earthengine":
-                from .earthengine import EarthEngineBackend
+    limits = process_limits(config.limits)
+    backend: Backend
+    if config.backend == "earthengine":
+        from .earthengine import EarthEngineBackend
 
-                backend = EarthEngineBackend(config, limits)
-            elif config.backend == "raster":
-                from .raster import RasterBackend
+        backend = EarthEngineBackend(config, limits)
+    elif config.backend == "raster":
+        from .raster import RasterBackend
 
-                backend = RasterBackend(config, limits)
-            else:
-                from .xyz import XyzBackend
+        backend = RasterBackend(config, limits)
+    else:
+        from .xyz import XyzBackend
 
-                backend = XyzBackend(config, limits)
-            backend.open()
-            _BACKENDS[config] = backend
-        return backend
+        backend = XyzBackend(config, limits)
+    backend.open()
+    return backend
 
 
 def close_backends() -> None:
     """Close every backend this process opened (tests)."""
-    with _LOCK:
-        for backend in _BACKENDS.values():
-            backend.close()
-        _BACKENDS.clear()
+    get_backend.forget(close=Backend.close)

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from ..._once import once_per_process
 from ...errors import ConfigError
 
 __all__ = ["LimitsConfig", "Limits", "TokenBucket", "process_limits"]
@@ -136,14 +137,7 @@ def _cluster_semaphore(name: str, max_leases: int) -> Any:
     return Semaphore(max_leases=max_leases, name=name)
 
 
-_PROCESS_LIMITS: dict[LimitsConfig, Limits] = {}
-_PROCESS_LOCK = threading.Lock()
-
-
+@once_per_process
 def process_limits(config: LimitsConfig) -> Limits:
     """The one ``Limits`` of this process for ``config`` (created on first use)."""
-    with _PROCESS_LOCK:
-        limits = _PROCESS_LIMITS.get(config)
-        if limits is None:
-            limits = _PROCESS_LIMITS[config] = Limits(config)
-        return limits
+    return Limits(config)
