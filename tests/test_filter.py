@@ -518,6 +518,31 @@ def test_files_nvjpeg_cannot_take_go_to_pil(tmp_path):
     assert read_jpeg(str(tmp_path / "gone.jpg")) == (None, "missing")
 
 
+def test_gpu_batch_assembly_on_cpu_places_every_row(checkpoint):
+    """The GPU path's batch assembly (``Scorer._assemble``: pixels from the workers, JPEGs
+    decoded in the scoring process, PIL for what the decoder refuses) run on the CPU."""
+    import io
+
+    from skyscript_build.filter._decode import read_pixels
+    from skyscript_build.filter._scoring import _CORRUPT, _JPEG, _MISSING, _OK
+
+    scorer = Scorer(ScoreSettings("tiny-random", str(checkpoint), batch_size=8), "cpu")
+    jpegs = [_jpeg(64, 64, 1), _jpeg(40, 80, 2), b"\xff\xd8 not a jpeg \xff\xd9"]
+    ok = read_pixels(io.BytesIO(_jpeg(48, 48, 3)), scorer.pixels)[0]
+    status = torch.tensor([_JPEG, _OK, _MISSING, _JPEG, _JPEG], dtype=torch.int8)
+    offsets = torch.tensor(np.cumsum([0] + [len(j) for j in jpegs]))
+    blob = torch.frombuffer(bytearray(b"".join(jpegs)), dtype=torch.uint8)
+    final, batch = scorer._assemble(status, ok[None], blob, offsets)
+    assert final.tolist() == [_OK, _OK, _MISSING, _OK, _CORRUPT]
+    assert status.tolist()[0] == _JPEG  # the workers' status is left as it was
+    assert tuple(batch.shape) == (8, *ok.shape) and batch.dtype == torch.uint8
+    assert torch.equal(batch[1], ok)
+    for row, data in ((0, jpegs[0]), (3, jpegs[1])):
+        expected = read_pixels(io.BytesIO(data), scorer.pixels)[0]
+        assert _levels(batch[row], expected)[0] <= 3  # the tensor path's tolerance
+    assert not batch[[2, 4, 5, 6, 7]].any()  # failed rows and padding are zeros
+
+
 # --- precision, captions, several processes, Dask ------------------------------------------
 
 

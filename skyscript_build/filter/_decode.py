@@ -118,6 +118,9 @@ def open_rgb(source: Any) -> tuple[Any, str]:
 
     try:
         with Image.open(source) as im:
+            if im.mode == "RGB":  # convert would return a copy of the same pixels
+                im.load()
+                return im, "ok"
             return im.convert("RGB"), "ok"
     except FileNotFoundError:
         return None, "missing"

@@ -5,8 +5,11 @@ part per finished shard (``store.write_part``). How it keeps the device busy:
 
 - decode worker processes (a DataLoader over whole batches) send uint8 pixels, or with GPU
   decoding only the JPEG bytes; one thread each for torch and numeric libraries;
-- batches are pinned, copied to the device on a side stream one batch ahead, normalised there
-  and cast to the model's precision;
+- on a GPU, batches are pinned, copied to the device on a side stream one batch ahead,
+  normalised there and cast to the model's precision;
+- on a CPU, the decode workers run the image tower too (``ImageTower``) and send image
+  embeddings: each core decodes and encodes its own batches, with no pixels crossing between
+  processes and no scoring process competing with the workers for the cores;
 - each distinct caption is encoded once (``TextEmbeddings``), not once per image;
 - a batch's scores are read back while the next batch runs.
 
@@ -207,12 +210,30 @@ class _Batches:
     Returns ``(rows, status, pixels, blob, offsets)``: ``pixels`` holds the rows with status
     OK in order (uint8, or float when the preprocess cannot be cut), ``blob``/``offsets`` the
     JPEG bytes of the rows with status JPEG (GPU decoding), in order.
+
+    With a ``tower`` (a CPU device), ``pixels`` is instead the batch's image embeddings,
+    ``(len(rows), dim)`` float32 (rows that failed hold an unused embedding).
+
+    ``rows``, ``status`` and ``offsets`` are numpy arrays, pickled through the worker's pipe:
+    a torch tensor crosses by shared memory, which costs a file descriptor, a socket and a
+    handshake per tensor. ``pixels`` and ``blob`` are tensors only with ``share_pixels`` (for
+    a GPU: large batches, pinned by the DataLoader), numpy otherwise.
     """
 
-    def __init__(self, paths: Sequence[str], pixels: Pixels, jpeg_bytes: bool) -> None:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        pixels: Pixels,
+        *,
+        jpeg_bytes: bool = False,
+        share_pixels: bool = False,
+        tower: ImageTower | None = None,
+    ) -> None:
         self.paths = list(paths)
         self.pixels = pixels
         self.jpeg_bytes = jpeg_bytes
+        self.share_pixels = share_pixels
+        self.tower = tower
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -246,14 +267,54 @@ class _Batches:
             pixels = torch.empty((0, 3, h, w), dtype=dtype)
         offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(b) for b in blobs])
-        blob = torch.frombuffer(bytearray(b"".join(blobs)) or bytearray(1), dtype=torch.uint8)
-        return (
-            torch.tensor(rows, dtype=torch.int64),
-            torch.from_numpy(status),
-            pixels,
-            blob,
-            torch.from_numpy(offsets),
-        )
+        blob: Any = np.frombuffer(b"".join(blobs) or b"\0", dtype=np.uint8)
+        out: Any = pixels
+        if self.tower is not None:
+            out = self.tower(padded(torch.from_numpy(status), pixels, self.tower.batch_size))
+            out = out[: len(rows)].numpy()
+        elif self.share_pixels:
+            blob = torch.from_numpy(blob.copy())
+        else:
+            out = pixels.numpy()
+        return np.asarray(rows, dtype=np.int64), status, out, blob, offsets
+
+
+class ImageTower:
+    """A padded uint8 batch -> its normalised float32 image embeddings (model precision inside).
+
+    Picklable, so that decode workers can run it (on a CPU device); the padding to one batch
+    size keeps every image's embedding on the same kernels and shapes wherever it runs.
+    """
+
+    def __init__(self, model: Any, normalize: Normalizer, batch_size: int, channels_last: bool):
+        self.model = model
+        self.normalize = normalize
+        self.batch_size = batch_size
+        self.channels_last = channels_last
+
+    def __call__(self, batch: Any) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            images = self.normalize(batch)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            embeddings = self.model.encode_image(images)
+            return torch.nn.functional.normalize(embeddings.float(), dim=-1)
+
+
+def padded(status: Any, pixels: Any, batch_size: int) -> Any:
+    """The OK rows' ``pixels`` at their rows in a batch of ``batch_size`` (zeros elsewhere),
+    on the pixels' device."""
+    import torch
+
+    if len(pixels) == len(status) == batch_size:
+        return pixels
+    batch = torch.zeros((batch_size, *pixels.shape[1:]), dtype=pixels.dtype, device=pixels.device)
+    ok = (status == _OK).nonzero().flatten()
+    if len(ok):
+        batch[to_device(ok, str(pixels.device))] = pixels
+    return batch
 
 
 def _as_is(batch: Any) -> Any:
@@ -330,11 +391,20 @@ class Scorer:
         self.channels_last = self.cuda and isinstance(conv, torch.nn.Conv2d)
         if self.channels_last:
             conv.to(memory_format=torch.channels_last)  # type: ignore[union-attr]
+        self.tower = ImageTower(
+            self.loaded.model, self.normalize, settings.batch_size, self.channels_last
+        )
 
     def _loader(self, paths: Sequence[str], batches: list[list[int]], workers: int) -> Any:
         from torch.utils.data import DataLoader
 
-        dataset = _Batches(paths, self.pixels, jpeg_bytes=self.decode == "gpu")
+        dataset = _Batches(
+            paths,
+            self.pixels,
+            jpeg_bytes=self.decode == "gpu",
+            share_pixels=self.cuda,
+            tower=None if self.cuda else self.tower,
+        )
         if workers > 0 and multiprocessing.current_process().daemon:
             log.info("decoding in the scoring process (a daemonic Dask worker cannot fork)")
             workers = 0
@@ -350,7 +420,8 @@ class Scorer:
         )
 
     def _on_device(self, loader: Any) -> Iterator[tuple[Any, Any, Any]]:
-        """``(rows, status, pixels)`` with the batch's uint8 pixels on the device.
+        """``(rows, status, data)``: on a GPU, the batch's uint8 pixels on the device, padded
+        to ``batch_size``; on a CPU, the image embeddings the workers computed.
 
         On a GPU the next batch is copied (and its JPEGs decoded) on a side stream while the
         current one runs. The side stream is synchronised before each decode: nvJPEG may
@@ -362,9 +433,9 @@ class Scorer:
         stream = torch.cuda.Stream(device=self.device) if self.cuda else None
 
         def send(batch: tuple[Any, ...]) -> tuple[Any, Any, Any, Any]:
-            rows, status, pixels, blob, offsets = batch
+            rows, status, pixels, blob, offsets = map(torch.as_tensor, batch)
             if stream is None:
-                return (rows, *self._assemble(status, pixels, blob, offsets), None)
+                return rows, status, pixels, None
             with torch.cuda.stream(stream):
                 stream.synchronize()
                 status, pixels = self._assemble(status, pixels, blob, offsets)
@@ -386,22 +457,12 @@ class Scorer:
             yield rows, status, pixels
 
     def _assemble(self, status: Any, pixels: Any, blob: Any, offsets: Any) -> tuple[Any, Any]:
-        """The final status per row and the batch's pixels on the device, padded to
+        """The final status per row and the batch's pixels on the GPU, padded to
         ``batch_size`` (zeros where an image failed; JPEGs decoded here with GPU decoding)."""
         import torch
 
-        n = len(status)
-        size = self.settings.batch_size
-        pixels = to_device(pixels, self.device)
+        batch = padded(status, to_device(pixels, self.device), self.settings.batch_size)
         jpeg = (status == _JPEG).nonzero().flatten().tolist()
-        if not jpeg and len(pixels) == n == size:
-            return status, pixels
-        h, w = self.pixels.size
-        dtype = pixels.dtype if len(pixels) else torch.uint8
-        batch = torch.zeros((size, 3, h, w), dtype=dtype, device=self.device)
-        ok = (status == _OK).nonzero().flatten()
-        if len(ok):
-            batch[to_device(ok, self.device)] = pixels
         if jpeg:
             status = status.clone()
             ends = offsets.tolist()
@@ -465,14 +526,10 @@ class Scorer:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - n_workers))
         with torch.inference_mode(), contextlib.ExitStack() as stack:
             stack.callback(torch.set_num_threads, threads)
-            for b, (rows, status, pixels) in enumerate(self._on_device(loader)):
+            for b, (rows, status, data) in enumerate(self._on_device(loader)):
                 n = len(rows)
                 codes[rows.numpy()] = status.numpy()
-                images = self.normalize(pixels)
-                if self.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                img = self.loaded.model.encode_image(images)
-                img = torch.nn.functional.normalize(img[:n].float(), dim=-1)
+                img = self.tower(data)[:n] if self.cuda else data
                 txt = self.texts.lookup([texts[i] for i in rows.tolist()])
                 score = (img * txt).sum(dim=-1)
                 if self.cuda:
