@@ -453,6 +453,33 @@ def test_uint8_pixels_normalised_later_equal_the_models_preprocess(vit_pixels):
         torch.testing.assert_close(normalize(pixels[None])[0], expected, rtol=0, atol=0)
 
 
+def test_direct_pil_resize_and_crop_equal_the_models_transforms(vit_pixels):
+    import io
+
+    from PIL import Image
+    from torchvision import transforms
+
+    from skyscript_build.filter._decode import PilResizeCrop, read_pixels, split_preprocess
+
+    assert vit_pixels.pil is not None
+    for k, (h, w) in enumerate([*SIZES, (225, 224), (224, 301), (999, 333), (20, 700)]):
+        image = Image.open(io.BytesIO(_jpeg(h, w, 20 + k))).convert("RGB")
+        expected = np.asarray(vit_pixels.part(image))
+        assert np.array_equal(np.asarray(vit_pixels.pil(image)), expected), (h, w)
+    # a crop larger than the resized image pads: the transforms run instead
+    small = [transforms.Resize(16), transforms.CenterCrop(24)]
+    assert PilResizeCrop.of(small)(Image.new("RGB", (40, 30))) is None  # type: ignore[misc]
+    norm = transforms.Normalize((0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
+    padding = split_preprocess(transforms.Compose([*small, transforms.ToTensor(), norm]))
+    data = _jpeg(30, 40, 1)
+    got, status = read_pixels(io.BytesIO(data), padding)
+    expected = transforms.Compose(small)(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert status == "ok" and np.array_equal(got.permute(1, 2, 0).numpy(), np.asarray(expected))
+    # anything but Resize(n) + CenterCrop keeps the transforms
+    assert PilResizeCrop.of([transforms.Resize((20, 30)), transforms.CenterCrop(8)]) is None
+    assert PilResizeCrop.of([transforms.CenterCrop(8), transforms.Resize(20)]) is None
+
+
 def _levels(got, expected) -> tuple[int, float]:
     d = (got.cpu().int() - expected.int()).abs().float()
     return int(d.max()), float(d.mean())

@@ -40,6 +40,7 @@ __all__ = [
     "GPU_MAX_LEVELS",
     "GPU_MEAN_LEVELS",
     "Pixels",
+    "PilResizeCrop",
     "split_preprocess",
     "open_rgb",
     "read_pixels",
@@ -75,6 +76,8 @@ class Pixels:
         mean, std: ``Normalize``'s statistics.
         size: the output height and width.
         tensor_ok: ``part`` also runs on uint8 tensors (needed for GPU decoding).
+        pil: ``part`` for an RGB PIL image in direct PIL calls (``PilResizeCrop``: the same
+            pixels without torchvision's dispatch and copies), or None.
     """
 
     full: Any
@@ -83,6 +86,56 @@ class Pixels:
     std: tuple[float, ...]
     size: tuple[int, int]
     tensor_ok: bool
+    pil: Any = None
+
+
+class PilResizeCrop:
+    """torchvision's ``Resize(n)`` (shorter side, no ``max_size``) then ``CenterCrop``, as
+    the same two PIL calls without torchvision's layers; an RGB image needs no conversion.
+
+    About 20 µs less per image than the transforms (a decode worker's image costs 0.4-2 ms).
+    Returns None where ``CenterCrop`` would pad: the caller runs the transforms then.
+    """
+
+    def __init__(self, shorter: int, resample: int, crop: tuple[int, int]) -> None:
+        self.shorter = shorter
+        self.resample = resample
+        self.crop = crop  # (height, width)
+
+    @classmethod
+    def of(cls, steps: list[Any]) -> PilResizeCrop | None:
+        """The instance for these transforms, or None when they are anything else."""
+        from torchvision.transforms.functional import pil_modes_mapping
+
+        names = [type(t).__name__ for t in steps]
+        if names not in (["Resize", "CenterCrop"], ["Resize", "CenterCrop", "MaybeConvertMode"]):
+            return None
+        resize, crop = steps[0], steps[1]
+        size = [resize.size] if isinstance(resize.size, int) else list(resize.size)
+        if len(size) != 1 or resize.max_size is not None:
+            return None
+        if resize.interpolation not in pil_modes_mapping:
+            return None
+        if len(names) == 3 and getattr(steps[2], "mode", None) != "RGB":
+            return None
+        height, width = crop.size
+        return cls(int(size[0]), pil_modes_mapping[resize.interpolation], (height, width))
+
+    def __call__(self, image: Any) -> Any:
+        w, h = image.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.shorter, int(self.shorter * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), self.resample)
+        crop_h, crop_w = self.crop
+        if crop_w > new_w or crop_h > new_h:
+            return None
+        if (crop_w, crop_h) != (new_w, new_h):
+            top = int(round((new_h - crop_h) / 2.0))
+            left = int(round((new_w - crop_w) / 2.0))
+            image = image.crop((left, top, left + crop_w, top + crop_h))
+        return image
 
 
 def split_preprocess(preprocess: Any) -> Pixels:
@@ -105,6 +158,7 @@ def split_preprocess(preprocess: Any) -> Pixels:
         std=tuple(float(s) for s in norm.std),
         size=size,
         tensor_ok=all(n in _TENSOR_SAFE for n in names[:cut]),
+        pil=PilResizeCrop.of(steps[:cut]),
     )
 
 
@@ -141,7 +195,8 @@ def read_pixels(source: Any, pixels: Pixels) -> tuple[Any, str]:
         return None, status
     if pixels.part is None:
         return pixels.full(image), status
-    array = np.asarray(pixels.part(image), dtype=np.uint8)
+    part = pixels.pil(image) if pixels.pil is not None else None
+    array = np.asarray(part if part is not None else pixels.part(image), dtype=np.uint8)
     return torch.from_numpy(array.transpose(2, 0, 1).copy()), status
 
 

@@ -351,7 +351,8 @@ def _batch_plan(
     for s, shard in enumerate(shards):
         first = len(paths)
         starts.append(first)
-        paths += [str(Path(shard.root) / p) for p in shard.filepaths]
+        # os.path.join, not Path: a tenth of the cost, paid before the workers start
+        paths += [os.path.join(shard.root, p) for p in shard.filepaths]
         for i in range(first, len(paths), batch_size):
             batches.append(list(range(i, min(i + batch_size, len(paths)))))
         ends[len(batches) - 1] = s
