@@ -171,7 +171,7 @@ def per_image_costs(model: str, files: list[str]) -> tuple[float, float, float]:
 
 
 RSS_SNIPPET = """
-import json, resource, sys
+import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from data import make
@@ -180,37 +180,30 @@ root = Path(sys.argv[1])
 csv = make(root, n=int(sys.argv[2]), size=64)
 r = run_filter(FilterConfig(dataset=root, captions=csv, name="rss", model="tiny-random",
     pretrained="none", val_size=10, test_size=10, workers=2, batch_size=128))
-hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
-print(json.dumps({"scored": r.scored_new, "self": int(hwm) / 1024,
-    "children": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+assert r.scored_new == int(sys.argv[2]), r
 """
 
 
 def rss_scaling(sizes: tuple[int, ...] = (500, 5000)) -> list[str]:
-    """Peak RSS of a whole ``run_filter`` (tiny model, 2 workers) at 1x and 10x rows.
-
-    Each run is a fresh process; its own peak is read from /proc (VmHWM), because
-    ``ru_maxrss`` carries the parent's peak across exec.
-    """
-    import json
-    import subprocess
+    """Peak memory of a whole ``run_filter`` (tiny model, 2 decode workers) at 1x and 10x
+    rows, sampled over its process tree (``bench_extract.measure``)."""
+    from bench_extract import measure
 
     fixture = Path(__file__).resolve().parent.parent / "tests" / "data" / "filter"
-    lines = ["| rows | main peak RSS MiB | largest worker MiB |", "|---:|---:|---:|"]
+    lines = [
+        "| rows | peak RSS, largest process MiB | peak RSS, process tree MiB | peak PSS, "
+        "process tree MiB |",
+        "|---:|---:|---:|---:|",
+    ]
     for n in sizes:
         root = Path(tempfile.mkdtemp(prefix="bench_filter_rss_"))
         try:
-            proc = subprocess.run(
-                [sys.executable, "-c", RSS_SNIPPET, str(root), str(n), str(fixture)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
+            got = measure([sys.executable, "-c", RSS_SNIPPET, str(root), str(n), str(fixture)])
         finally:
             shutil.rmtree(root, ignore_errors=True)
-        got = json.loads(proc.stdout.strip().splitlines()[-1])
-        assert got["scored"] == n
-        lines.append(f"| {n} | {got['self']:.0f} | {got['children']:.0f} |")
+        lines.append(
+            f"| {n} | {got['rss_one']:.0f} | {got['rss_tree']:.0f} | {got['pss_tree']:.0f} |"
+        )
         print(lines[-1], flush=True)
     return lines
 
@@ -274,7 +267,9 @@ def main() -> None:
             f"One process, per image: decode {decode_ms:.2f} ms, resize + crop "
             f"{resize_ms:.2f} ms, the image tower {tower_ms:.3f} ms (batch 64, one thread).",
             "",
-            "Memory as the input grows (whole `run_filter`, tiny model, 64 px tiles):",
+            "Memory as the input grows (whole `run_filter`, tiny model, 2 decode workers, 64 px "
+            "tiles; the tree's RSS counts pages the forked workers share with the parent once "
+            "per process, its PSS shares them out):",
             "",
         ]
         print("\n".join(body), flush=True)
