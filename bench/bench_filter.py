@@ -198,7 +198,8 @@ def rss_scaling(sizes: tuple[int, ...] = (500, 5000)) -> list[str]:
     for n in sizes:
         root = Path(tempfile.mkdtemp(prefix="bench_filter_rss_"))
         try:
-            got = measure([sys.executable, "-c", RSS_SNIPPET, str(root), str(n), str(fixture)])
+            cmd = [sys.executable, "-c", RSS_SNIPPET, str(root), str(n), str(fixture)]
+            got = measure(cmd, cwd=root)  # not the repo: -c would import from the cwd first
         finally:
             shutil.rmtree(root, ignore_errors=True)
         lines.append(
