@@ -216,8 +216,8 @@ class _Batches:
 
     ``rows``, ``status`` and ``offsets`` are numpy arrays, pickled through the worker's pipe:
     a torch tensor crosses by shared memory, which costs a file descriptor, a socket and a
-    handshake per tensor. ``pixels`` and ``blob`` are tensors only with ``share_pixels`` (for
-    a GPU: large batches, pinned by the DataLoader), numpy otherwise.
+    handshake per tensor. Without a tower (a GPU), ``pixels`` and ``blob`` are tensors: large
+    batches, pinned by the DataLoader.
     """
 
     def __init__(
@@ -226,13 +226,11 @@ class _Batches:
         pixels: Pixels,
         *,
         jpeg_bytes: bool = False,
-        share_pixels: bool = False,
         tower: ImageTower | None = None,
     ) -> None:
         self.paths = list(paths)
         self.pixels = pixels
         self.jpeg_bytes = jpeg_bytes
-        self.share_pixels = share_pixels
         self.tower = tower
 
     def __len__(self) -> int:
@@ -272,10 +270,8 @@ class _Batches:
         if self.tower is not None:
             out = self.tower(padded(torch.from_numpy(status), pixels, self.tower.batch_size))
             out = out[: len(rows)].numpy()
-        elif self.share_pixels:
-            blob = torch.from_numpy(blob.copy())
         else:
-            out = pixels.numpy()
+            blob = torch.from_numpy(blob.copy())
         return np.asarray(rows, dtype=np.int64), status, out, blob, offsets
 
 
@@ -403,7 +399,6 @@ class Scorer:
             paths,
             self.pixels,
             jpeg_bytes=self.decode == "gpu",
-            share_pixels=self.cuda,
             tower=None if self.cuda else self.tower,
         )
         if workers > 0 and multiprocessing.current_process().daemon:
